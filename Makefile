@@ -1,0 +1,21 @@
+# The two commands a new machine needs:  `make demo` (main job) and `make test` (the suite).
+# Both run `make setup` first, which is idempotent.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.setup-done
+$(VENV)/.setup-done: pyproject.toml scripts/setup.sh
+	./scripts/setup.sh
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m dynamo_dwdp.demo
+
+clean:
+	rm -rf $(VENV) models runs out .pytest_cache
