@@ -1,0 +1,72 @@
+"""DeepSeek-V3 for causal LM over a paged MLA cache. Module names mirror the Hugging Face checkpoint
+(`model.layers.N.self_attn.q_a_proj`, `model.layers.N.mlp.gate`, ...) so that the loader maps names 1:1.
+
+The model never knows the parallel strategy: routed experts go through `executor.forward(...)`,
+dense layers through `TensorParallel` (size 1 unless the strategy is tp).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynamo_dwdp.model.attention import MLAttention
+from dynamo_dwdp.model.batch import ForwardBatch
+from dynamo_dwdp.model.config import ModelConfig
+from dynamo_dwdp.model.layers import DenseMLP, RMSNorm
+from dynamo_dwdp.model.moe import MoEBlock
+from dynamo_dwdp.model.rope import RotaryEmbedding
+from dynamo_dwdp.parallel.context import TensorParallel
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, tp: TensorParallel, executor):
+        super().__init__()
+        self.idx = idx
+        self.tp = tp
+        self.self_attn = MLAttention(cfg, tp)
+        self.mlp = (MoEBlock(cfg, idx, tp, executor) if cfg.is_moe_layer(idx)
+                    else DenseMLP(cfg.hidden_size, cfg.intermediate_size, tp))
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, batch, kv_layer, rope, cos, sin):
+        x = x + self.tp.all_reduce(self.self_attn(self.input_layernorm(x), batch, kv_layer, rope, cos, sin))
+        return x + self.tp.all_reduce(self.mlp(self.post_attention_layernorm(x)))
+
+
+class DeepseekV3Body(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, executor):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp, executor) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, executor=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tp = tp or TensorParallel()
+        self.executor = executor
+        self.model = DeepseekV3Body(cfg, self.tp, executor)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head.weight.requires_grad_(False)
+        self.rope = RotaryEmbedding(cfg)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor) -> torch.Tensor:
+        """Run one step. kv_pool [num_blocks, num_layers, block_size, kv_cache_dim] is updated in
+        place with this step's latents. Returns float32 logits [len(logits_indices), vocab]."""
+        if self.executor is not None:
+            self.executor.begin_step()
+        try:
+            x = self.model.embed_tokens(batch.input_ids)
+            cos, sin = self.rope.cos_sin(batch.positions)
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, batch, kv_pool[:, i], self.rope, cos, sin)
+            x = self.model.norm(x[batch.logits_indices])
+            return self.lm_head(x).float()
+        finally:
+            if self.executor is not None:
+                self.executor.end_step()

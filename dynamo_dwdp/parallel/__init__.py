@@ -1,0 +1,1 @@
+"""Parallel strategies: the MoEExecutor interface, single / dp / dep / tp executors, process groups."""

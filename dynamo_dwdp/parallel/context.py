@@ -1,0 +1,37 @@
+"""`TensorParallel`: what the dense part of the model needs to know about TP (size, rank, all-reduce).
+
+Strategies other than `tp` use the trivial instance (size 1): attention is data-parallel there.
+The all-reduce is timed into `sync_seconds`, so that benchmarks can split a step into compute and sync.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dynamo_dwdp.errors import UserError
+
+
+@dataclass
+class TensorParallel:
+    size: int = 1
+    rank: int = 0
+    group: Any = None                      # torch.distributed ProcessGroup when size > 1
+    sync_seconds: float = field(default=0.0)
+
+    def shard(self, n: int, what: str) -> int:
+        if n % self.size:
+            raise UserError(f"tensor parallel size {self.size} does not divide {what} ({n})")
+        return n // self.size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        dist.all_reduce(x, group=self.group)
+        self.sync_seconds += time.perf_counter() - t0
+        return x

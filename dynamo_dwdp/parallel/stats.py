@@ -1,0 +1,34 @@
+"""Per-rank step accounting shared by every executor: where the time of a step went."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ExecutorStats:
+    """Cumulative counters (monotonic; readers take differences).
+
+    step_seconds      wall time of model forwards
+    prefetch_wait_s   time the compute path waited for DWDP weight pulls (exposed stall)
+    sync_wait_s       time spent inside collectives (DEP all-to-all, TP all-reduce, step agreement)
+    bytes_pulled      remote weight bytes pulled, per peer rank
+    compute = step_seconds - prefetch_wait_s - sync_wait_s
+    """
+    steps: int = 0
+    step_seconds: float = 0.0
+    prefetch_wait_s: float = 0.0
+    sync_wait_s: float = 0.0
+    bytes_pulled: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    tokens: int = 0
+
+    @property
+    def compute_seconds(self) -> float:
+        return max(0.0, self.step_seconds - self.prefetch_wait_s - self.sync_wait_s)
+
+    def snapshot(self) -> dict:
+        return {
+            "steps": self.steps, "tokens": self.tokens, "step_seconds": self.step_seconds,
+            "compute_seconds": self.compute_seconds, "prefetch_wait_seconds": self.prefetch_wait_s,
+            "sync_wait_seconds": self.sync_wait_s, "bytes_pulled": dict(self.bytes_pulled),
+        }
