@@ -1,0 +1,209 @@
+"""`LLMEngine`: requests in, tokens out, one `step()` at a time (single-threaded; see async_engine
+for the serving wrapper).
+
+Disaggregation hooks:
+- prefill role: `add_request(..., hold_kv=True)` keeps a finished request's blocks in `held` until
+  `release(request_id)` (the decode side confirmed its read, or the hand-off timed out);
+- decode role: `reserve(request_id, prompt)` allocates blocks for a prompt whose KV will be written
+  by a transfer, then `add_prefilled(...)` starts decoding with all but the last prompt token already
+  cached (the last one is recomputed here, so this engine samples the first output token itself).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+
+from dynamo_dwdp.engine.block_manager import BlockManager
+from dynamo_dwdp.engine.model_runner import ModelRunner
+from dynamo_dwdp.engine.sampling import SamplingParams, sample
+from dynamo_dwdp.engine.scheduler import Scheduler
+from dynamo_dwdp.engine.sequence import RequestOutput, Sequence, Status
+from dynamo_dwdp.errors import RequestError
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        cfg = runner.config
+        mc = runner.model_config
+        self.block_size = cfg.block_size
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.requests: dict[str, Sequence] = {}
+        self.held: dict[str, Sequence] = {}
+        self.default_eos = tuple(mc.eos_token_ids)
+        self.vocab_size = mc.vocab_size
+        self.step_listeners: list[Callable[[float, int, int], None]] = []   # (seconds, tokens, seqs)
+
+    # ------------------------------------------------------------------ requests
+    def _make_seq(self, request_id: str, prompt_ids: list[int], params: SamplingParams, hold_kv: bool) -> Sequence:
+        if request_id in self.requests or request_id in self.held:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise RequestError("prompt is empty: at least one token is needed")
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(f"prompt has {len(prompt_ids)} tokens; the context length is {self.max_model_len} "
+                               f"(prompt + at least 1 generated token must fit)")
+        if -(-(len(prompt_ids) + 1) // self.block_size) > self.blocks.num_blocks:
+            raise RequestError(f"prompt has {len(prompt_ids)} tokens; the KV cache holds only "
+                               f"{self.blocks.num_blocks * self.block_size}")
+        params.validate(self.vocab_size)
+        if not params.eos_token_ids:
+            params.eos_token_ids = self.default_eos
+        seq = Sequence(request_id, list(prompt_ids), params, hold_kv=hold_kv)
+        if params.seed is not None and not params.greedy:
+            seq.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        return seq
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    hold_kv: bool = False) -> None:
+        seq = self._make_seq(request_id, prompt_ids, params, hold_kv)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """Decode role: allocate blocks for a prompt whose KV arrives by transfer. Returns the block
+        ids (in order). Raises RequestError if the request cannot fit right now."""
+        seq = self._make_seq(request_id, prompt_ids, params, hold_kv=False)
+        n = len(prompt_ids)
+        if not self.blocks.can_allocate(seq, n):
+            raise RequestError(f"no free KV blocks for a {n}-token prompt (free {self.blocks.num_free})")
+        self.blocks.allocate(seq, n)
+        self.held[request_id] = seq       # not schedulable until add_prefilled
+        return list(seq.block_table)
+
+    def add_prefilled(self, request_id: str) -> None:
+        seq = self.held.pop(request_id)
+        seq.num_computed = len(seq.prompt_ids) - 1
+        seq.num_cached_prompt = seq.num_computed
+        self.blocks.commit_computed(seq)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str, reason: str = "cancelled") -> bool:
+        seq = self.requests.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.remove(seq)
+            self._finish(seq, reason, keep=False)
+            return True
+        return self.release(request_id)
+
+    def release(self, request_id: str) -> bool:
+        """Free the blocks of a held request (prefill after transfer, or a reserved decode slot)."""
+        seq = self.held.pop(request_id, None)
+        if seq is None:
+            return False
+        self.blocks.free_seq(seq)
+        return True
+
+    def held_blocks(self, request_id: str) -> list[int]:
+        return list(self.held[request_id].block_table)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ stepping
+    def _finish(self, seq: Sequence, reason: str, keep: bool) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if keep:
+            self.held[seq.request_id] = seq
+        else:
+            self.blocks.free_seq(seq)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        n_out = len(seq.output_ids)
+        if n_out >= p.min_tokens:
+            if token in p.stop_token_ids:
+                return "stop"
+            if not p.ignore_eos and token in p.eos_token_ids:
+                return "eos"
+        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def step(self, allow_empty: bool = False) -> list[RequestOutput]:
+        """Schedule and run one forward. With allow_empty (DEP lock-step), run the model even when
+        this rank has nothing to compute, so that its collectives match its peers'."""
+        chunks = self.scheduler.schedule()
+        if not chunks and not allow_empty:
+            return []
+        t0 = time.perf_counter()
+        for c in chunks:
+            if c.seq.first_scheduled is None:
+                c.seq.first_scheduled = t0
+        token_chunks = [c.seq.all_ids[c.seq.num_computed:c.seq.num_computed + c.num_tokens] for c in chunks]
+        logits = self.runner.execute(token_chunks, [c.seq.num_computed for c in chunks],
+                                     [c.seq.block_table for c in chunks], [c.completes for c in chunks])
+        samplers = [c for c in chunks if c.completes]
+        for c in chunks:
+            seq = c.seq
+            prompt_left = max(0, len(seq.prompt_ids) - seq.num_computed)
+            seq.num_computed_prompt += min(prompt_left, c.num_tokens)
+            seq.num_computed += c.num_tokens
+            self.blocks.commit_computed(seq)
+        outputs: list[RequestOutput] = []
+        if samplers:
+            for c in samplers:
+                p = c.seq.params
+                if len(c.seq.output_ids) < p.min_tokens:
+                    banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
+                    if banned:
+                        logits[samplers.index(c), banned] = float("-inf")
+            tokens = sample(logits, [c.seq.params for c in samplers], [c.seq.generator for c in samplers])
+            now = time.monotonic()
+            for c, tok in zip(samplers, tokens):
+                seq = c.seq
+                seq.output_ids.append(tok)
+                if seq.first_token_at is None:
+                    seq.first_token_at = now
+                reason = self._stop_reason(seq, tok)
+                if reason is not None:
+                    self.scheduler.remove(seq)
+                    self.requests.pop(seq.request_id, None)
+                    self._finish(seq, reason, keep=seq.hold_kv)
+                outputs.append(self._output(seq, [tok]))
+        dt = time.perf_counter() - t0
+        for listener in self.step_listeners:
+            listener(dt, sum(c.num_tokens for c in chunks), len(chunks))
+        return outputs
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """Fail every request this engine holds (dead peer, broken step): no request is left hanging."""
+        outs = []
+        for seq in list(self.requests.values()):
+            self.scheduler.remove(seq)
+            self._finish(seq, "error", keep=False)
+            out = self._output(seq, [])
+            out.error = error
+            outs.append(out)
+        self.requests.clear()
+        return outs
+
+    @staticmethod
+    def _output(seq: Sequence, new: list[int]) -> RequestOutput:
+        return RequestOutput(seq.request_id, new, seq.finished, seq.finish_reason, len(seq.prompt_ids),
+                             len(seq.output_ids), seq.num_cached_prompt, seq.num_computed_prompt)
+
+    # ------------------------------------------------------------------ offline helper
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion (continuous batching); returns the output ids per prompt."""
+        plist = params if isinstance(params, list) else [SamplingParams(**vars(params)) for _ in prompts]
+        ids = [f"offline-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+        results: dict[str, list[int]] = {i: [] for i in ids}
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.add_request(rid, prompt, p)
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.request_id].extend(out.new_token_ids)
+        return [results[i] for i in ids]

@@ -1,0 +1,79 @@
+"""`ModelRunner`: owns the model, its executor and the KV pool; turns scheduled chunks into one
+forward pass. The KV pool layout is block-major, [num_blocks, num_layers, block_size, kv_dim], so
+one block of one sequence (all layers) is one contiguous region — a single descriptor for KV transfer.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from dynamo_dwdp.engine.config import EngineConfig
+from dynamo_dwdp.model.batch import ForwardBatch
+from dynamo_dwdp.model.config import ModelConfig, load_model_config
+from dynamo_dwdp.model.deepseek_v3 import DeepseekV3ForCausalLM
+from dynamo_dwdp.model.loader import load_weights
+from dynamo_dwdp.parallel.context import TensorParallel
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str, config: EngineConfig, executor_factory, tp: TensorParallel | None = None,
+                 model_config: ModelConfig | None = None):
+        self.config = config.validate()
+        self.model_dir = model_dir
+        self.model_config = model_config or load_model_config(model_dir)
+        self.device = torch.device(config.device)
+        dtype = config.torch_dtype
+        torch.manual_seed(config.seed)
+        executor = executor_factory(self.model_config, self.device, dtype)
+        t0 = time.perf_counter()
+        with torch.device(self.device):
+            model = DeepseekV3ForCausalLM(self.model_config, tp=tp, executor=executor)
+        model.to(dtype=dtype)
+        for layer in model.model.layers:                       # the router works in fp32
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.float()
+        load_weights(model, model_dir)
+        self.model = model.eval()
+        self.executor = executor
+        self.load_seconds = time.perf_counter() - t0
+        cfg = self.model_config
+        self.kv_pool = torch.zeros(config.num_kv_blocks, cfg.num_hidden_layers, config.block_size,
+                                   cfg.kv_cache_dim, dtype=dtype, device=self.device)
+        log.info("model %s loaded in %.2fs (%s, %s); KV pool %d blocks x %d tokens (%.1f MiB)",
+                 model_dir, self.load_seconds, executor.strategy, dtype, config.num_kv_blocks, config.block_size,
+                 self.kv_pool.numel() * self.kv_pool.element_size() / 2**20)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.kv_pool[0].numel() * self.kv_pool.element_size()
+
+    def execute(self, token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]],
+                want_logits: list[bool]) -> torch.Tensor:
+        """One forward; returns float32 logits for the sequences with want_logits (in order)."""
+        batch = ForwardBatch.build(token_chunks, start_positions, block_tables, self.config.block_size,
+                                   want_logits, device=self.device)
+        stats = self.executor.stats
+        t0 = time.perf_counter()
+        logits = self.model(batch, self.kv_pool)
+        if logits.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        stats.step_seconds += time.perf_counter() - t0
+        stats.steps += 1
+        stats.tokens += batch.num_tokens
+        return logits
+
+    def set_expert_skew(self, hot_experts: list[int], bias: float) -> None:
+        """Benchmark knob: make `hot_experts` more likely to be selected in every MoE layer."""
+        for layer in self.model.model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None:
+                gate.selection_skew.zero_()
+                if hot_experts:
+                    gate.selection_skew[hot_experts] = bias
+
+    def close(self) -> None:
+        self.executor.close()

@@ -1,0 +1,76 @@
+"""`SamplingParams` (validated, OpenAI/vLLM meanings) and the sampler.
+
+temperature 0 -> greedy; top_k <= 0 -> off; top_p 1 -> off; seed -> a per-request generator, so a
+seeded request samples the same tokens whatever else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dynamo_dwdp.errors import RequestError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    eos_token_ids: tuple[int, ...] = field(default=())
+
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        def bad(name: str, value, why: str):
+            raise RequestError(f"{name}={value!r}: {why}")
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            bad("min_tokens", self.min_tokens, "must be an integer >= 0")
+        if self.min_tokens > self.max_tokens:
+            bad("min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100):
+            bad("temperature", self.temperature, "must be in [0, 100]")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            bad("top_p", self.top_p, "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", self.top_k, "must be an integer >= -1 (0 or -1 = off)")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", self.seed, "must be an integer")
+        for t in self.stop_token_ids:
+            if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
+                bad("stop_token_ids", t, f"must be token ids in [0, {vocab_size})")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """logits [S, V] float32 -> one token id per row."""
+    out: list[int] = []
+    greedy = logits.argmax(dim=-1).tolist()
+    for i, p in enumerate(params):
+        if p.greedy:
+            out.append(int(greedy[i]))
+            continue
+        row = logits[i] / p.temperature
+        if p.top_k > 0 and p.top_k < row.shape[-1]:
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            cum = torch.cumsum(sp, dim=-1)
+            drop = cum - sp > p.top_p           # keep the smallest prefix whose mass reaches top_p
+            sp = sp.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, si, sp)
+        out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
+    return out

@@ -1,0 +1,102 @@
+"""Continuous batching with chunked prefill (policy only).
+
+Each step has a token budget (max_num_batched_tokens). Running sequences go first: one token each
+when decoding, or the next chunk of an unfinished prompt. Waiting sequences are then admitted FCFS
+(prefix-cache match first) while the budget, max_num_seqs and free blocks allow. When a running
+sequence cannot get a block, the most recently admitted other sequence is preempted (blocks freed,
+back to the head of the queue, recomputed later — its hashed blocks usually come back from the cache).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from dynamo_dwdp.engine.block_manager import BlockManager
+from dynamo_dwdp.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int            # new tokens computed for seq this step
+
+    @property
+    def completes(self) -> bool:
+        """True when this chunk reaches the end of seq's known tokens (so it samples a token)."""
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.block_hashes = []
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_num_batched_tokens
+        out: list[ScheduledChunk] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:          # preempted by an earlier iteration
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if n <= 0:
+                continue
+            while not self.blocks.can_allocate(seq, seq.num_computed + n):
+                victim = next((s for s in reversed(self.running) if s is not seq
+                               and all(c.seq is not s for c in out)), None)
+                if victim is None:
+                    break
+                self._preempt(victim)
+            if not self.blocks.can_allocate(seq, seq.num_computed + n):
+                self._preempt(seq)
+                continue
+            self.blocks.allocate(seq, seq.num_computed + n)
+            out.append(ScheduledChunk(seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table and seq.num_computed == 0:
+                seq.num_cached_prompt = self.blocks.match_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.can_allocate(seq, seq.num_computed + n):
+                if not self.running and not out:
+                    # Nothing else can free blocks: shrink the chunk to what fits.
+                    fit = (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size - seq.num_computed
+                    if fit <= 0:
+                        break
+                    n = min(n, fit)
+                else:
+                    break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, seq.num_computed + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.append(ScheduledChunk(seq, n))
+            budget -= n
+        return out
