@@ -1,12 +1,12 @@
 """`TensorParallel`: what the dense part of the model needs to know about TP (size, rank, all-reduce).
 
 Strategies other than `tp` use the trivial instance (size 1): attention is data-parallel there.
-The all-reduce is timed into `sync_seconds`, so that benchmarks can split a step into compute and sync.
+The all-reduce is timed into `stats.sync_wait_s`, so that benchmarks can split a step into compute and sync.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ class TensorParallel:
     size: int = 1
     rank: int = 0
     group: Any = None                      # torch.distributed ProcessGroup when size > 1
-    sync_seconds: float = field(default=0.0)
+    stats: Any = None                      # ExecutorStats to charge all-reduce time to (sync_wait_s)
 
     def shard(self, n: int, what: str) -> int:
         if n % self.size:
@@ -33,5 +33,6 @@ class TensorParallel:
 
         t0 = time.perf_counter()
         dist.all_reduce(x, group=self.group)
-        self.sync_seconds += time.perf_counter() - t0
+        if self.stats is not None:
+            self.stats.sync_wait_s += time.perf_counter() - t0
         return x

@@ -1,0 +1,220 @@
+"""`DWDPExecutor`: routed experts for one DWDP rank. No collective, no barrier in forward.
+
+Prefetch schedule (all-remote mode, the paper's): MoE layer m uses slot m % 2. The slots of the
+first two MoE layers are filled before the step needs them (at the end of the previous step, or at
+begin_step); when layer m's MoE has consumed slot s, the pull of the next layer that uses slot s
+(m+2, wrapping to the next step's first layers) is issued on the copy engine after that consume
+event. The compute side only ever waits for its *own* pulls; peers never wait for anything.
+
+Routed-only mode (small decode batches): after the router, pull just the remote experts it picked
+that the slot does not already hold, then compute. Less traffic, but the pull is exposed.
+
+A dead peer (membership) is dropped from every later pull plan; experts it alone stored become
+unreachable and the forward raises `PeerError` (the engine fails its in-flight requests).
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+
+from dynamo_dwdp.dwdp.placement import Placement, Pull
+from dynamo_dwdp.dwdp.transport import make_transport
+from dynamo_dwdp.dwdp.weight_buffer import PrefetchSlot
+from dynamo_dwdp.errors import PeerError
+from dynamo_dwdp.parallel.executor import MoEExecutor
+from dynamo_dwdp.parallel.experts import ExpertBank, routed_experts
+
+log = logging.getLogger(__name__)
+
+
+class DWDPExecutor(MoEExecutor):
+    strategy = "dwdp"
+
+    def __init__(self, cfg, device, dtype, *, group, placement: Placement, routed_only: bool = False,
+                 contention_opt: bool = False, transport: str = "auto", slice_bytes: int = 2 << 20):
+        super().__init__(cfg, device, dtype)
+        self.group = group                       # GroupContext: rank, size, name, store, membership
+        self.placement = placement
+        self.rank = group.rank
+        self.local = placement.local_range(self.rank)
+        self.routed_only = routed_only
+        self.contention_opt = contention_opt
+        self.slice_bytes = slice_bytes
+        self.transport = make_transport(transport, group.name, self.rank, device)
+        self.copy = self.transport.copy_engine()
+        self.moe_layers = cfg.moe_layers
+        self.moe_index = {layer: i for i, layer in enumerate(self.moe_layers)}
+        self.local_banks: dict[int, ExpertBank] = {}
+        self.peer_banks: dict[int, dict[int, ExpertBank]] = {}     # layer -> peer -> its shard
+        self.slots: list[PrefetchSlot] = []
+
+    # ------------------------------------------------------------------ loading
+    def experts_to_load(self, layer):
+        return self.local
+
+    def load_expert(self, layer, expert, gate, up, down):
+        bank = self.local_banks.get(layer)
+        if bank is None:
+            I, H, L = self.cfg.moe_intermediate_size, self.cfg.hidden_size, len(self.local)
+            w13 = self.transport.allocate(f"L{layer}.w13", (L, 2 * I, H), self.dtype)
+            w2 = self.transport.allocate(f"L{layer}.w2", (L, H, I), self.dtype)
+            bank = self.local_banks[layer] = ExpertBank(self.local.start, w13, w2)
+        self._store(bank, expert, gate, up, down)
+
+    def finalize(self):
+        """Export this rank's shards, publish readiness, open every peer's shards. Set-up only."""
+        store = self.group.store
+        handles = {str(layer): {"w13": self.transport.export(f"L{layer}.w13", b.w13),
+                                "w2": self.transport.export(f"L{layer}.w2", b.w2)}
+                   for layer, b in self.local_banks.items()}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        store.set(f"dwdp/handles/{self.rank}", json.dumps(handles))
+        store.set(f"dwdp/placement/{self.rank}", json.dumps(vars(self.placement)))
+        for peer in range(self.placement.group_size):
+            if peer == self.rank:
+                continue
+            theirs = json.loads(store.get(f"dwdp/placement/{peer}"))
+            if theirs != vars(self.placement):
+                raise PeerError(f"dwdp group {self.group.name}: rank {peer} uses placement {theirs}, "
+                                f"rank {self.rank} uses {vars(self.placement)}")
+            peer_handles = json.loads(store.get(f"dwdp/handles/{peer}"))
+            first = self.placement.local_range(peer).start
+            for layer in self.moe_layers:
+                h = peer_handles[str(layer)]
+                self.peer_banks.setdefault(layer, {})[peer] = ExpertBank(
+                    first, self.transport.open(h["w13"]), self.transport.open(h["w2"]))
+        I, H = self.cfg.moe_intermediate_size, self.cfg.hidden_size
+        if self.placement.group_size > 1:
+            self.slots = [PrefetchSlot(self.cfg.n_routed_experts, self.local, H, I, self.device, self.dtype)
+                          for _ in range(min(2, len(self.moe_layers)))]
+        self.group.mark_ready("weights")
+        log.info("dwdp rank %d/%d: local experts %d-%d, %d remote per layer (%.1f MiB), slots %.1f MiB, %s",
+                 self.rank, self.placement.group_size, self.local.start, self.local.stop - 1,
+                 self.cfg.n_routed_experts - len(self.local), self._layer_remote_bytes() / 2**20,
+                 sum(s.nbytes for s in self.slots) / 2**20, self.transport.kind)
+
+    def _layer_remote_bytes(self) -> int:
+        I, H = self.cfg.moe_intermediate_size, self.cfg.hidden_size
+        per_expert = 3 * I * H * torch.empty(0, dtype=self.dtype).element_size()
+        return (self.cfg.n_routed_experts - len(self.local)) * per_expert
+
+    # ------------------------------------------------------------------ pulls
+    def _plan(self, experts: list[int] | None) -> list[Pull]:
+        dead = self.group.dead()
+        try:
+            return self.placement.pulls(self.rank, experts, dead)
+        except LookupError as exc:
+            reasons = "; ".join(f"rank {r}: {self.group.down_reason(r)}" for r in sorted(dead))
+            raise PeerError(f"dwdp group {self.group.name}: experts {exc} have no live owner ({reasons})") from None
+
+    def _copies(self, slot: PrefetchSlot, layer: int, plan: list[Pull]) -> tuple[list, list[int]]:
+        copies, rows = [], []
+        banks = self.peer_banks[layer]
+        for pull in plan:
+            src = banks[pull.peer]
+            r0 = slot.row(pull.first)
+            for i in range(pull.count):                     # one expert = one (w13, w2) pair
+                copies.append((slot.w13[r0 + i], src.w13[pull.peer_row + i]))
+                copies.append((slot.w2[r0 + i], src.w2[pull.peer_row + i]))
+                rows.append(r0 + i)
+        if self.contention_opt and len({p.peer for p in plan}) > 1:
+            copies = _interleave_by_peer(copies, plan, self.slice_bytes)
+        return copies, rows
+
+    def _issue(self, slot: PrefetchSlot, layer: int, experts: list[int] | None = None) -> None:
+        plan = [p for p in self._plan(experts)
+                if any(slot.row_layer[slot.row(p.first + i)] != layer for i in range(p.count))]
+        if not plan:
+            return
+        copies, rows = self._copies(slot, layer, plan)
+        after = self.copy.record_compute()
+        slot.pending = self.copy.submit(copies, after)
+        slot.pending_layer, slot.pending_rows = layer, rows
+        slot.pending_peers = {p.peer for p in plan}
+        for row in rows:
+            slot.row_layer[row] = -1                         # invalid until the pull lands
+        per_expert = (slot.w13[0].numel() + slot.w2[0].numel()) * slot.w13.element_size()
+        for p in plan:
+            self.stats.bytes_pulled[p.peer] += p.count * per_expert
+
+    def _wait(self, slot: PrefetchSlot) -> None:
+        if slot.pending is None:
+            return
+        try:
+            self.stats.prefetch_wait_s += self.copy.wait(slot.pending)
+        except Exception as exc:
+            slot.pending = None
+            raise PeerError(f"dwdp group {self.group.name}: weight pull failed ({exc})") from None
+        dead = slot.pending_peers & self.group.dead()
+        layer, rows = slot.pending_layer, slot.pending_rows
+        slot.pending = None
+        if dead:                  # the source died during the pull: data may be invalid, re-pull
+            return
+        for row in rows:
+            slot.row_layer[row] = layer
+
+    def _ensure(self, slot: PrefetchSlot, layer: int, experts: list[int] | None = None) -> None:
+        """Make `layer`'s remote experts (or just `experts`) valid in `slot`, waiting as needed.
+        A pull whose source died meanwhile leaves its rows invalid and is re-planned (failover)."""
+        for _ in range(3):
+            if slot.pending is not None:
+                self._wait(slot)
+            self._issue(slot, layer, experts)               # only what is not valid yet
+            if slot.pending is None:
+                return
+            self._wait(slot)
+        raise PeerError(f"dwdp group {self.group.name}: could not pull layer {layer}'s experts after 3 tries")
+
+    # ------------------------------------------------------------------ step
+    def begin_step(self):
+        if self.slots and not self.routed_only:
+            for s, slot in enumerate(self.slots):
+                if slot.pending is None and any(r != self.moe_layers[s] for r in slot.row_layer):
+                    self._issue(slot, self.moe_layers[s])
+
+    def forward(self, layer, x, topk_ids, topk_weights):
+        if not self.slots:                                   # group of one: everything is local
+            return routed_experts(x, topk_ids, topk_weights, [self.local_banks[layer]])
+        m = self.moe_index[layer]
+        slot = self.slots[m % 2]
+        self._ensure(slot, layer, torch.unique(topk_ids).tolist() if self.routed_only else None)
+        out = routed_experts(x, topk_ids, topk_weights, [self.local_banks[layer], *slot.banks])
+        if not self.routed_only:
+            nxt = m + 2 if m + 2 < len(self.moe_layers) else m % 2   # wrap: next step's first layer of this parity
+            if self.moe_layers[nxt] != layer:
+                self._issue(slot, self.moe_layers[nxt])
+        return out
+
+    def close(self):
+        for slot in self.slots:
+            if slot.pending is not None:
+                try:
+                    self.copy.wait(slot.pending)
+                except Exception:
+                    pass
+        self.transport.close()
+
+
+def _interleave_by_peer(copies: list, plan: list[Pull], slice_bytes: int) -> list:
+    """contention_opt: cut each expert copy into slices of ~slice_bytes and interleave the peers
+    round-robin, so that several ranks pulling at once do not all queue on the same source."""
+    per_peer: dict[int, list] = {}
+    i = 0
+    for pull in plan:
+        for _ in range(pull.count * 2):
+            dst, src = copies[i]
+            i += 1
+            flat_d, flat_s = dst.reshape(-1), src.reshape(-1)
+            step = max(1, slice_bytes // max(1, dst.element_size()))
+            for off in range(0, flat_d.numel(), step):
+                per_peer.setdefault(pull.peer, []).append((flat_d[off:off + step], flat_s[off:off + step]))
+    out = []
+    queues = list(per_peer.values())
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
