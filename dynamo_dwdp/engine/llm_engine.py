@@ -10,6 +10,7 @@ Disaggregation hooks:
 """
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Callable
@@ -40,6 +41,8 @@ class LLMEngine:
         self.default_eos = tuple(mc.eos_token_ids)
         self.vocab_size = mc.vocab_size
         self.step_listeners: list[Callable[[float, int, int], None]] = []   # (seconds, tokens, seqs)
+        # (queue seconds, compute seconds) of recently finished requests: the autoscaling signal
+        self.finished_timings: collections.deque = collections.deque(maxlen=256)
 
     # ------------------------------------------------------------------ requests
     def _make_seq(self, request_id: str, prompt_ids: list[int], params: SamplingParams, hold_kv: bool) -> Sequence:
@@ -81,10 +84,12 @@ class LLMEngine:
         self.held[request_id] = seq       # not schedulable until add_prefilled
         return list(seq.block_table)
 
-    def add_prefilled(self, request_id: str) -> None:
+    def add_prefilled(self, request_id: str, cached_tokens: int = 0) -> None:
+        """Start decoding a reserved request whose prompt KV has been written into its blocks.
+        `cached_tokens` is what the prefill side served from its prefix cache (reported in usage)."""
         seq = self.held.pop(request_id)
         seq.num_computed = len(seq.prompt_ids) - 1
-        seq.num_cached_prompt = seq.num_computed
+        seq.num_cached_prompt = cached_tokens
         self.blocks.commit_computed(seq)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
@@ -115,6 +120,9 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, keep: bool) -> None:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        if seq.first_scheduled is not None:
+            now = time.monotonic()
+            self.finished_timings.append((seq.first_scheduled - seq.arrival, now - seq.first_scheduled))
         if keep:
             self.held[seq.request_id] = seq
         else:
@@ -139,9 +147,10 @@ class LLMEngine:
         if not chunks and not allow_empty:
             return []
         t0 = time.perf_counter()
+        now = time.monotonic()
         for c in chunks:
             if c.seq.first_scheduled is None:
-                c.seq.first_scheduled = t0
+                c.seq.first_scheduled = now
         token_chunks = [c.seq.all_ids[c.seq.num_computed:c.seq.num_computed + c.num_tokens] for c in chunks]
         logits = self.runner.execute(token_chunks, [c.seq.num_computed for c in chunks],
                                      [c.seq.block_table for c in chunks], [c.completes for c in chunks])

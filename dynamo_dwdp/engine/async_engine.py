@@ -1,0 +1,163 @@
+"""`AsyncEngine`: serve a `RankEngine` from asyncio. The engine lives on one dedicated thread (it is
+not thread-safe); asyncio code talks to it through a command queue and per-request output queues.
+
+Loop: apply queued commands -> one iteration (DEP: agree with peers first) -> deliver outputs.
+Idle: wait for a command (DEP ranks re-check with their peers every `idle_poll` seconds, since a
+peer's request makes every rank step). A failing step (dead peer, broken collective) fails every
+in-flight request with that error and marks the engine `broken`: new requests fail fast and the
+worker reports unhealthy, instead of hanging.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from typing import Any, AsyncIterator, Callable
+
+from dynamo_dwdp.engine.sampling import SamplingParams
+from dynamo_dwdp.engine.sequence import RequestOutput
+from dynamo_dwdp.errors import PeerError, RequestError, UserError
+
+log = logging.getLogger(__name__)
+
+
+class EngineBroken(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, rank_engine, idle_poll: float = 0.01):
+        self.re = rank_engine
+        self.engine = rank_engine.engine
+        self.idle_poll = idle_poll if rank_engine.coordinator is not None else 0.2
+        self.broken: str | None = None
+        self._cmds: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.on_step: list[Callable[[], None]] = []
+
+    def start(self) -> "AsyncEngine":
+        self._thread.start()
+        return self
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while not self._stop:
+                self._apply_commands()
+                if self.broken is not None:
+                    self._wake.wait(0.2)
+                    self._wake.clear()
+                    continue
+                try:
+                    ran, outs = self.re.step()
+                except Exception as exc:  # a peer died, a collective failed: fail everything, clearly
+                    msg = str(exc) if isinstance(exc, (PeerError, UserError)) else f"{type(exc).__name__}: {exc}"
+                    log.error("engine step failed: %s", msg)
+                    self.broken = msg
+                    outs = self.engine.fail_all(msg)
+                    ran = False
+                self._deliver(outs)
+                for cb in self.on_step:
+                    cb()
+                if not ran:
+                    self._wake.wait(self.idle_poll)
+                    self._wake.clear()
+
+    def _apply_commands(self) -> None:
+        while self._cmds:
+            fn, fut, loop = self._cmds.popleft()
+            try:
+                result = fn(self.engine)
+            except BaseException as exc:
+                if fut is not None:
+                    loop.call_soon_threadsafe(_set_exception, fut, exc)
+                continue
+            if fut is not None:
+                loop.call_soon_threadsafe(_set_result, fut, result)
+
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            entry = self._streams.get(out.request_id)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+            if entry is not None:
+                loop, q = entry
+                loop.call_soon_threadsafe(q.put_nowait, out)
+
+    # ------------------------------------------------------------------ asyncio side
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run fn(engine) on the engine thread; return its result (or raise its exception)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._cmds.append((fn, fut, loop))
+        self._wake.set()
+        return await fut
+
+    def post(self, fn: Callable[[Any], Any]) -> None:
+        """Fire-and-forget variant of `call`."""
+        self._cmds.append((fn, None, None))
+        self._wake.set()
+
+    async def generate(self, request_id: str, prompt_ids: list[int] | None, params: SamplingParams | None,
+                       hold_kv: bool = False, prefilled: bool = False,
+                       cached_tokens: int = 0) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. With prefilled=True the request was `reserve`d and its KV
+        filled by a transfer; it starts decoding at once."""
+        if self.broken is not None:
+            raise EngineBroken(self.broken)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, q)
+
+        def add(engine):
+            if prefilled:
+                engine.add_prefilled(request_id, cached_tokens)
+            else:
+                engine.add_request(request_id, prompt_ids, params, hold_kv=hold_kv)
+            engine.requests[request_id].arrival = time.monotonic()
+
+        try:
+            await self.call(add)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        try:
+            while True:
+                out: RequestOutput = await q.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if request_id in self._streams:          # the consumer went away early: abort
+                self._streams.pop(request_id, None)
+                self.post(lambda engine: engine.abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its stream ends with a `cancelled` output (nothing waits forever)."""
+        entry = self._streams.pop(request_id, None)
+        self.post(lambda engine: engine.abort(request_id))
+        if entry is not None:
+            loop, q = entry
+            loop.call_soon_threadsafe(q.put_nowait, RequestOutput(request_id, [], True, "cancelled", 0, 0, 0, 0))
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+
+def _set_result(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,78 @@
+"""`dwdp_*` Prometheus metrics of one worker rank (bridged into the worker's /metrics by Dynamo).
+
+Labels on every family: strategy, role, group, rank. Counters are refreshed from the executor's
+cumulative `ExecutorStats` after each engine iteration (cheap: a handful of subtractions).
+What operators watch: the step-time split (compute / exposed prefetch stall / sync wait), remote
+weight bytes per peer, KV transfer bytes and latency, queue depth, and the queue-to-compute ratio
+that autoscalers key on (queue time / compute time over recently finished requests).
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class WorkerMetrics:
+    def __init__(self, strategy: str, role: str, group: str, rank: int):
+        self.registry = CollectorRegistry()
+        self.labels = {"strategy": strategy, "role": role, "group": group, "rank": str(rank)}
+        names = list(self.labels)
+        r = self.registry
+
+        def counter(name, doc, extra=()):
+            return Counter(name, doc, names + list(extra), registry=r)
+
+        self.step_seconds = counter("dwdp_step_seconds", "Wall time of model forward steps")
+        self.compute_seconds = counter("dwdp_step_compute_seconds", "Step time spent computing")
+        self.prefetch_wait = counter("dwdp_step_prefetch_wait_seconds",
+                                     "Step time the compute path waited for DWDP weight pulls (exposed stall)")
+        self.sync_wait = counter("dwdp_step_sync_wait_seconds",
+                                 "Step time inside collectives (DEP all-to-all, TP all-reduce, step agreement)")
+        self.steps = counter("dwdp_steps", "Model forward steps")
+        self.tokens = counter("dwdp_tokens", "Tokens computed (prompt + generated)")
+        self.generated = counter("dwdp_generated_tokens", "Tokens generated and returned")
+        self.remote_bytes = counter("dwdp_remote_bytes", "Expert weight bytes pulled from peers", ["peer"])
+        self.kv_bytes = counter("dwdp_kv_transfer_bytes", "KV cache bytes moved prefill -> decode (NIXL)")
+        self.kv_seconds = Histogram("dwdp_kv_transfer_seconds", "KV transfer latency per request", names,
+                                    registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+        self.kv_failures = counter("dwdp_kv_transfer_failures", "KV transfers that failed (request failed cleanly)")
+        self.requests = counter("dwdp_requests", "Requests finished, by outcome", ["outcome"])
+        self.queue_depth = Gauge("dwdp_queue_depth", "Requests waiting to be scheduled", names, registry=r)
+        self.running = Gauge("dwdp_running_requests", "Requests in the running batch", names, registry=r)
+        self.kv_blocks_used = Gauge("dwdp_kv_blocks_used", "KV blocks in use", names, registry=r)
+        self.kv_blocks_held = Gauge("dwdp_kv_blocks_held_requests",
+                                    "Prefill requests whose KV blocks wait for a decode read", names, registry=r)
+        self.q2c = Gauge("dwdp_queue_to_compute_ratio",
+                         "Queue time / compute time over recently finished requests (autoscaling signal)",
+                         names, registry=r)
+        self.peers_down = Gauge("dwdp_group_peers_down", "Peers of this rank's group declared down", names, registry=r)
+        self._last: dict[str, float] = {}
+        self._last_bytes: dict[int, int] = {}
+
+    def _inc(self, metric, key: str, value: float, **extra) -> None:
+        delta = value - self._last.get(key, 0.0)
+        if delta > 0:
+            metric.labels(**self.labels, **extra).inc(delta)
+        self._last[key] = value
+
+    def refresh(self, stats, engine=None, group=None) -> None:
+        self._inc(self.step_seconds, "step", stats.step_seconds)
+        self._inc(self.compute_seconds, "compute", stats.compute_seconds)
+        self._inc(self.prefetch_wait, "prefetch", stats.prefetch_wait_s)
+        self._inc(self.sync_wait, "sync", stats.sync_wait_s)
+        self._inc(self.steps, "steps", stats.steps)
+        self._inc(self.tokens, "tokens", stats.tokens)
+        for peer, total in list(stats.bytes_pulled.items()):
+            delta = total - self._last_bytes.get(peer, 0)
+            if delta > 0:
+                self.remote_bytes.labels(**self.labels, peer=str(peer)).inc(delta)
+            self._last_bytes[peer] = total
+        if engine is not None:
+            self.queue_depth.labels(**self.labels).set(len(engine.scheduler.waiting))
+            self.running.labels(**self.labels).set(len(engine.scheduler.running))
+            self.kv_blocks_used.labels(**self.labels).set(engine.blocks.num_used)
+            timings = list(engine.finished_timings)
+            compute = sum(c for _, c in timings)
+            if compute > 0:
+                self.q2c.labels(**self.labels).set(sum(q for q, _ in timings) / compute)
+        if group is not None:
+            self.peers_down.labels(**self.labels).set(len(group.dead()))
