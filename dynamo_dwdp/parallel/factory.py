@@ -10,6 +10,7 @@ tp        TPMoEExecutor     gloo/nccl      1 (rank 0 leads)           rank 0 ste
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +132,10 @@ def build_rank_engine(model_dir: str, engine_cfg: EngineConfig, spec: GroupSpec,
                 return ex
             runner_cls, runner_kwargs = TPModelRunner, {"group": group}
         runner = runner_cls(model_dir, engine_cfg, factory, tp=tp, model_config=model_cfg, **runner_kwargs)
+        skew = os.environ.get("DWDP_EXPERT_SKEW")
+        if skew:                                      # benchmark knob: "e1,e2,...:bias"
+            hot, _, bias = skew.partition(":")
+            runner.set_expert_skew([int(e) for e in hot.split(",") if e.strip()], float(bias or 0.0))
         engine = None if (spec.strategy == "tp" and spec.rank != 0) else LLMEngine(runner)
         coordinator = None
         if spec.strategy == "dep":

@@ -1,0 +1,103 @@
+"""`dynamo-dwdp serve GRAPH`: launch a serving graph locally and stream a compact status line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+
+EPILOG = """\
+examples:
+  dynamo-dwdp serve graphs/disagg_dwdp_decode.yaml                 # tiny CPU model, embedded infra
+  dynamo-dwdp serve graphs/agg.yaml --http-port 8000
+  dynamo-dwdp serve graphs/disagg_dep.yaml -f configs/tiny-cpu.yaml --infra etcd   # real etcd + NATS
+  curl -s 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model":"tiny","messages":[{"role":"user","content":"Hello"}],"max_tokens":8}'
+
+Graphs (graphs/*.yaml) say which pools exist and how each splits the model (strategy, ranks,
+replicas); configs (configs/*.yaml, several -f merge in order) say which model, engine sizes and
+infra. Logs: one file per process under runs/logs/<graph>-<time>/. Ctrl-C stops everything in
+order: frontend, decode, prefill, infra.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="launch a serving graph locally", epilog=EPILOG,
+                       description="Launch a Dynamo serving graph (frontend + pools) on this machine.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("graph", help="graph YAML, e.g. graphs/disagg_dwdp_decode.yaml")
+    p.add_argument("-f", "--config", action="append", default=None,
+                   help="settings YAML (repeatable, later wins); default configs/tiny-cpu.yaml")
+    p.add_argument("--http-port", type=int, default=0, help="frontend port (0 = the config's, else a free one)")
+    p.add_argument("--infra", choices=["embedded", "etcd"], default=None, help="override infra.mode")
+    p.add_argument("--log-dir", default=None, help="run directory (default runs/logs/<graph>-<time>)")
+    p.add_argument("--status-every", type=float, default=10.0, help="seconds between status lines (0 = off)")
+    p.add_argument("--exit-after", type=float, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def _scrape_total(url: str, name: str) -> float:
+    """Sum of every sample of one metric family on a /metrics page (0 when unreachable)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            text = r.read().decode(errors="replace")
+    except OSError:
+        return 0.0
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                pass
+    return total
+
+
+def status_line(handle, started: float) -> str:
+    up = int(time.monotonic() - started)
+    parts = [f"up {up // 3600:02d}:{up % 3600 // 60:02d}:{up % 60:02d}"]
+    for c in handle.components:
+        parts.append(f"{c.name} {'ok' if c.alive else f'DEAD({c.proc.returncode})'}")
+    gen = sum(_scrape_total(u, "dwdp_generated_tokens_total") for urls in handle.worker_metrics_urls.values()
+              for u in urls)
+    parts.append(f"generated {int(gen)} tok")
+    return " | ".join(parts)
+
+
+def run(args) -> int:
+    from dynamo_dwdp.launch.serve import serve_graph
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    configs = args.config or ["configs/tiny-cpu.yaml"]
+    stop = {"now": False}
+
+    def on_signal(signum, _frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with serve_graph(args.graph, configs, http_port=args.http_port, infra=args.infra, log_dir=args.log_dir) as h:
+        print(f"serving model '{h.model_name}' at {h.url}  (graph {h.graph.name}, {h.num_gpus} ranks, logs {h.run_dir})",
+              flush=True)
+        started = time.monotonic()
+        last = 0.0
+        reported: set[str] = set()
+        while not stop["now"]:
+            time.sleep(0.5)
+            for name, code in h.dead_components():
+                if name not in reported:
+                    reported.add(name)
+                    print(f"component {name} exited with code {code} (log: {h.component(name).log_path})", flush=True)
+            if args.status_every and time.monotonic() - last > args.status_every:
+                last = time.monotonic()
+                try:
+                    print(status_line(h, started), flush=True)
+                except Exception as exc:  # status is best-effort
+                    print(f"status unavailable: {exc}", flush=True)
+            if args.exit_after is not None and time.monotonic() - started > args.exit_after:
+                break
+        print("shutting down: frontend, decode, prefill, infra", flush=True)
+    return 0
