@@ -103,6 +103,8 @@ class Infra:
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TORCH_CPP_LOG_LEVEL": "ERROR",
             "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python",
         }
+        if h.startswith("127.") or h == "localhost":
+            base["GLOO_SOCKET_IFNAME"] = "lo"          # DEP/TP process groups on loopback too
         if self.mode == "embedded":
             kv_dir = os.path.join(self.run_dir, "discovery")
             shutil.rmtree(kv_dir, ignore_errors=True)

@@ -28,6 +28,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+_LISTEN_SOCKETS: list[socket.socket] = []
+
+
+def host_tcp_store(host: str, port: int, timeout: float):
+    """A TCPStore server that listens on `host` only. (torch's own server binds every interface;
+    handing it an already-bound socket keeps the listener on loopback / the pod address.)"""
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(512)
+    store = dist.TCPStore(host, sock.getsockname()[1], None, True, datetime.timedelta(seconds=timeout),
+                          wait_for_workers=False, master_listen_fd=sock.fileno())
+    _LISTEN_SOCKETS.append(sock)          # the server uses the fd: keep the socket object alive
+    return store
+
+
 class GroupStore:
     """set/get/add over string values; `get` blocks until the key exists or `timeout` passes."""
 
@@ -136,10 +154,8 @@ class EtcdGroupStore(GroupStore):
 
         if self._torch_store is None:
             if self.rank == 0:
-                port = free_port("127.0.0.1")
-                store = dist.TCPStore("127.0.0.1", port, None, True, datetime.timedelta(seconds=self.timeout),
-                                      wait_for_workers=False)
-                self.set("torch_store", json.dumps({"host": "127.0.0.1", "port": port}))
+                store = host_tcp_store("127.0.0.1", 0, self.timeout)
+                self.set("torch_store", json.dumps({"host": "127.0.0.1", "port": store.port}))
             else:
                 addr = json.loads(self.get("torch_store"))
                 store = dist.TCPStore(addr["host"], addr["port"], None, False,
@@ -171,9 +187,10 @@ def open_group_store(url: str, group: str, rank: int, size: int, timeout: float 
         deadline = time.monotonic() + timeout
         while True:
             try:
-                store = dist.TCPStore(u.hostname, u.port, None, is_master, td, wait_for_workers=False)
+                store = (host_tcp_store(u.hostname, u.port, timeout) if is_master
+                         else dist.TCPStore(u.hostname, u.port, None, False, td))
                 break
-            except (RuntimeError, TimeoutError) as exc:
+            except (RuntimeError, TimeoutError, OSError) as exc:
                 if is_master or time.monotonic() > deadline:
                     raise PeerError(f"group {group}: cannot {'host' if is_master else 'reach'} the rendezvous "
                                     f"store at {url} ({exc})") from None
