@@ -170,6 +170,9 @@ class DWDPExecutor(MoEExecutor):
 
     # ------------------------------------------------------------------ step
     def begin_step(self):
+        collect = getattr(self.copy, "collect_stall_seconds", None)
+        if collect is not None:                  # GPU: stalls measured with CUDA events, resolved a step late
+            self.stats.prefetch_wait_s += collect()
         if self.slots and not self.routed_only:
             for s, slot in enumerate(self.slots):
                 if slot.pending is None and any(r != self.moe_layers[s] for r in slot.row_layer):
@@ -188,13 +191,18 @@ class DWDPExecutor(MoEExecutor):
                 self._issue(slot, self.moe_layers[nxt])
         return out
 
-    def close(self):
+    def quiesce(self):
+        """Wait for this rank's pulls in flight (before it leaves the group)."""
         for slot in self.slots:
             if slot.pending is not None:
                 try:
                     self.copy.wait(slot.pending)
                 except Exception:
                     pass
+                slot.pending = None
+
+    def close(self):
+        self.quiesce()
         self.transport.close()
 
 
