@@ -92,11 +92,12 @@ class DEPExecutor(MoEExecutor):
 class StepCoordinator:
     """DEP lock-step: every rank learns whether any rank has work, once per engine iteration."""
 
-    def __init__(self, group, stats):
+    def __init__(self, group, stats, device: torch.device | None = None):
         self.group, self.stats = group, stats
+        self.device = device if device is not None and device.type == "cuda" else torch.device("cpu")  # NCCL: on GPU
 
     def any_work(self, local: bool) -> bool:
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=self.device)
         t0 = time.perf_counter()
         try:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group.process_group)

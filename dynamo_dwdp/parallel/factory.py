@@ -86,8 +86,16 @@ class RankEngine:
                 self.runner.stop_followers()
             except Exception:
                 pass
-        self.runner.close()
-        self.group.close()
+        # Finish this rank's own weight pulls, then leave the group (its drain waits until every live
+        # peer is done), and only then free the shards: a DWDP shard must outlive its readers (a peer
+        # still loading would otherwise find the shard gone when it opens it).
+        quiesce = getattr(self.runner.executor, "quiesce", None)
+        if quiesce is not None:
+            quiesce()
+        try:
+            self.group.close()
+        finally:
+            self.runner.close()
 
 
 def build_rank_engine(model_dir: str, engine_cfg: EngineConfig, spec: GroupSpec,
@@ -141,7 +149,7 @@ def build_rank_engine(model_dir: str, engine_cfg: EngineConfig, spec: GroupSpec,
         if spec.strategy == "dep":
             from dynamo_dwdp.parallel.dep import StepCoordinator
 
-            coordinator = StepCoordinator(group, runner.executor.stats)
+            coordinator = StepCoordinator(group, runner.executor.stats, device)
         return RankEngine(runner, group, engine, coordinator)
     except BaseException:
         group.close()
