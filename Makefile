@@ -19,3 +19,7 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) models runs out .pytest_cache
+
+.PHONY: k8s
+k8s: setup   ## regenerate k8s/ from graphs/ + configs/ (a test fails when it is stale)
+	$(PY) -m dynamo_dwdp.cli k8s render-all
