@@ -66,6 +66,8 @@ class AsyncEngine:
                 self._deliver(outs)
                 for cb in self.on_step:
                     cb()
+                if outs:
+                    time.sleep(0)        # let the asyncio thread forward these tokens now, not in a burst
                 if not ran:
                     self._wake.wait(self.idle_poll)
                     self._wake.clear()
