@@ -162,6 +162,10 @@ class ShmTransport(WeightTransport):
         if self._engine is not None:
             self._engine.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        try:                                   # the group's folder goes with its last rank
+            os.rmdir(os.path.dirname(self.dir))
+        except OSError:
+            pass
 
 
 def make_transport(kind: str, group: str, rank: int, device: torch.device) -> WeightTransport:

@@ -35,6 +35,7 @@ class LLMEngine:
         self.block_size = cfg.block_size
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.kv_capacity = cfg.num_kv_blocks * cfg.block_size
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.requests: dict[str, Sequence] = {}
         self.held: dict[str, Sequence] = {}
@@ -136,7 +137,9 @@ class LLMEngine:
                 return "stop"
             if not p.ignore_eos and token in p.eos_token_ids:
                 return "eos"
-        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        # The whole KV pool is the hard limit too: a sequence that outgrows it alone could never be
+        # scheduled again (it would preempt itself forever).
+        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len or seq.num_tokens > self.kv_capacity:
             return "length"
         return None
 
@@ -163,12 +166,13 @@ class LLMEngine:
             self.blocks.commit_computed(seq)
         outputs: list[RequestOutput] = []
         if samplers:
-            for c in samplers:
+            for row, c in enumerate(samplers):
                 p = c.seq.params
                 if len(c.seq.output_ids) < p.min_tokens:
                     banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
                     if banned:
-                        logits[samplers.index(c), banned] = float("-inf")
+                        with torch.inference_mode():     # logits is an inference tensor (model forward)
+                            logits[row, banned] = float("-inf")
             tokens = sample(logits, [c.seq.params for c in samplers], [c.seq.generator for c in samplers])
             now = time.monotonic()
             for c, tok in zip(samplers, tokens):

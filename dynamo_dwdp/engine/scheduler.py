@@ -56,6 +56,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def _unmatch(self, seq: Sequence) -> None:
+        self.blocks.free_seq(seq)
+        self.blocks.hits -= seq.num_computed
+        self.blocks.queries -= len(seq.prompt_ids)
+        seq.block_hashes = []
+        seq.num_computed = 0
+        seq.num_cached_prompt = 0
+
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
         out: list[ScheduledChunk] = []
@@ -81,17 +89,21 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table and seq.num_computed == 0:
+            matched_now = not seq.block_table and seq.num_computed == 0
+            if matched_now:
                 seq.num_cached_prompt = self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.can_allocate(seq, seq.num_computed + n):
                 if not self.running and not out:
                     # Nothing else can free blocks: shrink the chunk to what fits.
                     fit = (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size - seq.num_computed
-                    if fit <= 0:
-                        break
-                    n = min(n, fit)
-                else:
+                    if fit > 0:
+                        n = min(n, fit)
+                if not self.blocks.can_allocate(seq, seq.num_computed + n):
+                    if matched_now:
+                        # A waiting sequence must not pin cached blocks: running sequences could
+                        # then never get them back (they would preempt each other forever).
+                        self._unmatch(seq)
                     break
             self.waiting.popleft()
             self.blocks.allocate(seq, seq.num_computed + n)

@@ -95,6 +95,14 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def _rope_from(raw: dict[str, Any], where: str) -> RopeConfig:
+    try:
+        return _rope_from_unchecked(raw, where)
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{where}: invalid rope parameters "
+                              f"{raw.get('rope_parameters') or raw.get('rope_scaling')!r} ({exc})") from None
+
+
+def _rope_from_unchecked(raw: dict[str, Any], where: str) -> RopeConfig:
     params = raw.get("rope_parameters")
     scaling = raw.get("rope_scaling")
     theta = raw.get("rope_theta")
@@ -130,6 +138,17 @@ def _rope_from(raw: dict[str, Any], where: str) -> RopeConfig:
     )
 
 
+def _number(raw: dict[str, Any], key: str, default, kind: type, where: str):
+    """Optional numeric field: absent/null -> default; anything but a (whole, for int) number -> one-line error."""
+    v = raw.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+        what = "an integer" if kind is int else "a number"
+        raise CheckpointError(f"{where}: field '{key}' must be {what}, got {v!r}")
+    return kind(v)
+
+
 def config_from_dict(raw: dict[str, Any], where: str = "config.json") -> ModelConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where}: expected a JSON object")
@@ -148,18 +167,20 @@ def config_from_dict(raw: dict[str, Any], where: str = "config.json") -> ModelCo
     if q_lora is not None and (not isinstance(q_lora, int) or q_lora <= 0):
         raise CheckpointError(f"{where}: field 'q_lora_rank' must be a positive integer or null, got {q_lora!r}")
     eos = raw.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos_ids):
+        raise CheckpointError(f"{where}: field 'eos_token_id' must be a token id or a list of them, got {eos!r}")
     cfg = ModelConfig(
         **vals,
         q_lora_rank=q_lora,
-        first_k_dense_replace=int(raw.get("first_k_dense_replace", 0)),
-        n_shared_experts=int(raw.get("n_shared_experts") or 0),
-        n_group=int(raw.get("n_group") or 1),
-        topk_group=int(raw.get("topk_group") or 1),
+        first_k_dense_replace=_number(raw, "first_k_dense_replace", 0, int, where),
+        n_shared_experts=_number(raw, "n_shared_experts", 0, int, where),
+        n_group=_number(raw, "n_group", 1, int, where),
+        topk_group=_number(raw, "topk_group", 1, int, where),
         norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
-        routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        routed_scaling_factor=_number(raw, "routed_scaling_factor", 1.0, float, where),
+        rms_norm_eps=_number(raw, "rms_norm_eps", 1e-6, float, where),
+        max_position_embeddings=_number(raw, "max_position_embeddings", 4096, int, where),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -172,6 +193,10 @@ def config_from_dict(raw: dict[str, Any], where: str = "config.json") -> ModelCo
 
 def _check(cfg: ModelConfig, where: str) -> None:
     e, g = cfg.n_routed_experts, cfg.n_group
+    if g < 1:
+        raise CheckpointError(f"{where}: n_group={g} must be >= 1")
+    if cfg.n_shared_experts < 0:
+        raise CheckpointError(f"{where}: n_shared_experts={cfg.n_shared_experts} must be >= 0")
     if e % g:
         raise CheckpointError(f"{where}: n_routed_experts={e} is not divisible by n_group={g}")
     if e // g < 2 and g > 1:

@@ -29,6 +29,22 @@ def even_bounds(num_experts: int, size: int) -> list[int]:
     return bounds
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _dead_ranks(group) -> str:
+    """Name the dead peer(s) after a failed collective. A peer's socket usually breaks before its
+    heartbeat goes stale, so wait (at most the liveness timeout) for membership to say who died."""
+    deadline = time.monotonic() + group.spec.liveness_timeout + 1.0
+    while not group.dead() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    dead = sorted(group.dead())
+    if not dead:
+        return "no peer is known to be down"
+    return "dead: " + ", ".join(f"rank {r} ({group.down_reason(r)})" for r in dead)
+
+
 class DEPExecutor(MoEExecutor):
     strategy = "dep"
 
@@ -55,8 +71,8 @@ class DEPExecutor(MoEExecutor):
         try:
             dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group.process_group)
         except Exception as exc:
-            raise PeerError(f"dep group {self.group.name}: all-to-all failed ({exc}); dead ranks: "
-                            f"{sorted(self.group.dead()) or 'unknown'}") from None
+            raise PeerError(f"dep group {self.group.name}: all-to-all failed ({_first_line(exc)}); "
+                            f"{_dead_ranks(self.group)}") from None
         finally:
             self.stats.sync_wait_s += time.perf_counter() - t0
         return out
@@ -102,7 +118,11 @@ class StepCoordinator:
         try:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group.process_group)
         except Exception as exc:
-            raise PeerError(f"dep group {self.group.name}: step agreement failed ({exc})") from None
-        finally:
-            self.stats.sync_wait_s += time.perf_counter() - t0
-        return bool(flag.item())
+            raise PeerError(f"dep group {self.group.name}: step agreement failed ({_first_line(exc)}); "
+                            f"{_dead_ranks(self.group)}") from None
+        any_work = bool(flag.item())
+        if any_work:              # an agreement that starts a step is part of that step (idle polls are not)
+            dt = time.perf_counter() - t0
+            self.stats.sync_wait_s += dt
+            self.stats.step_seconds += dt
+        return any_work

@@ -134,10 +134,12 @@ class GroupContext:
     def _leave(self, timeout: float) -> None:
         import time
 
+        known_dead: set[int] = set()    # kept after liveness stops: a dead peer never writes 'left'
+
         def wait_keys(prefix: str, ranks: list[int], limit: float) -> None:
             deadline = time.monotonic() + limit
             for r in ranks:
-                while r not in self.dead() and not self.store.check(f"{prefix}/{r}"):
+                while r not in self.dead() and r not in known_dead and not self.store.check(f"{prefix}/{r}"):
                     if time.monotonic() > deadline:
                         log.warning("group %s: rank %d did not reach '%s' within %.0fs", self.name, r, prefix, limit)
                         return
@@ -147,6 +149,7 @@ class GroupContext:
         try:
             self.store.set(f"finished/{self.rank}", "1")
             wait_keys("finished", peers, timeout)
+            known_dead.update(self.dead())
             if self.membership is not None:
                 self.membership.stop()
                 self.membership = None

@@ -40,7 +40,7 @@ def _rank_main(rank: int, size: int, strategy: str, model_dir: str, engine_cfg: 
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=os.environ.get("DWDP_LOG_LEVEL", "WARNING"),
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     from dynamo_dwdp.parallel.factory import build_rank_engine
 
     re = None

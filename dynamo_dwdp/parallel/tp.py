@@ -52,22 +52,27 @@ class TPModelRunner(ModelRunner):
         super().__init__(*args, **kwargs)
         self.group = group
         self.pending_kv: list[tuple[list[int], torch.Tensor]] = []
+        self.followers_stopped = False
 
-    def _broadcast(self, message) -> object:
+    def _broadcast(self, message, part_of_step: bool = False) -> object:
+        """Leader sends / followers receive. On the leader a step's broadcast is sync time inside
+        that step; a follower's wait for the next message is idle time and is not charged."""
         box = [message]
         t0 = time.perf_counter()
         try:
             dist.broadcast_object_list(box, src=0, group=self.group.process_group)
         except Exception as exc:
             raise PeerError(f"tp group {self.group.name}: broadcast failed ({exc})") from None
-        finally:
-            self.executor.stats.sync_wait_s += time.perf_counter() - t0
+        if part_of_step:
+            dt = time.perf_counter() - t0
+            self.executor.stats.sync_wait_s += dt
+            self.executor.stats.step_seconds += dt
         return box[0]
 
     def execute(self, token_chunks, start_positions, block_tables, want_logits):
         if self.group.rank == 0:
             kv, self.pending_kv = self.pending_kv, []
-            self._broadcast(("step", token_chunks, start_positions, block_tables, want_logits, kv))
+            self._broadcast(("step", token_chunks, start_positions, block_tables, want_logits, kv), part_of_step=True)
         return super().execute(token_chunks, start_positions, block_tables, want_logits)
 
     def write_kv_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
@@ -75,7 +80,9 @@ class TPModelRunner(ModelRunner):
         self.pending_kv.append((list(block_ids), data.cpu()))
 
     def stop_followers(self) -> None:
-        if self.group.rank == 0:
+        """Idempotent: a second "stop" would be a broadcast no follower receives (it would block)."""
+        if self.group.rank == 0 and not self.followers_stopped:
+            self.followers_stopped = True
             self._broadcast(("stop",))
 
     def follow(self) -> None:
