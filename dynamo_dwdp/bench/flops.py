@@ -1,0 +1,164 @@
+"""Work model of one forward of this project's DeepSeek-V3 engine: FLOPs and HBM bytes, from config.json.
+
+Pure arithmetic (no torch). It counts what `dynamo_dwdp.model` computes, so that an engine benchmark can
+turn measured step times into achieved FLOP/s and HBM bytes/s.
+
+FLOPs (2 per multiply-add; matrix products only: norms, RoPE, softmax, SiLU are not counted)
+--------------------------------------------------------------------------------------------
+Per token and layer:
+- attention projections: q_a + q_b (or q_proj), kv_a, o_proj, plus the two *absorbed* MLA products the
+  model runs instead of expanding kv_b: q_nope -> latent (heads * nope * kv_lora) and the output latent
+  -> values (heads * kv_lora * v). The engine uses the absorbed form in prefill and decode alike.
+- attention core, per (query, key) pair: scores over the cached [latent | rope key] (heads *
+  (kv_lora + rope)) and probabilities times latents (heads * kv_lora).
+  `attention="causal"` counts the pairs a query really attends (sequence of q new tokens ending at
+  context c: q*(c-q) + q(q+1)/2); `attention="dense"` counts what the reference kernel
+  (`paged_latent_attention`) executes: every sequence padded to [max_q, max_context].
+- MoE layers: router (hidden * E), top-k routed experts and the shared experts, 3 matrices of
+  hidden * moe_intermediate each; dense layers (< first_k_dense_replace): the dense MLP.
+Per logits row: lm_head (hidden * vocab).
+The routed count is exact whatever the routing: every token meets exactly top_k experts. Strategies do
+not change the model's useful FLOPs; under TP every rank does 1/N of most of them, and this module
+counts them once (model FLOPs, as in MFU).
+
+HBM bytes (one rank, one forward; weights read once per forward; activations not counted)
+-----------------------------------------------------------------------------------------
+attention weights (every layer), dense MLPs, shared experts, routers (kept in fp32), the routed experts
+the rank's tokens touched (a count per MoE layer; default all experts), lm_head (when a row is wanted),
+the embedding rows of the tokens, KV read (each sequence's context, causal; the latent cache is
+[kv_lora | rope] per token and layer) and KV written (the new tokens). `tp` > 1: the rank reads 1/tp of
+the per-head attention projections (q_b/q_proj, kv_b, o), dense MLPs, shared and routed experts; the
+latent down-projections (q_a, kv_a), router, lm_head, embeddings and KV (replicated latent) in full.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from dynamo_dwdp.errors import UserError
+from dynamo_dwdp.model.config import ModelConfig
+
+ATTENTION_MODES = ("causal", "dense")
+ROUTER_BYTES = 4  # the router runs in fp32 (ModelRunner keeps `gate` in float)
+
+
+def _check_seqs(seqs: Sequence[tuple[int, int]]) -> None:
+    for q, c in seqs:
+        if q < 0 or c < q:
+            raise UserError(f"sequence shape (new={q}, context={c}) is invalid: need 0 <= new <= context")
+
+
+def attention_pairs(seqs: Sequence[tuple[int, int]], attention: str = "causal") -> int:
+    """(query, key) pairs of one layer. seqs: (new tokens q, context c after the step) per sequence."""
+    _check_seqs(seqs)
+    if attention == "causal":
+        return sum(q * (c - q) + q * (q + 1) // 2 for q, c in seqs)
+    if attention == "dense":
+        live = [(q, c) for q, c in seqs]
+        if not live or sum(q for q, _ in live) == 0:
+            return 0
+        return len(live) * max(q for q, _ in live) * max(c for _, c in live)
+    raise UserError(f"attention mode {attention!r} is not one of {', '.join(ATTENTION_MODES)}")
+
+
+def attention_projection_flops_per_token(cfg: ModelConfig) -> int:
+    h, H = cfg.num_attention_heads, cfg.hidden_size
+    if cfg.q_lora_rank is None:
+        q = 2 * H * h * cfg.qk_head_dim
+    else:
+        q = 2 * H * cfg.q_lora_rank + 2 * cfg.q_lora_rank * h * cfg.qk_head_dim
+    kv_a = 2 * H * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    absorb = 2 * h * cfg.qk_nope_head_dim * cfg.kv_lora_rank + 2 * h * cfg.kv_lora_rank * cfg.v_head_dim
+    o = 2 * h * cfg.v_head_dim * H
+    return q + kv_a + absorb + o
+
+
+def attention_core_flops_per_pair(cfg: ModelConfig) -> int:
+    h = cfg.num_attention_heads
+    return 2 * h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + 2 * h * cfg.kv_lora_rank
+
+
+def expert_flops_per_token(cfg: ModelConfig, intermediate: int) -> int:
+    """gate + up + down of one SwiGLU MLP of width `intermediate`."""
+    return 6 * cfg.hidden_size * intermediate
+
+
+def forward_flops(cfg: ModelConfig, seqs: Sequence[tuple[int, int]], logits_rows: int | None = None,
+                  attention: str = "causal") -> dict[str, float]:
+    """FLOPs of one forward over `seqs` [(new tokens, context after the step)], by component + "total".
+    logits_rows defaults to one per sequence with new tokens."""
+    _check_seqs(seqs)
+    tokens = sum(q for q, _ in seqs)
+    if logits_rows is None:
+        logits_rows = sum(1 for q, _ in seqs if q > 0)
+    layers = cfg.num_hidden_layers
+    moe = len(cfg.moe_layers)
+    dense = layers - moe
+    out = {
+        "attn_proj": float(tokens * layers * attention_projection_flops_per_token(cfg)),
+        "attn_core": float(layers * attention_pairs(seqs, attention) * attention_core_flops_per_pair(cfg)),
+        "router": float(tokens * moe * 2 * cfg.hidden_size * cfg.n_routed_experts),
+        "moe_routed": float(tokens * moe * cfg.num_experts_per_tok
+                            * expert_flops_per_token(cfg, cfg.moe_intermediate_size)),
+        "moe_shared": float(tokens * moe * expert_flops_per_token(
+            cfg, cfg.moe_intermediate_size * cfg.n_shared_experts)),
+        "dense_mlp": float(tokens * dense * expert_flops_per_token(cfg, cfg.intermediate_size)),
+        "lm_head": float(logits_rows * 2 * cfg.hidden_size * cfg.vocab_size),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ bytes
+def attention_weight_elems(cfg: ModelConfig, tp: int = 1) -> float:
+    """Elements of one layer's attention projections one rank reads (per-head ones split by tp)."""
+    h, H = cfg.num_attention_heads, cfg.hidden_size
+    latent = H * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)            # kv_a
+    if cfg.q_lora_rank is None:
+        per_head = H * h * cfg.qk_head_dim                             # q_proj
+    else:
+        latent += H * cfg.q_lora_rank                                  # q_a
+        per_head = cfg.q_lora_rank * h * cfg.qk_head_dim               # q_b
+    per_head += cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)   # kv_b
+    per_head += h * cfg.v_head_dim * H                                 # o
+    return latent + per_head / tp
+
+
+def expert_elems(cfg: ModelConfig, intermediate: int | None = None) -> int:
+    return 3 * cfg.hidden_size * (cfg.moe_intermediate_size if intermediate is None else intermediate)
+
+
+def forward_hbm_bytes(cfg: ModelConfig, seqs: Sequence[tuple[int, int]], elem_bytes: int,
+                      touched_experts: Sequence[float] | None = None, logits_rows: int | None = None,
+                      tp: int = 1) -> dict[str, float]:
+    """HBM bytes one rank reads/writes in one forward (see the module docstring), by component + "total".
+
+    touched_experts: routed experts whose weights this rank read, one count per MoE layer (DEP: of its
+    own shard; TP: whole experts, of which it reads 1/tp); None = all n_routed_experts (prefill)."""
+    _check_seqs(seqs)
+    tokens = sum(q for q, _ in seqs)
+    if logits_rows is None:
+        logits_rows = sum(1 for q, _ in seqs if q > 0)
+    moe = len(cfg.moe_layers)
+    dense = cfg.num_hidden_layers - moe
+    if touched_experts is None:
+        touched_experts = [cfg.n_routed_experts] * moe
+    if len(touched_experts) != moe:
+        raise UserError(f"touched_experts has {len(touched_experts)} entries; the model has {moe} MoE layers")
+    H, b = cfg.hidden_size, elem_bytes
+    kv_elems = cfg.kv_cache_dim * cfg.num_hidden_layers
+    has_work = tokens > 0
+    out = {
+        "attn_weights": cfg.num_hidden_layers * attention_weight_elems(cfg, tp) * b if has_work else 0.0,
+        "dense_mlp_weights": dense * expert_elems(cfg, cfg.intermediate_size) * b / tp if has_work else 0.0,
+        "shared_expert_weights": (moe * expert_elems(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts) * b / tp
+                                  if has_work else 0.0),
+        "router_weights": moe * cfg.n_routed_experts * H * ROUTER_BYTES if has_work else 0.0,
+        "routed_expert_weights": float(sum(touched_experts)) * expert_elems(cfg) * b / tp,
+        "lm_head": float(cfg.vocab_size * H * b) if logits_rows else 0.0,
+        "embeddings": float(tokens * H * b),
+        "kv_read": float(sum(c for _, c in seqs) * kv_elems * b),
+        "kv_write": float(tokens * kv_elems * b),
+    }
+    out = {k: float(v) for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out
