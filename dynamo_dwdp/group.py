@@ -6,9 +6,10 @@ Kubernetes pod runs (one pod = one NVLink domain = one group) and what the local
 
 A group is one failure domain: when a rank exits unexpectedly the supervisor announces it
 (NATS `rank_down` when NATS_SERVER is set, so peers react at once; otherwise their heartbeat
-timeout does), gives the survivors `--grace` seconds to fail their in-flight requests cleanly,
-stops them, and exits non-zero so that the pod restarts as one group. SIGTERM/SIGINT are forwarded
-to every rank (graceful drain), then the supervisor waits for them.
+timeout does), SIGTERMs the survivors at once (a Dynamo worker leaves discovery first, so no new
+request is routed to the broken group, then fails or drains its in-flight requests), SIGKILLs any
+still running after `--grace` seconds, and exits non-zero so that the pod restarts as one group.
+SIGTERM/SIGINT are forwarded to every rank (graceful drain), then the supervisor waits for them.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     split = argv.index("--")
     p = argparse.ArgumentParser(prog="python -m dynamo_dwdp.group")
     p.add_argument("--ranks", type=int, required=True)
-    p.add_argument("--grace", type=float, default=8.0, help="seconds survivors get after a rank dies")
+    p.add_argument("--grace", type=float, default=8.0,
+                   help="seconds survivors get to shut down (after SIGTERM) once a rank died")
     a = p.parse_args(argv[:split])
     cmd = argv[split + 1:]
     if not cmd or a.ranks < 1:
@@ -64,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     while True:
         codes = [proc.poll() for proc in procs]
-        if all(c is not None for c in codes):
-            break
         dead = [r for r, c in enumerate(codes) if c is not None and c != 0]
         if dead and not stopping:
             stopping = True
@@ -77,12 +77,17 @@ def main(argv: list[str] | None = None) -> int:
                     from dynamo_dwdp.parallel.group_events import publish_once
 
                     publish_once(nats, group, "rank_down", r, reason=f"exit code {codes[r]}")
+            for proc in procs:                   # a Dynamo worker unregisters at once on SIGTERM, then drains:
+                if proc.poll() is None:          # no new request reaches the broken group meanwhile
+                    proc.terminate()
             deadline = time.monotonic() + a.grace
             while time.monotonic() < deadline and any(proc.poll() is None for proc in procs):
                 time.sleep(0.2)
             for proc in procs:
                 if proc.poll() is None:
-                    proc.terminate()
+                    proc.kill()
+        if all(c is not None for c in codes):   # checked after the report: every rank may die at once
+            break
         time.sleep(0.2)
     for proc in procs:
         try:

@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dwdp-routed-only", action="store_true")
     p.add_argument("--dwdp-transport", default="auto", choices=["auto", "shm", "cuda_ipc"])
     p.add_argument("--kv-transfer", default="nixl", choices=["nixl", "none"])
-    p.add_argument("--kv-hold-timeout", type=float, default=60.0,
-                   help="prefill: seconds to keep a request's KV blocks for the decode read")
+    p.add_argument("--kv-hold-timeout", type=float, default=float(os.environ.get("DWDP_KV_HOLD_TIMEOUT", 60.0)),
+                   help="prefill: seconds to keep a request's KV blocks for the decode read "
+                        "(default: $DWDP_KV_HOLD_TIMEOUT or 60)")
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--liveness-timeout", type=float, default=float(os.environ.get("DWDP_LIVENESS_TIMEOUT", 5.0)))
     return p

@@ -196,6 +196,7 @@ class DwdpWorkerEngine(LLMEngine):
                     return
         except (RequestError, UserError) as exc:
             self.metrics.requests.labels(**self.metrics.labels, outcome="rejected").inc()
+            self._decline(request)
             raise InvalidArgument(str(exc)) from None
         except EngineBroken as exc:
             raise EngineShutdown(f"this worker's group is broken: {exc}") from None
@@ -236,9 +237,11 @@ class DwdpWorkerEngine(LLMEngine):
         except KvTransferError as exc:
             self.metrics.kv_failures.labels(**self.metrics.labels).inc()
             await ae.call(lambda engine: engine.release(rid))
+            self._decline(request)
             raise EngineShutdown(f"KV transfer from the prefill worker failed: {exc}") from None
         except BaseException:
             await ae.call(lambda engine: engine.release(rid))
+            self._decline(request)
             raise
         self.metrics.kv_seconds.labels(**self.metrics.labels).observe(time.perf_counter() - t0)
         self.metrics.kv_bytes.labels(**self.metrics.labels).inc(moved)
@@ -246,6 +249,15 @@ class DwdpWorkerEngine(LLMEngine):
         if hasattr(runner, "write_kv_blocks"):          # TP: followers need the same blocks
             await ae.call(lambda engine: runner.write_kv_blocks(blocks, runner.kv_pool[blocks].clone()))
         return ae.generate(rid, None, None, prefilled=True, cached_tokens=int(dp.get("cached_tokens") or 0))
+
+    def _decline(self, request: dict) -> None:
+        """Decode role, request failed before (or during) its KV read: let the prefill worker free
+        the blocks it holds for it now instead of at its hold timeout."""
+        if self.mode != "decode" or self.kv is None:
+            return
+        dp = (request.get("prefill_result") or {}).get("disaggregated_params")
+        if isinstance(dp, dict) and dp.get("kv") == "nixl":
+            self.kv.decline(dp)
 
 
 def _request_id(context: Context) -> str:

@@ -31,10 +31,18 @@ def sampling_from_request(request: dict[str, Any], max_model_len: int) -> Sampli
                                "top_k, seed, max_tokens, min_tokens, stop, stop_token_ids, ignore_eos)")
     if so.get("guided_decoding"):
         raise RequestError("guided decoding is not supported by this engine")
+    oo = request.get("output_options") or {}
+    for key in ("logprobs", "prompt_logprobs"):
+        if oo.get(key) is not None:
+            raise RequestError(f"{key}={oo[key]!r} is not supported by this engine (it returns no log-probabilities; "
+                               "leave logprobs, top_logprobs and echo out)")
     prompt_len = len(request.get("token_ids") or [])
     max_tokens = sc.get("max_tokens")
     if max_tokens is None:
         max_tokens = max(1, max_model_len - prompt_len)
+    elif prompt_len < max_model_len < prompt_len + int(max_tokens):
+        raise RequestError(f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceed the context length "
+                           f"{max_model_len} (allowed: max_tokens <= {max_model_len - prompt_len})")
     stop_ids: list[int] = []
     for key in ("stop_token_ids", "stop_token_ids_hidden", "stop_token_ids_visible"):
         stop_ids += list(sc.get(key) or [])

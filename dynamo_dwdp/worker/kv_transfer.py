@@ -11,7 +11,8 @@ blocks stay held until the decode's READ notification arrives (`poll_done`) or `
 Decode side (`pull`): reserve local blocks (block tables may differ), READ remote block i into local
 block j as one descriptor each (the pool is block-major, so a block of all layers is contiguous),
 wait, verify the layout matched. Any failure raises `KvTransferError`; the caller fails the request
-and frees its reserved blocks; the prefill side frees on timeout.
+and frees its reserved blocks. A decode request that fails before its READ sends the same
+notification (`decline`) so the prefill frees at once; `hold_timeout` covers a decode that died.
 """
 from __future__ import annotations
 
@@ -110,6 +111,16 @@ class NixlKvTransfer:
                                                params.get("mem_type", "DRAM"))
             self._remotes[name] = (dlist, n)
         return name, self._remotes[name][0]
+
+    def decline(self, params: dict) -> None:
+        """The request will not READ its blocks (rejected, or the READ failed): send the prefill
+        side the notification a finished READ carries, so it frees them now (best effort)."""
+        try:
+            name, _ = self._remote(params)
+            self.agent.send_notif(name, params["notif"].encode())
+        except Exception as exc:
+            log.warning("could not tell %s to free the KV blocks of %s: %s", params.get("agent"), params.get("notif"),
+                        exc)
 
     async def pull(self, params: dict, local_blocks: list[int], timeout: float = 30.0) -> int:
         """READ the described remote blocks into `local_blocks`; returns bytes moved."""
