@@ -218,10 +218,11 @@ def dwdp_group_script(pool: Pool, settings: Settings, worker_argv: list[str], *,
         lines.append(f"env {env} {cmd} &")  # $! is the rank itself (env execs it), so signals reach it
         lines.append("pids+=($!)")
     lines += [
-        "trap 'kill -TERM \"${pids[@]}\" 2>/dev/null' TERM INT",
+        "stopping=0",
+        "trap 'stopping=1; kill -TERM \"${pids[@]}\" 2>/dev/null' TERM INT",
         "wait -n",
         "rc=$?",
-        "kill -TERM \"${pids[@]}\" 2>/dev/null",
+        "[ \"$stopping\" -eq 0 ] && kill -TERM \"${pids[@]}\" 2>/dev/null   # a rank died: stop the rest (once)",
         "wait",
         "[ \"$rc\" -eq 0 ] && rc=1",
         "exit \"$rc\"",
