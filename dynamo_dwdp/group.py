@@ -63,30 +63,47 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     group = _group_name(cmd)
+    nats = os.environ.get("NATS_SERVER")
     rc = 0
+    reported: set[int] = set()
+    termed: set[int] = set()      # ranks this supervisor sent SIGTERM (a clean -15/0 exit is then ours)
+    killed: set[int] = set()      # ranks this supervisor SIGKILLed after the grace period
+
+    def report_crashes() -> bool:
+        """Log (and announce) every rank that died on its own; True if any did, ever."""
+        for r, proc in enumerate(procs):
+            code = proc.poll()
+            if code is None or code == 0 or r in reported or r in killed:
+                continue
+            if r in termed and code in (-signal.SIGTERM, 128 + signal.SIGTERM):
+                continue
+            reported.add(r)
+            log.error("rank %d of group %s exited with code %s", r, group, code)
+            if nats:
+                from dynamo_dwdp.parallel.group_events import publish_once
+
+                publish_once(nats, group, "rank_down", r, reason=f"exit code {code}")
+        return bool(reported)
+
     while True:
-        codes = [proc.poll() for proc in procs]
-        dead = [r for r, c in enumerate(codes) if c is not None and c != 0]
-        if dead and not stopping:
+        if report_crashes() and not stopping:
             stopping = True
             rc = 1
-            for r in dead:
-                log.error("rank %d of group %s exited with code %s", r, group, codes[r])
-                nats = os.environ.get("NATS_SERVER")
-                if nats:
-                    from dynamo_dwdp.parallel.group_events import publish_once
-
-                    publish_once(nats, group, "rank_down", r, reason=f"exit code {codes[r]}")
-            for proc in procs:                   # a Dynamo worker unregisters at once on SIGTERM, then drains:
+            for r, proc in enumerate(procs):     # a Dynamo worker unregisters at once on SIGTERM, then drains:
                 if proc.poll() is None:          # no new request reaches the broken group meanwhile
+                    termed.add(r)
                     proc.terminate()
             deadline = time.monotonic() + a.grace
             while time.monotonic() < deadline and any(proc.poll() is None for proc in procs):
+                report_crashes()
                 time.sleep(0.2)
-            for proc in procs:
+            report_crashes()
+            for r, proc in enumerate(procs):
                 if proc.poll() is None:
+                    killed.add(r)
                     proc.kill()
-        if all(c is not None for c in codes):   # checked after the report: every rank may die at once
+        if all(proc.poll() is not None for proc in procs):   # every rank may die at once
+            report_crashes()
             break
         time.sleep(0.2)
     for proc in procs:
