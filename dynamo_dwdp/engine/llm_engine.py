@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Callable
 
 import torch
 
@@ -41,7 +40,6 @@ class LLMEngine:
         self.held: dict[str, Sequence] = {}
         self.default_eos = tuple(mc.eos_token_ids)
         self.vocab_size = mc.vocab_size
-        self.step_listeners: list[Callable[[float, int, int], None]] = []   # (seconds, tokens, seqs)
         # (queue seconds, compute seconds) of recently finished requests: the autoscaling signal
         self.finished_timings: collections.deque = collections.deque(maxlen=256)
 
@@ -149,7 +147,6 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks and not allow_empty:
             return []
-        t0 = time.perf_counter()
         now = time.monotonic()
         for c in chunks:
             if c.seq.first_scheduled is None:
@@ -186,9 +183,6 @@ class LLMEngine:
                     self.requests.pop(seq.request_id, None)
                     self._finish(seq, reason, keep=seq.hold_kv)
                 outputs.append(self._output(seq, [tok]))
-        dt = time.perf_counter() - t0
-        for listener in self.step_listeners:
-            listener(dt, sum(c.num_tokens for c in chunks), len(chunks))
         return outputs
 
     def fail_all(self, error: str) -> list[RequestOutput]:

@@ -47,10 +47,6 @@ class ModelRunner:
                  model_dir, self.load_seconds, executor.strategy, dtype, config.num_kv_blocks, config.block_size,
                  self.kv_pool.numel() * self.kv_pool.element_size() / 2**20)
 
-    @property
-    def bytes_per_block(self) -> int:
-        return self.kv_pool[0].numel() * self.kv_pool.element_size()
-
     def execute(self, token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]],
                 want_logits: list[bool]) -> torch.Tensor:
         """One forward; returns float32 logits for the sequences with want_logits (in order)."""

@@ -26,9 +26,6 @@ class ExpertBank:
     def count(self) -> int:
         return int(self.w13.shape[0])
 
-    def covers(self, expert: int) -> bool:
-        return self.first <= expert < self.first + self.count
-
 
 def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     gate, up = F.linear(x, w13).chunk(2, dim=-1)

@@ -7,14 +7,13 @@ Each rank runs one daemon thread that (a) proves it is alive and (b) watches its
 - etcd: a key `members/<rank>` bound to a lease with TTL = timeout, kept alive by the thread; a peer
   whose key vanished (lease expired or revoked on exit) is declared down.
 Events from elsewhere (NATS `rank_down`, see group_events.py) call `mark_down` and act at once.
-A rank is declared down at most once; `on_down` callbacks run on the monitor thread.
+A rank is declared down at most once; readers poll `dead` (the DWDP executor does, per pull plan).
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Callable
 
 from dynamo_dwdp.parallel.rendezvous import EtcdGroupStore, GroupStore
 
@@ -27,7 +26,6 @@ class Membership:
         self.rank, self.size, self.group = store.rank, store.size, store.group
         self.timeout, self.interval = timeout, interval
         self._dead: dict[int, str] = {}
-        self._callbacks: list[Callable[[int, str], None]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -42,9 +40,6 @@ class Membership:
     def reason(self, rank: int) -> str | None:
         return self._dead.get(rank)
 
-    def on_down(self, callback: Callable[[int, str], None]) -> None:
-        self._callbacks.append(callback)
-
     def mark_down(self, rank: int, reason: str) -> None:
         if rank == self.rank:
             return
@@ -53,11 +48,6 @@ class Membership:
                 return
             self._dead[rank] = reason
         log.error("group %s: rank %d is down (%s)", self.group, rank, reason)
-        for cb in self._callbacks:
-            try:
-                cb(rank, reason)
-            except Exception:
-                log.exception("on_down callback failed")
 
     def start(self) -> "Membership":
         if self.size > 1:

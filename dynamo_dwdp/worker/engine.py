@@ -42,7 +42,6 @@ class DwdpWorkerEngine(LLMEngine):
         self.rank_engine = None
         self.ae: AsyncEngine | None = None
         self.kv = None
-        self.kv_publisher = None
         self.snapshots = None
         self._last_snapshot = 0.0
         self.metrics = WorkerMetrics(args.group.strategy, args.mode, args.group.name, args.group.rank)
@@ -136,7 +135,6 @@ class DwdpWorkerEngine(LLMEngine):
         return [PushSource(on_ready=self._on_kv_publisher, dp_rank=0)]
 
     def _on_kv_publisher(self, publisher) -> None:
-        self.kv_publisher = publisher
         blocks = self.rank_engine.engine.blocks
         bs = blocks.block_size
 

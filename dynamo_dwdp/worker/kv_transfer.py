@@ -57,7 +57,6 @@ class NixlKvTransfer:
         self._remotes: dict[str, tuple[object, int]] = {}              # agent -> (prepped dlist, num blocks)
         self.hold_timeout = hold_timeout
         self._held: dict[str, tuple[str, float]] = {}                  # notif key -> (request id, deadline)
-        self.bytes_moved = 0
         log.info("NIXL KV agent %s: pool %d blocks x %d B registered (%s)", self.name, self.num_blocks,
                  self.block_bytes, self.mem_type)
 
@@ -156,7 +155,6 @@ class NixlKvTransfer:
             except Exception:
                 pass
         moved = len(local_blocks) * self.block_bytes
-        self.bytes_moved += moved
         return moved
 
     def close(self) -> None:
