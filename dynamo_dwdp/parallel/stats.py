@@ -25,10 +25,3 @@ class ExecutorStats:
     @property
     def compute_seconds(self) -> float:
         return max(0.0, self.step_seconds - self.prefetch_wait_s - self.sync_wait_s)
-
-    def snapshot(self) -> dict:
-        return {
-            "steps": self.steps, "tokens": self.tokens, "step_seconds": self.step_seconds,
-            "compute_seconds": self.compute_seconds, "prefetch_wait_seconds": self.prefetch_wait_s,
-            "sync_wait_seconds": self.sync_wait_s, "bytes_pulled": dict(self.bytes_pulled),
-        }
