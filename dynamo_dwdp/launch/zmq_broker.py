@@ -1,6 +1,6 @@
 """ZMQ event-plane relay (XSUB <- publishers, XPUB -> subscribers), bound to loopback only.
 
-Dynamo's direct ZMQ event plane makes every publisher bind tcp://0.0.0.0:<random>; in broker mode
+Dynamo's direct ZMQ event plane makes every publisher bind all interfaces (a wildcard address, random port); in broker mode
 (DYN_ZMQ_BROKER_URL="xsub=...,xpub=...") publishers and subscribers connect here instead.
 Usage: python -m dynamo_dwdp.launch.zmq_broker XSUB_URL XPUB_URL
 """
