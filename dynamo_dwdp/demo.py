@@ -21,9 +21,9 @@ def _post(url: str, body: dict) -> dict:
 
 
 def _metric(urls: list[str], name: str) -> float:
-    from dynamo_dwdp.commands.serve import _scrape_total
+    from dynamo_dwdp.bench.server_metrics import scrape_total
 
-    return sum(_scrape_total(u, name) for u in urls)
+    return sum(scrape_total(u, name) for u in urls)
 
 
 def main(argv: list[str] | None = None) -> int:

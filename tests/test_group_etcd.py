@@ -23,9 +23,11 @@ pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd-serve
 @pytest.fixture(scope="module")
 def infra(tmp_path_factory):
     inf = Infra("etcd", str(tmp_path_factory.mktemp("etcd"))).start()
+    procs = [p for _, p in inf.procs]
+    assert len(procs) == 2 and all(p.poll() is None for p in procs)     # etcd and nats-server are up
     yield inf
     inf.stop()
-    assert all(p.poll() is not None for _, p in inf.procs) or not inf.procs
+    assert all(p.poll() is not None for p in procs), "etcd / nats-server still running after stop()"
 
 
 def _join_pair(infra, name, liveness=2.0):

@@ -98,6 +98,19 @@ def counter_deltas(before: dict[Series, float], after: dict[Series, float]) -> d
     return out
 
 
+def scrape_total(url: str, name: str, timeout_s: float = 1.0) -> float:
+    """Blocking: the sum of every sample named `name` on one /metrics page (0 when unreachable).
+    For status lines and the demo; the A/B harness uses the async `scrape`."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            text = r.read().decode(errors="replace")
+    except OSError:
+        return 0.0
+    return sum(v for (n, _labels), v in parse_prometheus(text).items() if n == name)
+
+
 async def scrape(urls: Iterable[str], timeout_s: float = 5.0) -> dict[str, str | None]:
     """GET every URL concurrently; the body text, or None for a failed scrape."""
     urls = list(urls)

@@ -37,31 +37,14 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _scrape_total(url: str, name: str) -> float:
-    """Sum of every sample of one metric family on a /metrics page (0 when unreachable)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=1) as r:
-            text = r.read().decode(errors="replace")
-    except OSError:
-        return 0.0
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            try:
-                total += float(line.rsplit(" ", 1)[1])
-            except ValueError:
-                pass
-    return total
-
-
 def status_line(handle, started: float) -> str:
+    from dynamo_dwdp.bench.server_metrics import scrape_total
+
     up = int(time.monotonic() - started)
     parts = [f"up {up // 3600:02d}:{up % 3600 // 60:02d}:{up % 60:02d}"]
     for c in handle.components:
         parts.append(f"{c.name} {'ok' if c.alive else f'DEAD({c.proc.returncode})'}")
-    gen = sum(_scrape_total(u, "dwdp_generated_tokens_total") for urls in handle.worker_metrics_urls.values()
+    gen = sum(scrape_total(u, "dwdp_generated_tokens_total") for urls in handle.worker_metrics_urls.values()
               for u in urls)
     parts.append(f"generated {int(gen)} tok")
     return " | ".join(parts)

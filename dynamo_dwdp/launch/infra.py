@@ -19,25 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from dynamo_dwdp.errors import UserError
-
-
-def free_port(host: str = "127.0.0.1", below: int | None = None) -> int:
-    """A free TCP port on host; with `below`, one under that bound (DYN_SYSTEM_PORT is an i16)."""
-    if below is None:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return s.getsockname()[1]
-    import random
-
-    for _ in range(200):
-        port = random.randint(20000, below - 1)
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError(f"no free port below {below}")
+from dynamo_dwdp.parallel.rendezvous import free_port
 
 
 def free_port_block(n: int, host: str = "127.0.0.1", below: int = 32767) -> int:

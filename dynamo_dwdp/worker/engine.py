@@ -44,6 +44,7 @@ class DwdpWorkerEngine(LLMEngine):
         self.kv = None
         self.snapshots = None
         self._last_snapshot = 0.0
+        self._last_refresh = 0.0
         self.metrics = WorkerMetrics(args.group.strategy, args.mode, args.group.name, args.group.rank)
 
     # ------------------------------------------------------------------ lifecycle
@@ -96,10 +97,12 @@ class DwdpWorkerEngine(LLMEngine):
             if expired:
                 log.warning("prefill: KV of %d request(s) not read by a decode worker in %.0fs; freed: %s",
                             len(expired), self.kv.hold_timeout, expired)
-        self.metrics.refresh(self.rank_engine.stats, engine, self.rank_engine.group)
-        if self.kv is not None:
-            self.metrics.kv_blocks_held.labels(**self.metrics.labels).set(self.kv.num_held)
         now = time.monotonic()
+        if now - self._last_refresh >= 0.05:           # metrics are scraped in seconds: not every step
+            self._last_refresh = now
+            self.metrics.refresh(self.rank_engine.stats, engine, self.rank_engine.group)
+            if self.kv is not None:
+                self.metrics.kv_blocks_held.labels(**self.metrics.labels).set(self.kv.num_held)
         if self.snapshots is not None and now - self._last_snapshot > 0.5:
             self._last_snapshot = now
             blocks = engine.blocks
