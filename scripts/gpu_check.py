@@ -21,6 +21,15 @@ import time
 import torch
 
 
+def generate_and_replays(rank_engine, payload):
+    """run_local_group target: greedy tokens, and how many decode steps this rank replayed from graphs."""
+    from dynamo_dwdp.parallel.local_group import generate_rank
+
+    tokens = generate_rank(rank_engine, payload)
+    graphs = rank_engine.runner.graphs
+    return tokens, (graphs.replays if graphs is not None else 0)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=".")
@@ -42,11 +51,12 @@ def main() -> int:
     prompts = [torch.randint(5, 1024, (n,), generator=g).tolist() for n in (7, 33, 80)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
-    def run(model, strategy, ranks, device, dtype="float32", dwdp=None, prompts=prompts):
-        cfg = EngineConfig(block_size=16, num_kv_blocks=256, device=device, dtype=dtype, max_num_batched_tokens=256)
+    def run(model, strategy, ranks, device, dtype="float32", dwdp=None, prompts=prompts, graphs=False):
+        cfg = EngineConfig(block_size=16, num_kv_blocks=256, device=device, dtype=dtype, max_num_batched_tokens=256,
+                           cuda_graphs=graphs)
         t0 = time.perf_counter()
-        res = run_local_group(model, cfg, strategy, ranks, generate_rank, [(prompts, params)] * ranks,
-                              dwdp=dwdp, timeout=300)
+        res = run_local_group(model, cfg, strategy, ranks, generate_and_replays if graphs else generate_rank,
+                              [(prompts, params)] * ranks, dwdp=dwdp, timeout=300)
         errs = [r.error for r in res if r.error]
         return (res[0].value if not errs else None), errs, time.perf_counter() - t0
 
@@ -64,6 +74,36 @@ def main() -> int:
     check(f"tiny dwdp{n} cuda_ipc fp32", tiny, "dwdp", n, "cuda", DWDPOptions(transport="cuda_ipc"))
     check(f"tiny dwdp{n} cuda_ipc routed-only", tiny, "dwdp", n, "cuda", DWDPOptions(transport="cuda_ipc", routed_only=True))
     check(f"tiny dwdp{n} cuda_ipc contention-opt", tiny, "dwdp", n, "cuda", DWDPOptions(transport="cuda_ipc", contention_opt=True))
+    # bf16: the grouped-GEMM expert path walks DWDP's banks (local shard + prefetch slot) in place;
+    # the deterministic combine makes it agree with the single rank's one bank
+    ref_bf16, errs, dt = run(tiny, "single", 1, "cuda", "bfloat16")
+    out, errs2, dt2 = run(tiny, "dwdp", n, "cuda", "bfloat16", DWDPOptions(transport="cuda_ipc"))
+    if errs or errs2:
+        status = f"ERR {(errs or errs2)[0][:300]}"
+    else:
+        same = sum(a == b for x, y in zip(out, ref_bf16) for a, b in zip(x, y))
+        total = sum(len(x) for x in ref_bf16)
+        status = "MATCH" if out == ref_bf16 else f"DIFF {same}/{total} tokens equal"
+    rows.append((f"tiny dwdp{n} cuda_ipc bf16 (grouped GEMM over banks) vs single bf16", status, f"{dt + dt2:.1f}s"))
+    print(rows[-1], flush=True)
+    # decode steps from CUDA graphs: single, and DWDP with its pulls captured (cudaMemcpyAsync on the copy stream)
+    for strategy, ranks, opts in (("single", 1, None), ("dwdp", n, DWDPOptions(transport="cuda_ipc"))):
+        t0 = time.perf_counter()
+        cfg = EngineConfig(block_size=16, num_kv_blocks=256, device="cuda", dtype="bfloat16",
+                           max_num_batched_tokens=256, cuda_graphs=True)
+        res = run_local_group(tiny, cfg, strategy, ranks, generate_and_replays, [(prompts, params)] * ranks,
+                              dwdp=opts, timeout=300)
+        errs = [r.error for r in res if r.error]
+        if errs or ref_bf16 is None:
+            status = f"ERR {errs[0][:300] if errs else 'no bf16 reference'}"
+        else:
+            toks, replays = res[0].value[0], [r.value[1] for r in res]
+            ok = toks == ref_bf16 and all(x > 0 for x in replays)
+            status = f"{'MATCH' if toks == ref_bf16 else 'DIFF'} (graph replays per rank {replays})"
+            status = status if ok else status.replace("MATCH", "NO-REPLAY")
+        rows.append((f"tiny {strategy}{ranks if ranks > 1 else ''} bf16 CUDA graphs vs single bf16 eager", status,
+                     f"{time.perf_counter() - t0:.1f}s"))
+        print(rows[-1], flush=True)
     if ngpu >= 2:
         check(f"tiny dep{n} nccl", tiny, "dep", n, "cuda")
         check(f"tiny tp{n} nccl", tiny, "tp", n, "cuda")
@@ -91,7 +131,7 @@ def main() -> int:
         print(f"{r[0]:<{width}}  {r[1]:<40}  {r[2]}")
     with open(os.path.join(a.out, "gpu_check.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    return 0 if all(("ERR" not in r[1] and "DIFF" not in r[1]) for r in rows) else 1
+    return 0 if all(("ERR" not in r[1] and "DIFF" not in r[1] and "NO-REPLAY" not in r[1]) for r in rows) else 1
 
 
 if __name__ == "__main__":

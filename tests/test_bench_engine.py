@@ -112,7 +112,14 @@ def test_bench_each_strategy_has_sane_values(strategy, runs, tiny):
     pred = prefill["prediction"]
     assert pred["comparable"] is False and "CPU: not comparable" in pred["note"]
     if strategy == "single":
-        assert pred["per_moe_layer"] is None
+        # one GPU holding every expert: the same compute roofline as a DWDP rank's (own tokens, all E)
+        from dynamo_dwdp.bench.hardware import get_hardware
+        from dynamo_dwdp.bench.plan import load_model_shape, plan_layer
+
+        group = plan_layer(load_model_shape(tiny), get_hardware("h200-measured"), 2, PREFILL_T, PREFILL_B, "bf16",
+                           phase="prefill", imbalance_cv=0.0)
+        assert pred["per_moe_layer"]["t_compute_ms"] == pytest.approx(group.dwdp.t_compute_ms, rel=1e-9)
+        assert pred["per_moe_layer"]["t_prefetch_ms"] == 0
     else:
         assert pred["per_moe_layer"]["t_compute_ms"] > 0 and pred["per_moe_layer"]["t_prefetch_ms"] > 0
 
@@ -411,3 +418,20 @@ def test_bad_other_inputs(tmp_path):
     _error_line(cli("bench", "matrix", "--quick", "--ranks", "1"), "--ranks")
     _error_line(cli("bench", "matrix", "--quick", "--decode-batches", "8,x"), "--decode-batches")
     _error_line(cli("bench"), "engine, table or matrix")
+
+
+@pytest.mark.parametrize("seqs", [[(7, 0), (3, 0)], [(5, 0), (2, 0), (9, 0)]])
+def test_expanded_flops_match_torch_flop_counter_on_the_sdpa_path(tiny, seqs):
+    """The SDPA prefill path runs the expanded MLA form; the FLOP model's `form="expanded"` (each
+    sequence's q x context pairs, as SDPA computes them, plus the kv_b expansion of the context) is
+    what torch counts. Fresh prefills only: torch's FlopCounterMode cannot run the bottom-right
+    CausalBias of chunks after cached tokens (the HF comparison in test_model_reference covers them)."""
+    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.engine.model_runner import ModelRunner
+    from dynamo_dwdp.parallel.executor import LocalExecutor
+
+    sdpa = ModelRunner(tiny, EngineConfig(block_size=4, num_kv_blocks=64, attention_backend="sdpa"), LocalExecutor)
+    cfg = sdpa.model_config
+    shapes = [(q, s + q) for q, s in seqs]
+    assert work.forward_flops(cfg, shapes, attention="dense", form="expanded")["total"] == _flop_counted(sdpa, seqs)
+    assert work.forward_flops(cfg, shapes, form="expanded")["total"] != work.forward_flops(cfg, shapes)["total"]

@@ -117,6 +117,8 @@ class BenchSetup:
     hw: str = "h200-measured"
     block_size: int = 16
     timeout: float = 1800.0
+    cuda_graphs: bool = False             # decode steps from CUDA graphs (executors that allow capture)
+    attention: str = "auto"               # prefill attention: auto | reference | sdpa
 
     @property
     def group_strategy(self) -> str:
@@ -141,6 +143,12 @@ class BenchSetup:
             raise UserError(f"{flag} needs --strategy dwdp (got {self.strategy})")
         if self.block_size < 1:
             raise UserError(f"block size must be >= 1, got {self.block_size}")
+        if self.cuda_graphs and self.device != "cuda":
+            raise UserError("--cuda-graphs needs --device cuda")
+        from dynamo_dwdp.engine.config import ATTENTION_BACKENDS
+
+        if self.attention not in ATTENTION_BACKENDS:
+            raise UserError(f"--attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
         from dynamo_dwdp.bench.hardware import HARDWARE
 
         if self.hw not in HARDWARE:
@@ -257,6 +265,14 @@ def block_tables(schedule: Schedule, seqs: list[SeqWork], block_size: int) -> li
     return tables
 
 
+def attention_form(setup: BenchSetup, seqs: list[SeqWork]) -> str:
+    """The attention form the model ran for one step (model/attention.py `use_sdpa`): expanded when
+    a prefill chunk (> 1 new token) met the SDPA backend (sdpa, or auto on cuda), else absorbed."""
+    multi = max((w.new for w in seqs), default=0) > 1
+    sdpa = setup.attention == "sdpa" or (setup.attention == "auto" and setup.device == "cuda")
+    return "expanded" if multi and sdpa else "absorbed"
+
+
 def seq_shapes(seqs: list[SeqWork]) -> list[tuple[int, int]]:
     """(new tokens, context after the step) per sequence: the input of bench.flops."""
     return [(w.new, w.start + w.new) for w in seqs]
@@ -269,28 +285,29 @@ def _snapshot(stats) -> tuple[float, float, float, int, int]:
 
 
 class _Probe:
-    """Hooks one rank's executor: counts forwards (begin_step), records the routed experts each MoE
-    layer touched into a device bool tensor while a timed step runs (no host sync)."""
+    """Hooks one rank's executor: counts forwards (begin_step) and marks the routed experts each MoE
+    layer touched in `live` [moe, E] (device bool; zeroed at the start of every forward). The hooks
+    are device ops only, so a captured CUDA graph replays them too; the driver copies `live` out
+    after each timed forward (no host sync)."""
 
     def __init__(self, runner):
         self.executor = runner.executor
         self.stats = self.executor.stats
         cfg = runner.model_config
         self.moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
-        self.target = None                          # (hits [steps, moe, E], step) while timing
+        self.live = torch_zeros_bool(len(self.moe_index), cfg.n_routed_experts, runner.device)
         self.on_begin = None
         ex = self.executor
         inner_forward, inner_begin = ex.forward, ex.begin_step
 
         def forward(layer, x, topk_ids, topk_weights):
-            t = self.target
-            if t is not None:
-                t[0][t[1], self.moe_index[layer]].index_fill_(0, topk_ids.reshape(-1), True)
+            self.live[self.moe_index[layer]].index_fill_(0, topk_ids.reshape(-1), True)
             return inner_forward(layer, x, topk_ids, topk_weights)
 
         def begin_step():
             if self.on_begin is not None:
                 self.on_begin()
+            self.live.zero_()
             inner_begin()
 
         ex.forward = forward
@@ -302,6 +319,12 @@ class _Probe:
         collect = getattr(getattr(self.executor, "copy", None), "collect_stall_seconds", None)
         if collect is not None:
             self.stats.prefetch_wait_s += collect()
+
+
+def torch_zeros_bool(rows: int, cols: int, device):
+    import torch
+
+    return torch.zeros(rows, cols, dtype=torch.bool, device=device)
 
 
 def _hits_masks(hits) -> list[list[int]]:
@@ -372,13 +395,12 @@ def _drive_point(rank_engine, probe: _Probe, setup: BenchSetup, point: Point, in
     t_start = time.time()
     for s, args in enumerate(timed):
         before = _snapshot(probe.stats)
-        probe.target = (hits, s)
         rec["t0_abs"].append(time.time())
         t0 = time.perf_counter()
         runner.execute(*args)
         probe.flush_stalls()
         t1 = time.perf_counter()
-        probe.target = None
+        hits[s].copy_(probe.live)
         after = _snapshot(probe.stats)
         _append(rec, t1 - t0, before, after)
     t_end = time.time()
@@ -423,21 +445,23 @@ def _follow_points(rank_engine, probe: _Probe, setup: BenchSetup, points: list[P
         marks.append((time.time(), _snapshot(probe.stats)))
         return inner_broadcast(message)
 
-    def on_begin():
-        i = begun[0]
-        begun[0] += 1
-        probe.target = None
+    def keep_hits(i: int) -> None:
+        """`live` holds forward i's experts until forward i+1 begins."""
         for w, (a, b) in enumerate(windows):
             if a <= i < b:
-                probe.target = (hits[w], i - a)
+                hits[w][i - a].copy_(probe.live)
+
+    def on_begin():
+        keep_hits(begun[0] - 1)
+        begun[0] += 1
 
     runner._broadcast = broadcast
     probe.on_begin = on_begin
     try:
         rank_engine.follow()
     finally:
+        keep_hits(begun[0] - 1)
         probe.on_begin = None
-        probe.target = None
         runner._broadcast = inner_broadcast
     if len(marks) < offset + 1:
         raise PeerError(f"tp follower {rank_engine.group.rank}: the leader stopped after {len(marks) - 1} of "
@@ -498,7 +522,7 @@ def setup_dict(setup: BenchSetup, point: Point) -> dict:
         "expert_skew": f"{setup.expert_skew[0]}:{setup.expert_skew[1]:g}" if setup.expert_skew else None,
         "steps": point.steps, "warmup": point.warmup, "seed": point.seed, "device": setup.device,
         "dtype": setup.dtype, "dwdp_routed_only": setup.routed_only, "dwdp_contention_opt": setup.contention_opt,
-        "hw": setup.hw,
+        "hw": setup.hw, "cuda_graphs": setup.cuda_graphs, "attention": setup.attention,
     }
 
 
@@ -595,7 +619,7 @@ def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict 
     flops_by: dict[str, float] = {}
     for r in drivers:
         for seqs in sched.timed(r):
-            for k, v in work.forward_flops(cfg, seq_shapes(seqs)).items():
+            for k, v in work.forward_flops(cfg, seq_shapes(seqs), form=attention_form(setup, seqs)).items():
                 flops_by[k] = flops_by.get(k, 0.0) + v
     busy = sum(group_step)
     hw = get_hardware(setup.hw)
@@ -663,7 +687,20 @@ def prediction(setup: BenchSetup, point: Point, split_ms: dict, step_ms: float, 
     out = {"hw": setup.hw, "comparable": comparable, "note": "; ".join(notes), "per_moe_layer": None,
            "measured_per_moe_layer": measured}
     if setup.strategy == "single":
-        out["note"] = "; ".join(notes + ["planner covers dwdp/dep/tp groups only"])
+        from dynamo_dwdp.bench.hardware import get_hardware
+        from dynamo_dwdp.bench.plan import load_model_shape, plan_single_layer
+
+        try:
+            shape = load_model_shape(setup.model_dir)
+            one = plan_single_layer(shape, get_hardware(setup.hw), point.tokens_per_iter, point.batch,
+                                    phase=point.phase, context=point.context, weight_dtype="bf16")
+        except UserError as exc:
+            out["note"] = "; ".join(notes + [f"planner: {exc}"])
+            return out
+        out["note"] = "; ".join(notes)
+        out["per_moe_layer"] = {"t_compute_ms": one["t_compute_ms"], "t_total_ms": one["t_compute_ms"],
+                                "t_prefetch_ms": 0.0, "t_exposed_ms": 0.0, "t_prefetch_routed_ms": 0.0}
+        out["step_ms_moe_layers"] = one["t_compute_ms"] * n_moe
         return out
     try:
         shape = load_model_shape(setup.model_dir)
@@ -747,7 +784,8 @@ def run_points(setup: BenchSetup, points: list[Point], model: dict | None = None
     most_tokens = max(p.tokens_per_iter * (setup.ranks if setup.strategy == "tp" else 1) for p in points)
     cfg = EngineConfig(block_size=setup.block_size, num_kv_blocks=kv + 1, max_num_seqs=max(1, most_tokens),
                        max_num_batched_tokens=max(1, most_tokens), device=setup.device, dtype=setup.dtype,
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False, cuda_graphs=setup.cuda_graphs,
+                       attention_backend=setup.attention)
     dwdp = DWDPOptions(routed_only=setup.routed_only, contention_opt=setup.contention_opt)
     results = run_local_group(setup.model_dir, cfg, setup.group_strategy, setup.ranks, bench_rank,
                               [(setup, points)] * setup.ranks, dwdp=dwdp, timeout=setup.timeout)
@@ -784,8 +822,10 @@ def describe_load(setup: dict) -> str:
 def render_text(res: dict) -> str:
     """A short human-readable block for one result."""
     st, sm, sp, pr = res["setup"], res["split_ms"], res["split_pct"], res["prediction"]
-    opts = [o for o, on in (("routed-only", st["dwdp_routed_only"]), ("contention-opt", st["dwdp_contention_opt"]))
-            if on] + ([f"skew {st['expert_skew']}"] if st["expert_skew"] else [])
+    opts = [o for o, on in (("routed-only", st["dwdp_routed_only"]), ("contention-opt", st["dwdp_contention_opt"]),
+                            ("cuda-graphs", st.get("cuda_graphs"))) if on]
+    opts += [f"skew {st['expert_skew']}"] if st["expert_skew"] else []
+    opts += [f"attention {st['attention']}"] if st.get("attention", "auto") != "auto" else []
     frac = (lambda f: f" ({100 * f:.1f}% of peak)" if f is not None else "")
     lines = [
         f"bench engine: {st['strategy']} x{st['ranks']}, {describe_load(st)}, cv {st['imbalance_cv']:g}"

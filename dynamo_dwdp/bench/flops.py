@@ -6,11 +6,14 @@ turn measured step times into achieved FLOP/s and HBM bytes/s.
 FLOPs (2 per multiply-add; matrix products only: norms, RoPE, softmax, SiLU are not counted)
 --------------------------------------------------------------------------------------------
 Per token and layer:
-- attention projections: q_a + q_b (or q_proj), kv_a, o_proj, plus the two *absorbed* MLA products the
-  model runs instead of expanding kv_b: q_nope -> latent (heads * nope * kv_lora) and the output latent
-  -> values (heads * kv_lora * v). The engine uses the absorbed form in prefill and decode alike.
-- attention core, per (query, key) pair: scores over the cached [latent | rope key] (heads *
-  (kv_lora + rope)) and probabilities times latents (heads * kv_lora).
+- attention projections: q_a + q_b (or q_proj), kv_a, o_proj, plus, in the *absorbed* form (decode, and
+  the reference kernel), the two MLA products that replace expanding kv_b: q_nope -> latent (heads *
+  nope * kv_lora) and the output latent -> values (heads * kv_lora * v). In the *expanded* form (the
+  SDPA prefill path) kv_b expands every context token instead: heads * kv_lora * (nope + v) per
+  context token of each sequence with new tokens.
+- attention core, per (query, key) pair: absorbed, scores over the cached [latent | rope key] (heads *
+  (kv_lora + rope)) and probabilities times latents (heads * kv_lora); expanded, heads * qk_head_dim
+  and heads * v_head_dim.
   `attention="causal"` counts the pairs a query really attends (sequence of q new tokens ending at
   context c: q*(c-q) + q(q+1)/2); `attention="dense"` counts what the reference kernel
   (`paged_latent_attention`) executes: every sequence padded to [max_q, max_context].
@@ -38,6 +41,7 @@ from dynamo_dwdp.errors import UserError
 from dynamo_dwdp.model.config import ModelConfig
 
 ATTENTION_MODES = ("causal", "dense")
+ATTENTION_FORMS = ("absorbed", "expanded")
 ROUTER_BYTES = 4  # the router runs in fp32 (ModelRunner keeps `gate` in float)
 
 
@@ -60,7 +64,7 @@ def attention_pairs(seqs: Sequence[tuple[int, int]], attention: str = "causal") 
     raise UserError(f"attention mode {attention!r} is not one of {', '.join(ATTENTION_MODES)}")
 
 
-def attention_projection_flops_per_token(cfg: ModelConfig) -> int:
+def attention_projection_flops_per_token(cfg: ModelConfig, form: str = "absorbed") -> int:
     h, H = cfg.num_attention_heads, cfg.hidden_size
     if cfg.q_lora_rank is None:
         q = 2 * H * h * cfg.qk_head_dim
@@ -69,11 +73,18 @@ def attention_projection_flops_per_token(cfg: ModelConfig) -> int:
     kv_a = 2 * H * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     absorb = 2 * h * cfg.qk_nope_head_dim * cfg.kv_lora_rank + 2 * h * cfg.kv_lora_rank * cfg.v_head_dim
     o = 2 * h * cfg.v_head_dim * H
-    return q + kv_a + absorb + o
+    return q + kv_a + (absorb if form == "absorbed" else 0) + o
 
 
-def attention_core_flops_per_pair(cfg: ModelConfig) -> int:
+def attention_expansion_flops_per_context_token(cfg: ModelConfig) -> int:
+    """Expanded form: kv_b turns one cached latent into every head's key (nope part) and value."""
+    return 2 * cfg.num_attention_heads * cfg.kv_lora_rank * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+
+
+def attention_core_flops_per_pair(cfg: ModelConfig, form: str = "absorbed") -> int:
     h = cfg.num_attention_heads
+    if form == "expanded":
+        return 2 * h * cfg.qk_head_dim + 2 * h * cfg.v_head_dim
     return 2 * h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + 2 * h * cfg.kv_lora_rank
 
 
@@ -83,19 +94,29 @@ def expert_flops_per_token(cfg: ModelConfig, intermediate: int) -> int:
 
 
 def forward_flops(cfg: ModelConfig, seqs: Sequence[tuple[int, int]], logits_rows: int | None = None,
-                  attention: str = "causal") -> dict[str, float]:
+                  attention: str = "causal", form: str = "absorbed") -> dict[str, float]:
     """FLOPs of one forward over `seqs` [(new tokens, context after the step)], by component + "total".
-    logits_rows defaults to one per sequence with new tokens."""
+    logits_rows defaults to one per sequence with new tokens. form: the attention form that ran
+    (absorbed | expanded); with expanded, attention="dense" counts each sequence's q x context
+    pairs (the SDPA path works per sequence, unpadded)."""
     _check_seqs(seqs)
+    if form not in ATTENTION_FORMS:
+        raise UserError(f"attention form {form!r} is not one of {', '.join(ATTENTION_FORMS)}")
     tokens = sum(q for q, _ in seqs)
     if logits_rows is None:
         logits_rows = sum(1 for q, _ in seqs if q > 0)
     layers = cfg.num_hidden_layers
     moe = len(cfg.moe_layers)
     dense = layers - moe
+    if form == "expanded" and attention == "dense":
+        pairs = sum(q * c for q, c in seqs)
+    else:
+        pairs = attention_pairs(seqs, attention)
     out = {
-        "attn_proj": float(tokens * layers * attention_projection_flops_per_token(cfg)),
-        "attn_core": float(layers * attention_pairs(seqs, attention) * attention_core_flops_per_pair(cfg)),
+        "attn_proj": float(tokens * layers * attention_projection_flops_per_token(cfg, form)
+                           + (layers * sum(c for q, c in seqs if q > 0) * attention_expansion_flops_per_context_token(cfg)
+                              if form == "expanded" else 0)),
+        "attn_core": float(layers * pairs * attention_core_flops_per_pair(cfg, form)),
         "router": float(tokens * moe * 2 * cfg.hidden_size * cfg.n_routed_experts),
         "moe_routed": float(tokens * moe * cfg.num_experts_per_tok
                             * expert_flops_per_token(cfg, cfg.moe_intermediate_size)),

@@ -149,6 +149,21 @@ HARDWARE: dict[str, Hardware] = {
             "NVIDIA H200 datasheet for the tensor-core peaks",
         ),
     ),
+    "h100-measured": Hardware(
+        name="h100-measured",
+        description="1 x H100 SXM 80 GB as probed on 2026-11-23 (scripts/gpu_perf.py): achieved HBM copy and bf16 GEMM",
+        dense_tflops={"bf16": 770.0, "fp8": 1978.9 * DATASHEET_MATH_EFFICIENCY},  # bf16: 8192^3 GEMM 756-782
+        hbm_tbps=2.94,  # measured device-to-device copy, bytes read + written, 1 GiB bf16 (2.94-2.96)
+        link_gbps=450.0 * DATASHEET_LINK_EFFICIENCY,  # not measured: a single-GPU machine has no peer
+        memory_gib=79.6,  # nvidia-smi: 81559 MiB
+        math_efficiency=1.0,  # already achieved rates (fp8: datasheet x 0.70)
+        hbm_efficiency=1.0,
+        link_efficiency=1.0,
+        sources=(
+            "docs/results/gpu_perf_h100_2026-11-23.json (torch 2.11 + CUDA 13.0, one H100 80GB HBM3)",
+            "NVIDIA H100 datasheet for fp8 and NVLink",
+        ),
+    ),
 }
 
 

@@ -658,6 +658,23 @@ class LayerPlan:
         }
 
 
+def plan_single_layer(model: ModelShape, hw: Hardware, tokens_per_iter: float, batch: float = 1, *,
+                      phase: str = "prefill", context: float = 0.0, weight_dtype: str | None = None) -> dict:
+    """One MoE layer on one GPU holding every expert (no group, no communication): the compute
+    roofline that the strategies' costs build on. Returns {"t_compute_ms", "breakdown_ms"}."""
+    if phase not in PHASES:
+        raise UserError(f"--phase {phase!r} not allowed; choose prefill or decode")
+    if tokens_per_iter <= 0:
+        raise UserError(f"--tokens-per-iter must be > 0, got {tokens_per_iter}")
+    prec = Precision.resolve(weight_dtype or model.checkpoint_dtype or "bf16")
+    t = float(tokens_per_iter)
+    seqs, ctx = (float(batch), t / batch) if phase == "prefill" else (t, float(context))
+    ops = layer_ops(model, prec, tokens=t, sequences=seqs, expert_pool=model.n_routed_experts, routing_tokens=t,
+                    phase=phase, context=ctx)
+    br = _times_ms(ops, hw)
+    return {"t_compute_ms": sum(br.values()), "breakdown_ms": br}
+
+
 def plan_layer(
     model: ModelShape,
     hw: Hardware,

@@ -88,6 +88,11 @@ def register(subparsers) -> None:
     e.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
     e.add_argument("--dwdp-routed-only", action="store_true", help="DWDP: pull only the experts the router picked")
     e.add_argument("--dwdp-contention-opt", action="store_true", help="DWDP: slice pulls and interleave peers")
+    e.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps from CUDA graphs (cuda, bf16; strategies single and dwdp all-remote: "
+                        "dep and tp run eagerly)")
+    e.add_argument("--attention", default="auto",
+                   help="prefill attention: auto (SDPA on cuda, reference on cpu) | reference | sdpa (default auto)")
     e.add_argument("--timeout", type=float, default=1800.0, help="seconds before the group is abandoned")
     e.add_argument("--json", action="store_true", help="print one JSON object (and nothing else) on stdout")
     e.add_argument("--out", metavar="FILE.jsonl", help="append the result as one JSON line")
@@ -172,7 +177,7 @@ def run_engine(args) -> int:
     setup = BenchSetup(model_dir=args.model, strategy=args.strategy, ranks=args.ranks, device=args.device,
                        dtype=_dtype(args.dtype), routed_only=args.dwdp_routed_only,
                        contention_opt=args.dwdp_contention_opt, hw=args.hw, block_size=args.block_size,
-                       timeout=args.timeout).validate()
+                       timeout=args.timeout, cuda_graphs=args.cuda_graphs, attention=args.attention).validate()
     if args.phase not in PHASES:
         raise UserError(f"--phase {args.phase!r} is not one of {', '.join(PHASES)}")
     cfg = load_model_config(args.model)

@@ -10,16 +10,46 @@
   event before layer l+2's MoE (read-after-write). The host never blocks.
 With `timing=True` the engine brackets each compute-stream wait with CUDA events, so the exposed
 stall (time the compute stream sat waiting for a pull) is measured without host syncs; it is
-resolved one step later, when the events are known to be complete.
+resolved one step later, when the events are known to be complete (not while capturing a graph).
+
+Copies of contiguous tensors go through the CUDA runtime's own cudaMemcpyAsync (the library torch
+loaded), which a CUDA graph captures also between GPUs (torch's peer `copy_` does not); other
+copies use `copy_`.
 """
 from __future__ import annotations
 
 import base64
+import ctypes
+import functools
 import pickle
 
 import torch
 
 from dynamo_dwdp.dwdp.transport import CopyEngine, CopyEvent, WeightTransport
+
+
+CUDA_MEMCPY_DEFAULT = 4
+
+
+@functools.cache
+def _cudart():
+    """The CUDA runtime library torch itself loaded (from /proc/self/maps), or None."""
+    torch.cuda.init()
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libcudart.so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                        ctypes.c_void_p]
+        lib.cudaMemcpyAsync.restype = ctypes.c_int
+        return lib
+    return None
 
 
 class _CudaEvent(CopyEvent):
@@ -35,7 +65,9 @@ class CudaCopyEngine(CopyEngine):
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
         self.timing = timing
+        self.capturing = False                 # set by the executor while a CUDA graph is captured
         self._pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._rt = _cudart()
 
     def record_compute(self):
         ev = torch.cuda.Event()
@@ -46,15 +78,22 @@ class CudaCopyEngine(CopyEngine):
         with torch.cuda.stream(self.stream):
             if after is not None:
                 self.stream.wait_event(after)
+            handle = self.stream.cuda_stream
             for dst, src in copies:
-                dst.copy_(src, non_blocking=True)
+                if self._rt is not None and dst.is_contiguous() and src.is_contiguous():
+                    rc = self._rt.cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size(),
+                                                  CUDA_MEMCPY_DEFAULT, handle)
+                    if rc != 0:
+                        raise RuntimeError(f"cudaMemcpyAsync failed with CUDA error {rc}")
+                else:
+                    dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
         return _CudaEvent(done)
 
     def wait(self, event):
         compute = torch.cuda.current_stream(self.device)
-        if self.timing:
+        if self.timing and not self.capturing:
             before = torch.cuda.Event(enable_timing=True)
             after = torch.cuda.Event(enable_timing=True)
             before.record(compute)

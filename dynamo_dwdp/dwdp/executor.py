@@ -11,6 +11,13 @@ that the slot does not already hold, then compute. Less traffic, but the pull is
 
 A dead peer (membership) is dropped from every later pull plan; experts it alone stored become
 unreachable and the forward raises `PeerError` (the engine fails its in-flight requests).
+
+CUDA graphs (all-remote mode, CUDA IPC, bf16): a captured decode step is self-contained. Its
+begin_step pulls the first two MoE layers (every remote row, whatever the host thinks the slots
+hold), layer m issues layer m+2 as usual, and nothing wraps into the next step, so every pull is
+waited for inside the graph. The host's view of the slots is void after a replay (`after_replay`);
+a pull still in flight from an eager step is joined before a replay (`before_replay`). The graph
+epoch is the set of dead peers: a change drops the captured graphs (failover runs eagerly).
 """
 from __future__ import annotations
 
@@ -49,6 +56,8 @@ class DWDPExecutor(MoEExecutor):
         self.local_banks: dict[int, ExpertBank] = {}
         self.peer_banks: dict[int, dict[int, ExpertBank]] = {}     # layer -> peer -> its shard
         self.slots: list[PrefetchSlot] = []
+        self.capturing = False
+        self._captured_pulls: list[tuple[int, int]] = []      # (peer, bytes) pulled by one captured step
 
     # ------------------------------------------------------------------ loading
     def experts_to_load(self, layer):
@@ -137,6 +146,8 @@ class DWDPExecutor(MoEExecutor):
         for row in rows:
             slot.row_layer[row] = -1                         # invalid until the pull lands
         per_expert = (slot.w13[0].numel() + slot.w2[0].numel()) * slot.w13.element_size()
+        if self.capturing:
+            self._captured_pulls += [(p.peer, p.count * per_expert) for p in plan]
         for p in plan:
             self.stats.bytes_pulled[p.peer] += p.count * per_expert
 
@@ -168,10 +179,49 @@ class DWDPExecutor(MoEExecutor):
             self._wait(slot)
         raise PeerError(f"dwdp group {self.group.name}: could not pull layer {layer}'s experts after 3 tries")
 
+    # ------------------------------------------------------------------ CUDA graphs
+    @property
+    def graph_safe(self) -> bool:
+        from dynamo_dwdp.dwdp.cuda_ipc import CudaCopyEngine
+
+        return (self.device.type == "cuda" and self.dtype == torch.bfloat16 and not self.routed_only
+                and isinstance(self.copy, CudaCopyEngine) and hasattr(torch, "_grouped_mm"))
+
+    def graph_epoch(self) -> object:
+        return self.group.dead()
+
+    def _forget_slots(self) -> None:
+        for slot in self.slots:
+            slot.pending = None
+            slot.row_layer = [-1] * len(slot.row_layer)
+
+    def prepare_capture(self) -> None:
+        self.quiesce()                           # pulls of the warm-up steps: done, nothing in flight
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._forget_slots()
+        self._captured_pulls = []
+        self.capturing = self.copy.capturing = True
+
+    def end_capture(self) -> None:
+        self.capturing = self.copy.capturing = False
+        self._forget_slots()                     # events recorded in the capture are not real events
+
+    def before_replay(self) -> None:
+        for slot in self.slots:                  # an eager step's wrap-around pull may still be running
+            if slot.pending is not None:         # (CUDA: the compute stream waits for it, the host does not)
+                self.copy.wait(slot.pending)
+        self._forget_slots()
+
+    def after_replay(self) -> None:
+        self._forget_slots()
+        for peer, nbytes in self._captured_pulls:
+            self.stats.bytes_pulled[peer] += nbytes
+
     # ------------------------------------------------------------------ step
     def begin_step(self):
         collect = getattr(self.copy, "collect_stall_seconds", None)
-        if collect is not None:                  # GPU: stalls measured with CUDA events, resolved a step late
+        if collect is not None and not self.capturing:   # GPU: stalls timed with CUDA events, a step late
             self.stats.prefetch_wait_s += collect()
         if self.slots and not self.routed_only:
             for s, slot in enumerate(self.slots):
@@ -187,7 +237,7 @@ class DWDPExecutor(MoEExecutor):
         out = routed_experts(x, topk_ids, topk_weights, [self.local_banks[layer], *slot.banks])
         if not self.routed_only:
             nxt = m + 2 if m + 2 < len(self.moe_layers) else m % 2   # wrap: next step's first layer of this parity
-            if self.moe_layers[nxt] != layer:
+            if self.moe_layers[nxt] != layer and not (self.capturing and nxt < m):   # a graph never wraps
                 self._issue(slot, self.moe_layers[nxt])
         return out
 

@@ -10,6 +10,8 @@ from dynamo_dwdp.errors import UserError
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
+ATTENTION_BACKENDS = ("auto", "reference", "sdpa")
+
 
 @dataclass
 class EngineConfig:
@@ -23,6 +25,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     cuda_graphs: bool = False
+    attention_backend: str = "auto"           # auto | reference | sdpa (see model/attention.py: use_sdpa, use_decode_kernel)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -37,4 +40,7 @@ class EngineConfig:
             if not isinstance(v, int) or v < 1:
                 raise UserError(f"engine {name}={v!r}: must be an integer >= 1")
         self.torch_dtype  # noqa: B018 (validates)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise UserError(f"engine attention_backend={self.attention_backend!r}: must be one of "
+                            f"{', '.join(ATTENTION_BACKENDS)}")
         return self

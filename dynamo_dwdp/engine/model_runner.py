@@ -1,6 +1,10 @@
 """`ModelRunner`: owns the model, its executor and the KV pool; turns scheduled chunks into one
 forward pass. The KV pool layout is block-major, [num_blocks, num_layers, block_size, kv_dim], so
 one block of one sequence (all layers) is one contiguous region — a single descriptor for KV transfer.
+
+With `cuda_graphs` (CUDA, and an executor that is `graph_safe`) decode steps replay captured graphs
+(`engine/cuda_graphs.py`); the pool then carries one extra scratch block, past the block manager's
+range, for the padded rows of a graph.
 """
 from __future__ import annotations
 
@@ -36,13 +40,27 @@ class ModelRunner:
         for layer in model.model.layers:                       # the router works in fp32
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.float()
+            layer.self_attn.backend = config.attention_backend
         load_weights(model, model_dir)
         self.model = model.eval()
         self.executor = executor
         self.load_seconds = time.perf_counter() - t0
         cfg = self.model_config
-        self.kv_pool = torch.zeros(config.num_kv_blocks, cfg.num_hidden_layers, config.block_size,
-                                   cfg.kv_cache_dim, dtype=dtype, device=self.device)
+        use_graphs = config.cuda_graphs and self.device.type == "cuda" and getattr(executor, "graph_safe", False)
+        if config.cuda_graphs and not use_graphs:
+            log.warning("cuda_graphs: not used (%s); decode steps run eagerly",
+                        "device is not cuda" if self.device.type != "cuda"
+                        else f"the {executor.strategy} executor's steps cannot be captured with dtype {dtype}")
+        self.kv_pool = torch.zeros(config.num_kv_blocks + (1 if use_graphs else 0), cfg.num_hidden_layers,
+                                   config.block_size, cfg.kv_cache_dim, dtype=dtype, device=self.device)
+        self.graphs = None
+        if use_graphs:
+            from dynamo_dwdp.engine.cuda_graphs import DecodeGraphs
+
+            max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+            max_blocks = min(config.num_kv_blocks, (max_len + config.block_size - 1) // config.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_pool, config.num_kv_blocks, config.block_size,
+                                       config.max_num_seqs, max_blocks, self.device)
         log.info("model %s loaded in %.2fs (%s, %s); KV pool %d blocks x %d tokens (%.1f MiB)",
                  model_dir, self.load_seconds, executor.strategy, dtype, config.num_kv_blocks, config.block_size,
                  self.kv_pool.numel() * self.kv_pool.element_size() / 2**20)
@@ -50,17 +68,29 @@ class ModelRunner:
     def execute(self, token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]],
                 want_logits: list[bool]) -> torch.Tensor:
         """One forward; returns float32 logits for the sequences with want_logits (in order)."""
-        batch = ForwardBatch.build(token_chunks, start_positions, block_tables, self.config.block_size,
-                                   want_logits, device=self.device)
         stats = self.executor.stats
-        t0 = time.perf_counter()
-        logits = self.model(batch, self.kv_pool)
+        n_tokens = sum(len(c) for c in token_chunks)
+        logits = None
+        if self._graph_step(token_chunks, start_positions):
+            t0 = time.perf_counter()
+            logits = self.graphs.run([c[0] for c in token_chunks], start_positions, block_tables, want_logits)
+        if logits is None:
+            batch = ForwardBatch.build(token_chunks, start_positions, block_tables, self.config.block_size,
+                                       want_logits, device=self.device)
+            t0 = time.perf_counter()
+            logits = self.model(batch, self.kv_pool)
         if logits.is_cuda:
             torch.cuda.current_stream().synchronize()
         stats.step_seconds += time.perf_counter() - t0
         stats.steps += 1
-        stats.tokens += batch.num_tokens
+        stats.tokens += n_tokens
         return logits
+
+    def _graph_step(self, token_chunks: list[list[int]], start_positions: list[int]) -> bool:
+        """A pure decode step (one token per sequence) that fits a graph bucket."""
+        if self.graphs is None or self.graphs.failed or not token_chunks or any(len(c) != 1 for c in token_chunks):
+            return False
+        return self.graphs.key(len(token_chunks), max(start_positions) + 1) is not None
 
     def set_expert_skew(self, hot_experts: list[int], bias: float) -> None:
         """Benchmark knob: make `hot_experts` more likely to be selected in every MoE layer."""

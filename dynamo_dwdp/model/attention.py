@@ -5,18 +5,34 @@ rotated shared key] — 576 values for DeepSeek-V3 instead of 2*128*heads. Atten
 "absorbed" form: the query's no-rope part is mapped into latent space through kv_b_proj's key half,
 scores are taken against the latent directly, and the output latent is mapped back through the value
 half. This is mathematically the reference (expand-then-attend) computation.
+
+Two implementations share one contract (query rows in, output rows out, the cache already written):
+- `paged_latent_attention`: absorbed form over padded [B, max_q] x [B, max_context]; the reference,
+  and the decode path (max_q == 1: O(B x context), static shapes for CUDA graphs);
+- `sdpa_prefill_attention`: expand-then-attend per sequence through torch's fused
+  scaled_dot_product_attention (flash-style memory-efficient or cuDNN kernels on GPU: no S x S
+  score matrix), with a bottom-right causal mask for chunks that follow cached tokens. The prefill
+  path on CUDA (`backend="auto"`);
+- `mla_decode.mla_decode_attention`: a Triton split-K kernel for decode steps that reads the cache
+  once through the block table. The decode path on CUDA unless `backend="reference"`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
+from dynamo_dwdp.model import mla_decode
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig
 from dynamo_dwdp.model.layers import Linear, RMSNorm
 from dynamo_dwdp.model.rope import RotaryEmbedding
 from dynamo_dwdp.parallel.context import TensorParallel
+
+
+# torch >= 2.8: bmm with bf16/fp16 operands and an fp32 result (CUDA)
+_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
 
 
 class MLAttention(nn.Module):
@@ -40,6 +56,21 @@ class MLAttention(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, cfg.num_attention_heads * (self.nope + self.v_dim), tp, tp_dim=0)
         self.o_proj = Linear(cfg.num_attention_heads * self.v_dim, H, tp, tp_dim=1)
         self.scale = cfg.softmax_scale
+        self.backend = "auto"            # auto | reference | sdpa (set by the model runner)
+
+    def use_decode_kernel(self, query: torch.Tensor, batch: ForwardBatch) -> bool:
+        """Decode steps (one row per sequence) on CUDA use the Triton kernel unless backend is
+        "reference" (latent and rotary widths must be powers of two, as in every DeepSeek model)."""
+        if self.backend == "reference" or not query.is_cuda or batch.max_q != 1 or query.shape[0] != batch.num_seqs:
+            return False
+        pow2 = all(n & (n - 1) == 0 for n in (self.kv_lora, self.rope_dim))
+        return pow2 and mla_decode.available()
+
+    def use_sdpa(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
+        """Prefill chunks (max_q > 1) go through SDPA on CUDA under "auto", always under "sdpa"."""
+        if batch.max_q <= 1 or self.backend == "reference":
+            return False
+        return self.backend == "sdpa" or x.is_cuda
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_layer: torch.Tensor,
                 rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -63,20 +94,28 @@ class MLAttention(nn.Module):
 
         w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, self.kv_lora)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
+        if self.use_sdpa(x, batch):
+            out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, self.scale)
+            return self.o_proj(out.reshape(T, h * self.v_dim))
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
         query = torch.cat([q_latent, q_pe], dim=-1)                        # [T, h, C+R]
-        out_latent = paged_latent_attention(query, batch, kv_layer, self.kv_lora, self.scale)  # [T, h, C]
+        if self.use_decode_kernel(query, batch):
+            out_latent = mla_decode.mla_decode_attention(query, kv_layer, batch.block_tables, batch.context_lens,
+                                                         self.kv_lora, self.scale, batch.max_context)
+        else:
+            out_latent = paged_latent_attention(query, batch, kv_layer, self.kv_lora, self.scale)  # [T, h, C]
         out = torch.einsum("thc,hvc->thv", out_latent, w_uv).reshape(T, h * self.v_dim)
         return self.o_proj(out)
 
 
 def paged_latent_attention(query: torch.Tensor, batch: ForwardBatch, kv_layer: torch.Tensor,
                            latent_dim: int, scale: float) -> torch.Tensor:
-    """Reference paged attention (any device): gather each sequence's cached latents by block
-    table, pad to [B, max_q] queries x [B, max_context] keys, causal + length mask, softmax in fp32.
+    """Paged attention in latent space (any device): gather each sequence's cached latents by block
+    table, pad to [B, max_q] queries x [B, max_context] keys, causal + length mask, fp32 softmax.
 
-    query [T, h, C+R] -> [T, h, C]. Cost is O(B * max_q * max_context); fine for CPU/tests and
-    prefill; GPU decode uses a dedicated kernel with the same contract.
+    query [T, h, C+R] -> [T, h, C]. Cost O(B * max_q * max_context): the reference for prefill, and
+    the decode path. Scores are accumulated and kept in fp32; on CUDA with 16-bit caches the keys are
+    read in their own dtype (no fp32 copy of the cache). No host sync: CUDA-graph capturable.
     """
     T, h, d = query.shape
     B, max_q, max_ctx = batch.num_seqs, batch.max_q, batch.max_context
@@ -85,16 +124,67 @@ def paged_latent_attention(query: torch.Tensor, batch: ForwardBatch, kv_layer: t
     bs = kv_layer.shape[1]
     n_blocks = (max_ctx + bs - 1) // bs
     keys = kv_layer[batch.block_tables[:, :n_blocks]].reshape(B, n_blocks * bs, d)[:, :max_ctx]
-    q_pad = query.new_zeros(B * max_q, h, d)
-    q_pad[batch.pad_index] = query
-    q_pad = q_pad.view(B, max_q, h, d)
-    scores = torch.einsum("bqhd,bkd->bhqk", q_pad.float(), keys.float()) * scale
-    ctx = batch.context_lens.view(B, 1, 1)
-    q_len = torch.tensor(batch.query_lens, device=query.device, dtype=torch.long).view(B, 1, 1)
-    q_pos = ctx - q_len + torch.arange(max_q, device=query.device).view(1, max_q, 1)
-    k_pos = torch.arange(max_ctx, device=query.device).view(1, 1, max_ctx)
-    allowed = (k_pos <= q_pos) & (k_pos < ctx)                             # [B, max_q, max_ctx]
-    scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    if max_q == 1 and T == B:                                              # decode: one row per sequence
+        q_pad = query.view(B, 1, h, d)
+    else:
+        q_pad = query.new_zeros(B * max_q, h, d)
+        q_pad[batch.pad_index] = query
+        q_pad = q_pad.view(B, max_q, h, d)
+    half = query.is_cuda and keys.dtype in (torch.bfloat16, torch.float16) and _BMM_OUT_DTYPE
+    qh = q_pad.reshape(B, max_q * h, d)                                    # rows (q, head)
+    if half:
+        scores = torch.bmm(qh.to(keys.dtype), keys.transpose(1, 2), out_dtype=torch.float32)
+    else:
+        scores = torch.bmm(qh.float(), keys.float().transpose(1, 2))
+    scores = scores.view(B, max_q, h, max_ctx) * scale
+    ctx = batch.context_lens.view(B, 1, 1, 1)
+    q_pos = ctx - batch.query_lens_t.view(B, 1, 1, 1) + torch.arange(max_q, device=query.device).view(1, max_q, 1, 1)
+    k_pos = torch.arange(max_ctx, device=query.device).view(1, 1, 1, max_ctx)
+    allowed = (k_pos <= q_pos) & (k_pos < ctx)                             # [B, max_q, 1, max_ctx]
+    scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)                 # padded query rows -> 0
-    out = torch.einsum("bhqk,bkc->bqhc", probs, keys[..., :latent_dim].float())
-    return out.reshape(B * max_q, h, latent_dim)[batch.pad_index].to(query.dtype)
+    values = keys[..., :latent_dim]
+    if half:
+        out = torch.bmm(probs.view(B, max_q * h, max_ctx).to(keys.dtype), values)
+    else:
+        out = torch.bmm(probs.view(B, max_q * h, max_ctx), values.float())
+    out = out.view(B * max_q, h, latent_dim)
+    if not (max_q == 1 and T == B):
+        out = out[batch.pad_index]
+    return out.to(query.dtype)
+
+
+def sdpa_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch, kv_layer: torch.Tensor,
+                           w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float) -> torch.Tensor:
+    """Expand-then-attend, one sequence at a time, through F.scaled_dot_product_attention.
+
+    q_nope [T, h, N], q_pe [T, h, R]; the sequence's cached latents [ctx, C | R] are expanded to
+    keys [ctx, h, N+R] (k_nope = latent @ w_uk^T, the shared rotated k_pe broadcast over heads) and
+    values [ctx, h, V]. A chunk of q new tokens after ctx-q cached ones sees keys 0..ctx-q+i
+    (bottom-right causal). Returns [T, h, V]. Memory O(ctx * h * (N+R+V)) per sequence, no ctx^2 term.
+    """
+    T, h, _ = q_nope.shape
+    C = w_uk.shape[-1]
+    bs = kv_layer.shape[1]
+    out = q_nope.new_empty(T, h, w_uv.shape[1])
+    start = 0
+    for b, q_len in enumerate(batch.query_lens):
+        ctx = batch.context_lens_list[b]
+        rows = slice(start, start + q_len)
+        start += q_len
+        if q_len == 0:
+            continue
+        n_blocks = (ctx + bs - 1) // bs
+        lat = kv_layer[batch.block_tables[b, :n_blocks]].reshape(n_blocks * bs, -1)[:ctx]
+        latent, k_pe = lat[:, :C].to(q_nope.dtype), lat[:, C:].to(q_nope.dtype)
+        k_nope = torch.einsum("sc,hnc->hsn", latent, w_uk)
+        k = torch.cat([k_nope, k_pe.unsqueeze(0).expand(h, ctx, k_pe.shape[-1])], dim=-1)
+        v = torch.einsum("sc,hvc->hsv", latent, w_uv)
+        q = torch.cat([q_nope[rows], q_pe[rows]], dim=-1).transpose(0, 1)     # [h, q, N+R]
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)              # 4-D: the fused kernels' layout
+        if q_len == ctx:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q_len, ctx), scale=scale)
+        out[rows] = o[0].transpose(0, 1)
+    return out

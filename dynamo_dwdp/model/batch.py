@@ -26,6 +26,8 @@ class ForwardBatch:
     logits_indices: torch.Tensor     # [S] long: rows whose logits are wanted (S <= B)
     max_q: int
     max_context: int
+    query_lens_t: torch.Tensor       # [B] long: query_lens on the device
+    context_lens_list: list[int]     # [B] context_lens (python, for per-sequence kernels)
 
     @property
     def num_tokens(self) -> int:
@@ -44,33 +46,35 @@ class ForwardBatch:
         want_logits: list[bool],
         device: torch.device | str = "cpu",
     ) -> "ForwardBatch":
-        """Build from per-sequence new tokens, their first absolute position and block table."""
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        pad: list[int] = []
-        logits_rows: list[int] = []
+        """Build from per-sequence new tokens, their first absolute position and block table.
+
+        Index arithmetic runs vectorised on the host; everything reaches the device in one copy."""
+        B = len(token_chunks)
         q_lens = [len(c) for c in token_chunks]
-        max_q = max(q_lens) if q_lens else 0
+        max_q = max(q_lens, default=0)
         ctx = [s + q for s, q in zip(start_positions, q_lens)]
-        for b, (chunk, start, table) in enumerate(zip(token_chunks, start_positions, block_tables)):
-            for i, tok in enumerate(chunk):
-                p = start + i
-                ids.append(tok)
-                pos.append(p)
-                slots.append(table[p // block_size] * block_size + p % block_size)
-                pad.append(b * max_q + i)
-            if want_logits[b] and chunk:
-                logits_rows.append(len(ids) - 1)
+        for b in range(B):
+            need = (ctx[b] + block_size - 1) // block_size
+            if q_lens[b] and len(block_tables[b]) < need:
+                raise ValueError(f"sequence {b}: {ctx[b]} tokens need {need} blocks, its table has "
+                                 f"{len(block_tables[b])}")
         max_blocks = max((len(t) for t in block_tables), default=0)
-        tables = [t + [0] * (max_blocks - len(t)) for t in block_tables]
-
-        def lt(x: list[int] | list[list[int]]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.long, device=device)
-
+        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables] if B else [],
+                              dtype=torch.long).view(B, max_blocks)
+        q_lens_t = torch.tensor(q_lens, dtype=torch.long)
+        ends = torch.cumsum(q_lens_t, 0)
+        seq_of = torch.repeat_interleave(torch.arange(B), q_lens_t)                  # [T]
+        offset = torch.arange(int(ends[-1]) if B else 0) - (ends - q_lens_t)[seq_of]
+        pos = torch.tensor(start_positions, dtype=torch.long)[seq_of] + offset if B else offset
+        slots = tables[seq_of, pos // block_size] * block_size + pos % block_size if max_blocks else pos * 0
+        pad = seq_of * max_q + offset
+        ids = torch.tensor([t for c in token_chunks for t in c], dtype=torch.long)
+        logits_rows = (ends - 1)[torch.tensor(want_logits, dtype=torch.bool) & (q_lens_t > 0)] if B else ends
+        parts = [ids, pos, slots, pad, torch.tensor(ctx, dtype=torch.long), q_lens_t, logits_rows, tables.reshape(-1)]
+        packed = torch.cat(parts).to(device)
+        views = list(torch.split(packed, [p.numel() for p in parts]))
         return ForwardBatch(
-            input_ids=lt(ids), positions=lt(pos), slot_mapping=lt(slots),
-            block_tables=lt(tables) if tables else torch.zeros((0, 0), dtype=torch.long, device=device),
-            context_lens=lt(ctx), query_lens=q_lens, pad_index=lt(pad), logits_indices=lt(logits_rows),
-            max_q=max_q, max_context=max(ctx, default=0),
+            input_ids=views[0], positions=views[1], slot_mapping=views[2], block_tables=views[7].view(B, max_blocks),
+            context_lens=views[4], query_lens=q_lens, pad_index=views[3], logits_indices=views[6],
+            max_q=max_q, max_context=max(ctx, default=0), query_lens_t=views[5], context_lens_list=ctx,
         )

@@ -49,6 +49,14 @@ class RotaryEmbedding(torch.nn.Module):
         self.interleave = cfg.rope.interleave
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """Follow device moves but keep inv_freq in float32: `model.to(bfloat16)` would otherwise round
+        the frequencies to 8 bits of mantissa (angle errors of whole radians at long positions)."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)
+        return self
+
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, rope_dim/2] (float32, already scaled)."""
         freqs = positions[:, None].float() * self.inv_freq.to(positions.device)

@@ -23,6 +23,7 @@ from dynamo_dwdp.parallel.stats import ExecutorStats
 
 class MoEExecutor(ABC):
     strategy: str = "?"
+    graph_safe: bool = False      # its forward can be captured in a CUDA graph (no host-side protocol)
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
         self.cfg = cfg
@@ -50,6 +51,23 @@ class MoEExecutor(ABC):
     def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor: ...
 
+    # CUDA-graph protocol (engine/cuda_graphs.py); no-ops for executors without host-side state.
+    def graph_epoch(self) -> object:
+        """Changes when captured graphs become invalid (e.g. a DWDP peer went down)."""
+        return 0
+
+    def prepare_capture(self) -> None:
+        """Called before a capture: no work of this executor may be in flight afterwards."""
+
+    def end_capture(self) -> None:
+        """Called after a capture (successful or not)."""
+
+    def before_replay(self) -> None:
+        """Called before each replay, on the host."""
+
+    def after_replay(self) -> None:
+        """Called after each replay: the graph changed device state behind the host's back."""
+
     def close(self) -> None:
         pass
 
@@ -73,6 +91,11 @@ class LocalExecutor(MoEExecutor):
     """All experts in this process (`single`, and each rank of replicated `dp`)."""
 
     strategy = "single"
+
+    @property
+    def graph_safe(self) -> bool:
+        """Capturable where the expert path has no host sync: the grouped-GEMM path (CUDA, bf16)."""
+        return self.device.type == "cuda" and self.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
     def __init__(self, cfg, device, dtype):
         super().__init__(cfg, device, dtype)

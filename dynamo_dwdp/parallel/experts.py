@@ -72,33 +72,56 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
     return x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
 
 
+SYNC_FREE_MAX_ROWS = 8192   # (token, k) pairs up to which the GPU path avoids the host sync (decode sizes)
+
+
 def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                            banks: list[ExpertBank], out: torch.Tensor | None = None) -> torch.Tensor:
     """GPU path of `routed_experts`: one grouped GEMM per bank and projection (torch._grouped_mm),
-    the banks read in place (no merge). One host sync per call (the per-bank row ranges)."""
+    the banks read in place (no merge).
+
+    Small batches (<= SYNC_FREE_MAX_ROWS pairs, i.e. decode) take the sync-free form that CUDA graphs
+    can capture: every bank runs over all sorted pairs, pairs below the bank's first expert fall into
+    its first group and pairs above into its last, and only the bank's own rows are kept (wasted
+    rows, no wasted weight bytes: decode is bound by reading the weights). Larger batches sync the
+    host once for the per-bank row ranges and compute only their own rows.
+
+    Combine: the expert outputs go back to (token, k) order (a permutation: no atomics) and one
+    batched product per token sums its k outputs with their weights (fp32 accumulation), so the
+    result is deterministic; pairs whose expert is in no bank contribute 0."""
     T, k = topk_ids.shape
-    if out is None:
-        out = torch.zeros_like(x)
     if T == 0 or not banks:
-        return out
+        return torch.zeros_like(x) if out is None else out
     flat = topk_ids.reshape(-1)
+    rows = flat.numel()
     order = torch.argsort(flat, stable=True)
     sorted_ids = flat[order]
-    tokens = order // k
-    xs = x[tokens]
-    ws = topk_weights.reshape(-1)[order].to(x.dtype)
+    xs = x[order // k]
     E = max(b.first + b.count for b in banks)
-    counts = torch.bincount(sorted_ids, minlength=E)
-    ends = torch.cumsum(counts, 0).to(torch.int32)
-    bounds = [0] + ends.tolist()                       # the one host sync
-    for bank in banks:
-        lo, hi = bounds[bank.first], bounds[bank.first + bank.count]
-        if hi == lo:
-            continue
-        offs = ends[bank.first:bank.first + bank.count] - lo
-        a = xs[lo:hi]
-        h = torch._grouped_mm(a, bank.w13.transpose(1, 2), offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, bank.w2.transpose(1, 2), offs=offs)
-        out.index_add_(0, tokens[lo:hi], y * ws[lo:hi, None])
-    return out
+    # ends[e] = number of pairs with expert id <= e (searchsorted, unlike bincount, never syncs)
+    ends = torch.searchsorted(sorted_ids, torch.arange(E, device=x.device, dtype=sorted_ids.dtype),
+                              right=True).to(torch.int32)
+    y_sorted = torch.zeros_like(xs)
+    if rows <= SYNC_FREE_MAX_ROWS:
+        for bank in banks:
+            lo_id, hi_id = bank.first, bank.first + bank.count
+            offs = torch.cat([ends[lo_id:hi_id - 1], ends.new_full((1,), rows)])
+            y = _expert_ffn_grouped(xs, bank, offs)
+            mine = ((sorted_ids >= lo_id) & (sorted_ids < hi_id)).unsqueeze(1)
+            y_sorted = torch.where(mine, y, y_sorted)
+    else:
+        bounds = [0] + ends.tolist()                   # the one host sync (prefill sizes)
+        for bank in banks:
+            lo, hi = bounds[bank.first], bounds[bank.first + bank.count]
+            if hi > lo:
+                y_sorted[lo:hi] = _expert_ffn_grouped(xs[lo:hi], bank, ends[bank.first:bank.first + bank.count] - lo)
+    y_pairs = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)          # back to (token, k) order
+    combined = torch.bmm(topk_weights.to(x.dtype).view(T, 1, k), y_pairs.view(T, k, -1)).view(T, -1)
+    return combined if out is None else out.add_(combined)
+
+
+def _expert_ffn_grouped(a: torch.Tensor, bank: ExpertBank, offs: torch.Tensor) -> torch.Tensor:
+    """rows a[offs[i-1]:offs[i]] through expert i of `bank` (SwiGLU), one grouped GEMM per projection."""
+    h = torch._grouped_mm(a, bank.w13.transpose(1, 2), offs=offs)
+    gate, up = h.chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate) * up, bank.w2.transpose(1, 2), offs=offs)

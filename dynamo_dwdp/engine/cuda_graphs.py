@@ -1,0 +1,205 @@
+"""Decode steps replayed from CUDA graphs (mechanism; the model runner decides when to use them).
+
+A decode step (every sequence adds exactly one token) has shapes that depend only on the batch size
+B and the longest context. Graphs are keyed by (batch bucket, block bucket): B is padded up to the
+next batch bucket, the block tables up to the next block bucket, so one captured
+graph serves every step that fits it (the context bucket keeps padded KV reads under 25%). Graphs are captured lazily, the first time a key is needed,
+and all share one memory pool.
+
+Invariants:
+- the graph reads its inputs from static device buffers that `run` overwrites in place;
+- padded rows write their KV into a scratch block that the block manager never hands out (the last
+  block of the pool) and see no context (context_len 0: their attention output is 0);
+- the forward must be free of host syncs (the sync-free expert path, no `.item()`/`.tolist()`), and
+  the executor must say it can be captured (`graph_safe`): LocalExecutor (bf16) and DWDP in
+  all-remote mode over CUDA IPC (bf16) do; DEP and TP run their decode steps eagerly (lock-step
+  agreement and variable all-to-all sizes, TP's host broadcast);
+- the executor's graph protocol brackets every capture (`prepare_capture`/`end_capture`) and replay
+  (`before_replay`/`after_replay`); when its `graph_epoch()` changes (a DWDP peer died) every graph
+  is dropped and the next steps capture afresh (or run eagerly, if capture fails).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from dynamo_dwdp.model.batch import ForwardBatch
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+MIN_BLOCKS = 4
+
+
+def batch_bucket(n: int, max_batch: int) -> int | None:
+    """Smallest bucket >= n (buckets above max_batch are replaced by max_batch itself)."""
+    if n > max_batch:
+        return None
+    for b in BATCH_BUCKETS:
+        if b >= n:
+            return min(b, max_batch)
+    return max_batch
+
+
+def block_bucket(n: int, max_blocks: int) -> int | None:
+    """Blocks a graph gathers for a longest context of n blocks: at least MIN_BLOCKS, then four steps
+    per power of two (n rounded up to a multiple of next_pow2(n)/8: under 25% padded reads), capped
+    at max_blocks."""
+    if n > max_blocks:
+        return None
+    if n <= MIN_BLOCKS:
+        return min(MIN_BLOCKS, max_blocks)
+    step = max(1, (1 << (n - 1).bit_length()) // 8)
+    return min(-(-n // step) * step, max_blocks)
+
+
+class _CaptureFailed(Exception):
+    pass
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_pool: torch.Tensor, scratch_block: int, block_size: int, max_batch: int,
+                 max_blocks: int, device: torch.device):
+        self.model = model
+        self.executor = model.executor
+        self.epoch = self.executor.graph_epoch() if self.executor is not None else 0
+        self.kv_pool = kv_pool
+        self.scratch = scratch_block
+        self.bs = block_size
+        self.max_batch = max_batch
+        self.max_blocks = max_blocks
+        self.device = device
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, ForwardBatch, torch.Tensor]] = {}
+        self.pool = None                                  # one memory pool for all graphs (first capture)
+        self.capture_seconds = 0.0
+        self.replays = 0
+        self.failed: str | None = None                    # set when a capture failed: eager from then on
+        n, L = max_batch, max_blocks
+        z = dict(dtype=torch.long, device=device)
+        self.ids = torch.zeros(n, **z)
+        self.pos = torch.zeros(n, **z)
+        self.slots = torch.full((n,), scratch_block * block_size, **z)
+        self.ctx = torch.zeros(n, **z)
+        self.tables = torch.full((n, L), scratch_block, **z)
+        self.ones = torch.ones(n, **z)
+        self.rows = torch.arange(n, **z)
+
+    def key(self, batch_size: int, longest_context: int) -> tuple[int, int] | None:
+        b = batch_bucket(batch_size, self.max_batch)
+        k = block_bucket((longest_context + self.bs - 1) // self.bs, self.max_blocks)
+        return None if b is None or k is None else (b, k)
+
+    def _static_batch(self, b: int, k: int) -> ForwardBatch:
+        return ForwardBatch(
+            input_ids=self.ids[:b], positions=self.pos[:b], slot_mapping=self.slots[:b],
+            block_tables=self.tables[:b, :k], context_lens=self.ctx[:b], query_lens=[1] * b,
+            pad_index=self.rows[:b], logits_indices=self.rows[:b], max_q=1, max_context=k * self.bs,
+            query_lens_t=self.ones[:b], context_lens_list=[k * self.bs] * b,
+        )
+
+    def _capture(self, key: tuple[int, int]):
+        b, k = key
+        t0 = time.perf_counter()
+        self._reset_inputs()
+        batch = self._static_batch(b, k)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):                 # warm-up outside the graph (allocator, handles)
+            for _ in range(2):
+                self.model(batch, self.kv_pool)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        ex = self.executor
+        try:
+            if ex is not None:
+                ex.prepare_capture()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self.model(batch, self.kv_pool)
+            torch.cuda.synchronize(self.device)
+        except RuntimeError as exc:
+            self.failed = str(exc).splitlines()[0]
+            log.warning("decode CUDA graph capture failed (%s); decode steps run eagerly from now on", self.failed)
+            raise _CaptureFailed() from exc
+        finally:
+            if ex is not None:
+                ex.end_capture()
+        self.graphs[key] = (graph, batch, logits)
+        dt = time.perf_counter() - t0
+        self.capture_seconds += dt
+        log.info("captured decode CUDA graph batch %d x %d blocks in %.2fs (%d graphs)", b, k, dt, len(self.graphs))
+        return self.graphs[key]
+
+    def _reset_inputs(self) -> None:
+        self.ids.zero_()
+        self.pos.zero_()
+        self.slots.fill_(self.scratch * self.bs)
+        self.ctx.zero_()
+        self.tables.fill_(self.scratch)
+
+    def run(self, tokens: list[int], positions: list[int], block_tables: list[list[int]],
+            want_logits: list[bool]) -> torch.Tensor:
+        """One decode step (token i of sequence i at absolute position positions[i]). Returns the
+        float32 logits of the sequences with want_logits, in order (a fresh tensor), or None when the
+        graph could not be captured (`failed` is set; the caller runs the step eagerly)."""
+        ex = self.executor
+        if ex is not None and ex.graph_epoch() != self.epoch:
+            log.warning("decode CUDA graphs dropped: the executor's state changed (%s -> %s)", self.epoch,
+                        ex.graph_epoch())
+            self.graphs.clear()
+            self.epoch = ex.graph_epoch()
+        key = self.stage(tokens, positions, block_tables)
+        try:
+            graph, _, logits = self.graphs.get(key) or self._capture_and_restage(key, tokens, positions, block_tables)
+        except _CaptureFailed:
+            return None
+        if ex is not None:
+            ex.before_replay()
+        graph.replay()
+        if ex is not None:
+            ex.after_replay()
+        self.replays += 1
+        out = logits[:len(tokens)]
+        if all(want_logits):
+            return out.clone()
+        return out[torch.tensor(want_logits, dtype=torch.bool, device=out.device)]
+
+    def _capture_and_restage(self, key, tokens, positions, block_tables):
+        entry = self._capture(key)                  # capture overwrote the static inputs with dummies
+        self.stage(tokens, positions, block_tables)
+        return entry
+
+    def stage(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]) -> tuple[int, int]:
+        """Write one decode step into the static input buffers (one host-to-device copy); returns the
+        graph key. Rows B..bucket-1 are padding: scratch slot, scratch blocks, no context."""
+        B = len(tokens)
+        key = self.key(B, max(positions) + 1)
+        if key is None:
+            raise ValueError(f"decode step of {B} sequences does not fit the captured range")
+        b, k = key
+        bs = self.bs
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)]
+        table = torch.full((b, k), self.scratch, dtype=torch.long)
+        for i, t in enumerate(block_tables):
+            n = min(len(t), k)
+            table[i, :n] = torch.tensor(t[:n], dtype=torch.long)
+        pad = b - B
+        host = torch.cat([
+            torch.tensor(tokens + [0] * pad, dtype=torch.long),
+            torch.tensor(positions + [0] * pad, dtype=torch.long),
+            torch.tensor(slots + [self.scratch * bs] * pad, dtype=torch.long),
+            torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.long),
+            table.reshape(-1),
+        ])
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        dev = host.to(self.device, non_blocking=True)
+        self.ids[:b].copy_(dev[:b])
+        self.pos[:b].copy_(dev[b:2 * b])
+        self.slots[:b].copy_(dev[2 * b:3 * b])
+        self.ctx[:b].copy_(dev[3 * b:4 * b])
+        self.tables[:b, :k].copy_(dev[4 * b:].view(b, k))
+        return key

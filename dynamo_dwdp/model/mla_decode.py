@@ -1,0 +1,165 @@
+"""Paged MLA decode attention as one Triton kernel pair (split-K "flash decoding").
+
+Contract: the decode case of `attention.paged_latent_attention` (one query row per sequence):
+query [B, h, C+R] (absorbed query: latent part C | rotary part R), kv_layer [num_blocks, block_size,
+C+R], block_tables [B, >= ceil(ctx/bs)] long, context_lens [B] long -> out [B, h, C] in query's
+dtype, softmax(scale * q.k) over keys 0..ctx-1 times the keys' latent part; ctx == 0 gives 0.
+
+Why: the torch path gathers each sequence's cache into a padded copy and runs two batched GEMVs
+(about 9x the cache bytes of one read on an H100 at batch 32, docs/performance.md); this reads
+every cached latent once, straight through the block table. Grid (sequence, head group, context
+split); each program keeps an online-softmax state for its split in fp32; a second kernel merges
+the splits. No host sync, fixed grid per (batch, splits): CUDA-graph capturable. The tile loop has
+a compile-time trip count (a power of two sized by the batch's longest context; tiles past a
+sequence's own split are masked), which also keeps Triton's CPU interpreter happy.
+
+Runs on CPU under Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+BLOCK_N = 32          # cached tokens per tile
+MIN_BLOCK_H = 16      # tl.dot needs >= 16 rows
+
+
+@functools.cache
+def available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kernel(Q, KV, TABLES, CTX, ACC, ML,
+                     stride_qb, stride_qh, stride_kv_blk, stride_kv_tok, stride_tb,
+                     stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
+                     H, scale,
+                     C: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_H: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr):
+        b = tl.program_id(0)
+        hg = tl.program_id(1)
+        s = tl.program_id(2)
+        ctx = tl.load(CTX + b).to(tl.int32)
+        per = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+        start = s * per
+        end = tl.minimum(start + per, ctx)
+        offs_h = hg * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = offs_h < H
+        offs_c = tl.arange(0, C)
+        offs_r = tl.arange(0, R)
+        q_row = Q + b * stride_qb + offs_h[:, None] * stride_qh
+        q_lat = tl.load(q_row + offs_c[None, :], mask=hmask[:, None], other=0.0)
+        q_pe = tl.load(q_row + C + offs_r[None, :], mask=hmask[:, None], other=0.0)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, C], tl.float32)
+        for i in range(TILES):                              # tiles past `end` are fully masked
+            offs_n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = offs_n < end
+            blk = tl.load(TABLES + b * stride_tb + offs_n // BS, mask=nmask, other=0)
+            row = blk * stride_kv_blk + (offs_n % BS) * stride_kv_tok
+            k_lat = tl.load(KV + row[:, None] + offs_c[None, :], mask=nmask[:, None], other=0.0)
+            k_pe = tl.load(KV + row[:, None] + C + offs_r[None, :], mask=nmask[:, None], other=0.0)
+            if IEEE:
+                qk = tl.dot(q_lat, tl.trans(k_lat), input_precision="ieee")
+                qk += tl.dot(q_pe, tl.trans(k_pe), input_precision="ieee")
+            else:
+                qk = tl.dot(q_lat, tl.trans(k_lat))
+                qk += tl.dot(q_pe, tl.trans(k_pe))
+            qk = tl.where(nmask[None, :], qk * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # nothing valid yet: no NaN
+            alpha = tl.exp(m_i - m_use)
+            p = tl.exp(qk - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                pv = tl.dot(p.to(k_lat.dtype), k_lat, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(k_lat.dtype), k_lat)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        a_ptr = ACC + b * stride_ab + s * stride_as + offs_h[:, None] * stride_ah + offs_c[None, :]
+        tl.store(a_ptr, acc, mask=hmask[:, None])
+        tl.store(ML + b * stride_mb + s * stride_ms + offs_h, m_i, mask=hmask)
+        tl.store(ML + b * stride_mb + s * stride_ms + H + offs_h, l_i, mask=hmask)
+
+    @triton.jit
+    def combine_kernel(ACC, ML, OUT,
+                       stride_ab, stride_as, stride_ah, stride_mb, stride_ms, stride_ob, stride_oh,
+                       H, C: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr):
+        b = tl.program_id(0)
+        hg = tl.program_id(1)
+        offs_h = hg * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = offs_h < H
+        offs_c = tl.arange(0, C)
+        m_all = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        for s in tl.static_range(SPLITS):
+            m_s = tl.load(ML + b * stride_mb + s * stride_ms + offs_h, mask=hmask, other=float("-inf"))
+            m_all = tl.maximum(m_all, m_s)
+        safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+        total = tl.zeros([BLOCK_H], tl.float32)
+        out = tl.zeros([BLOCK_H, C], tl.float32)
+        for s in tl.static_range(SPLITS):
+            m_s = tl.load(ML + b * stride_mb + s * stride_ms + offs_h, mask=hmask, other=float("-inf"))
+            l_s = tl.load(ML + b * stride_mb + s * stride_ms + H + offs_h, mask=hmask, other=0.0)
+            w = tl.exp(m_s - safe)                        # empty split: exp(-inf) = 0
+            total += w * l_s
+            a = tl.load(ACC + b * stride_ab + s * stride_as + offs_h[:, None] * stride_ah + offs_c[None, :],
+                        mask=hmask[:, None], other=0.0)
+            out += w[:, None] * a
+        out = out / tl.where(total > 0, total, 1.0)[:, None]   # no context: 0
+        o_ptr = OUT + b * stride_ob + offs_h[:, None] * stride_oh + offs_c[None, :]
+        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=hmask[:, None])
+
+    return split_kernel, combine_kernel
+
+
+def num_splits(batch: int, head_groups: int, max_context: int, sms: int = 132) -> int:
+    """Context splits per sequence: enough programs to fill ~2 waves of SMs, each split >= 4 tiles."""
+    want = max(1, math.ceil(2 * sms / max(1, batch * head_groups)))
+    most = max(1, max_context // (4 * BLOCK_N))
+    return 1 << (min(want, most).bit_length() - 1)          # a power of two <= both
+
+
+def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                         context_lens: torch.Tensor, latent_dim: int, scale: float, max_context: int) -> torch.Tensor:
+    """See the module docstring. `max_context` (a python int >= every context length) sizes the
+    split count only; the kernel reads each sequence's own length from `context_lens`."""
+    split_kernel, combine_kernel = _kernels()
+    B, H, D = query.shape
+    C, R = latent_dim, D - latent_dim
+    bs = kv_layer.shape[1]
+    if kv_layer.stride(2) != 1 or query.stride(2) != 1:
+        raise ValueError("mla_decode_attention: the last dimension of query and cache must be contiguous")
+    block_h = max(MIN_BLOCK_H, min(64, 1 << (H - 1).bit_length()))
+    groups = -(-H // block_h)
+    sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 8
+    splits = num_splits(B, groups, max_context, sms)
+    tiles = -(-(-(-max_context // splits)) // BLOCK_N)
+    tiles = 1 << max(0, (tiles - 1).bit_length())     # a power of two: few compiled variants as contexts grow
+    q = query.to(kv_layer.dtype)
+    acc = torch.empty(B, splits, H, C, device=query.device, dtype=torch.float32)
+    ml = torch.empty(B, splits, 2, H, device=query.device, dtype=torch.float32)
+    out = torch.empty(B, H, C, device=query.device, dtype=query.dtype)
+    tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    split_kernel[(B, groups, splits)](
+        q, kv_layer, tables, context_lens, acc, ml,
+        q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), tables.stride(0),
+        acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
+        H, scale, C=C, R=R, BS=bs, BLOCK_N=BLOCK_N, BLOCK_H=block_h, SPLITS=splits, TILES=tiles,
+        IEEE=kv_layer.dtype == torch.float32)
+    combine_kernel[(B, groups)](
+        acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
+        out.stride(0), out.stride(1), H, C=C, BLOCK_H=block_h, SPLITS=splits)
+    return out
