@@ -112,9 +112,10 @@ def _pause_run(model_dir, strategy, victim, pause_s=2.0):
                 if not ev.wait(120):
                     return
             time.sleep(0.3)
-            window["t0"] = time.time()
             os.kill(procs[victim].pid, signal.SIGSTOP)
             try:
+                time.sleep(0.05)                 # the window opens once the stop has surely landed
+                window["t0"] = time.time()
                 time.sleep(pause_s)
             finally:
                 window["t1"] = time.time()

@@ -21,16 +21,18 @@ def rel(a, b) -> float:
 def kernel_matches_fp64_reference() -> None:
     """Split-K paged decode attention (fp32) against an fp64 softmax over each sequence's gathered
     cache: scattered block tables, tiles crossing blocks, one empty sequence (output 0), a context
-    spread over several splits, two head groups (h=20 > 16)."""
+    spread over several splits (the interpreter's 8 "SMs" give 2 splits at B=5), two head groups
+    (h=40 > 32) with a partial second group."""
     gen = torch.Generator().manual_seed(11)
-    C, R, h, bs, nblk = 32, 16, 20, 4, 48
+    C, R, h, bs, nblk = 32, 16, 40, 4, 100
     D = C + R
     pool = torch.randn(nblk, 3, bs, D, generator=gen)
     layer = pool[:, 1]                                       # a strided layer view, as in the model
-    ctxs = [1, 7, 40, 0, 150]
+    ctxs = [1, 7, 40, 0, 300]
     tables = [torch.randperm(nblk, generator=gen)[: (c + bs - 1) // bs].tolist() for c in ctxs]
     width = max(len(t) for t in tables)
     q = torch.randn(len(ctxs), h, D, generator=gen)
+    assert mla_decode.num_splits(len(ctxs), 2, max(ctxs), sms=8) > 1
     out = mla_decode.mla_decode_attention(q, layer, torch.tensor([t + [0] * (width - len(t)) for t in tables]),
                                           torch.tensor(ctxs), C, 0.3, max(ctxs))
     assert out.shape == (len(ctxs), h, C)

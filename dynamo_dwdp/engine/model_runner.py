@@ -74,6 +74,7 @@ class ModelRunner:
         if self._graph_step(token_chunks, start_positions):
             t0 = time.perf_counter()
             logits = self.graphs.run([c[0] for c in token_chunks], start_positions, block_tables, want_logits)
+            stats.graph_steps += logits is not None
         if logits is None:
             batch = ForwardBatch.build(token_chunks, start_positions, block_tables, self.config.block_size,
                                        want_logits, device=self.device)

@@ -142,12 +142,17 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
     bs = kv_layer.shape[1]
     if kv_layer.stride(2) != 1 or query.stride(2) != 1:
         raise ValueError("mla_decode_attention: the last dimension of query and cache must be contiguous")
-    block_h = max(MIN_BLOCK_H, min(64, 1 << (H - 1).bit_length()))
+    # heads per program: the fp32 accumulator is block_h x C (16 x 512 = 32 KiB at 4 warps, as measured on
+    # the H100 for 16 heads); wider head counts (DeepSeek-V3: 128) use 32-head groups at 8 warps (not yet
+    # measured on a GPU)
+    block_h = max(MIN_BLOCK_H, min(32, 1 << (H - 1).bit_length()))
+    warps = 8 if block_h > 16 else 4
     groups = -(-H // block_h)
     sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 8
     splits = num_splits(B, groups, max_context, sms)
-    tiles = -(-(-(-max_context // splits)) // BLOCK_N)
-    tiles = 1 << max(0, (tiles - 1).bit_length())     # a power of two: few compiled variants as contexts grow
+    per_split = -(-max_context // splits)                # ceil: the longest context's share of one split
+    tiles = max(1, -(-per_split // BLOCK_N))
+    tiles = 1 << (tiles - 1).bit_length()               # a power of two: few compiled variants as contexts grow
     q = query.to(kv_layer.dtype)
     acc = torch.empty(B, splits, H, C, device=query.device, dtype=torch.float32)
     ml = torch.empty(B, splits, 2, H, device=query.device, dtype=torch.float32)
@@ -158,8 +163,8 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
         H, scale, C=C, R=R, BS=bs, BLOCK_N=BLOCK_N, BLOCK_H=block_h, SPLITS=splits, TILES=tiles,
-        IEEE=kv_layer.dtype == torch.float32)
+        IEEE=kv_layer.dtype == torch.float32, num_warps=warps)
     combine_kernel[(B, groups)](
         acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
-        out.stride(0), out.stride(1), H, C=C, BLOCK_H=block_h, SPLITS=splits)
+        out.stride(0), out.stride(1), H, C=C, BLOCK_H=block_h, SPLITS=splits, num_warps=warps)
     return out

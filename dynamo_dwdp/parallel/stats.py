@@ -13,6 +13,7 @@ class ExecutorStats:
     prefetch_wait_s   time the compute path waited for DWDP weight pulls (exposed stall)
     sync_wait_s       time spent inside collectives (DEP all-to-all, TP all-reduce, step agreement)
     bytes_pulled      remote weight bytes pulled, per peer rank
+    graph_steps       steps replayed from a CUDA graph (a subset of steps)
     compute = step_seconds - prefetch_wait_s - sync_wait_s
     """
     steps: int = 0
@@ -21,6 +22,7 @@ class ExecutorStats:
     sync_wait_s: float = 0.0
     bytes_pulled: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     tokens: int = 0
+    graph_steps: int = 0
 
     @property
     def compute_seconds(self) -> float:

@@ -28,6 +28,7 @@ class WorkerMetrics:
         self.sync_wait = counter("dwdp_step_sync_wait_seconds",
                                  "Step time inside collectives (DEP all-to-all, TP all-reduce, step agreement)")
         self.steps = counter("dwdp_steps", "Model forward steps")
+        self.graph_steps = counter("dwdp_graph_steps", "Decode steps replayed from CUDA graphs (engine.cuda_graphs)")
         self.tokens = counter("dwdp_tokens", "Tokens computed (prompt + generated)")
         self.generated = counter("dwdp_generated_tokens", "Tokens generated and returned")
         self.remote_bytes = counter("dwdp_remote_bytes", "Expert weight bytes pulled from peers", ["peer"])
@@ -60,6 +61,7 @@ class WorkerMetrics:
         self._inc(self.prefetch_wait, "prefetch", stats.prefetch_wait_s)
         self._inc(self.sync_wait, "sync", stats.sync_wait_s)
         self._inc(self.steps, "steps", stats.steps)
+        self._inc(self.graph_steps, "graph_steps", stats.graph_steps)
         self._inc(self.tokens, "tokens", stats.tokens)
         for peer, total in list(stats.bytes_pulled.items()):
             delta = total - self._last_bytes.get(peer, 0)
