@@ -2,9 +2,11 @@
 
 Rank r owns the contiguous experts [bounds[r], bounds[r+1]) (near-even split). Per MoE layer:
   1. all_to_all of per-destination pair counts            (sync)
-  2. all_to_all dispatch of (hidden, expert id, weight) for every (token, k) pair to its owner
+  2. all_to_all dispatch of (hidden, expert id, weight) for every (token, k) pair to its owner, in
+     the model's 16-bit dtype when the expert ids fit it exactly (bf16: E <= 256, fp16: E <= 2048;
+     the weights are rounded to it, as the expert kernels round them anyway), else fp32
   3. owners compute weight * expert(hidden)
-  4. all_to_all combine back; index_add into the token rows
+  4. all_to_all combine back (same dtype); index_add in fp32 into the token rows
 Every rank must run every MoE layer of every step, even with no tokens: the engine loop agrees on
 "anyone has work" once per step (`StepCoordinator`) and idle ranks run empty forwards. The time
 inside collectives is the sync wait the product removes.
@@ -55,6 +57,13 @@ class DEPExecutor(MoEExecutor):
         self.bounds = even_bounds(cfg.n_routed_experts, self.size)
         self.owner = torch.bucketize(torch.arange(cfg.n_routed_experts), torch.tensor(self.bounds[1:]), right=True).to(device)
         self.banks: dict[int, ExpertBank] = {}
+        self.dispatch_bytes = 0                  # bytes this rank sent in dispatch all-to-alls (its T*k pairs)
+        self.combine_bytes = 0                   # bytes it sent back in combine all-to-alls (the pairs it received)
+
+    def wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The all-to-all payload dtype: the model's 16-bit dtype if every expert id is exact in it."""
+        exact = {torch.bfloat16: 256, torch.float16: 2048}.get(dtype, 0)
+        return dtype if self.cfg.n_routed_experts <= exact else torch.float32
 
     def experts_to_load(self, layer):
         return range(self.bounds[self.rank], self.bounds[self.rank + 1])
@@ -88,20 +97,23 @@ class DEPExecutor(MoEExecutor):
         self._a2a(recv_counts, send_counts)
         sc, rc = send_counts.tolist(), recv_counts.tolist()
         tokens = order // k
-        payload = torch.empty(len(order), H + 2, device=x.device, dtype=torch.float32)
-        payload[:, :H] = x[tokens].float()
-        payload[:, H] = flat_ids[order].float()
-        payload[:, H + 1] = topk_weights.reshape(-1)[order].float()
+        wire = self.wire_dtype(x.dtype)
+        payload = torch.empty(len(order), H + 2, device=x.device, dtype=wire)
+        payload[:, :H] = x[tokens]
+        payload[:, H] = flat_ids[order]
+        payload[:, H + 1] = topk_weights.reshape(-1)[order]
         received = payload.new_empty(sum(rc), H + 2)
         self._a2a(received, payload, rc, sc)
         rx = received[:, :H].to(x.dtype)
-        r_ids = received[:, H].long().unsqueeze(1)
-        r_w = received[:, H + 1].unsqueeze(1)
+        r_ids = received[:, H].float().round().long().unsqueeze(1)
+        r_w = received[:, H + 1].float().unsqueeze(1)
         y = routed_experts(rx, r_ids, r_w, [self.banks[layer]]) if layer in self.banks else torch.zeros_like(rx)
-        back = y.float().new_empty(len(order), H)
-        self._a2a(back, y.float().contiguous(), sc, rc)
+        back = payload.new_empty(len(order), H)
+        self._a2a(back, y.to(wire).contiguous(), sc, rc)
+        self.dispatch_bytes += payload.numel() * payload.element_size()
+        self.combine_bytes += y.shape[0] * H * payload.element_size()
         out = torch.zeros(T, H, device=x.device, dtype=torch.float32)
-        out.index_add_(0, tokens, back)
+        out.index_add_(0, tokens, back.float())
         return out.to(x.dtype)
 
 
