@@ -346,7 +346,8 @@ def main() -> int:
     p.add_argument("--reference-prefill", default="4096", help="prefill lengths also run with reference attention")
     p.add_argument("--hw", default="h100-measured")
     p.add_argument("--skip-checks", action="store_true")
-    p.add_argument("--profile-batch", type=int, default=32, help="decode batch of the kernel profile (0: none)")
+    p.add_argument("--profile-batch", type=int, default=32,
+                   help="decode batch of the kernel profile (0: none; skipped with --skip-checks)")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--skip-matrix", action="store_true", help="with >= 2 GPUs: do not run the strategy matrix")
     p.add_argument("--matrix-timeout", type=float, default=300.0)
@@ -376,7 +377,7 @@ def main() -> int:
                 checks.append((getattr(check, "__name__", "check"), f"ERR {str(exc)[:200]}", "FAIL"))
         for c in checks:
             say(f"check: {c}")
-    if a.profile_batch:
+    if a.profile_batch and not a.skip_checks:       # the profile uses the 3-layer model the checks build
         try:
             text = profile_decode(tmp, a.profile_batch, a.context)
             with open(os.path.join(a.out, "profile_decode.txt"), "w") as f:

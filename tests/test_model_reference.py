@@ -57,6 +57,15 @@ def _all_position_logits(engine, prompt: list[int]) -> torch.Tensor:
     return runner.model(batch, runner.kv_pool)
 
 
+def _assert_prefill_and_greedy_match_hf(model_dir, hf, prompt: list[int]) -> None:
+    """Every prefill position's logits within TOL of HF, and 6 greedy tokens identical to HF's."""
+    engine = make_engine(model_dir, max_num_batched_tokens=64)
+    assert rel_err(_all_position_logits(engine, prompt), hf_logits(hf, prompt)) < TOL
+    engine2 = make_engine(model_dir, max_num_batched_tokens=64)
+    toks = engine2.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    assert toks == hf_greedy(hf, prompt, 6)
+
+
 def test_prefill_logits_every_position_match_hf(model_case):
     name, model_dir, hf = model_case
     engine = make_engine(model_dir)
@@ -112,12 +121,7 @@ def test_make_model_tiny_checkpoint_matches_hf(tmp_path_factory):
     hf, info = DeepseekV3ForCausalLM.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
     hf.eval()
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    engine = make_engine(out, max_num_batched_tokens=64)
-    prompt = prompts_for(hf.config.vocab_size, [10], seed=4)[0]
-    assert rel_err(_all_position_logits(engine, prompt), hf_logits(hf, prompt)) < TOL
-    engine2 = make_engine(out, max_num_batched_tokens=64)
-    toks = engine2.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
-    assert toks == hf_greedy(hf, prompt, 6)
+    _assert_prefill_and_greedy_match_hf(out, hf, prompts_for(hf.config.vocab_size, [10], seed=4)[0])
 
 
 def test_fused_expert_layout_loads_and_matches_hf(checkpoints):
@@ -130,12 +134,7 @@ def test_fused_expert_layout_loads_and_matches_hf(checkpoints):
         names = set(f.keys())
     assert "model.layers.1.mlp.experts.gate_up_proj" in names
     assert not any(".experts.0." in n for n in names)
-    engine = make_engine(model_dir, max_num_batched_tokens=64)
-    prompt = prompts_for(hf.config.vocab_size, [9], seed=5)[0]
-    assert rel_err(_all_position_logits(engine, prompt), hf_logits(hf, prompt)) < TOL
-    engine2 = make_engine(model_dir, max_num_batched_tokens=64)
-    toks = engine2.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
-    assert toks == hf_greedy(hf, prompt, 6)
+    _assert_prefill_and_greedy_match_hf(model_dir, hf, prompts_for(hf.config.vocab_size, [9], seed=5)[0])
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "reference"])

@@ -295,7 +295,9 @@ class _Probe:
         self.stats = self.executor.stats
         cfg = runner.model_config
         self.moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
-        self.live = torch_zeros_bool(len(self.moe_index), cfg.n_routed_experts, runner.device)
+        import torch
+
+        self.live = torch.zeros(len(self.moe_index), cfg.n_routed_experts, dtype=torch.bool, device=runner.device)
         self.on_begin = None
         ex = self.executor
         inner_forward, inner_begin = ex.forward, ex.begin_step
@@ -319,12 +321,6 @@ class _Probe:
         collect = getattr(getattr(self.executor, "copy", None), "collect_stall_seconds", None)
         if collect is not None:
             self.stats.prefetch_wait_s += collect()
-
-
-def torch_zeros_bool(rows: int, cols: int, device):
-    import torch
-
-    return torch.zeros(rows, cols, dtype=torch.bool, device=device)
 
 
 def _hits_masks(hits) -> list[list[int]]:

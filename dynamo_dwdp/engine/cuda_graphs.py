@@ -71,9 +71,8 @@ class DecodeGraphs:
         self.max_batch = max_batch
         self.max_blocks = max_blocks
         self.device = device
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, ForwardBatch, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # key -> (graph, logits)
         self.pool = None                                  # one memory pool for all graphs (first capture)
-        self.capture_seconds = 0.0
         self.replays = 0
         self.failed: str | None = None                    # set when a capture failed: eager from then on
         n, L = max_batch, max_blocks
@@ -127,9 +126,8 @@ class DecodeGraphs:
         finally:
             if ex is not None:
                 ex.end_capture()
-        self.graphs[key] = (graph, batch, logits)
+        self.graphs[key] = (graph, logits)
         dt = time.perf_counter() - t0
-        self.capture_seconds += dt
         log.info("captured decode CUDA graph batch %d x %d blocks in %.2fs (%d graphs)", b, k, dt, len(self.graphs))
         return self.graphs[key]
 
@@ -141,10 +139,13 @@ class DecodeGraphs:
         self.tables.fill_(self.scratch)
 
     def run(self, tokens: list[int], positions: list[int], block_tables: list[list[int]],
-            want_logits: list[bool]) -> torch.Tensor:
+            want_logits: list[bool]) -> torch.Tensor | None:
         """One decode step (token i of sequence i at absolute position positions[i]). Returns the
         float32 logits of the sequences with want_logits, in order (a fresh tensor), or None when the
-        graph could not be captured (`failed` is set; the caller runs the step eagerly)."""
+        step fits no graph or the graph could not be captured (`failed` is set); the caller then runs
+        the step eagerly."""
+        if self.failed:
+            return None
         ex = self.executor
         if ex is not None and ex.graph_epoch() != self.epoch:
             log.warning("decode CUDA graphs dropped: the executor's state changed (%s -> %s)", self.epoch,
@@ -152,8 +153,10 @@ class DecodeGraphs:
             self.graphs.clear()
             self.epoch = ex.graph_epoch()
         key = self.stage(tokens, positions, block_tables)
+        if key is None:
+            return None
         try:
-            graph, _, logits = self.graphs.get(key) or self._capture_and_restage(key, tokens, positions, block_tables)
+            graph, logits = self.graphs.get(key) or self._capture_and_restage(key, tokens, positions, block_tables)
         except _CaptureFailed:
             return None
         if ex is not None:
@@ -172,28 +175,23 @@ class DecodeGraphs:
         self.stage(tokens, positions, block_tables)
         return entry
 
-    def stage(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]) -> tuple[int, int]:
+    def stage(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]) -> tuple[int, int] | None:
         """Write one decode step into the static input buffers (one host-to-device copy); returns the
-        graph key. Rows B..bucket-1 are padding: scratch slot, scratch blocks, no context."""
+        graph key, or None (nothing written) when the step fits no graph. Rows B..bucket-1 are
+        padding: scratch slot, scratch blocks, no context."""
         B = len(tokens)
         key = self.key(B, max(positions) + 1)
         if key is None:
-            raise ValueError(f"decode step of {B} sequences does not fit the captured range")
+            return None
         b, k = key
-        bs = self.bs
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)]
-        table = torch.full((b, k), self.scratch, dtype=torch.long)
-        for i, t in enumerate(block_tables):
-            n = min(len(t), k)
-            table[i, :n] = torch.tensor(t[:n], dtype=torch.long)
-        pad = b - B
-        host = torch.cat([
-            torch.tensor(tokens + [0] * pad, dtype=torch.long),
-            torch.tensor(positions + [0] * pad, dtype=torch.long),
-            torch.tensor(slots + [self.scratch * bs] * pad, dtype=torch.long),
-            torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.long),
-            table.reshape(-1),
-        ])
+        bs, scratch, pad = self.bs, self.scratch, b - B
+        tables = [t[:k] + [scratch] * (k - len(t[:k])) for t in block_tables] + [[scratch] * k] * pad
+        host = torch.tensor(
+            tokens + [0] * pad
+            + positions + [0] * pad
+            + [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)] + [scratch * bs] * pad
+            + [p + 1 for p in positions] + [0] * pad
+            + [blk for row in tables for blk in row], dtype=torch.long)
         if self.device.type == "cuda":
             host = host.pin_memory()
         dev = host.to(self.device, non_blocking=True)

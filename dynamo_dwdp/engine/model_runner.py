@@ -71,7 +71,7 @@ class ModelRunner:
         stats = self.executor.stats
         n_tokens = sum(len(c) for c in token_chunks)
         logits = None
-        if self._graph_step(token_chunks, start_positions):
+        if self.graphs is not None and token_chunks and all(len(c) == 1 for c in token_chunks):   # pure decode
             t0 = time.perf_counter()
             logits = self.graphs.run([c[0] for c in token_chunks], start_positions, block_tables, want_logits)
             stats.graph_steps += logits is not None
@@ -86,12 +86,6 @@ class ModelRunner:
         stats.steps += 1
         stats.tokens += n_tokens
         return logits
-
-    def _graph_step(self, token_chunks: list[list[int]], start_positions: list[int]) -> bool:
-        """A pure decode step (one token per sequence) that fits a graph bucket."""
-        if self.graphs is None or self.graphs.failed or not token_chunks or any(len(c) != 1 for c in token_chunks):
-            return False
-        return self.graphs.key(len(token_chunks), max(start_positions) + 1) is not None
 
     def set_expert_skew(self, hot_experts: list[int], bias: float) -> None:
         """Benchmark knob: make `hot_experts` more likely to be selected in every MoE layer."""

@@ -57,14 +57,15 @@ class MLAttention(nn.Module):
         self.o_proj = Linear(cfg.num_attention_heads * self.v_dim, H, tp, tp_dim=1)
         self.scale = cfg.softmax_scale
         self.backend = "auto"            # auto | reference | sdpa (set by the model runner)
+        # the Triton decode kernel tiles the latent and rotary widths: powers of two (every DeepSeek model)
+        self.kernel_shapes_ok = all(n & (n - 1) == 0 for n in (self.kv_lora, self.rope_dim))
 
     def use_decode_kernel(self, query: torch.Tensor, batch: ForwardBatch) -> bool:
         """Decode steps (one row per sequence) on CUDA use the Triton kernel unless backend is
         "reference" (latent and rotary widths must be powers of two, as in every DeepSeek model)."""
         if self.backend == "reference" or not query.is_cuda or batch.max_q != 1 or query.shape[0] != batch.num_seqs:
             return False
-        pow2 = all(n & (n - 1) == 0 for n in (self.kv_lora, self.rope_dim))
-        return pow2 and mla_decode.available()
+        return self.kernel_shapes_ok and mla_decode.available()
 
     def use_sdpa(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
         """Prefill chunks (max_q > 1) go through SDPA on CUDA under "auto", always under "sdpa"."""
