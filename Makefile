@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 .PHONY: setup test demo clean
 
 setup: $(VENV)/.setup-done
-$(VENV)/.setup-done: pyproject.toml scripts/setup.sh
+$(VENV)/.setup-done: pyproject.toml scripts/setup.sh $(wildcard requirements/lock-*.txt)
 	./scripts/setup.sh
 	touch $@
 
