@@ -156,3 +156,25 @@ def test_cli_like_and_weight_format(tmp_path):
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2 and cfg["quantization_config"]["quant_method"] == "fp8"
     shutil.rmtree(tmp_path / "t")
+
+
+@pytest.mark.parametrize("like,fixture", [("deepseek-v2-lite", "deepseek-v2-lite"), ("deepseek-v3", "deepseek-r1")])
+def test_like_presets_reproduce_the_published_configs(like, fixture):
+    """Every field of the published config.json (tests/fixtures) that decides the model is the same in
+    the `--like` preset, and the engine's parser reads both to the same ModelConfig."""
+    from conftest import REPO
+    from dynamo_dwdp.model.config import config_from_dict
+    from dynamo_dwdp.model.presets import preset_config
+
+    published = json.loads((REPO / "tests" / "fixtures" / fixture / "config.json").read_text())
+    ours = preset_config(like)
+    ignored = {"bos_token_id", "eos_token_id", "num_nextn_predict_layers", "quantization_config", "auto_map",
+               "aux_loss_alpha", "seq_aux", "transformers_version", "pretraining_tp", "ep_size"}
+    differ = {k: (published[k], ours.get(k)) for k in published if k not in ignored and published[k] != ours.get(k)}
+    assert not differ, differ
+    a, b = config_from_dict(published), config_from_dict(ours)
+    same = {k: v for k, v in vars(a).items() if k not in ("bos_token_id", "eos_token_ids", "quant",
+                                                           "num_nextn_predict_layers")}
+    assert same == {k: v for k, v in vars(b).items() if k in same}
+    if fixture == "deepseek-r1":
+        assert a.quant is not None and a.quant.block == (128, 128) and list(a.mtp_layers) == [61]
