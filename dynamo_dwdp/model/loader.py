@@ -223,9 +223,10 @@ class WeightSource:
         return lo // b * b, min(-(-hi // b) * b, n)
 
     def read(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
-             expect: tuple[int, ...] | None = None) -> torch.Tensor:
+             expect: tuple[int, ...] | None = None, device: torch.device | None = None) -> torch.Tensor:
         """The full-precision value of `name`, optionally rows/cols [start, stop) of a 2-D weight.
-        `expect` is the full tensor's shape (checked before anything is read)."""
+        `expect` is the full tensor's shape (checked before anything is read). FP8 blocks travel to
+        `device` as stored (1 byte per weight) and are dequantized there."""
         info = self.reader.info(name)
         if expect is not None and tuple(info.shape) != tuple(expect):
             raise CheckpointError(f"tensor '{name}' has shape {list(info.shape)}, expected {list(expect)}")
@@ -233,8 +234,8 @@ class WeightSource:
             lo, hi = rows if rows is not None else (0, info.shape[0])
             alo, ahi = self._aligned(lo, hi, info.shape[0])
             b0 = self.block[0]
-            q = self.reader.read(name, (alo, ahi))
-            s = self.reader.read(name + SCALE_SUFFIX, (alo // b0, -(-ahi // b0)))
+            q = self.reader.read(name, (alo, ahi)).to(device or "cpu")
+            s = self.reader.read(name + SCALE_SUFFIX, (alo // b0, -(-ahi // b0))).to(q.device)
             t = dequantize_block_fp8(q, s, self.block)[lo - alo: hi - alo]
         else:
             t = self.reader.read(name, rows)
@@ -323,7 +324,7 @@ def _plan(model, cfg: ModelConfig, tp, src: WeightSource) -> list[tuple[int, Cal
         src.reader.info(disk)                       # missing tensors fail before anything is read
 
         def action(target=target, disk=disk, rows=rows, cols=cols, full=tuple(full), dtype=dtype):
-            t = src.read(disk, rows, cols, expect=full)
+            t = src.read(disk, rows, cols, expect=full, device=target.device)
             with torch.no_grad():
                 target.data = t.to(device=target.device, dtype=dtype).contiguous()
         plan.append((src.nbytes(disk, rows), action))
@@ -366,8 +367,9 @@ def _expert_plan(src: WeightSource, cfg: ModelConfig, layer: int, executor):
             reader.info(n)
 
         def action(e=e, names=names):
-            gate = src.read(names[0], sl, expect=(I, H))
-            up = src.read(names[1], sl, expect=(I, H))
-            down = src.read(names[2], None, sl, expect=(H, I))
+            dev = getattr(executor, "device", None)
+            gate = src.read(names[0], sl, expect=(I, H), device=dev)
+            up = src.read(names[1], sl, expect=(I, H), device=dev)
+            down = src.read(names[2], None, sl, expect=(H, I), device=dev)
             executor.load_expert(layer, e, gate, up, down)
         yield src.nbytes(names[0], sl) + src.nbytes(names[1], sl) + src.nbytes(names[2]), action
