@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -137,6 +137,13 @@ def test_fp8_engine_matches_transformers_on_dequantized_weights(fp8_case, caplog
     mtp_lines = [r for r in caplog.records if "multi-token-prediction" in r.getMessage()]
     assert len(mtp_lines) == 1 and "model.layers.3" in mtp_lines[0].getMessage()
     assert not any(n.startswith("model.layers.3.") for n in runner.load_report.tensors)
+    # the progress callback counts bytes, ending at exactly what was read
+    from dynamo_dwdp.model.loader import load_weights
+
+    calls = []
+    report = load_weights(runner.model, str(out), progress=lambda done, total: calls.append((done, total)),
+                          progress_bar=False)
+    assert calls[-1] == (report.bytes_read, report.bytes_read) and calls == sorted(calls)
     for prompt in prompts_for(V, [7, 12], seed=3):
         toks = engine.generate([prompt], SamplingParams(**PARAMS))[0]
         assert toks == hf_greedy(hf, prompt, PARAMS["max_tokens"])
@@ -238,7 +245,7 @@ def test_multi_shard_load_peak_rss_is_bounded(tmp_path):
     summary = write_checkpoint(out, cfg, seed=1, quiet=True, with_tokenizer=False, max_shard_bytes=32 * 2**20)
     assert len([f for f in summary.files if f.endswith(".safetensors")]) >= 4
     proc = subprocess.run([PY, "-c", _RSS_SCRIPT, str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     growth = m["peak"] - m["before"]
