@@ -177,4 +177,6 @@ def test_like_presets_reproduce_the_published_configs(like, fixture):
                                                            "num_nextn_predict_layers")}
     assert same == {k: v for k, v in vars(b).items() if k in same}
     if fixture == "deepseek-r1":
-        assert a.quant is not None and a.quant.block == (128, 128) and list(a.mtp_layers) == [61]
+        assert a.weight_format == "fp8" and a.quant.block == (128, 128) and list(a.mtp_layers) == [61]
+    else:
+        assert a.weight_format == "bf16" and not a.mtp_layers

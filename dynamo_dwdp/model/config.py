@@ -101,6 +101,13 @@ class ModelConfig:
         return self.topk_method == "noaux_tc"
 
     @property
+    def weight_format(self) -> str:
+        """How the checkpoint stores its weights: "fp8" (128x128-block e4m3), else "bf16" / "fp16" / "fp32"."""
+        if self.quant is not None:
+            return self.quant.method
+        return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[self.torch_dtype]
+
+    @property
     def mtp_layers(self) -> range:
         """Indices of the multi-token-prediction layers on disk (the server skips them)."""
         return range(self.num_hidden_layers, self.num_hidden_layers + self.num_nextn_predict_layers)
