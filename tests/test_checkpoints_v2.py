@@ -94,19 +94,50 @@ def test_group_limited_greedy_really_limits_groups(v2_root):
     assert sum(len(set((row // per_group).tolist())) > 1 for row in free) > 32
 
 
+def tokens_and_experts_read(rank_engine, payload):
+    """run_local_group target: generated tokens + the expert ids this rank read, per MoE layer."""
+    from dynamo_dwdp.parallel.local_group import generate_rank
+
+    toks = generate_rank(rank_engine, payload)
+    read: dict[int, list[int]] = {}
+    for name, times in rank_engine.runner.load_report.tensors.items():
+        if ".mlp.experts." in name and name.endswith("gate_proj.weight"):
+            assert times == 1, name
+            parts = name.split(".")
+            read.setdefault(int(parts[2]), []).append(int(parts[5]))
+    return {"tokens": toks, "experts": {layer: sorted(e) for layer, e in read.items()}}
+
+
+def _held_experts(strategy: str, ranks: int, rank: int, experts: int) -> list[int]:
+    """The experts a rank stores, from each strategy's own placement code."""
+    if strategy == "dwdp":
+        from dynamo_dwdp.dwdp.placement import Placement
+
+        return list(Placement.choose(experts, ranks).local_range(rank))
+    if strategy == "dep":
+        from dynamo_dwdp.parallel.dep import even_bounds
+
+        b = even_bounds(experts, ranks)
+        return list(range(b[rank], b[rank + 1]))
+    return list(range(experts))                        # tp: a slice of every expert
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("private_shm_dir")
 @pytest.mark.parametrize("name,strategy,ranks", GROUP_RUNS, ids=[f"{c}-{s}{n}" for c, s, n in GROUP_RUNS])
 def test_v2_strategies_match_transformers(v2_root, name, strategy, ranks):
-    from dynamo_dwdp.parallel.local_group import generate_rank, run_local_group
+    """Tokens equal transformers'; each rank read each expert it stores once and no other."""
+    from dynamo_dwdp.parallel.local_group import run_local_group
 
     model_dir, hf = v2_checkpoint(v2_root, name)
     prompts = {r: prompts_for(V, [6 + r, 13], seed=50 + r) for r in range(ranks)}
     payloads = [(prompts[0 if strategy == "tp" else r], SamplingParams(**PARAMS)) for r in range(ranks)]
-    res = run_local_group(str(model_dir), group_engine_config(), strategy, ranks, generate_rank, payloads,
-                          timeout=180)
+    res = run_local_group(str(model_dir), group_engine_config(), strategy, ranks, tokens_and_experts_read,
+                          payloads, timeout=180)
     for r in res:
         assert r.error is None, f"{strategy}{ranks} rank {r.rank}: {r.error}"
+        held = _held_experts(strategy, ranks, r.rank, _V2_BASE["n_routed_experts"])
+        assert r.value["experts"] == {layer: held for layer in (1, 2, 3)}, (strategy, r.rank)
     for r in ([0] if strategy == "tp" else range(ranks)):
-        for prompt, toks in zip(prompts[r], res[r].value):
+        for prompt, toks in zip(prompts[r], res[r].value["tokens"]):
             assert toks == hf_greedy(hf, prompt, PARAMS["max_tokens"]), (name, strategy, ranks, r)
