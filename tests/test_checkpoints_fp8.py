@@ -154,6 +154,30 @@ def test_fp8_engine_matches_transformers_on_dequantized_weights(fp8_case, caplog
                    hf_logits(hf, prompt)) < TOL
 
 
+@pytest.mark.parametrize("rows,cols", [((0, 100), None), ((100, 200), None), ((50, 140), None), ((128, 200), None),
+                                       (None, (0, 80)), (None, (80, 160)), ((3, 131), (7, 150))])
+def test_fp8_slices_are_the_dequantized_slices(fp8_case, rows, cols):
+    """A TP rank's rows/columns of an FP8 weight (block-aligned reads, then cut) equal the same slice
+    of the whole dequantized weight, across block edges; only the row blocks it needs are read."""
+    from dynamo_dwdp.model.config import load_model_config
+    from dynamo_dwdp.model.loader import CheckpointReader, WeightSource
+
+    out, _, deq, _ = fp8_case
+    name = "model.layers.0.mlp.gate_proj.weight"                       # [200, 160]: 2x2 blocks, partial
+    reader = CheckpointReader(str(out))
+    try:
+        src = WeightSource(reader, load_model_config(str(out)))
+        got = src.read(name, rows, cols, expect=(200, 160))
+        r0, r1 = rows or (0, 200)
+        c0, c1 = cols or (0, 160)
+        assert torch.equal(got, deq[name][r0:r1, c0:c1])
+        blocks = range(r0 // 128, -(-r1 // 128))
+        assert reader.report.bytes_read == sum(min(128, 200 - 128 * b) for b in blocks) * 160 \
+            + len(blocks) * 2 * 4                                      # e4m3 rows + float32 scale rows
+    finally:
+        reader.close()
+
+
 def tokens_and_reads(rank_engine, payload):
     """run_local_group target: generated tokens + the names of the tensors this rank read."""
     from dynamo_dwdp.parallel.local_group import generate_rank
@@ -164,28 +188,32 @@ def tokens_and_reads(rank_engine, payload):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("private_shm_dir")
-def test_dwdp_ranks_read_only_their_own_experts(fp8_case):
-    """DWDP x2 on the FP8 checkpoint: each rank reads each expert tensor of its own placement range
-    once and no other expert, no MTP tensor; its tokens equal transformers'."""
+@pytest.mark.parametrize("strategy", ["dwdp", "tp"])
+def test_fp8_group_ranks_read_only_what_they_hold(fp8_case, strategy):
+    """x2 on the FP8 checkpoint. DWDP: each rank reads each expert tensor (and scale) of its own
+    placement range once, no other expert, no MTP tensor. TP: rank 0's tokens (each rank holding
+    half of every FP8 weight it slices) equal transformers'."""
     from dynamo_dwdp.dwdp.placement import Placement
     from dynamo_dwdp.parallel.local_group import run_local_group
 
     out, hf, _, _ = fp8_case
     prompts = {r: prompts_for(V, [5 + r, 9], seed=60 + r) for r in range(2)}
-    res = run_local_group(str(out), group_engine_config(), "dwdp", 2, tokens_and_reads,
-                          [(prompts[r], SamplingParams(**PARAMS)) for r in range(2)], timeout=180)
+    payloads = [(prompts[0 if strategy == "tp" else r], SamplingParams(**PARAMS)) for r in range(2)]
+    res = run_local_group(str(out), group_engine_config(), strategy, 2, tokens_and_reads, payloads, timeout=180)
     placement = Placement.choose(FP8_CFG["n_routed_experts"], 2)
     for r in res:
         assert r.error is None, r.error
         read = r.value["read"]
-        assert set(read.values()) == {1}, "a tensor was read twice"
-        experts = {n for n in read if ".mlp.experts." in n}
-        want = {f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight{suffix}"
-                for layer in (1, 2) for e in placement.local_range(r.rank) for p in ("gate", "up", "down")
-                for suffix in ("", "_scale_inv")}
-        assert experts == want, r.rank
         assert not any(n.startswith("model.layers.3.") for n in read)
-        for prompt, toks in zip(prompts[r.rank], r.value["tokens"]):
+        if strategy == "dwdp":
+            assert set(read.values()) == {1}, "a tensor was read twice"
+            experts = {n for n in read if ".mlp.experts." in n}
+            want = {f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight{suffix}"
+                    for layer in (1, 2) for e in placement.local_range(r.rank) for p in ("gate", "up", "down")
+                    for suffix in ("", "_scale_inv")}
+            assert experts == want, r.rank
+    for r in ([0] if strategy == "tp" else range(2)):
+        for prompt, toks in zip(prompts[r], res[r].value["tokens"]):
             assert toks == hf_greedy(hf, prompt, PARAMS["max_tokens"])
 
 
