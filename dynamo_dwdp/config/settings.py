@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from dynamo_dwdp.config.graph import Pool
 
 DTYPES = ("float32", "bfloat16")
-MODEL_PRESETS = ("tiny", "small", "v2-lite-shape")
+MODEL_PRESETS = ("tiny", "small", "v2-lite-shape", "deepseek-v2-lite", "deepseek-v3")
 """Presets of `dynamo-dwdp make-model` (dynamo_dwdp/model/presets.py); checked against it in tests."""
 
 POOL_OVERRIDE_SECTIONS = ("engine", "dwdp", "trtllm")

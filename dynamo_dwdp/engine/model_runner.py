@@ -41,7 +41,7 @@ class ModelRunner:
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.float()
             layer.self_attn.backend = config.attention_backend
-        load_weights(model, model_dir)
+        self.load_report = load_weights(model, model_dir)
         self.model = model.eval()
         self.executor = executor
         self.load_seconds = time.perf_counter() - t0

@@ -8,6 +8,11 @@ Contracts
   dtype). The same preset + seed + dtype gives byte-identical files on any machine, and each tensor
   can be generated alone, in any order, on any device (`iter_random_tensors(..., device="cuda")`
   gives bit-for-bit the tensors that `write_checkpoint` stores).
+* `weight_format="fp8"`: the official DeepSeek-V3 FP8 layout (model/fp8.py): every projection of
+  attention, dense MLPs, shared and routed experts is stored as float8_e4m3fn with a float32
+  `<name>.weight_scale_inv` per 128x128 block (the quantized float32 values of the same seed);
+  embeddings, norms, the router, the correction bias and lm_head stay in `dtype` (bf16 by default), and
+  config.json gets `quantization_config`. V2 configs (`model_type: deepseek_v2`) have no correction bias.
 * Streaming: only one tensor (plus a small work buffer) is in memory at a time; above
   `max_shard_bytes` (4 GiB) the weights go to `model-0000k-of-0000n.safetensors` shards with a
   `model.safetensors.index.json`, as official checkpoints do. config.json is written last, so an
@@ -54,7 +59,8 @@ from typing import Any
 import torch
 
 from dynamo_dwdp.errors import UserError
-from dynamo_dwdp.model.presets import DTYPES, EOS_TOKEN_ID, BOS_TOKEN_ID, get_preset, validate_config
+from dynamo_dwdp.model.fp8 import DEFAULT_BLOCK, FP8_DTYPE, quantize_block_fp8, scale_shape
+from dynamo_dwdp.model.presets import BOS_TOKEN_ID, DTYPES, EOS_TOKEN_ID, WEIGHT_FORMATS, get_preset, validate_config
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 LOGIT_STD = 2.0
@@ -62,7 +68,9 @@ NORM_NOISE_STD = 0.05
 BIAS_STD = 0.1
 _KEY_DOMAIN = b"dynamo-dwdp/make-model/v1\0"
 _MASK32 = 0xFFFFFFFF
-_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16"}
+_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", FP8_DTYPE: "F8_E4M3"}
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": list(DEFAULT_BLOCK)}
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -102,6 +110,21 @@ class TensorSpec:
     def dtype_for(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float32 if self.always_fp32 else dtype
 
+    @property
+    def fp8_quantized(self) -> bool:
+        """Stored as FP8 blocks in an fp8 checkpoint: every projection except the router, as published."""
+        return self.kind == "linear" and not self.name.endswith("mlp.gate.weight")
+
+    def stored(self, dtype: torch.dtype, fp8: bool) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape, dtype) of what is written for this tensor: itself, and its scales under fp8."""
+        if fp8 and self.fp8_quantized:
+            return [(self.name, self.shape, FP8_DTYPE),
+                    (self.name + "_scale_inv", scale_shape(self.shape), torch.float32)]
+        return [(self.name, self.shape, self.dtype_for(dtype))]
+
+    def stored_bytes(self, dtype: torch.dtype, fp8: bool) -> int:
+        return sum(math.prod(shape) * dt.itemsize for _, shape, dt in self.stored(dtype, fp8))
+
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
     if isinstance(cfg, Mapping):
@@ -125,6 +148,8 @@ def tensor_specs(cfg: Any) -> list[TensorSpec]:
         raise UserError("moe_layer_freq must be 1 (every layer after first_k_dense_replace is MoE)")
     if _get(cfg, "tie_word_embeddings", False):
         raise UserError("tie_word_embeddings must be false for DeepSeek-V3 checkpoints")
+    v2 = _get(cfg, "model_type") == "deepseek_v2"
+    correction_bias = (_get(cfg, "topk_method") or ("greedy" if v2 else "noaux_tc")) == "noaux_tc"
 
     specs = [TensorSpec("model.embed_tokens.weight", (V, H), "embed")]
 
@@ -155,7 +180,9 @@ def tensor_specs(cfg: Any) -> list[TensorSpec]:
             mlp(f"{p}.mlp", inter)
         else:
             lin(f"{p}.mlp.gate.weight", experts, H)
-            specs.append(TensorSpec(f"{p}.mlp.gate.e_score_correction_bias", (experts,), "bias", always_fp32=True))
+            if correction_bias:
+                specs.append(TensorSpec(f"{p}.mlp.gate.e_score_correction_bias", (experts,), "bias",
+                                        always_fp32=True))
             for e in range(experts):
                 mlp(f"{p}.mlp.experts.{e}", moe_inter)
             if shared:
@@ -299,27 +326,32 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def _write_safetensors(path: Path, specs: list[TensorSpec], seed: int, dtype: torch.dtype, device: Any,
-                       progress: Any) -> None:
-    entries = [(s.name, s.shape, s.dtype_for(dtype)) for s in specs]
+                       progress: Any, fp8: bool = False) -> None:
+    entries = [e for s in specs for e in s.stored(dtype, fp8)]
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "wb") as f:
         f.write(_safetensors_header(entries))
         for spec in specs:
-            t = random_tensor(spec, seed, dtype, device)
-            data = _tensor_bytes(t)
-            f.write(data)
-            if progress is not None:
-                progress.update(data.nbytes)
-            del t, data
+            if fp8 and spec.fp8_quantized:
+                parts = quantize_block_fp8(random_tensor(spec, seed, torch.float32, device))
+            else:
+                parts = (random_tensor(spec, seed, dtype, device),)
+            for t in parts:
+                data = _tensor_bytes(t)
+                f.write(data)
+                if progress is not None:
+                    progress.update(data.nbytes)
+            del parts, t, data
     os.replace(tmp, path)
 
 
-def plan_shards(specs: list[TensorSpec], dtype: torch.dtype, max_shard_bytes: int) -> list[list[TensorSpec]]:
+def plan_shards(specs: list[TensorSpec], dtype: torch.dtype, max_shard_bytes: int,
+                fp8: bool = False) -> list[list[TensorSpec]]:
     """Split `specs` (in order) into consecutive shards of at most `max_shard_bytes` (a bigger tensor gets its own)."""
     shards: list[list[TensorSpec]] = [[]]
     size = 0
     for s in specs:
-        nbytes = s.numel * s.dtype_for(dtype).itemsize
+        nbytes = s.stored_bytes(dtype, fp8)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -386,13 +418,18 @@ def write_checkpoint(
     device: Any = "cpu",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     with_tokenizer: bool = True,
+    weight_format: str = "float",
 ) -> CheckpointSummary:
     """Write a random checkpoint + offline tokenizer into `out_dir` (see the module docstring).
 
     `preset_or_cfg` is a preset name (see presets.PRESETS) or an official-format config.json dict.
-    `dtype` None means the preset default (or the dict's `torch_dtype`). Returns what was written.
+    `dtype` None means the preset default (or the dict's `torch_dtype`). `weight_format` "fp8" writes
+    the official FP8 block layout (see the module docstring). Returns what was written.
     """
     t0 = time.perf_counter()
+    if weight_format not in WEIGHT_FORMATS:
+        raise UserError(f"unknown weight format {weight_format!r}; choose one of: {', '.join(WEIGHT_FORMATS)}")
+    fp8 = weight_format == "fp8"
     if isinstance(preset_or_cfg, str):
         preset = get_preset(preset_or_cfg)
         dt_name = preset.default_dtype if dtype is None else _dtype_cli_name(dtype)
@@ -406,14 +443,16 @@ def write_checkpoint(
         cfg["torch_dtype"] = DTYPES[dt_name]
         validate_config(cfg)
     tdtype = resolve_dtype(dt_name)
+    if fp8:
+        cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
     if max_shard_bytes < 1:
         raise UserError(f"max shard size must be positive, got {max_shard_bytes}")
 
     out = Path(out_dir)
     prepare_out_dir(out, force)
     specs = tensor_specs(cfg)
-    total = sum(s.numel * s.dtype_for(tdtype).itemsize for s in specs)
-    shards = plan_shards(specs, tdtype, max_shard_bytes)
+    total = sum(s.stored_bytes(tdtype, fp8) for s in specs)
+    shards = plan_shards(specs, tdtype, max_shard_bytes, fp8)
 
     progress = None
     if not quiet and sys.stderr.isatty():
@@ -422,13 +461,13 @@ def write_checkpoint(
                         file=sys.stderr)
     try:
         if len(shards) == 1:
-            _write_safetensors(out / WEIGHTS_NAME, shards[0], seed, tdtype, device, progress)
+            _write_safetensors(out / WEIGHTS_NAME, shards[0], seed, tdtype, device, progress, fp8)
         else:
             weight_map: dict[str, str] = {}
             for k, shard in enumerate(shards, 1):
                 fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-                _write_safetensors(out / fname, shard, seed, tdtype, device, progress)
-                weight_map.update({s.name: fname for s in shard})
+                _write_safetensors(out / fname, shard, seed, tdtype, device, progress, fp8)
+                weight_map.update({name: fname for s in shard for name, _, _ in s.stored(tdtype, fp8)})
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             _write_text(out / INDEX_NAME, _json_text(index))
     finally:

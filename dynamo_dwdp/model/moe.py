@@ -1,9 +1,19 @@
-"""The DeepSeek-V3 MoE block: exact V3 router + shared experts; routed experts via a `MoEExecutor`.
+"""The DeepSeek MoE block: the family's routers + shared experts; routed experts via a `MoEExecutor`.
 
-Router (noaux_tc): sigmoid scores; `e_score_correction_bias` is added for *selection only*;
-experts are grouped into n_group groups, each group scored by the sum of its top-2 biased scores,
-the best topk_group groups are kept, top-k experts are picked among them; the weights are the
-unbiased sigmoid scores of the picked experts, optionally normalised, times routed_scaling_factor.
+One function per routing method (`ROUTING`), all `(logits fp32 [T, E], ...) -> (ids [T, k] long,
+weights [T, k] float32)`, chosen from config.json's `topk_method` (validated in model/config.py):
+
+* `noaux_tc` (DeepSeek-V3/R1/V3.1): sigmoid scores; `e_score_correction_bias` is added for *selection
+  only*; experts form n_group groups, each scored by the sum of its top-2 biased scores; the best
+  topk_group groups are kept and top-k experts picked among them; the weights are the unbiased sigmoid
+  scores of the picked experts, normalised when norm_topk_prob, times routed_scaling_factor.
+* `greedy` (DeepSeek-V2-Lite): softmax scores, plain top-k, weights = scores x routed_scaling_factor.
+* `group_limited_greedy` (DeepSeek-V2): softmax scores; each group scored by its max score, the best
+  topk_group groups kept, top-k among them; weights = scores x routed_scaling_factor.
+
+The V2 methods never renormalise: that is transformers' DeepseekV2TopkRouter (config.py refuses
+norm_topk_prob=true under deepseek_v2, where DeepSeek's own code would differ). `selection_skew` is a
+benchmark knob added to the selection scores of every method; it is zero for real models.
 """
 from __future__ import annotations
 
@@ -16,33 +26,76 @@ from dynamo_dwdp.model.layers import DenseMLP
 from dynamo_dwdp.parallel.context import TensorParallel
 
 
+def _keep_best_groups(choice: torch.Tensor, group_scores: torch.Tensor, topk_group: int,
+                      masked_value: float) -> torch.Tensor:
+    """`choice` [T, E] with every expert outside the topk_group best groups set to `masked_value`."""
+    T, G = group_scores.shape
+    keep = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0)
+    expert_mask = group_mask.unsqueeze(-1).expand(T, G, choice.shape[1] // G).reshape(T, -1)
+    return choice.masked_fill(expert_mask == 0, masked_value)
+
+
+def route_noaux_tc(logits: torch.Tensor, cfg: ModelConfig, correction_bias: torch.Tensor,
+                   skew: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's router (sigmoid, bias for selection only, groups by top-2 sum)."""
+    T, E, G = logits.shape[0], cfg.n_routed_experts, cfg.n_group
+    scores = logits.sigmoid()
+    choice = scores + correction_bias + skew
+    if G > 1:
+        group_scores = choice.view(T, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
+        choice = _keep_best_groups(choice, group_scores, cfg.topk_group, float("-inf"))
+    ids = torch.topk(choice, k=cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, weights * cfg.routed_scaling_factor
+
+
+def route_greedy(logits: torch.Tensor, cfg: ModelConfig, skew: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2-Lite's router (softmax, plain top-k)."""
+    scores = logits.softmax(dim=-1)
+    ids = torch.topk(scores + skew, k=cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+    return ids, scores.gather(1, ids) * cfg.routed_scaling_factor
+
+
+def route_group_limited_greedy(logits: torch.Tensor, cfg: ModelConfig,
+                               skew: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2's router (softmax; groups by their max score; top-k in the best topk_group groups)."""
+    T, E, G = logits.shape[0], cfg.n_routed_experts, cfg.n_group
+    scores = logits.softmax(dim=-1)
+    choice = scores + skew
+    if G > 1:
+        group_scores = choice.view(T, G, E // G).amax(dim=-1)
+        choice = _keep_best_groups(choice, group_scores, cfg.topk_group, float("-inf"))
+    ids = torch.topk(choice, k=cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+    return ids, scores.gather(1, ids) * cfg.routed_scaling_factor
+
+
 class Router(nn.Module):
+    """`mlp.gate`: fp32 logits, then the routing function of the config's topk_method."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         E = cfg.n_routed_experts
         self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size), requires_grad=False)
-        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        if cfg.uses_correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
         # Benchmark knob ("hot experts"): added to the selection scores only; zero for real models.
         self.register_buffer("selection_skew", torch.zeros(E, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_ids [T, k] long, topk_weights [T, k] float32)."""
-        cfg = self.cfg
-        T, E, G = x.shape[0], cfg.n_routed_experts, cfg.n_group
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        choice = scores + self.e_score_correction_bias + self.selection_skew
-        if G > 1:
-            group_scores = choice.view(T, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
-            keep = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0)
-            expert_mask = group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
-            choice = choice.masked_fill(expert_mask == 0, float("-inf"))
-        ids = torch.topk(choice, k=cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
-        weights = scores.gather(1, ids)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return ids, weights * cfg.routed_scaling_factor
+        logits = F.linear(x.float(), self.weight.float())
+        method = self.cfg.topk_method
+        if method == "noaux_tc":
+            return route_noaux_tc(logits, self.cfg, self.e_score_correction_bias, self.selection_skew)
+        if method == "greedy":
+            return route_greedy(logits, self.cfg, self.selection_skew)
+        if method == "group_limited_greedy":
+            return route_group_limited_greedy(logits, self.cfg, self.selection_skew)
+        raise ValueError(f"topk_method {method!r} has no router")   # config.py refuses it first
 
 
 class MoEBlock(nn.Module):

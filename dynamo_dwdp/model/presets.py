@@ -1,14 +1,21 @@
-"""Model presets for `dynamo-dwdp make-model`: DeepSeek-V3-architecture shapes, small to medium.
+"""Model presets for `dynamo-dwdp make-model`: DeepSeek-family shapes, tiny to published.
 
 Each preset is one `ModelPreset` instance; `PRESETS` maps its name to it and `preset_config(name)`
-returns the config.json dict in the OFFICIAL DeepSeek-V3 format (`rope_theta` + `rope_scaling`,
+returns the config.json dict in the OFFICIAL DeepSeek format (`rope_theta` + `rope_scaling`,
 `topk_method`, `scoring_func`, `num_nextn_predict_layers`, ...), which transformers >= 5 loads natively.
 
-| preset          | use             | params (all layers)     |
-|-----------------|-----------------|-------------------------|
-| `tiny`          | CPU tests       | ~0.54 M                 |
-| `small`         | CPU benchmarks  | ~19 M                   |
-| `v2-lite-shape` | GPU benchmarks  | ~15.7 B (DeepSeek-V2-Lite shapes) |
+| preset             | use                         | params (all layers)                      |
+|--------------------|-----------------------------|------------------------------------------|
+| `tiny`             | CPU tests                   | ~0.54 M                                  |
+| `small`            | CPU benchmarks              | ~19 M                                    |
+| `v2-lite-shape`    | GPU benchmarks              | ~15.7 B (V2-Lite shapes, V3 router)      |
+| `deepseek-v2-lite` | `--like`: the published V2-Lite config (deepseek_v2, greedy softmax router) | ~15.7 B |
+| `deepseek-v3`      | `--like`: the published V3 config (deepseek_v3, noaux_tc router)            | ~671 B  |
+
+The `--like` presets copy the published config.json fields (shapes, router, RoPE/YaRN, scaling) except
+`bos/eos_token_id` (those of the offline tokenizer make-model writes) and `num_nextn_predict_layers`
+(0: a random multi-token-prediction layer would only be skipped by the server). `--weight-format fp8`
+adds V3's `quantization_config`.
 """
 from __future__ import annotations
 
@@ -19,6 +26,9 @@ from dynamo_dwdp.errors import UserError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 """CLI dtype spelling -> config.json `torch_dtype` spelling."""
+
+WEIGHT_FORMATS = ("float", "fp8")
+"""`make-model --weight-format`: float tensors in --dtype, or the official FP8 block layout."""
 
 BOS_TOKEN_ID = 0
 EOS_TOKEN_ID = 1
@@ -55,7 +65,12 @@ class ModelPreset:
     rope_theta: float = 10000.0
     yarn_factor: float | None = None
     yarn_original_max_position: int | None = None
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 1.0
     initializer_range: float = 0.02        # informational only: make-model uses its own init (see checkpoint_writer)
+    model_type: str = "deepseek_v3"        # deepseek_v3 (noaux_tc router) | deepseek_v2 (greedy / group_limited_greedy)
+    topk_method: str = "noaux_tc"
+    like: bool = False                     # a published model's shape (`make-model --like`)
 
     def config(self, *, num_layers: int | None = None, dtype: str | None = None) -> dict[str, Any]:
         """The config.json dict, optionally with fewer/more layers and another dtype."""
@@ -73,12 +88,13 @@ class ModelPreset:
                 "original_max_position_embeddings": self.yarn_original_max_position,
                 "beta_fast": 32,
                 "beta_slow": 1,
-                "mscale": 1.0,
-                "mscale_all_dim": 1.0,
+                "mscale": self.yarn_mscale,
+                "mscale_all_dim": self.yarn_mscale_all_dim,
             }
+        v2 = self.model_type == "deepseek_v2"
         cfg: dict[str, Any] = {
-            "architectures": ["DeepseekV3ForCausalLM"],
-            "model_type": "deepseek_v3",
+            "architectures": ["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -93,8 +109,8 @@ class ModelPreset:
             "num_experts_per_tok": self.num_experts_per_tok,
             "n_group": self.n_group,
             "topk_group": self.topk_group,
-            "topk_method": "noaux_tc",
-            "scoring_func": "sigmoid",
+            "topk_method": self.topk_method,
+            "scoring_func": "softmax" if v2 else "sigmoid",
             "norm_topk_prob": self.norm_topk_prob,
             "routed_scaling_factor": self.routed_scaling_factor,
             "ep_size": 1,
@@ -138,7 +154,7 @@ def validate_config(cfg: dict[str, Any]) -> None:
     if groups < 1 or experts % groups:
         raise UserError(f"n_routed_experts={experts} must be a multiple of n_group={groups}")
     per_group = experts // groups
-    if per_group < 2:
+    if per_group < 2 and cfg.get("topk_method", "noaux_tc") == "noaux_tc":
         raise UserError(f"each expert group needs >= 2 experts (n_routed_experts={experts}, n_group={groups})")
     if not 1 <= cfg["topk_group"] <= groups:
         raise UserError(f"topk_group={cfg['topk_group']} must be in 1..n_group={groups}")
@@ -182,7 +198,35 @@ V2_LITE_SHAPE = ModelPreset(
     max_position_embeddings=16384, default_dtype="bf16",
 )
 
-PRESETS: dict[str, ModelPreset] = {p.name: p for p in (TINY, SMALL, V2_LITE_SHAPE)}
+DEEPSEEK_V2_LITE = ModelPreset(
+    name="deepseek-v2-lite",
+    description="the published DeepSeek-V2-Lite config: 27 layers, 64 experts top-6, greedy softmax router, "
+                "no q-LoRA, YaRN (~15.7 B)",
+    vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+    num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16,
+    n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, n_group=1, topk_group=1,
+    routed_scaling_factor=1.0, norm_topk_prob=False,
+    q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    max_position_embeddings=163840, default_dtype="bf16",
+    yarn_factor=40.0, yarn_original_max_position=4096, yarn_mscale=0.707, yarn_mscale_all_dim=0.707,
+    model_type="deepseek_v2", topk_method="greedy", like=True,
+)
+
+DEEPSEEK_V3 = ModelPreset(
+    name="deepseek-v3",
+    description="the published DeepSeek-V3/R1 config: 61 layers (3 dense), 256 experts top-8 in 8 groups, "
+                "noaux_tc sigmoid router, YaRN (~671 B; use --layers)",
+    vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+    num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128,
+    n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1, n_group=8, topk_group=4,
+    routed_scaling_factor=2.5, norm_topk_prob=True,
+    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    max_position_embeddings=163840, default_dtype="bf16",
+    yarn_factor=40.0, yarn_original_max_position=4096, like=True,
+)
+
+PRESETS: dict[str, ModelPreset] = {p.name: p for p in (TINY, SMALL, V2_LITE_SHAPE, DEEPSEEK_V2_LITE, DEEPSEEK_V3)}
+LIKE = tuple(p.name for p in PRESETS.values() if p.like)
 
 
 def get_preset(name: str) -> ModelPreset:

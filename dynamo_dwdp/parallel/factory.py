@@ -20,6 +20,7 @@ from dynamo_dwdp.engine.llm_engine import LLMEngine
 from dynamo_dwdp.engine.model_runner import ModelRunner
 from dynamo_dwdp.engine.sequence import RequestOutput
 from dynamo_dwdp.model.config import load_model_config
+from dynamo_dwdp.model.memory_fit import check_memory_fit
 from dynamo_dwdp.parallel.context import TensorParallel
 from dynamo_dwdp.parallel.executor import LocalExecutor
 from dynamo_dwdp.parallel.group import GroupContext, GroupSpec
@@ -107,6 +108,8 @@ def build_rank_engine(model_dir: str, engine_cfg: EngineConfig, spec: GroupSpec,
         torch.cuda.set_device(device)
     engine_cfg.device = str(device)
     model_cfg = load_model_config(model_dir)
+    check_memory_fit(model_cfg, spec.strategy, spec.size, engine_cfg.torch_dtype, engine_cfg.num_kv_blocks,
+                     engine_cfg.block_size, device, dwdp.experts_per_rank)
     group = GroupContext.join(spec, device=device, nats_url=nats_url)
     try:
         tp = None

@@ -34,12 +34,20 @@ class TPMoEExecutor(MoEExecutor):
     def experts_to_load(self, layer):
         return range(self.cfg.n_routed_experts)
 
+    @property
+    def expert_rows(self) -> range:
+        """This rank's slice of the intermediate dimension (the loader reads only these)."""
+        return range(self.tp.rank * self.shard_i, (self.tp.rank + 1) * self.shard_i)
+
     def load_expert(self, layer, expert, gate, up, down):
+        """gate/up/down: the full expert, or already this rank's `expert_rows` slice."""
         bank = self.banks.get(layer)
         if bank is None:
             bank = self.banks[layer] = self._new_bank(0, self.cfg.n_routed_experts, self.shard_i)
-        r, n = self.tp.rank, self.shard_i
-        self._store(bank, expert, gate[r * n:(r + 1) * n], up[r * n:(r + 1) * n], down[:, r * n:(r + 1) * n])
+        r, n = self.expert_rows.start, self.expert_rows.stop
+        if gate.shape[0] != self.shard_i:
+            gate, up, down = gate[r:n], up[r:n], down[:, r:n]
+        self._store(bank, expert, gate, up, down)
 
     def forward(self, layer, x, topk_ids, topk_weights):
         return routed_experts(x, topk_ids, topk_weights, [self.banks[layer]])   # partial: model all-reduces
