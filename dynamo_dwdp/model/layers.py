@@ -38,6 +38,10 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float8_e4m3fn:          # FP8-resident (model/fp8_weights.py)
+            from dynamo_dwdp.model.kernels.moe_gemm import fp8_linear
+
+            return fp8_linear(x, self.weight, self.weight_scale_inv)
         return F.linear(x, self.weight)
 
 
