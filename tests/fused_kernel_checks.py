@@ -146,9 +146,33 @@ def fp8_linear_matches_dequantized() -> None:
         assert rel(moe_gemm.fp8_linear(x, q, s), x.double() @ dequantize_block_fp8(q, s).double().T) < 1e-5
 
 
+def dense_swiglu_matches_mlp() -> None:
+    """A DenseMLP after fuse_gate_up (bf16-path layout, then FP8 with I = 256: two scale blocks):
+    the one-kernel gate/up/silu/product vs the module's torch forward."""
+    from dynamo_dwdp.model.layers import DenseMLP
+    from dynamo_dwdp.parallel.context import TensorParallel
+
+    for fp8 in (False, True):
+        H, I = 192, 256
+        mlp = DenseMLP(H, I, TensorParallel())
+        for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            lin.weight.data = torch.randn(lin.weight.shape, generator=GEN) * 0.1
+            if fp8:
+                q, sc = quantize_block_fp8(lin.weight.data)
+                lin.weight = torch.nn.Parameter(q, requires_grad=False)
+                lin.register_buffer("weight_scale_inv", sc, persistent=False)
+        x = torch.randn(9, H, generator=GEN)
+        ref = F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+        assert mlp.fuse_gate_up()
+        assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up.data_ptr()       # views, no second copy
+        got = moe_gemm.dense_swiglu(x, mlp.gate_up, mlp.gate_up_scale)
+        assert rel(got, ref) < 1e-5, (fp8, rel(got, ref))
+
+
 if __name__ == "__main__":
     checks = [router_matches_reference, mla_prep_matches_torch_path, decode_kernel_takes_q_pe_apart,
-              align_is_a_stable_sort, fused_experts_match_reference, fp8_linear_matches_dequantized]
+              align_is_a_stable_sort, fused_experts_match_reference, fp8_linear_matches_dequantized,
+              dense_swiglu_matches_mlp]
     for c in checks:
         c()
         print("passed", c.__name__, flush=True)

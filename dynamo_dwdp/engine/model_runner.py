@@ -14,6 +14,7 @@ import time
 import torch
 
 from dynamo_dwdp.engine.config import EngineConfig
+from dynamo_dwdp.model import kernels as fused_kernels
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig, load_model_config
 from dynamo_dwdp.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -51,6 +52,12 @@ class ModelRunner:
             log.info("FP8-resident weights: %d linears + %d expert banks, %.2f -> %.2f GB",
                      self.fp8["linears"], self.fp8["expert_banks"], self.fp8["bytes_before"] / 1e9,
                      self.fp8["bytes_after"] / 1e9)
+        if self.device.type == "cuda" and fused_kernels.available():
+            from dynamo_dwdp.model.layers import DenseMLP
+
+            for mod in model.modules():
+                if isinstance(mod, DenseMLP):
+                    mod.fuse_gate_up()
         self.model = model.eval()
         self.executor = executor
         self.load_seconds = time.perf_counter() - t0

@@ -27,31 +27,48 @@ def _quantize_stack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(qs), torch.stack(ss)
 
 
-def make_fp8_resident(model, executor) -> dict:
-    """Quantize in place; returns {"linears": n, "expert_banks": n, "bytes_before": b, "bytes_after": b}."""
-    if next(model.parameters()).device.type != "cuda":
-        raise UserError("engine weight_format=fp8-block needs device=cuda (the FP8 kernels are GPU kernels)")
+def _targets(model, executor):
+    linears = [m for n, m in model.named_modules() if isinstance(m, Linear) and not n.endswith(KEEP)]
     banks = getattr(executor, "banks", None)
     if not isinstance(banks, dict):
         raise UserError(f"engine weight_format=fp8-block: the {executor.strategy} executor's expert banks "
                         "cannot be quantized (strategy single or dp only)")
+    return linears, [b for v in banks.values() for b in (v if isinstance(v, list) else [v])]
+
+
+def round_trip_fp8(model, executor) -> None:
+    """The reference of the FP8 engine: the same weights rounded through the FP8 block format and
+    kept in the model's dtype (`dequantize_block_fp8(*quantize_block_fp8(w))`), any device."""
+    from dynamo_dwdp.model.fp8 import dequantize_block_fp8
+
+    def rt(w):
+        return dequantize_block_fp8(*quantize_block_fp8(w), dtype=w.dtype)
+
+    linears, banks = _targets(model, executor)
+    for mod in linears:
+        mod.weight.data = rt(mod.weight.data)
+    for bank in banks:
+        bank.w13 = torch.stack([rt(w) for w in bank.w13])
+        bank.w2 = torch.stack([rt(w) for w in bank.w2])
+
+
+def make_fp8_resident(model, executor) -> dict:
+    """Quantize in place; returns {"linears": n, "expert_banks": n, "bytes_before": b, "bytes_after": b}."""
+    if next(model.parameters()).device.type != "cuda":
+        raise UserError("engine weight_format=fp8-block needs device=cuda (the FP8 kernels are GPU kernels)")
+    linears, banks = _targets(model, executor)
     before = after = 0
-    n_lin = 0
-    for name, mod in model.named_modules():
-        if not isinstance(mod, Linear) or name.endswith(KEEP):
-            continue
+    for mod in linears:
         w = mod.weight.data
         before += w.numel() * w.element_size()
         q, s = quantize_block_fp8(w)
         mod.weight = torch.nn.Parameter(q, requires_grad=False)
         mod.register_buffer("weight_scale_inv", s, persistent=False)
         after += q.numel() + s.numel() * 4
-        n_lin += 1
-    for bank_list in banks.values():
-        for bank in (bank_list if isinstance(bank_list, list) else [bank_list]):
-            before += (bank.w13.numel() + bank.w2.numel()) * bank.w13.element_size()
-            bank.w13, bank.w13_scale = _quantize_stack(bank.w13)
-            bank.w2, bank.w2_scale = _quantize_stack(bank.w2)
-            after += bank.w13.numel() + bank.w2.numel() + 4 * (bank.w13_scale.numel() + bank.w2_scale.numel())
+    for bank in banks:
+        before += (bank.w13.numel() + bank.w2.numel()) * bank.w13.element_size()
+        bank.w13, bank.w13_scale = _quantize_stack(bank.w13)
+        bank.w2, bank.w2_scale = _quantize_stack(bank.w2)
+        after += bank.w13.numel() + bank.w2.numel() + 4 * (bank.w13_scale.numel() + bank.w2_scale.numel())
     torch.cuda.empty_cache()
-    return {"linears": n_lin, "expert_banks": len(banks), "bytes_before": before, "bytes_after": after}
+    return {"linears": len(linears), "expert_banks": len(banks), "bytes_before": before, "bytes_after": after}

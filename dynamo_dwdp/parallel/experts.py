@@ -10,6 +10,7 @@ so that fp32 results agree to rounding.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,8 @@ def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     return out
 
 
-EXPERT_GEMM = "triton"      # decode-size GPU path: "triton" (kernels/moe_gemm.py) or "grouped_mm" (torch)
+# decode-size GPU path: "triton" (kernels/moe_gemm.py) or "grouped_mm" (torch); scripts/gpu_perf.py measures both
+EXPERT_GEMM = os.environ.get("DWDP_EXPERT_GEMM", "triton")
 
 
 def use_fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, banks: list[ExpertBank]) -> bool:

@@ -31,3 +31,12 @@ def available() -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@functools.cache
+def sm_count(device) -> int:
+    """Multiprocessors of a CUDA device (8 for the CPU interpreter)."""
+    import torch
+
+    dev = torch.device(device)
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8

@@ -32,10 +32,9 @@ def _kernel():
     def prep_kernel(Q, KV, NW, COS, SIN, SLOTS, CACHE, QPE,
                     stride_qt, stride_qh, stride_kvt, stride_cst, stride_cb, stride_ct,
                     stride_pt, stride_ph, H, eps,
-                    N: tl.constexpr, C: tl.constexpr, R: tl.constexpr, HP: tl.constexpr, BS: tl.constexpr,
+                    N: tl.constexpr, C: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr, BS: tl.constexpr,
                     INTERLEAVE: tl.constexpr):
         t = tl.program_id(0)
-        HALF: tl.constexpr = R // 2
         offs_c = tl.arange(0, C)
         offs_i = tl.arange(0, HALF)
         # cos/sin rounded to the activations' dtype first, as the torch path does
@@ -90,7 +89,8 @@ def mla_prep(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: 
     q_pe = torch.empty(T, h, R, device=q.device, dtype=q.dtype)
     if T == 0:
         return q_pe
-    if q.stride(2) != 1 or kv.stride(1) != 1 or kv_layer.stride(2) != 1 or cos.stride(1) != 1:
+    if q.stride(2) != 1 or kv.stride(1) != 1 or kv_layer.stride(2) != 1 or cos.stride() != sin.stride() \
+            or cos.stride(1) != 1:
         raise ValueError("mla_prep: the last dimension of q, kv, cos and the cache must be contiguous")
     if kv.shape[1] != C + R or kv_layer.shape[2] != C + R:
         raise ValueError(f"mla_prep: kv width {kv.shape[1]} / cache width {kv_layer.shape[2]} != {C}+{R}")
@@ -98,6 +98,6 @@ def mla_prep(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: 
         q, kv, norm_weight, cos, sin, slot_mapping, kv_layer, q_pe,
         q.stride(0), q.stride(1), kv.stride(0), cos.stride(0), kv_layer.stride(0), kv_layer.stride(1),
         q_pe.stride(0), q_pe.stride(1), h, float(eps),
-        N=nope_dim, C=C, R=R, HP=max(2, next_pow2(h)), BS=kv_layer.shape[1], INTERLEAVE=bool(interleave),
+        N=nope_dim, C=C, HALF=R // 2, HP=max(2, next_pow2(h)), BS=kv_layer.shape[1], INTERLEAVE=bool(interleave),
         num_warps=4)
     return q_pe

@@ -208,6 +208,18 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -
     return out.view(*shape[:-1], N)
 
 
+def dense_swiglu(x: torch.Tensor, w13: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T) for w13 = [gate; up] [2I, H] (bf16, or FP8 with block scales), one
+    kernel: the dense MLP's first half for small batches."""
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    M = x2.shape[0]
+    inter = w13.shape[0] // 2
+    out = torch.empty(M, inter, dtype=x.dtype, device=x.device)
+    if M:
+        _launch(x2, None, None, w13, scale, out, 0, 1, M, inter, x2.shape[1], 1, True, False, False, M)
+    return out
+
+
 def _interpreting() -> bool:
     import os
 

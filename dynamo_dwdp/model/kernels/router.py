@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from dynamo_dwdp.model.kernels import next_pow2
+from dynamo_dwdp.model.kernels import next_pow2, sm_count
 
 
 @functools.cache
@@ -136,7 +136,7 @@ def noaux_tc_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sk
     block_t, block_e = 16, max(16, min(64, next_pow2(E)))
     block_k = 64
     tiles = -(-T // block_t) * -(-E // block_e)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+    sms = sm_count(x.device)
     splits = max(1, min(-(-H // (4 * block_k)), -(-2 * sms // tiles)))      # >= 4 K tiles per split
     k_per = -(-(-(-H // splits)) // block_k) * block_k
     splits = -(-H // k_per)
