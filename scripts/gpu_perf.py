@@ -4,15 +4,19 @@
 
 Installs nothing, needs no network. Steps (each prints a line; a table comes last):
 1. ceilings: HBM (device-to-device copy, bytes read + written) and bf16 GEMM (8192^3), CUDA events;
-2. correctness on the GPU: sync-free vs host-synced grouped-GEMM experts against fp32; SDPA vs
-   reference prefill attention (fp32, bf16); one decode step from a CUDA graph vs eager, and the
-   Triton MLA decode kernel vs the torch decode path (logits and KV);
-   then a kernel-time profile of one eager decode step (torch profiler, 3-layer model);
+2. correctness on the GPU: sync-free vs host-synced grouped-GEMM experts against fp32; the fused
+   Triton kernels (model/kernels/: router, MLA prep, experts bf16/FP8, FP8 linear, dense SwiGLU)
+   against torch references; SDPA vs reference prefill attention (fp32, bf16); one decode step from
+   a CUDA graph vs eager, and the Triton MLA decode kernel vs the torch decode path (logits and KV);
+   the FP8-resident engine vs the dequantized bf16 model (logits); routed experts at the v2-lite
+   shapes timed three ways (torch._grouped_mm, Triton bf16, Triton FP8); GPU operations per decode
+   step with the fused kernels off/on; a kernel-time profile of one eager decode step;
 3. builds the v2-lite-shape random model (bf16, --layers deep) on the GPU;
 4. single-GPU engine benchmarks (`bench engine --strategy single`): decode batches from CUDA graphs
-   (Triton kernel; some with the torch attention paths), eager decode, prefill lengths with SDPA and
-   one with the reference attention (O(S^2) memory: short only); the HBM-roofline fraction uses the
-   measured copy bandwidth of step 1, the planner runs with --hw (default h100-measured);
+   (captured at start-up: count, seconds, graph memory reported), FP8-resident weights, the same
+   with the fused kernels off (DWDP_FUSED_KERNELS=0: the torch paths), eager decode, prefill
+   lengths with SDPA (--more: torch._grouped_mm experts end to end, the torch attention paths);
+   the HBM-roofline fraction uses the measured copy bandwidth of step 1, the planner runs with --hw;
 5. with >= 2 GPUs, the strategy matrix (`dynamo-dwdp bench matrix --ranks <all GPUs>`) into
    $OUT/matrix.jsonl (not run yet on a GPU machine: this project has been lent single GPUs only).
 Writes $OUT/gpu_perf.json (everything), $OUT/bench.jsonl (bench records), $OUT/gpu_perf.md (tables).
@@ -371,6 +375,14 @@ def check_fused_kernels(rows: list) -> None:
     gate, up = (xm.float() @ mlp_w.float().T).chunk(2, -1)
     e = rel(moe_gemm.dense_swiglu(xm, mlp_w), F.silu(gate) * up)
     rows.append(("dense SwiGLU kernel (shared experts) vs fp32, M=8", f"rel err {e:.2e}", "ok" if e < 1e-2 else "HIGH"))
+    q13m, s13m = quantize_block_fp8(mlp_w)
+    dq = dequantize_block_fp8(q13m, s13m)
+    for M in (1, 200):
+        xm = torch.randn(M, 2048, device="cuda", generator=g).bfloat16()
+        gate, up = (xm.float() @ dq.T).chunk(2, -1)
+        e = rel(moe_gemm.dense_swiglu(xm, q13m, s13m), F.silu(gate) * up)
+        rows.append((f"dense SwiGLU kernel, FP8 weights, vs fp32 over the dequantized weight, M={M}",
+                     f"rel err {e:.2e}", "ok" if e < 1e-2 else "HIGH"))
 
 
 def _torch_router(r, x):
@@ -419,6 +431,9 @@ def bench_expert_gemms(rows: list) -> list[dict]:
                 i[0] = (i[0] + 1) % 3
                 return fn(x, ids, wt, sets[i[0]][which])
             return call
+        ref = routed_experts_grouped(x, ids, wt, sets[0][0]).float()
+        err = max(rel(moe_gemm.routed_experts_fused(x, ids, wt, sets[0][0]), ref),
+                  rel(moe_gemm.routed_experts_fused(x, ids, wt, sets[0][1]), ref))
         times = {"grouped_mm bf16": graph_us(rot(routed_experts_grouped, 0)),
                  "triton bf16": graph_us(rot(moe_gemm.routed_experts_fused, 0)),
                  "triton fp8": graph_us(rot(moe_gemm.routed_experts_fused, 1))}
@@ -431,7 +446,8 @@ def bench_expert_gemms(rows: list) -> list[dict]:
         rows.append((f"experts v2-lite T={T} ({touched} experts): grouped_mm / triton bf16 / triton fp8",
                      " / ".join(f"{v:.1f} us" for v in times.values()) +
                      f" ({rec['grouped_mm GB/s']:.0f} / {rec['triton bf16 GB/s']:.0f} / "
-                     f"{rec['triton fp8 GB/s (fp8 bytes)']:.0f} GB/s)", "info"))
+                     f"{rec['triton fp8 GB/s (fp8 bytes)']:.0f} GB/s); triton vs grouped_mm rel err {err:.1e}",
+                     "ok" if err < 3e-2 else "HIGH"))
     return out
 
 

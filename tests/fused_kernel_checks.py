@@ -125,6 +125,10 @@ def fused_experts_match_reference() -> None:
     got = moe_gemm.routed_experts_fused(x, ids, w, banks)
     assert rel(got, _loop_reference(x, ids, w, banks)) < 1e-5
     assert rel(got, routed_experts(x, ids, w, banks)) < 1e-5
+    x = torch.randn(40, H, generator=GEN)                 # hot experts: several M tiles per expert
+    ids = torch.stack([torch.tensor([1, 8, 9])[torch.randperm(3, generator=GEN)] for _ in range(40)])
+    w = torch.rand(40, k, generator=GEN)
+    assert rel(moe_gemm.routed_experts_fused(x, ids, w, banks), _loop_reference(x, ids, w, banks)) < 1e-5
     H, I = 256, 160
     fp8 = []
     for first, n in ((0, 3), (3, 2)):
@@ -140,7 +144,7 @@ def fused_experts_match_reference() -> None:
 
 
 def fp8_linear_matches_dequantized() -> None:
-    for N, K, M in ((300, 256, 5), (128, 384, 1), (64, 200, 17)):
+    for N, K, M in ((300, 256, 5), (128, 384, 1), (64, 200, 17), (96, 256, 70)):
         q, s = quantize_block_fp8(torch.randn(N, K, generator=GEN))
         x = torch.randn(M, K, generator=GEN)
         assert rel(moe_gemm.fp8_linear(x, q, s), x.double() @ dequantize_block_fp8(q, s).double().T) < 1e-5

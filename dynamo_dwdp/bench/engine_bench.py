@@ -490,6 +490,8 @@ def bench_rank(rank_engine, payload) -> list[dict]:
     setup, points = payload
     runner = rank_engine.runner
     probe = _Probe(runner)
+    if runner.graphs is not None and not runner.graphs.started:
+        runner.graphs.capture_all()        # the start-up capture, after the probe: its device ops are in the graphs
     if setup.expert_skew:
         k, bias = setup.expert_skew
         runner.set_expert_skew(list(range(k)), bias)
@@ -797,6 +799,7 @@ def run_points(setup: BenchSetup, points: list[Point], model: dict | None = None
                        max_num_batched_tokens=max(1, most_tokens), device=setup.device, dtype=setup.dtype,
                        enable_prefix_caching=False, cuda_graphs=setup.cuda_graphs,
                        attention_backend=setup.attention, weight_format=setup.weights,
+                       capture_graphs_at_start=False,      # bench_rank captures once its probe is installed
                        max_model_len=min(longest, model_cfg.max_position_embeddings))
     dwdp = DWDPOptions(routed_only=setup.routed_only, contention_opt=setup.contention_opt)
     results = run_local_group(setup.model_dir, cfg, setup.group_strategy, setup.ranks, bench_rank,

@@ -17,7 +17,7 @@ import torch
 
 from dynamo_dwdp.errors import UserError
 from dynamo_dwdp.model.fp8 import quantize_block_fp8
-from dynamo_dwdp.model.layers import Linear
+from dynamo_dwdp.model.layers import DenseMLP, Linear
 
 KEEP = ("kv_b_proj",)          # Linear modules (by name suffix) that stay in the model's dtype
 
@@ -50,6 +50,10 @@ def round_trip_fp8(model, executor) -> None:
     for bank in banks:
         bank.w13 = torch.stack([rt(w) for w in bank.w13])
         bank.w2 = torch.stack([rt(w) for w in bank.w2])
+    for mod in model.modules():               # fused gate/up tensors (DenseMLP.fuse_gate_up) follow the new weights
+        if isinstance(mod, DenseMLP) and mod.gate_up is not None:
+            mod.gate_up = None
+            mod.fuse_gate_up()
 
 
 def make_fp8_resident(model, executor) -> dict:

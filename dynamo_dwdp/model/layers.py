@@ -78,14 +78,14 @@ class DenseMLP(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None and x.is_cuda and x.shape[0] <= _fused_rows():
+        if self.gate_up is not None and x.is_cuda and x.shape[0] <= _fused_rows(self.gate_up_scale is not None):
             from dynamo_dwdp.model.kernels.moe_gemm import dense_swiglu
 
             return self.down_proj(dense_swiglu(x, self.gate_up, self.gate_up_scale))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _fused_rows() -> int:
-    from dynamo_dwdp.model.kernels.moe_gemm import FP8_LINEAR_MAX_ROWS
+def _fused_rows(fp8: bool) -> int:
+    from dynamo_dwdp.model.kernels.moe_gemm import BF16_SWIGLU_MAX_ROWS, FP8_LINEAR_MAX_ROWS
 
-    return FP8_LINEAR_MAX_ROWS
+    return FP8_LINEAR_MAX_ROWS if fp8 else BF16_SWIGLU_MAX_ROWS

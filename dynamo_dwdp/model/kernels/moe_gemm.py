@@ -3,8 +3,8 @@
 `routed_experts_fused(x, ids, weights, banks)` computes what `parallel/experts.routed_experts`
 computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose expert is in no bank give
 0) in 4 + 2 x banks launches, with no sort, no gather copy and no host sync:
-1. `align_kernel` (one program): a counting sort of the (token, k) pairs by expert id (histogram,
-   exclusive prefix sum, stable rank within each expert): `order[pos]` = pair index, `offs[e]` =
+1. `align_kernel` (one program per expert): a counting sort of the (token, k) pairs by expert id
+   (each program counts the pairs of lower ids, then writes its own pairs in order): `order[pos]` = pair index, `offs[e]` =
    first sorted position of expert e (ids outside [0, E) land in a trailing bucket that no bank
    reads). Replaces torch's radix sort (a multi-kernel CUB sort, ~26 us per layer on an H100) and the
    searchsorted/cumsum index arithmetic.
@@ -18,9 +18,10 @@ computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose exp
 Experts that received no pair cost one program launch that returns at once: no weight bytes read.
 
 Weights are bf16 or FP8 e4m3 with the official 128x128 block scales (`model/fp8.py`); FP8 tiles are
-dequantized in registers exactly as `dequantize_block_fp8(..., dtype=bf16)` does (fp32 product, one
-rounding), so results equal the dequantized bf16 model up to accumulation order (W8A16: decode
-reads half the weight bytes; the activations stay bf16). `fp8_linear` is the same kernel with one
+converted to bf16 in registers (exact: e4m3 is a subset of bf16) and each K tile's partial product
+is multiplied by its block scale in fp32 (K tiles never straddle a 128-wide scale block), so results
+equal the dequantized model up to rounding (it rounds q * scale to bf16 per weight; this does not)
+and accumulation order. W8A16: decode reads half the weight bytes; the activations stay bf16. `fp8_linear` is the same kernel with one
 "expert" and no gather, for the dense layers; above FP8_LINEAR_MAX_ROWS rows (prefill) it
 dequantizes the weight and uses cuBLAS instead, where the GEMM is compute-bound.
 
@@ -36,6 +37,7 @@ import torch
 from dynamo_dwdp.model.kernels import next_pow2
 
 FP8_LINEAR_MAX_ROWS = 512      # rows up to which fp8_linear runs the W8A16 kernel (decode, small prefill chunks)
+BF16_SWIGLU_MAX_ROWS = 64      # rows up to which a bf16 dense MLP runs dense_swiglu (above: cuBLAS is faster)
 
 
 @functools.cache
@@ -44,32 +46,28 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def align_kernel(IDS, ORDER, OFFS, rows, E, EP: tl.constexpr, BLOCK_R: tl.constexpr):
-        offs_e = tl.arange(0, EP)
-        counts = tl.zeros([EP], tl.int32)
+    def align_kernel(IDS, ORDER, OFFS, rows, E, BLOCK_R: tl.constexpr):
+        # program e (0..E; E = ids outside [0, E)) finds its bucket's start and writes its pairs in order
+        e = tl.program_id(0)
+        start = tl.zeros([BLOCK_R], tl.int32)
         for r0 in range(0, rows, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            rmask = offs_r < rows
-            ids = tl.load(IDS + offs_r, mask=rmask, other=-1)
-            ids = tl.where((ids >= 0) & (ids < E), ids, E)            # outside the banks' range: last bucket
-            ids = tl.where(rmask, ids, -1)
-            hit = (ids[:, None] == offs_e[None, :]).to(tl.int32)
-            counts += tl.sum(hit, 0)
-        starts = tl.cumsum(counts, 0) - counts
-        tl.store(OFFS + offs_e, starts, mask=offs_e <= E)
-        tl.store(OFFS + E + 1, rows)
-        running = starts
+            ids = tl.load(IDS + offs_r, mask=offs_r < rows, other=-1)
+            bucket = tl.where((ids >= 0) & (ids < E), ids, E)
+            start += ((bucket < e) & (offs_r < rows)).to(tl.int32)
+        first = tl.sum(start, 0)
+        base = first
         for r0 in range(0, rows, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            rmask = offs_r < rows
-            ids = tl.load(IDS + offs_r, mask=rmask, other=-1)
-            ids = tl.where((ids >= 0) & (ids < E), ids, E)
-            ids = tl.where(rmask, ids, -1)
-            hit = (ids[:, None] == offs_e[None, :]).to(tl.int32)
-            rank = tl.cumsum(hit, 0)                                    # inclusive, per expert column
-            dest = tl.sum(tl.where(hit > 0, running[None, :] + rank - 1, 0), 1)
-            tl.store(ORDER + dest, offs_r.to(tl.int32), mask=rmask)
-            running += tl.sum(hit, 0)
+            ids = tl.load(IDS + offs_r, mask=offs_r < rows, other=-1)
+            bucket = tl.where((ids >= 0) & (ids < E), ids, E)
+            hit = ((bucket == e) & (offs_r < rows)).to(tl.int32)
+            dest = base + tl.cumsum(hit, 0) - 1
+            tl.store(ORDER + dest, offs_r.to(tl.int32), mask=hit > 0)
+            base += tl.sum(hit, 0)
+        tl.store(OFFS + e, first)
+        if e == E:
+            tl.store(OFFS + E + 1, rows)
 
     @triton.jit
     def grouped_kernel(A, ORDER, OFFS, W, WS, OUT, first, dense_rows, N, K, topk,
@@ -78,15 +76,15 @@ def _kernels():
                        FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pn = tl.program_id(0)
         el = tl.program_id(1)
-        if DENSE:
-            lo = 0
-            hi = dense_rows
+        if DENSE:                                   # axis 1 tiles the rows of a dense GEMM
+            lo = el * BLOCK_M
+            hi = tl.minimum(lo + BLOCK_M, dense_rows)
         else:
             lo = tl.load(OFFS + first + el)
             hi = tl.load(OFFS + first + el + 1)
         offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
-        w_base = W + el.to(tl.int64) * stride_we
+        w_base = W + el.to(tl.int64) * stride_we          # dense: stride_we = stride_se = 0
         s_base = WS + el * stride_se
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -104,16 +102,18 @@ def _kernels():
                             mask=mmask[:, None] & kmask[None, :], other=0.0)
                 wmask = nmask[:, None] & kmask[None, :]
                 w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
-                if FP8:
+                if FP8:      # e4m3 is exact in bf16; the block scale (one per output row in this K tile) after the dot
                     sc = tl.load(s_base + (offs_n // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
-                    w = (w.to(tl.float32) * sc[:, None]).to(A.dtype.element_ty)
-                acc += tl.dot(a, tl.trans(w))
+                    acc += tl.dot(a, tl.trans(w.to(A.dtype.element_ty))) * sc[None, :]
+                else:
+                    acc += tl.dot(a, tl.trans(w))
                 if SWIGLU:
                     w2 = tl.load(w_base + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
                     if FP8:
                         sc2 = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
-                        w2 = (w2.to(tl.float32) * sc2[:, None]).to(A.dtype.element_ty)
-                    acc2 += tl.dot(a, tl.trans(w2))
+                        acc2 += tl.dot(a, tl.trans(w2.to(A.dtype.element_ty))) * sc2[None, :]
+                    else:
+                        acc2 += tl.dot(a, tl.trans(w2))
             if SWIGLU:
                 y = acc / (1.0 + tl.exp(-acc)) * acc2
             else:
@@ -134,35 +134,48 @@ def align(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
     rows = flat_ids.numel()
     order = torch.empty(rows, dtype=torch.int32, device=flat_ids.device)
     offs = torch.empty(num_experts + 2, dtype=torch.int32, device=flat_ids.device)
-    ep = next_pow2(num_experts + 1)
-    align_kernel[(1,)](flat_ids, order, offs, rows, num_experts, EP=ep, BLOCK_R=max(16, min(256, 8192 // ep)),
-                       num_warps=4)
+    align_kernel[(num_experts + 1,)](flat_ids, order, offs, rows, num_experts,
+                                     BLOCK_R=max(16, min(1024, next_pow2(rows))), num_warps=4)
     return order, offs
 
 
-def _tiles(rows_per_group: float, n: int, fp8: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages) by the expected rows per expert: small tiles and deep
-    pipelines for decode (weight-streaming), wider M tiles for prefill."""
+def _tiles(rows_per_group: float, active_groups: int, n: int, elem_bytes: int, sms: int
+           ) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages). M by the expected rows per group; N the widest of
+    64/32/16 that still gives >= 4 programs per SM over the groups that have rows (decode streams
+    weights: parallelism is bandwidth); stages as deep as shared memory allows."""
     block_m = 16 if rows_per_group <= 16 else 32 if rows_per_group <= 32 else 64
-    block_n = 32 if rows_per_group <= 2 else 64
+    block_n = 16
+    for cand in (64, 32):
+        if active_groups * -(-n // cand) >= 4 * sms:
+            block_n = cand
+            break
     block_n = min(block_n, max(16, next_pow2(n)))
-    return block_m, block_n, 128, 4 if block_m <= 32 else 3
+    block_k = 128 if elem_bytes <= 2 else 64
+    per_stage = (block_m + 2 * block_n) * block_k * max(2, elem_bytes)
+    stages = max(1, min(4, 160 * 1024 // per_stage))
+    return block_m, block_n, block_k, stages
 
 
 def _launch(a, order, offs, w, ws, out, first, groups, dense_rows, n, k, topk, swiglu, gather, scatter,
-            rows_per_group):
+            rows_per_group, active_groups):
+    from dynamo_dwdp.model.kernels import sm_count
+
     _, grouped_kernel = _kernels()
     fp8 = ws is not None
-    block_m, block_n, block_k, stages = _tiles(rows_per_group, n, fp8)
+    block_m, block_n, block_k, stages = _tiles(rows_per_group, active_groups, n, a.element_size(), sm_count(a.device))
     if not a.is_cuda:
         stages = 1
+    dense = offs is None
+    if dense:
+        groups = -(-dense_rows // block_m)
     dummy = out
     grouped_kernel[(-(-n // block_n), groups)](
         a, order if order is not None else dummy, offs if offs is not None else dummy, w,
         ws if fp8 else dummy, out, first, dense_rows, n, k, topk,
         a.stride(0), w.stride(0) if w.dim() == 3 else 0, w.stride(-2),
         (ws.stride(0) if ws.dim() == 3 else 0) if fp8 else 0, ws.stride(-2) if fp8 else 0, out.stride(0),
-        SWIGLU=swiglu, GATHER=gather, SCATTER=scatter, DENSE=offs is None, FP8=fp8,
+        SWIGLU=swiglu, GATHER=gather, SCATTER=scatter, DENSE=dense, FP8=fp8,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
 
 
@@ -182,10 +195,13 @@ def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     h = torch.empty(rows, I, dtype=x.dtype, device=x.device)
     y = torch.zeros(rows, Hd, dtype=x.dtype, device=x.device)
     per_group = rows / max(1, E)
+    active = min(rows, E)                                   # experts that can have rows
     for b in banks:
-        _launch(x, order, offs, b.w13, b.w13_scale, h, b.first, b.count, 0, I, Hd, k, True, True, False, per_group)
+        _launch(x, order, offs, b.w13, b.w13_scale, h, b.first, b.count, 0, I, Hd, k, True, True, False, per_group,
+                min(active, b.count))
     for b in banks:
-        _launch(h, order, offs, b.w2, b.w2_scale, y, b.first, b.count, 0, Hd, I, k, False, False, True, per_group)
+        _launch(h, order, offs, b.w2, b.w2_scale, y, b.first, b.count, 0, Hd, I, k, False, False, True, per_group,
+                min(active, b.count))
     combined = torch.bmm(topk_weights.to(x.dtype).view(T, 1, k), y.view(T, k, Hd)).view(T, Hd)
     return combined if out is None else out.add_(combined)
 
@@ -204,7 +220,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -
         x2 = x2.contiguous()
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M:
-        _launch(x2, None, None, weight, scale_inv, out, 0, 1, M, N, K, 1, False, False, False, M)
+        _launch(x2, None, None, weight, scale_inv, out, 0, 1, M, N, K, 1, False, False, False, M, -(-M // 64))
     return out.view(*shape[:-1], N)
 
 
@@ -216,7 +232,7 @@ def dense_swiglu(x: torch.Tensor, w13: torch.Tensor, scale: torch.Tensor | None 
     inter = w13.shape[0] // 2
     out = torch.empty(M, inter, dtype=x.dtype, device=x.device)
     if M:
-        _launch(x2, None, None, w13, scale, out, 0, 1, M, inter, x2.shape[1], 1, True, False, False, M)
+        _launch(x2, None, None, w13, scale, out, 0, 1, M, inter, x2.shape[1], 1, True, False, False, M, -(-M // 64))
     return out
 
 

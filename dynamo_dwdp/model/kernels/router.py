@@ -133,11 +133,10 @@ def noaux_tc_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sk
     if T == 0:
         return ids, wts
     x = x if x.stride(1) == 1 else x.contiguous()
-    block_t, block_e = 16, max(16, min(64, next_pow2(E)))
-    block_k = 64
+    block_t, block_e, block_k = 16, 16, 64
     tiles = -(-T // block_t) * -(-E // block_e)
     sms = sm_count(x.device)
-    splits = max(1, min(-(-H // (4 * block_k)), -(-2 * sms // tiles)))      # >= 4 K tiles per split
+    splits = max(1, min(-(-H // (2 * block_k)), -(-2 * sms // tiles)))      # >= 2 K tiles per split
     k_per = -(-(-(-H // splits)) // block_k) * block_k
     splits = -(-H // k_per)
     partial = torch.empty(splits, T, E, dtype=torch.float32, device=x.device)
