@@ -104,6 +104,7 @@ class DecodeGraphs:
         """Capture every key now (engine start-up); returns {graphs, seconds, bytes}. A failed capture
         leaves `failed` set (decode then runs eagerly), as in `run`."""
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()                          # cached free blocks out of the baseline
         t0, mem0 = time.perf_counter(), torch.cuda.memory_reserved(self.device)
         for key in self.all_keys():
             if key not in self.graphs:
@@ -113,6 +114,7 @@ class DecodeGraphs:
                     break
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0
+        torch.cuda.empty_cache()                          # what stays reserved now is held by the graphs
         self.capture_bytes = torch.cuda.memory_reserved(self.device) - mem0
         self.started = True
         log.info("captured %d decode CUDA graphs at start-up in %.1fs, %.1f MiB of graph memory", len(self.graphs),
