@@ -31,7 +31,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_ids [T, k] long, topk_weights [T, k] float32)."""
         cfg = self.cfg
-        if x.is_cuda and fused_kernels.available():         # two Triton kernels (kernels/router.py)
+        if x.is_cuda and fused_kernels.available() and getattr(cfg, "topk_method", "noaux_tc") == "noaux_tc":
+            # the V3 router as two Triton kernels (kernels/router.py)
             return fused_router.noaux_tc_route(x, self.weight, self.e_score_correction_bias, self.selection_skew,
                                                cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
                                                cfg.norm_topk_prob, cfg.routed_scaling_factor)
