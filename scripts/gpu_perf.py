@@ -4,15 +4,19 @@
 
 Installs nothing, needs no network. Steps (each prints a line; a table comes last):
 1. ceilings: HBM (device-to-device copy, bytes read + written) and bf16 GEMM (8192^3), CUDA events;
-2. correctness on the GPU: sync-free vs host-synced grouped-GEMM experts against fp32; SDPA vs
-   reference prefill attention (fp32, bf16); one decode step from a CUDA graph vs eager, and the
-   Triton MLA decode kernel vs the torch decode path (logits and KV);
-   then a kernel-time profile of one eager decode step (torch profiler, 3-layer model);
+2. correctness on the GPU: sync-free vs host-synced grouped-GEMM experts against fp32; the fused
+   Triton kernels (model/kernels/: router, MLA prep, experts bf16/FP8, FP8 linear, dense SwiGLU)
+   against torch references; SDPA vs reference prefill attention (fp32, bf16); one decode step from
+   a CUDA graph vs eager, and the Triton MLA decode kernel vs the torch decode path (logits and KV);
+   the FP8-resident engine vs the dequantized bf16 model (logits); routed experts at the v2-lite
+   shapes timed three ways (torch._grouped_mm, Triton bf16, Triton FP8); GPU operations per decode
+   step with the fused kernels off/on; a kernel-time profile of one eager decode step;
 3. builds the v2-lite-shape random model (bf16, --layers deep) on the GPU;
 4. single-GPU engine benchmarks (`bench engine --strategy single`): decode batches from CUDA graphs
-   (Triton kernel; some with the torch attention paths), eager decode, prefill lengths with SDPA and
-   one with the reference attention (O(S^2) memory: short only); the HBM-roofline fraction uses the
-   measured copy bandwidth of step 1, the planner runs with --hw (default h100-measured);
+   (captured at start-up: count, seconds, graph memory reported), FP8-resident weights, the same
+   with the fused kernels off (DWDP_FUSED_KERNELS=0: the torch paths), eager decode, prefill
+   lengths with SDPA (--more: torch._grouped_mm experts end to end, the torch attention paths);
+   the HBM-roofline fraction uses the measured copy bandwidth of step 1, the planner runs with --hw;
 5. with >= 2 GPUs, the strategy matrix (`dynamo-dwdp bench matrix --ranks <all GPUs>`) into
    $OUT/matrix.jsonl (not run yet on a GPU machine: this project has been lent single GPUs only).
 Writes $OUT/gpu_perf.json (everything), $OUT/bench.jsonl (bench records), $OUT/gpu_perf.md (tables).
@@ -215,8 +219,10 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
 
     inner, per_layer = attn_mod.mla_decode.mla_decode_attention, []
 
-    def spy(query, kv_layer, block_tables, context_lens, latent_dim, scale, max_context):
-        got = inner(query, kv_layer, block_tables, context_lens, latent_dim, scale, max_context)
+    def spy(query, kv_layer, block_tables, context_lens, latent_dim, scale, max_context, q_pe=None):
+        got = inner(query, kv_layer, block_tables, context_lens, latent_dim, scale, max_context, q_pe=q_pe)
+        if q_pe is not None:
+            query = torch.cat([query, q_pe], -1)
         from dynamo_dwdp.model.batch import ForwardBatch as FB
         b = FB(input_ids=context_lens, positions=context_lens, slot_mapping=context_lens, block_tables=block_tables,
                context_lens=context_lens, query_lens=[1] * query.shape[0], pad_index=torch.arange(query.shape[0],
@@ -263,6 +269,264 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
     torch.cuda.empty_cache()
 
 
+def graph_us(fn, reps: int = 50) -> float:
+    """Median microseconds of one call of `fn`, replayed from a CUDA graph (launch gaps excluded)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(10):
+            fn()
+    return median_ms(g.replay, reps) * 1e3 / 10
+
+
+def check_fused_kernels(rows: list) -> None:
+    """The Triton kernels of dynamo_dwdp/model/kernels/ against torch references on the GPU, bf16,
+    DeepSeek shapes (v2-lite, and a V3-sized router)."""
+    import torch.nn.functional as F
+    from types import SimpleNamespace
+
+    from dynamo_dwdp.model.fp8 import dequantize_block_fp8, quantize_block_fp8
+    from dynamo_dwdp.model.kernels import mla_prep, moe_gemm, router
+    from dynamo_dwdp.model.moe import Router
+    from dynamo_dwdp.model.rope import RotaryEmbedding
+    from dynamo_dwdp.parallel.experts import ExpertBank
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for name, E, G, TG, K, H, norm in (("v2-lite", 64, 1, 1, 6, 2048, False), ("V3", 256, 8, 4, 8, 7168, True)):
+        cfg = SimpleNamespace(n_routed_experts=E, hidden_size=H, n_group=G, topk_group=TG, num_experts_per_tok=K,
+                              norm_topk_prob=norm, routed_scaling_factor=2.5)
+        r = Router(cfg)
+        r.weight.data = torch.randn(E, H, device="cuda", generator=g).cpu() * 0.02
+        r.e_score_correction_bias.copy_(torch.randn(E, device="cuda", generator=g).cpu() * 0.01)
+        x = torch.randn(64, H, device="cuda", generator=g).bfloat16()
+        ref_ids, ref_w = r(x.cpu())                                        # the torch path (CPU, fp32)
+        rc = r.cuda()
+        ids, w = router.noaux_tc_route(x, rc.weight, rc.e_score_correction_bias, rc.selection_skew, K, G, TG, norm, 2.5)
+        a, b = ids.cpu().sort(1), ref_ids.sort(1)
+        same = (a.values == b.values).all(1).float().mean().item()
+        werr = rel(w.cpu().gather(1, a.indices), ref_w.gather(1, b.indices))
+        us = graph_us(lambda: router.noaux_tc_route(x, rc.weight, rc.e_score_correction_bias, rc.selection_skew,
+                                                    K, G, TG, norm, 2.5))
+        us_ref = graph_us(lambda: _torch_router(rc, x))
+        rows.append((f"router kernels vs torch router, {name} ({E} experts, {G} groups), 64 tokens",
+                     f"same expert sets {same:.0%}, weights rel err {werr:.1e}; {us:.1f} us vs torch {us_ref:.1f} us",
+                     "ok" if same == 1.0 and werr < 1e-5 else "FAIL"))
+    # MLA prep: norm + rope + cache write vs the torch sequence (bf16)
+    C, R, N, h, bs, T = 512, 64, 128, 16, 16, 64
+    rope = RotaryEmbedding(SimpleNamespace(qk_rope_head_dim=R, rope=SimpleNamespace(kind="default", theta=10000.0,
+                                                                                        interleave=True))).cuda()
+    q = torch.randn(T, h, N + R, device="cuda", generator=g).bfloat16()
+    kv = torch.randn(T, C + R, device="cuda", generator=g).bfloat16()
+    nw = (torch.rand(C, device="cuda", generator=g) + 0.5).bfloat16()
+    cos, sin = rope.cos_sin(torch.randint(0, 4000, (T,), device="cuda", generator=g))
+    pool = torch.randn(200, 3, bs, C + R, device="cuda", generator=g).bfloat16()
+    slots = torch.randperm(200 * bs, device="cuda", generator=g)[:T]
+    ref_pool = pool.clone()
+    lat = F.rms_norm(kv[:, :C], (C,), nw, 1e-6)
+    ref_pool[:, 1][slots // bs, slots % bs] = torch.cat([lat, rope.apply(kv[:, C:], cos, sin)], -1)
+    q_pe = mla_prep.mla_prep(q, kv, nw, 1e-6, cos, sin, slots, pool[:, 1], N, True)
+    e_q, e_kv = rel(q_pe, rope.apply(q[..., N:], cos, sin)), rel(pool, ref_pool)
+    us = graph_us(lambda: mla_prep.mla_prep(q, kv, nw, 1e-6, cos, sin, slots, pool[:, 1], N, True))
+    rows.append(("MLA norm+rope+cache-write kernel vs torch path, bf16, 64 tokens",
+                 f"q_pe rel err {e_q:.1e}, cache rel err {e_kv:.1e}; {us:.1f} us", "ok" if max(e_q, e_kv) < 1e-2 else "FAIL"))
+    # experts: fused (bf16 and FP8 banks) vs fp32 reference; FP8 linear vs the dequantized weight
+    E, H, I, T, k = 64, 2048, 1408, 96, 6
+    w13 = torch.randn(E, 2 * I, H, device="cuda", generator=g).bfloat16() * 0.02
+    w2 = torch.randn(E, H, I, device="cuda", generator=g).bfloat16() * 0.02
+    banks = [ExpertBank(0, w13[:24], w2[:24]), ExpertBank(24, w13[24:], w2[24:])]
+    x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
+    wt = torch.rand(T, k, device="cuda", generator=g)
+
+    def ref_experts(w13f, w2f):
+        out = torch.zeros(T, H, device="cuda")
+        for t in range(T):
+            for j in range(k):
+                e = int(ids[t, j])
+                gate, up = (x[t].float() @ w13f(e).T).chunk(2)
+                out[t] += wt[t, j] * (F.silu(gate) * up) @ w2f(e).T
+        return out
+
+    ref = ref_experts(lambda e: w13[e].float(), lambda e: w2[e].float())
+    got = moe_gemm.routed_experts_fused(x, ids, wt, banks)
+    rows.append(("fused experts (Triton) vs fp32 reference, bf16, 2 banks, 96 tokens", f"rel err {rel(got, ref):.2e}",
+                 "ok" if rel(got, ref) < 2e-2 else "HIGH"))
+    q13, s13 = zip(*(quantize_block_fp8(w) for w in w13))
+    q2, s2 = zip(*(quantize_block_fp8(w) for w in w2))
+    q13, s13, q2, s2 = (torch.stack(t) for t in (q13, s13, q2, s2))
+    fbanks = [ExpertBank(0, q13, q2, s13, s2)]
+    ref8 = ref_experts(lambda e: dequantize_block_fp8(q13[e], s13[e], dtype=torch.bfloat16).float(),
+                       lambda e: dequantize_block_fp8(q2[e], s2[e], dtype=torch.bfloat16).float())
+    got8 = moe_gemm.routed_experts_fused(x, ids, wt, fbanks)
+    rows.append(("fused FP8 experts vs fp32 reference over the dequantized weights", f"rel err {rel(got8, ref8):.2e}",
+                 "ok" if rel(got8, ref8) < 2e-2 else "HIGH"))
+    wl = torch.randn(3072, 2048, device="cuda", generator=g) * 0.02
+    ql, sl = quantize_block_fp8(wl)
+    for M in (1, 64, 1024):
+        xm = torch.randn(M, 2048, device="cuda", generator=g).bfloat16()
+        e = rel(moe_gemm.fp8_linear(xm, ql, sl), xm.float() @ dequantize_block_fp8(ql, sl).T)
+        rows.append((f"FP8 linear vs fp32 over the dequantized weight, M={M}", f"rel err {e:.2e}",
+                     "ok" if e < 1e-2 else "HIGH"))
+    mlp_w = torch.randn(2 * 2816, 2048, device="cuda", generator=g).bfloat16() * 0.02
+    xm = torch.randn(8, 2048, device="cuda", generator=g).bfloat16()
+    gate, up = (xm.float() @ mlp_w.float().T).chunk(2, -1)
+    e = rel(moe_gemm.dense_swiglu(xm, mlp_w), F.silu(gate) * up)
+    rows.append(("dense SwiGLU kernel (shared experts) vs fp32, M=8", f"rel err {e:.2e}", "ok" if e < 1e-2 else "HIGH"))
+    q13m, s13m = quantize_block_fp8(mlp_w)
+    dq = dequantize_block_fp8(q13m, s13m)
+    for M in (1, 200):
+        xm = torch.randn(M, 2048, device="cuda", generator=g).bfloat16()
+        gate, up = (xm.float() @ dq.T).chunk(2, -1)
+        e = rel(moe_gemm.dense_swiglu(xm, q13m, s13m), F.silu(gate) * up)
+        rows.append((f"dense SwiGLU kernel, FP8 weights, vs fp32 over the dequantized weight, M={M}",
+                     f"rel err {e:.2e}", "ok" if e < 1e-2 else "HIGH"))
+
+
+def _torch_router(r, x):
+    """The torch noaux_tc router (moe.Router's reference body) on the GPU, for timing."""
+    cfg = r.cfg
+    T, E, G = x.shape[0], cfg.n_routed_experts, cfg.n_group
+    scores = torch.nn.functional.linear(x.float(), r.weight).sigmoid()
+    choice = scores + r.e_score_correction_bias + r.selection_skew
+    if G > 1:
+        gs = choice.view(T, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
+        keep = torch.topk(gs, k=cfg.topk_group, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(gs).scatter_(1, keep, 1.0)
+        choice = choice.masked_fill(mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E) == 0, float("-inf"))
+    ids = torch.topk(choice, k=cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+    return ids, scores.gather(1, ids)
+
+
+def bench_expert_gemms(rows: list) -> list[dict]:
+    """Routed experts at the real v2-lite shapes (64 experts, top-6, H 2048, I 1408), decode batch
+    sizes, each call replayed from a CUDA graph: torch._grouped_mm (sync-free path, with its sort and
+    gathers) vs the Triton kernels (bf16 and FP8 weights). GB/s counts the touched experts' weights."""
+    from dynamo_dwdp.model.fp8 import quantize_block_fp8
+    from dynamo_dwdp.model.kernels import moe_gemm
+    from dynamo_dwdp.parallel.experts import ExpertBank, routed_experts_grouped
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    E, H, I, k = 64, 2048, 1408, 6
+    sets = []
+    for _ in range(3):                                       # rotate weight sets: more than L2
+        w13 = torch.randn(E, 2 * I, H, device="cuda", generator=g).bfloat16() * 0.02
+        w2 = torch.randn(E, H, I, device="cuda", generator=g).bfloat16() * 0.02
+        q13, s13 = zip(*(quantize_block_fp8(w) for w in w13))
+        q2, s2 = zip(*(quantize_block_fp8(w) for w in w2))
+        sets.append(([ExpertBank(0, w13, w2)], [ExpertBank(0, torch.stack(q13), torch.stack(q2), torch.stack(s13),
+                                                            torch.stack(s2))]))
+    out = []
+    for T in (1, 8, 64, 256):
+        x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+        ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
+        wt = torch.rand(T, k, device="cuda", generator=g)
+        touched = ids.unique().numel()
+        i = [0]
+
+        def rot(fn, which):
+            def call():
+                i[0] = (i[0] + 1) % 3
+                return fn(x, ids, wt, sets[i[0]][which])
+            return call
+        ref = routed_experts_grouped(x, ids, wt, sets[0][0]).float()
+        err = rel(moe_gemm.routed_experts_fused(x, ids, wt, sets[0][0]), ref)     # bf16 weights both
+        times = {"grouped_mm bf16": graph_us(rot(routed_experts_grouped, 0)),
+                 "triton bf16": graph_us(rot(moe_gemm.routed_experts_fused, 0)),
+                 "triton fp8": graph_us(rot(moe_gemm.routed_experts_fused, 1))}
+        bytes_bf16 = touched * 3 * H * I * 2
+        rec = {"tokens": T, "experts_touched": touched, **{f"{n} us": v for n, v in times.items()},
+               "grouped_mm GB/s": bytes_bf16 / times["grouped_mm bf16"] / 1e3,
+               "triton bf16 GB/s": bytes_bf16 / times["triton bf16"] / 1e3,
+               "triton fp8 GB/s (fp8 bytes)": bytes_bf16 / 2 / times["triton fp8"] / 1e3}
+        out.append(rec)
+        rows.append((f"experts v2-lite T={T} ({touched} experts): grouped_mm / triton bf16 / triton fp8",
+                     " / ".join(f"{v:.1f} us" for v in times.values()) +
+                     f" ({rec['grouped_mm GB/s']:.0f} / {rec['triton bf16 GB/s']:.0f} / "
+                     f"{rec['triton fp8 GB/s (fp8 bytes)']:.0f} GB/s); triton bf16 vs grouped_mm rel err {err:.1e}",
+                     "ok" if err < 3e-2 else "HIGH"))
+    return out
+
+
+def check_fp8_engine(rows: list, tmp: str) -> None:
+    """The FP8-resident engine (3-layer v2-lite-shape) vs the same model with its weights rounded
+    through FP8 and kept bf16 (the dequantized bf16 model): one prefill and one decode step, logits."""
+    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.engine.model_runner import ModelRunner
+    from dynamo_dwdp.model.fp8_weights import round_trip_fp8
+    from dynamo_dwdp.parallel.executor import LocalExecutor
+
+    lite = os.path.join(tmp, "lite3")
+    gen = torch.Generator().manual_seed(4)
+    lens = [300, 77, 1000, 5]
+    prompts = [torch.randint(5, 1000, (n,), generator=gen).tolist() for n in lens]
+    tables, nxt = [], 0
+    for n in lens:
+        need = (n + 2 + 15) // 16
+        tables.append(list(range(nxt, nxt + need)))
+        nxt += need
+    nxt_tok = torch.randint(5, 1000, (len(lens),), generator=gen).tolist()
+    out = {}
+    for fmt in ("fp8-block", "round-trip"):
+        cfg = EngineConfig(block_size=16, num_kv_blocks=nxt + 1, device="cuda", dtype="bfloat16", cuda_graphs=True,
+                           max_num_seqs=4, max_num_batched_tokens=4096, max_model_len=1100,
+                           weight_format="fp8-block" if fmt == "fp8-block" else "native",
+                           capture_graphs_at_start=False)
+        r = ModelRunner(lite, cfg, LocalExecutor)
+        if fmt == "round-trip":
+            round_trip_fp8(r.model, r.executor)
+        pre = r.execute(prompts, [0] * len(lens), tables, [True] * len(lens)).float()
+        dec = r.execute([[t] for t in nxt_tok], lens, tables, [True] * len(lens)).float()
+        out[fmt] = (pre, dec, r.fp8)
+        del r
+        torch.cuda.empty_cache()
+    ep, ed = rel(out["fp8-block"][0], out["round-trip"][0]), rel(out["fp8-block"][1], out["round-trip"][1])
+    agree = (out["fp8-block"][1].argmax(-1) == out["round-trip"][1].argmax(-1)).float().mean().item()
+    st = out["fp8-block"][2]
+    rows.append(("FP8-resident engine vs dequantized bf16 model (3 layers): prefill / decode-graph logits "
+                 "(tolerance 3e-2)", f"rel err {ep:.2e} / {ed:.2e}, decode argmax agree {agree:.0%}; weights "
+                 f"{st['bytes_before'] / 1e9:.2f} -> {st['bytes_after'] / 1e9:.2f} GB",
+                 "ok" if max(ep, ed) < 3e-2 else "HIGH"))
+
+
+def count_kernels(tmp: str, batch: int, context: int, fused: bool) -> int:
+    """CUDA kernels one decode step of the 3-layer model launches (torch profiler), fused kernels on/off."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.engine.model_runner import ModelRunner
+    from dynamo_dwdp.model import kernels
+    from dynamo_dwdp.parallel.executor import LocalExecutor
+
+    os.environ["DWDP_FUSED_KERNELS"] = "1" if fused else "0"
+    kernels.available.cache_clear()
+    try:
+        lite = os.path.join(tmp, "lite3")
+        per = (context + 2 + 15) // 16
+        r = ModelRunner(lite, EngineConfig(block_size=16, num_kv_blocks=batch * per + 1, device="cuda",
+                                           dtype="bfloat16", max_num_seqs=batch, max_num_batched_tokens=8192),
+                        LocalExecutor)
+        tables = [list(range(i * per, (i + 1) * per)) for i in range(batch)]
+        step = ([[7]] * batch, [context] * batch, tables, [True] * batch)
+        r.execute(*step)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            r.execute(*step)
+        try:
+            n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        except AttributeError:
+            n = len(prof.events())
+        del r
+        torch.cuda.empty_cache()
+        return n
+    finally:
+        os.environ["DWDP_FUSED_KERNELS"] = "1"
+        kernels.available.cache_clear()
+
+
 def profile_decode(tmp: str, batch: int, context: int) -> str:
     """Kernel-time table of one eager decode step (v2-lite-shape, 3 layers) from the torch profiler:
     what a graph replay executes, without the host gaps."""
@@ -294,22 +558,37 @@ def profile_decode(tmp: str, batch: int, context: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------- benchmarks
-def bench(model: str, out_jsonl: str, setups: list, hw: str) -> list[dict]:
+def bench(model: str, out_jsonl: str, setups: list, hw: str, on_done=None) -> list[dict]:
     from dynamo_dwdp.bench.engine_bench import BenchSetup, append_jsonl, run_points
 
     results = []
-    for kw, points in setups:
+    for kw, points, env in setups:
         t = time.perf_counter()
         setup = BenchSetup(model_dir=model, strategy="single", ranks=1, device="cuda", dtype="bfloat16", hw=hw,
                            timeout=900, **kw)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)                             # read by the spawned rank process
         try:
             res = run_points(setup, points)
         except Exception as exc:                           # keep going: one failed setup is a row, not a crash
-            say(f"bench {kw} FAILED: {str(exc)[:400]}")
+            say(f"bench {kw} {env} FAILED: {str(exc)[:400]}")
             continue
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        for r in res:
+            r["env"] = env
         append_jsonl(out_jsonl, res)
         results += res
-        say(f"bench {kw}: {len(points)} points in {time.perf_counter() - t:.1f}s")
+        gr = res[0].get("graphs") if res else None
+        say(f"bench {kw} {env}: {len(points)} points in {time.perf_counter() - t:.1f}s"
+            + (f"; start-up capture {gr['count']} graphs in {gr['capture_s']:.1f}s, "
+               f"{gr['capture_bytes'] / 2**20:.0f} MiB, {gr['captures_after_start']} captures after start" if gr else ""))
+        if on_done:
+            on_done(results)
     return results
 
 
@@ -321,11 +600,18 @@ def roofline_rows(results: list[dict], ceil: dict) -> list[dict]:
         hbm_bytes = r["hbm"]["bytes_per_step_per_gpu"]
         flops = r["flops"]["per_step"]
         pred = r["prediction"].get("step_ms_moe_layers")
+        mode = ((("graphs" if st.get("cuda_graphs") else "eager") + (" torch-attn" if st["attention"] == "reference"
+                                                                       else "")) if st["phase"] == "decode"
+                else ("sdpa" if st["attention"] == "auto" else st["attention"]))
+        if st.get("weights", "native") != "native":
+            mode += " " + st["weights"]
+        if r.get("env", {}).get("DWDP_FUSED_KERNELS") == "0":
+            mode += " unfused"
+        if r.get("env", {}).get("DWDP_EXPERT_GEMM") == "grouped_mm":
+            mode += " grouped_mm"
         rows.append({
             "phase": st["phase"], "tokens": st["tokens_per_iter"], "batch": st["batch"], "context": st["context"],
-            "mode": (("graphs" if st.get("cuda_graphs") else "eager") + (" torch-attn" if st["attention"] == "reference"
-                                                                          else "")) if st["phase"] == "decode"
-                    else ("sdpa" if st["attention"] == "auto" else st["attention"]),
+            "mode": mode, "graphs": r.get("graphs"),
             "step_ms": r["step_ms"]["mean"], "p50_ms": r["step_ms"]["p50"],
             "tok_s": r["tokens_per_s_per_gpu"], "hbm_gb_step": hbm_bytes / 1e9,
             "hbm_frac": hbm_bytes / step_s / ceil["hbm_copy_bytes_per_s"],
@@ -334,6 +620,38 @@ def roofline_rows(results: list[dict], ceil: dict) -> list[dict]:
             "experts_touched": r["per_rank"][0]["experts_touched_per_moe_layer"],
         })
     return rows
+
+
+def write_tables(out: str, info: dict, ceil: dict, checks: list, table: list[dict], extra: dict) -> None:
+    """$OUT/gpu_perf.json (everything) and $OUT/gpu_perf.md (the tables docs/performance.md shows)."""
+    with open(os.path.join(out, "gpu_perf.json"), "w") as f:
+        json.dump({"info": info, "ceilings": ceil, "checks": checks, "bench": table, **extra}, f, indent=1)
+    lines = [f"# gpu_perf {info['date']}: {info['gpus']} x {info['name']}, torch {info['torch']}",
+             f"command: {' '.join(info['argv'])}",
+             f"ceilings: HBM copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM "
+             f"{ceil['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s", ""]
+    lines += ["| check | result | status |", "|---|---|---|"] + [f"| {c[0]} | {c[1]} | {c[2]} |" for c in checks]
+    bf16 = {r["batch"]: r["step_ms"] for r in table if r["phase"] == "decode" and r["mode"] == "graphs"}
+    lines += ["", "% HBM roofline: bytes the step touches at bf16 weights / measured copy bandwidth (for FP8 rows "
+              "the same bf16 byte count: read it as the bf16-equivalent rate; 'vs bf16' is the step-time ratio)", "",
+              "| phase | tokens | ctx | mode | step ms | vs bf16 | tok/s | HBM GB/step | % HBM roofline | % GEMM peak "
+              "| planner ms (MoE layers) | measured/planner | experts touched |", "|" + "---|" * 13]
+    for r in table:
+        vs = (f"{r['step_ms'] / bf16[r['batch']]:.2f}" if r["phase"] == "decode" and r["batch"] in bf16 else "")
+        lines.append(f"| {r['phase']} | {r['tokens']} | {r['context']} | {r['mode']} | {r['step_ms']:.2f} | {vs} | "
+                     f"{r['tok_s']:,.0f} | {r['hbm_gb_step']:.2f} | {100 * r['hbm_frac']:.1f} | "
+                     f"{100 * r['flop_frac']:.1f} | {r['planner_moe_ms'] or 0:.2f} | "
+                     f"{r['measured_over_planner'] or 0:.2f} | {r['experts_touched']:.1f} |")
+    seen = set()
+    for r in table:
+        gr = r.get("graphs")
+        if gr and r["mode"] not in seen:
+            seen.add(r["mode"])
+            lines.append(f"\nstart-up capture ({r['mode']}): {gr['count']} decode graphs in {gr['capture_s']:.1f} s, "
+                         f"{gr['capture_bytes'] / 2**20:.0f} MiB of graph memory, {gr['captures_after_start']} "
+                         "captures after start")
+    with open(os.path.join(out, "gpu_perf.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def main() -> int:
@@ -349,6 +667,7 @@ def main() -> int:
     p.add_argument("--profile-batch", type=int, default=32,
                    help="decode batch of the kernel profile (0: none; skipped with --skip-checks)")
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--more", action="store_true", help="also: grouped_mm experts end to end, torch attention paths")
     p.add_argument("--skip-matrix", action="store_true", help="with >= 2 GPUs: do not run the strategy matrix")
     p.add_argument("--matrix-timeout", type=float, default=300.0)
     a = p.parse_args()
@@ -366,8 +685,15 @@ def main() -> int:
         f"{ceil['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s")
     tmp = tempfile.mkdtemp()
     checks: list = []
+    extra: dict = {}
     if not a.skip_checks:
-        for check in (check_decode_kernel, check_grouped_experts, lambda rows: check_attention_and_graphs(rows, tmp)):
+        for check in (check_decode_kernel, check_grouped_experts, check_fused_kernels,
+                      lambda rows: check_attention_and_graphs(rows, tmp), lambda rows: check_fp8_engine(rows, tmp),
+                      lambda rows: extra.update(experts=bench_expert_gemms(rows)),
+                      lambda rows: rows.append(("GPU operations in one eager decode step, 3-layer model, batch 32: "
+                                                "torch paths / fused kernels",
+                                                f"{count_kernels(tmp, 32, a.context, False)} / "
+                                                f"{count_kernels(tmp, 32, a.context, True)}", "info"))):
             try:
                 check(checks)
             except Exception as exc:                       # a broken check is a row, the benchmarks still run
@@ -377,6 +703,7 @@ def main() -> int:
                 checks.append((getattr(check, "__name__", "check"), f"ERR {str(exc)[:200]}", "FAIL"))
         for c in checks:
             say(f"check: {c}")
+        write_tables(a.out, info, ceil, checks, [], extra)
     if a.profile_batch and not a.skip_checks:       # the profile uses the 3-layer model the checks build
         try:
             text = profile_decode(tmp, a.profile_batch, a.context)
@@ -400,13 +727,26 @@ def main() -> int:
     decode = [Point("decode", b, b, a.context, 0.0, 10, 3) for b in batches]
     prefill = [Point("prefill", n, 1, 0, 0.0, 3, 1) for n in (int(x) for x in a.prefill.split(",") if x)]
     ref_prefill = [Point("prefill", n, 1, 0, 0.0, 3, 1) for n in (int(x) for x in a.reference_prefill.split(",") if x)]
-    eager_decode = [pt for pt in decode if pt.batch in (1, 32, 128)]
+    eager_decode = [pt for pt in decode if pt.batch in (1, 32)]
     ref_decode = [pt for pt in decode if pt.batch in (32, 128)]
-    setups = [({"cuda_graphs": True}, decode),                                   # Triton decode kernel
-              ({"cuda_graphs": True, "attention": "reference"}, ref_decode + ref_prefill),   # torch paths
-              ({}, eager_decode + prefill)]
-    results = bench(model, jsonl, setups, a.hw)
-    table = roofline_rows(results, ceil)
+    fp8_decode = [pt for pt in decode if pt.batch in (1, 64, 256)]
+    before = [pt for pt in decode if pt.batch in (1, 64)]
+    setups = [({"cuda_graphs": True}, decode, {}),                               # fused kernels, bf16
+              ({"cuda_graphs": True, "weights": "fp8-block"}, fp8_decode, {}),   # FP8-resident weights
+              ({}, eager_decode + prefill, {}),
+              ({"cuda_graphs": True}, before, {"DWDP_FUSED_KERNELS": "0"})]      # the torch paths (before)
+    if a.more:
+        setups += [({"cuda_graphs": True}, [pt for pt in decode if pt.batch == 64], {"DWDP_EXPERT_GEMM": "grouped_mm"}),
+                   ({"cuda_graphs": True, "attention": "reference"}, ref_decode + ref_prefill, {})]
+    setups = [st for st in setups if st[1]]
+
+    def write(results):
+        table = roofline_rows(results, ceil)
+        write_tables(a.out, info, ceil, checks, table, extra)
+        return table
+
+    results = bench(model, jsonl, setups, a.hw, on_done=write)
+    table = write(results)
     if ngpu >= 2 and not a.skip_matrix:
         import subprocess
 
@@ -417,23 +757,7 @@ def main() -> int:
         say("matrix: " + " ".join(cmd[1:]))
         rc = subprocess.call(cmd, timeout=a.matrix_timeout)
         say(f"matrix finished rc={rc}")
-    summary = {"info": info, "ceilings": ceil, "checks": checks, "bench": table}
-    with open(os.path.join(a.out, "gpu_perf.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    lines = [f"# gpu_perf {info['date']}: {ngpu} x {info['name']}, torch {info['torch']}",
-             f"ceilings: HBM copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM "
-             f"{ceil['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s", ""]
-    lines += [f"| {c[0]} | {c[1]} | {c[2]} |" for c in checks]
-    lines += ["", "| phase | tokens | ctx | mode | step ms | tok/s | HBM GB/step | % HBM roofline | % GEMM peak "
-              "| planner ms (MoE layers) | measured/planner | experts touched |", "|" + "---|" * 12]
-    for r in table:
-        lines.append(f"| {r['phase']} | {r['tokens']} | {r['context']} | {r['mode']} | {r['step_ms']:.2f} | "
-                     f"{r['tok_s']:,.0f} | {r['hbm_gb_step']:.2f} | {100 * r['hbm_frac']:.1f} | "
-                     f"{100 * r['flop_frac']:.1f} | {r['planner_moe_ms'] or 0:.2f} | "
-                     f"{r['measured_over_planner'] or 0:.2f} | {r['experts_touched']:.1f} |")
-    with open(os.path.join(a.out, "gpu_perf.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(open(os.path.join(a.out, "gpu_perf.md")).read())
     say("done")
     return 0 if all(c[2] in ("ok", "info") for c in checks) else 1
 

@@ -119,6 +119,7 @@ class BenchSetup:
     timeout: float = 1800.0
     cuda_graphs: bool = False             # decode steps from CUDA graphs (executors that allow capture)
     attention: str = "auto"               # prefill attention: auto | reference | sdpa
+    weights: str = "native"               # native | fp8-block (FP8-resident experts and dense linears, CUDA)
 
     @property
     def group_strategy(self) -> str:
@@ -149,6 +150,10 @@ class BenchSetup:
 
         if self.attention not in ATTENTION_BACKENDS:
             raise UserError(f"--attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+        from dynamo_dwdp.engine.config import WEIGHT_FORMATS
+
+        if self.weights not in WEIGHT_FORMATS or (self.weights != "native" and self.device != "cuda"):
+            raise UserError(f"--weights {self.weights!r}: one of {', '.join(WEIGHT_FORMATS)} (fp8-block: --device cuda)")
         from dynamo_dwdp.bench.hardware import HARDWARE
 
         if self.hw not in HARDWARE:
@@ -485,13 +490,21 @@ def bench_rank(rank_engine, payload) -> list[dict]:
     setup, points = payload
     runner = rank_engine.runner
     probe = _Probe(runner)
+    if runner.graphs is not None and not runner.graphs.started:
+        runner.graphs.capture_all()        # the start-up capture, after the probe: its device ops are in the graphs
     if setup.expert_skew:
         k, bias = setup.expert_skew
         runner.set_expert_skew(list(range(k)), bias)
     if rank_engine.is_follower:
         return _follow_points(rank_engine, probe, setup, points)
     try:
-        return [_drive_point(rank_engine, probe, setup, p, i) for i, p in enumerate(points)]
+        recs = [_drive_point(rank_engine, probe, setup, p, i) for i, p in enumerate(points)]
+        graphs = runner.graphs
+        for r in recs:                    # start-up capture cost (engine/cuda_graphs.py: capture_all)
+            r["graphs"] = None if graphs is None else {
+                "count": len(graphs.graphs), "capture_s": graphs.capture_seconds,
+                "capture_bytes": graphs.capture_bytes, "captures_after_start": graphs.captures_after_start}
+        return recs
     finally:
         if setup.strategy == "tp":
             runner.stop_followers()
@@ -519,6 +532,7 @@ def setup_dict(setup: BenchSetup, point: Point) -> dict:
         "steps": point.steps, "warmup": point.warmup, "seed": point.seed, "device": setup.device,
         "dtype": setup.dtype, "dwdp_routed_only": setup.routed_only, "dwdp_contention_opt": setup.contention_opt,
         "hw": setup.hw, "cuda_graphs": setup.cuda_graphs, "attention": setup.attention,
+        **({"weights": setup.weights} if setup.weights != "native" else {}),
     }
 
 
@@ -661,6 +675,7 @@ def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict 
             "frac_of_peak": hbm_ach / hbm_peak if hbm_peak else None,
         },
         "prediction": prediction(setup, point, split_ms, _mean(group_step) * 1e3, len(cfg.moe_layers)),
+        "graphs": records[0].get("graphs"),
     }
     result["key"] = point_key(model, result["setup"])
     return result
@@ -778,10 +793,14 @@ def run_points(setup: BenchSetup, points: list[Point], model: dict | None = None
     check_environment(setup)
     kv = max(build_schedule(p, setup.strategy, setup.ranks, setup.block_size).kv_blocks for p in points)
     most_tokens = max(p.tokens_per_iter * (setup.ranks if setup.strategy == "tp" else 1) for p in points)
+    # the longest sequence any point makes (sizes the decode graphs captured at start-up)
+    longest = max(p.context + p.warmup + p.steps if p.phase == "decode" else p.tokens_per_iter for p in points) + 16
     cfg = EngineConfig(block_size=setup.block_size, num_kv_blocks=kv + 1, max_num_seqs=max(1, most_tokens),
                        max_num_batched_tokens=max(1, most_tokens), device=setup.device, dtype=setup.dtype,
                        enable_prefix_caching=False, cuda_graphs=setup.cuda_graphs,
-                       attention_backend=setup.attention)
+                       attention_backend=setup.attention, weight_format=setup.weights,
+                       capture_graphs_at_start=False,      # bench_rank captures once its probe is installed
+                       max_model_len=min(longest, model_cfg.max_position_embeddings))
     dwdp = DWDPOptions(routed_only=setup.routed_only, contention_opt=setup.contention_opt)
     results = run_local_group(setup.model_dir, cfg, setup.group_strategy, setup.ranks, bench_rank,
                               [(setup, points)] * setup.ranks, dwdp=dwdp, timeout=setup.timeout)

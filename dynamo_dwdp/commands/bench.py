@@ -93,6 +93,9 @@ def register(subparsers) -> None:
                         "dep and tp run eagerly)")
     e.add_argument("--attention", default="auto",
                    help="prefill attention: auto (SDPA on cuda, reference on cpu) | reference | sdpa (default auto)")
+    e.add_argument("--weights", default="native",
+                   help="native | fp8-block: experts and dense linears quantized to FP8 (128x128 blocks) at load, "
+                        "cuda only (default native)")
     e.add_argument("--timeout", type=float, default=1800.0, help="seconds before the group is abandoned")
     e.add_argument("--json", action="store_true", help="print one JSON object (and nothing else) on stdout")
     e.add_argument("--out", metavar="FILE.jsonl", help="append the result as one JSON line")
@@ -177,7 +180,8 @@ def run_engine(args) -> int:
     setup = BenchSetup(model_dir=args.model, strategy=args.strategy, ranks=args.ranks, device=args.device,
                        dtype=_dtype(args.dtype), routed_only=args.dwdp_routed_only,
                        contention_opt=args.dwdp_contention_opt, hw=args.hw, block_size=args.block_size,
-                       timeout=args.timeout, cuda_graphs=args.cuda_graphs, attention=args.attention).validate()
+                       timeout=args.timeout, cuda_graphs=args.cuda_graphs, attention=args.attention,
+                       weights=args.weights).validate()
     if args.phase not in PHASES:
         raise UserError(f"--phase {args.phase!r} is not one of {', '.join(PHASES)}")
     cfg = load_model_config(args.model)

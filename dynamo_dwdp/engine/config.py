@@ -11,6 +11,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 ATTENTION_BACKENDS = ("auto", "reference", "sdpa")
+WEIGHT_FORMATS = ("native", "fp8-block")
 
 
 @dataclass
@@ -26,6 +27,8 @@ class EngineConfig:
     seed: int = 0
     cuda_graphs: bool = False
     attention_backend: str = "auto"           # auto | reference | sdpa (see model/attention.py: use_sdpa, use_decode_kernel)
+    weight_format: str = "native"             # native | fp8-block: experts + dense linears quantized at load (CUDA)
+    capture_graphs_at_start: bool = True      # with cuda_graphs: capture every decode bucket while starting
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -43,4 +46,8 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise UserError(f"engine attention_backend={self.attention_backend!r}: must be one of "
                             f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise UserError(f"engine weight_format={self.weight_format!r}: must be one of {', '.join(WEIGHT_FORMATS)}")
+        if self.weight_format == "fp8-block" and not self.device.startswith("cuda"):
+            raise UserError(f"engine weight_format=fp8-block needs device=cuda, not {self.device!r}")
         return self

@@ -3,8 +3,12 @@
 A decode step (every sequence adds exactly one token) has shapes that depend only on the batch size
 B and the longest context. Graphs are keyed by (batch bucket, block bucket): B is padded up to the
 next batch bucket, the block tables up to the next block bucket, so one captured
-graph serves every step that fits it (the context bucket keeps padded KV reads under 25%). Graphs are captured lazily, the first time a key is needed,
-and all share one memory pool.
+graph serves every step that fits it (the context bucket keeps padded KV reads under 25%).
+`capture_all` captures every key the engine can use while it starts (the model runner calls it for
+the local executors), so no capture happens on a request's path; a key still missing (graphs dropped
+after an executor change) is captured the first time it is needed, and counted
+(`captures_after_start`). All graphs share one memory pool and write their logits into one static
+buffer, so the pool holds the largest graph's intermediates once, not one set per graph.
 
 Invariants:
 - the graph reads its inputs from static device buffers that `run` overwrites in place;
@@ -71,10 +75,15 @@ class DecodeGraphs:
         self.max_batch = max_batch
         self.max_blocks = max_blocks
         self.device = device
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # key -> (graph, logits)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # key -> (graph, logits view)
         self.pool = None                                  # one memory pool for all graphs (first capture)
         self.replays = 0
         self.failed: str | None = None                    # set when a capture failed: eager from then on
+        self.started = False                              # capture_all ran
+        self.captures_after_start = 0
+        self.capture_seconds = 0.0                        # capture_all: wall time
+        self.capture_bytes = 0                            # capture_all: device memory reserved by the graphs
+        self.logits_out: torch.Tensor | None = None       # [max_batch, vocab] float32, written by every graph
         n, L = max_batch, max_blocks
         z = dict(dtype=torch.long, device=device)
         self.ids = torch.zeros(n, **z)
@@ -84,6 +93,33 @@ class DecodeGraphs:
         self.tables = torch.full((n, L), scratch_block, **z)
         self.ones = torch.ones(n, **z)
         self.rows = torch.arange(n, **z)
+
+    def all_keys(self) -> list[tuple[int, int]]:
+        """Every (batch bucket, block bucket) a decode step of this engine can map to, largest first."""
+        batches = {batch_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)}
+        blocks = {block_bucket(n, self.max_blocks) for n in range(1, self.max_blocks + 1)}
+        return sorted(((b, k) for b in batches for k in blocks), reverse=True)
+
+    def capture_all(self) -> dict:
+        """Capture every key now (engine start-up); returns {graphs, seconds, bytes}. A failed capture
+        leaves `failed` set (decode then runs eagerly), as in `run`."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()                          # cached free blocks out of the baseline
+        t0, mem0 = time.perf_counter(), torch.cuda.memory_reserved(self.device)
+        for key in self.all_keys():
+            if key not in self.graphs:
+                try:
+                    self._capture(key)
+                except _CaptureFailed:
+                    break
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - t0
+        torch.cuda.empty_cache()                          # what stays reserved now is held by the graphs
+        self.capture_bytes = torch.cuda.memory_reserved(self.device) - mem0
+        self.started = True
+        log.info("captured %d decode CUDA graphs at start-up in %.1fs, %.1f MiB of graph memory", len(self.graphs),
+                 self.capture_seconds, self.capture_bytes / 2**20)
+        return {"graphs": len(self.graphs), "seconds": self.capture_seconds, "bytes": self.capture_bytes}
 
     def key(self, batch_size: int, longest_context: int) -> tuple[int, int] | None:
         b = batch_bucket(batch_size, self.max_batch)
@@ -105,9 +141,11 @@ class DecodeGraphs:
         batch = self._static_batch(b, k)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):                 # warm-up outside the graph (allocator, handles)
-            for _ in range(2):
-                self.model(batch, self.kv_pool)
+        with torch.cuda.stream(side):                 # warm-up outside the graph (allocator, handles, JIT)
+            warm = self.model(batch, self.kv_pool)
+        if self.logits_out is None:
+            self.logits_out = torch.empty(self.max_batch, warm.shape[-1], dtype=warm.dtype, device=self.device)
+        del warm
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
@@ -117,7 +155,7 @@ class DecodeGraphs:
             if ex is not None:
                 ex.prepare_capture()
             with torch.cuda.graph(graph, pool=self.pool):
-                logits = self.model(batch, self.kv_pool)
+                self.logits_out[:b].copy_(self.model(batch, self.kv_pool))
             torch.cuda.synchronize(self.device)
         except RuntimeError as exc:
             self.failed = str(exc).splitlines()[0]
@@ -126,7 +164,9 @@ class DecodeGraphs:
         finally:
             if ex is not None:
                 ex.end_capture()
-        self.graphs[key] = (graph, logits)
+        self.graphs[key] = (graph, self.logits_out[:b])
+        if self.started:
+            self.captures_after_start += 1
         dt = time.perf_counter() - t0
         log.info("captured decode CUDA graph batch %d x %d blocks in %.2fs (%d graphs)", b, k, dt, len(self.graphs))
         return self.graphs[key]

@@ -14,11 +14,13 @@ import time
 import torch
 
 from dynamo_dwdp.engine.config import EngineConfig
+from dynamo_dwdp.model import kernels as fused_kernels
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig, load_model_config
 from dynamo_dwdp.model.deepseek_v3 import DeepseekV3ForCausalLM
 from dynamo_dwdp.model.loader import load_weights
 from dynamo_dwdp.parallel.context import TensorParallel
+from dynamo_dwdp.parallel.executor import LocalExecutor
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,20 @@ class ModelRunner:
                 layer.mlp.gate.float()
             layer.self_attn.backend = config.attention_backend
         self.load_report = load_weights(model, model_dir)
+        self.fp8 = None
+        if config.weight_format == "fp8-block":
+            from dynamo_dwdp.model.fp8_weights import make_fp8_resident
+
+            self.fp8 = make_fp8_resident(model, executor)
+            log.info("FP8-resident weights: %d linears + %d expert banks, %.2f -> %.2f GB",
+                     self.fp8["linears"], self.fp8["expert_banks"], self.fp8["bytes_before"] / 1e9,
+                     self.fp8["bytes_after"] / 1e9)
+        if self.device.type == "cuda" and fused_kernels.available():
+            from dynamo_dwdp.model.layers import DenseMLP
+
+            for mod in model.modules():
+                if isinstance(mod, DenseMLP):
+                    mod.fuse_gate_up()
         self.model = model.eval()
         self.executor = executor
         self.load_seconds = time.perf_counter() - t0
@@ -61,6 +77,9 @@ class ModelRunner:
             max_blocks = min(config.num_kv_blocks, (max_len + config.block_size - 1) // config.block_size)
             self.graphs = DecodeGraphs(self.model, self.kv_pool, config.num_kv_blocks, config.block_size,
                                        config.max_num_seqs, max_blocks, self.device)
+            # local experts: capture every bucket now (a DWDP executor's peers may not be up yet: lazily)
+            if config.capture_graphs_at_start and isinstance(executor, LocalExecutor):
+                self.graphs.capture_all()
         log.info("model %s loaded in %.2fs (%s, %s); KV pool %d blocks x %d tokens (%.1f MiB)",
                  model_dir, self.load_seconds, executor.strategy, dtype, config.num_kv_blocks, config.block_size,
                  self.kv_pool.numel() * self.kv_pool.element_size() / 2**20)

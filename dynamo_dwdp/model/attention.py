@@ -13,6 +13,8 @@ Two implementations share one contract (query rows in, output rows out, the cach
   scaled_dot_product_attention (flash-style memory-efficient or cuDNN kernels on GPU: no S x S
   score matrix), with a bottom-right causal mask for chunks that follow cached tokens. The prefill
   path on CUDA (`backend="auto"`);
+On CUDA (unless backend "reference") the kv_a norm, both rotations and the cache write run as one
+kernel (`kernels/mla_prep.py`).
 - `mla_decode.mla_decode_attention`: a Triton split-K kernel for decode steps that reads the cache
   once through the block table. The decode path on CUDA unless `backend="reference"`.
 """
@@ -23,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from dynamo_dwdp.model import kernels as fused_kernels
 from dynamo_dwdp.model import mla_decode
+from dynamo_dwdp.model.kernels import mla_prep
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig
 from dynamo_dwdp.model.layers import Linear, RMSNorm
@@ -67,6 +71,11 @@ class MLAttention(nn.Module):
             return False
         return self.kernel_shapes_ok and mla_decode.available()
 
+    def use_fused_prep(self, x: torch.Tensor) -> bool:
+        """CUDA, unless backend is "reference": the fused norm/rope/cache-write kernel."""
+        return (x.is_cuda and self.backend != "reference" and fused_kernels.available()
+                and mla_prep.supported(self.kv_lora, self.rope_dim))
+
     def use_sdpa(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
         """Prefill chunks (max_q > 1) go through SDPA on CUDA under "auto", always under "sdpa"."""
         if batch.max_q <= 1 or self.backend == "reference":
@@ -84,14 +93,19 @@ class MLAttention(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(T, h, self.nope + self.rope_dim)
-        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)
-        q_pe = rope.apply(q_pe, cos, sin)
-        k_pe = rope.apply(k_pe, cos, sin)
-
-        bs = kv_layer.shape[1]
-        kv_layer[batch.slot_mapping // bs, batch.slot_mapping % bs] = torch.cat([latent, k_pe], -1).to(kv_layer.dtype)
+        if self.use_fused_prep(x):                  # norm + rope + cache write in one kernel (kernels/mla_prep.py)
+            q_nope = q[..., :self.nope]
+            q_pe = mla_prep.mla_prep(q, self.kv_a_proj_with_mqa(x), self.kv_a_layernorm.weight,
+                                     self.kv_a_layernorm.eps, cos, sin, batch.slot_mapping, kv_layer, self.nope,
+                                     rope.interleave)
+        else:
+            q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+            latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)
+            latent = self.kv_a_layernorm(latent)
+            q_pe = rope.apply(q_pe, cos, sin)
+            k_pe = rope.apply(k_pe, cos, sin)
+            bs = kv_layer.shape[1]
+            kv_layer[batch.slot_mapping // bs, batch.slot_mapping % bs] = torch.cat([latent, k_pe], -1).to(kv_layer.dtype)
 
         w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, self.kv_lora)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
@@ -99,11 +113,11 @@ class MLAttention(nn.Module):
             out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, self.scale)
             return self.o_proj(out.reshape(T, h * self.v_dim))
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
-        query = torch.cat([q_latent, q_pe], dim=-1)                        # [T, h, C+R]
-        if self.use_decode_kernel(query, batch):
-            out_latent = mla_decode.mla_decode_attention(query, kv_layer, batch.block_tables, batch.context_lens,
-                                                         self.kv_lora, self.scale, batch.max_context)
+        if self.use_decode_kernel(q_latent, batch):                        # q_pe read in place: no concatenation
+            out_latent = mla_decode.mla_decode_attention(q_latent, kv_layer, batch.block_tables, batch.context_lens,
+                                                         self.kv_lora, self.scale, batch.max_context, q_pe=q_pe)
         else:
+            query = torch.cat([q_latent, q_pe], dim=-1)                    # [T, h, C+R]
             out_latent = paged_latent_attention(query, batch, kv_layer, self.kv_lora, self.scale)  # [T, h, C]
         out = torch.einsum("thc,hvc->thv", out_latent, w_uv).reshape(T, h * self.v_dim)
         return self.o_proj(out)

@@ -38,17 +38,54 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float8_e4m3fn:          # FP8-resident (model/fp8_weights.py)
+            from dynamo_dwdp.model.kernels.moe_gemm import fp8_linear
+
+            return fp8_linear(x, self.weight, self.weight_scale_inv)
         return F.linear(x, self.weight)
 
 
 class DenseMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)); under TP the result is a partial sum (caller reduces)."""
+    """down(silu(gate(x)) * up(x)); under TP the result is a partial sum (caller reduces).
+
+    After `fuse_gate_up()` (CUDA) gate and up weights are two views of one [2I, H] tensor and small
+    batches run gate, up, silu and the product as one kernel (kernels/moe_gemm.dense_swiglu)."""
 
     def __init__(self, hidden: int, intermediate: int, tp: TensorParallel):
         super().__init__()
         self.gate_proj = Linear(hidden, intermediate, tp, tp_dim=0)
         self.up_proj = Linear(hidden, intermediate, tp, tp_dim=0)
         self.down_proj = Linear(intermediate, hidden, tp, tp_dim=1)
+        self.gate_up: torch.Tensor | None = None          # [2I, H] (bf16 or FP8), set by fuse_gate_up
+        self.gate_up_scale: torch.Tensor | None = None    # its block scale_inv when FP8
+
+    def fuse_gate_up(self) -> bool:
+        """Store gate and up as one tensor (no copy kept). FP8 weights only when I is a multiple of
+        the 128-row scale block (the scales then concatenate too). Returns whether it fused."""
+        g, u = self.gate_proj, self.up_proj
+        fp8 = g.weight.dtype == torch.float8_e4m3fn
+        inter = g.weight.shape[0]
+        if fp8 and inter % 128:
+            return False
+        w13 = torch.cat([g.weight.data, u.weight.data])
+        g.weight = nn.Parameter(w13[:inter], requires_grad=False)
+        u.weight = nn.Parameter(w13[inter:], requires_grad=False)
+        self.gate_up = w13
+        if fp8:
+            s13 = torch.cat([g.weight_scale_inv, u.weight_scale_inv])
+            g.weight_scale_inv, u.weight_scale_inv = s13[:inter // 128], s13[inter // 128:]
+            self.gate_up_scale = s13
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None and x.is_cuda and x.shape[0] <= _fused_rows(self.gate_up_scale is not None):
+            from dynamo_dwdp.model.kernels.moe_gemm import dense_swiglu
+
+            return self.down_proj(dense_swiglu(x, self.gate_up, self.gate_up_scale))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _fused_rows(fp8: bool) -> int:
+    from dynamo_dwdp.model.kernels.moe_gemm import BF16_SWIGLU_MAX_ROWS, FP8_LINEAR_MAX_ROWS
+
+    return FP8_LINEAR_MAX_ROWS if fp8 else BF16_SWIGLU_MAX_ROWS

@@ -41,8 +41,8 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def split_kernel(Q, KV, TABLES, CTX, ACC, ML,
-                     stride_qb, stride_qh, stride_kv_blk, stride_kv_tok, stride_tb,
+    def split_kernel(Q, QPE, KV, TABLES, CTX, ACC, ML,
+                     stride_qb, stride_qh, stride_pb, stride_ph, stride_kv_blk, stride_kv_tok, stride_tb,
                      stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
                      H, scale,
                      C: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -60,7 +60,8 @@ def _kernels():
         offs_r = tl.arange(0, R)
         q_row = Q + b * stride_qb + offs_h[:, None] * stride_qh
         q_lat = tl.load(q_row + offs_c[None, :], mask=hmask[:, None], other=0.0)
-        q_pe = tl.load(q_row + C + offs_r[None, :], mask=hmask[:, None], other=0.0)
+        q_pe = tl.load(QPE + b * stride_pb + offs_h[:, None] * stride_ph + offs_r[None, :], mask=hmask[:, None],
+                       other=0.0)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, C], tl.float32)
@@ -133,14 +134,20 @@ def num_splits(batch: int, head_groups: int, max_context: int, sms: int = 132) -
 
 
 def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
-                         context_lens: torch.Tensor, latent_dim: int, scale: float, max_context: int) -> torch.Tensor:
+                         context_lens: torch.Tensor, latent_dim: int, scale: float, max_context: int,
+                         q_pe: torch.Tensor | None = None) -> torch.Tensor:
     """See the module docstring. `max_context` (a python int >= every context length) sizes the
-    split count only; the kernel reads each sequence's own length from `context_lens`."""
+    split count only; the kernel reads each sequence's own length from `context_lens`. With `q_pe`
+    [B, h, R] given, `query` is the latent part alone [B, h, C] (no concatenation needed)."""
     split_kernel, combine_kernel = _kernels()
-    B, H, D = query.shape
-    C, R = latent_dim, D - latent_dim
+    if q_pe is None:
+        query, q_pe = query[..., :latent_dim], query[..., latent_dim:]
+    B, H, C = query.shape
+    R = q_pe.shape[-1]
+    if C != latent_dim:
+        raise ValueError(f"mla_decode_attention: query latent width {C} != {latent_dim}")
     bs = kv_layer.shape[1]
-    if kv_layer.stride(2) != 1 or query.stride(2) != 1:
+    if kv_layer.stride(2) != 1 or query.stride(2) != 1 or q_pe.stride(2) != 1:
         raise ValueError("mla_decode_attention: the last dimension of query and cache must be contiguous")
     # heads per program: the fp32 accumulator is block_h x C (16 x 512 = 32 KiB at 4 warps, as measured on
     # the H100 for 16 heads); wider head counts (DeepSeek-V3: 128) use 32-head groups at 8 warps (not yet
@@ -154,13 +161,14 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
     tiles = max(1, -(-per_split // BLOCK_N))
     tiles = 1 << (tiles - 1).bit_length()               # a power of two: few compiled variants as contexts grow
     q = query.to(kv_layer.dtype)
+    q_pe = q_pe.to(kv_layer.dtype)
     acc = torch.empty(B, splits, H, C, device=query.device, dtype=torch.float32)
     ml = torch.empty(B, splits, 2, H, device=query.device, dtype=torch.float32)
     out = torch.empty(B, H, C, device=query.device, dtype=query.dtype)
     tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     split_kernel[(B, groups, splits)](
-        q, kv_layer, tables, context_lens, acc, ml,
-        q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), tables.stride(0),
+        q, q_pe, kv_layer, tables, context_lens, acc, ml,
+        q.stride(0), q.stride(1), q_pe.stride(0), q_pe.stride(1), kv_layer.stride(0), kv_layer.stride(1), tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
         H, scale, C=C, R=R, BS=bs, BLOCK_N=BLOCK_N, BLOCK_H=block_h, SPLITS=splits, TILES=tiles,
         IEEE=kv_layer.dtype == torch.float32, num_warps=warps)

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynamo_dwdp.model import kernels as fused_kernels
 from dynamo_dwdp.model.config import ModelConfig
+from dynamo_dwdp.model.kernels import router as fused_router
 from dynamo_dwdp.model.layers import DenseMLP
 from dynamo_dwdp.parallel.context import TensorParallel
 
@@ -87,10 +89,17 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_ids [T, k] long, topk_weights [T, k] float32)."""
-        logits = F.linear(x.float(), self.weight.float())
         method = self.cfg.topk_method
         if method == "noaux_tc":
-            return route_noaux_tc(logits, self.cfg, self.e_score_correction_bias, self.selection_skew)
+            cfg = self.cfg
+            if x.is_cuda and fused_kernels.available():
+                # the V3 router as two Triton kernels (kernels/router.py)
+                return fused_router.noaux_tc_route(x, self.weight, self.e_score_correction_bias, self.selection_skew,
+                                                   cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
+                                                   cfg.norm_topk_prob, cfg.routed_scaling_factor)
+            logits = F.linear(x.float(), self.weight.float())
+            return route_noaux_tc(logits, cfg, self.e_score_correction_bias, self.selection_skew)
+        logits = F.linear(x.float(), self.weight.float())
         if method == "greedy":
             return route_greedy(logits, self.cfg, self.selection_skew)
         if method == "group_limited_greedy":

@@ -10,6 +10,7 @@ so that fp32 results agree to rounding.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,10 @@ class ExpertBank:
     first: int              # global id of row 0
     w13: torch.Tensor       # [n, 2*I, H]
     w2: torch.Tensor        # [n, H, I]
+    # FP8-resident banks (CUDA): w13/w2 are float8_e4m3fn and these their 128x128 block scale_inv
+    # [n, ceil(2I/128), ceil(H/128)] / [n, ceil(H/128), ceil(I/128)] (model/fp8.py's format)
+    w13_scale: torch.Tensor | None = None
+    w2_scale: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -39,6 +44,12 @@ def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     Pairs whose expert is in no bank contribute nothing (DEP/TP use this: each rank holds a subset).
     `out` [T, H] accumulates in place when given.
     """
+    if use_fused_experts(x, topk_ids, banks):
+        from dynamo_dwdp.model.kernels.moe_gemm import routed_experts_fused
+
+        return routed_experts_fused(x, topk_ids, topk_weights, banks, out)
+    if any(b.w13_scale is not None for b in banks):
+        raise RuntimeError("FP8-resident expert banks need the fused CUDA kernels (Triton)")
     if grouped_mm_available(x):
         return routed_experts_grouped(x, topk_ids, topk_weights, banks, out)
     T, k = topk_ids.shape
@@ -66,6 +77,23 @@ def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
             y = y * topk_weights[tok, slots[lo:lo + n], None].to(y.dtype)
             out.index_add_(0, tok, y.to(out.dtype))
     return out
+
+
+# decode-size GPU path: "triton" (kernels/moe_gemm.py) or "grouped_mm" (torch); scripts/gpu_perf.py measures both
+EXPERT_GEMM = os.environ.get("DWDP_EXPERT_GEMM", "triton")
+
+
+def use_fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, banks: list[ExpertBank]) -> bool:
+    """The Triton experts (one counting sort, fused SwiGLU, scattered store) on CUDA: always for FP8
+    banks, for bf16 up to SYNC_FREE_MAX_ROWS pairs when EXPERT_GEMM is "triton" (larger batches
+    are compute-bound: torch._grouped_mm)."""
+    from dynamo_dwdp.model import kernels
+
+    if not (x.is_cuda and kernels.available()):
+        return False
+    if any(b.w13_scale is not None for b in banks):
+        return True
+    return EXPERT_GEMM == "triton" and topk_ids.numel() <= SYNC_FREE_MAX_ROWS and x.dtype == torch.bfloat16
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:

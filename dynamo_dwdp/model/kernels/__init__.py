@@ -1,0 +1,42 @@
+"""Fused GPU kernels for the decode path (Triton), each with a torch reference it is tested against.
+
+- `router`: DeepSeek-V3 noaux_tc routing (fp32 logits, sigmoid, correction bias, group top-k, top-k,
+  weights) in two kernels;
+- `mla_prep`: kv_a RMSNorm + rope of q and k + latent-cache write in one kernel;
+- `moe_gemm`: expert sorting without a sort, grouped SwiGLU and down GEMMs for small M over bf16 or
+  FP8 block-scaled weights, and the same kernels as a dense linear for FP8-resident weights.
+
+Why Triton and not torch.compile here: the router's group/top-k selection and the expert sort are
+data-dependent selections that Inductor lowers to several kernels (and a radix sort); the rest are
+fusions across a GEMM epilogue or a scattered cache write that Inductor does not form. Every kernel
+runs under Triton's CPU interpreter (TRITON_INTERPRET=1), which is how CI checks them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+
+@functools.cache
+def available() -> bool:
+    """Triton importable (GPU) and not switched off with DWDP_FUSED_KERNELS=0."""
+    if os.environ.get("DWDP_FUSED_KERNELS", "1") == "0":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@functools.cache
+def sm_count(device) -> int:
+    """Multiprocessors of a CUDA device (8 for the CPU interpreter)."""
+    import torch
+
+    dev = torch.device(device)
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
