@@ -298,7 +298,8 @@ def check_fused_kernels(rows: list) -> None:
 
     g = torch.Generator(device="cuda").manual_seed(7)
     for name, E, G, TG, K, H, norm in (("v2-lite", 64, 1, 1, 6, 2048, False), ("V3", 256, 8, 4, 8, 7168, True)):
-        cfg = SimpleNamespace(n_routed_experts=E, hidden_size=H, n_group=G, topk_group=TG, num_experts_per_tok=K,
+        cfg = SimpleNamespace(topk_method="noaux_tc", uses_correction_bias=True,
+                              n_routed_experts=E, hidden_size=H, n_group=G, topk_group=TG, num_experts_per_tok=K,
                               norm_topk_prob=norm, routed_scaling_factor=2.5)
         r = Router(cfg)
         r.weight.data = torch.randn(E, H, device="cuda", generator=g).cpu() * 0.02
