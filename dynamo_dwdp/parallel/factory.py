@@ -132,7 +132,10 @@ def build_rank_engine(model_dir: str, engine_cfg: EngineConfig, spec: GroupSpec,
         else:  # tp
             from dynamo_dwdp.parallel.tp import TPModelRunner, TPMoEExecutor
 
+            from dynamo_dwdp.parallel.peer_setup import build_peer_collectives
+
             tp = TensorParallel(spec.size, spec.rank, group.process_group)
+            tp.peer = build_peer_collectives(group, engine_cfg, model_cfg, device, dep=False)
 
             def factory(cfg, dev, dtype):
                 ex = TPMoEExecutor(cfg, dev, dtype, tp=tp)

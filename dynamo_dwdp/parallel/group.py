@@ -30,6 +30,7 @@ class GroupSpec:
     setup_timeout: float = 300.0             # waiting for peers at start-up
     liveness_timeout: float = 5.0            # heartbeat silence before a peer is declared down
     collective_timeout: float = 60.0         # DEP/TP: a collective that waits longer raises
+    collectives: str = "auto"                # DEP/TP: auto | library | peer (parallel/peer_setup.py)
 
     def validate(self) -> "GroupSpec":
         if self.strategy not in STRATEGIES:

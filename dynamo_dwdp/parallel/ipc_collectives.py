@@ -109,7 +109,7 @@ def _kernels():
         tl.store(out + offs, h, mask=m)
         hf = h.to(tl.float32)
         rms = tl.rsqrt(tl.sum(hf * hf, axis=0) / cols + eps)
-        y = (hf * rms).to(dt).to(tl.float32) * tl.load(w + c, mask=m, other=0.0).to(tl.float32)
+        y = hf * rms * tl.load(w + c, mask=m, other=0.0).to(tl.float32)
         tl.store(norm_out + offs, y.to(dt), mask=m)
 
     return wait_flag, set_flag, reduce_flat, reduce_add_norm

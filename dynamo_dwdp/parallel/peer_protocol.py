@@ -131,7 +131,7 @@ def reduce_reference(sources, out, residual=None, weight=None, eps=0.0, norm_out
     if weight is not None:
         hq = out.float()
         rms = torch.rsqrt(hq.pow(2).mean(-1, keepdim=True) + eps)
-        norm_out.copy_((hq * rms).to(out.dtype).float() * weight.float())
+        norm_out.copy_(hq * rms * weight.float())            # one rounding, as torch's rms_norm
 
 
 class PeerCollectives:
@@ -144,6 +144,7 @@ class PeerCollectives:
         regions = self.layout.regions()
         self._views = {name: [a[off:off + n] for a in memory.arenas] for name, (off, n) in regions.items()}
         self.peers = [r for r in range(self.size) if r != self.rank]
+        self.calls = 0                                   # operations run through the protocol
 
     # ------------------------------------------------------------------ channels
     def _fi(self, channel, which, rank):
@@ -181,6 +182,7 @@ class PeerCollectives:
         if not self.fits(x):
             raise ValueError(f"all-reduce of {x.numel() * x.element_size()} bytes exceeds the arena's "
                              f"{self.layout.ar_bytes} (ar_bytes)")
+        self.calls += 1
         if x.numel() * x.element_size() > self.two_shot_bytes and self.size > 1:
             return self._two_shot(x)
         out = torch.empty_like(x)
@@ -195,6 +197,7 @@ class PeerCollectives:
         if not self.fits(x):
             raise ValueError(f"all-reduce of {x.numel() * x.element_size()} bytes exceeds the arena's "
                              f"{self.layout.ar_bytes} (ar_bytes)")
+        self.calls += 1
         H = x.shape[-1]
         new_res = torch.empty_like(residual)
         normed = torch.empty_like(residual)
@@ -244,6 +247,7 @@ class PeerCollectives:
         """Send every (token, k) pair to its expert's owner. Returns this rank's received pairs
         (x [size*rows, H], ids [size*rows, 1], weights [size*rows, 1]; padding rows carry `sentinel`)
         and the routing state `combine` needs. No host sync (shapes depend only on `rows`)."""
+        self.calls += 1
         T, k = ids.shape
         H = x.shape[1]
         N = self.size
