@@ -237,6 +237,14 @@ def main() -> int:
         print(f"FAILED: ranks answered {sorted(results)} of {a.ranks} (timeout {a.timeout:.0f}s)")
         return 1
     rows = results[0]
+    shared = ngpu < a.ranks
+    with open(os.path.join(a.out, "calibration.jsonl"), "a") as f:   # for `dynamo-dwdp plan --calibrate`
+        for r in rows:
+            op = {"all_reduce": "all_reduce", "dep_dispatch+combine": "dispatch_combine"}.get(r["op"])
+            if op:
+                f.write(json.dumps({"measure": "collective", "op": op, "bytes": r["bytes"],
+                                    "seconds": r["captured_ms"] / 1e3, "shared_gpu": shared,
+                                    "source": f"scripts/gpu_collectives.py, captured, {label}"}) + "\n")
     with open(os.path.join(a.out, "gpu_collectives.json"), "w") as f:
         json.dump({"label": label, "signals": a.signals, "device": torch.cuda.get_device_name(0),
                    "torch": torch.__version__, "ranks": results}, f, indent=1)
