@@ -38,8 +38,13 @@ def tokens_logits_replays(rank_engine, payload):
     runner = rank_engine.runner
     inner = runner.execute
 
-    def execute(*args, **kwargs):
-        logits = inner(*args, **kwargs)
+    decode_s = []
+
+    def execute(token_chunks, *args, **kwargs):
+        t0 = time.perf_counter()
+        logits = inner(token_chunks, *args, **kwargs)         # ends with a stream sync
+        if token_chunks and all(len(c) == 1 for c in token_chunks):
+            decode_s.append(time.perf_counter() - t0)
         if logits.numel():
             steps.append(logits.detach().float().cpu().numpy())
         return logits
@@ -47,7 +52,8 @@ def tokens_logits_replays(rank_engine, payload):
     runner.execute = execute
     tokens = generate_rank(rank_engine, payload)
     graphs = runner.graphs
-    return tokens, steps, (graphs.replays if graphs is not None else 0)
+    decode_s = sorted(decode_s[2:]) or [float("nan")]        # the first decode steps capture graphs
+    return tokens, steps, (graphs.replays if graphs is not None else 0), 1e3 * decode_s[len(decode_s) // 2]
 
 
 def logits_rel_err(a_steps, b_steps) -> float:
@@ -102,7 +108,8 @@ def check_baselines(rows, tiny, prompts, params, ref_fp32, ranks, ngpu) -> None:
             agree = sum(x == y for a, b in zip(graphs[0][0], single_bf16[0][0]) for x, y in zip(a, b))
             total = sum(len(b) for b in single_bf16[0][0])
             status = (f"{'MATCH' if same else 'DIFF'} captured vs eager; replays {replays}; vs single bf16: "
-                      f"{agree}/{total} tokens, logits rel err {rel:.1e}")
+                      f"{agree}/{total} tokens, logits rel err {rel:.1e}; median decode step (rank 0) "
+                      f"eager {eager[0][3]:.2f} ms, graphs {graphs[0][3]:.2f} ms")
             if same and not all(r > 0 for r in replays):
                 status = "NO-REPLAY " + status
         rows.append((f"tiny {strategy}{ranks} bf16 CUDA graphs [{where}]", status, f"{dt1 + dt2:.1f}s"))
