@@ -114,6 +114,16 @@ def check_baselines(rows, tiny, prompts, params, ref_fp32, ranks, ngpu) -> None:
                 status = "NO-REPLAY " + status
         rows.append((f"tiny {strategy}{ranks} bf16 CUDA graphs [{where}]", status, f"{dt1 + dt2:.1f}s"))
         print(rows[-1], flush=True)
+    # DWDP with self-contained captured steps (no ring-wrapped prefetch), for the step-time comparison
+    os.environ["DWDP_GRAPH_WRAP"] = "0"
+    try:
+        plain, err, dt = go("dwdp", ranks, "bfloat16", True)
+    finally:
+        os.environ.pop("DWDP_GRAPH_WRAP", None)
+    status = f"ERR {err}" if err else (f"{'MATCH' if plain[0][0] == graphs[0][0] else 'DIFF'} vs wrapped graphs; "
+                                       f"median decode step (rank 0) {plain[0][3]:.2f} ms")
+    rows.append((f"tiny dwdp{ranks} bf16 CUDA graphs, DWDP_GRAPH_WRAP=0 [{where}]", status, f"{dt:.1f}s"))
+    print(rows[-1], flush=True)
 
 
 def main() -> int:
