@@ -13,12 +13,12 @@ A dead peer (membership) is dropped from every later pull plan; experts it alone
 unreachable and the forward raises `PeerError` (the engine fails its in-flight requests).
 
 CUDA graphs (all-remote mode, CUDA IPC, bf16), with more than two MoE layers: the pulls of the
-first two MoE layers wrap around between steps (dwdp/graph_prefetch.py): the graph records
-"consumed" after the last MoE layer of each parity, the host launches one small pull graph per slot
-on the copy stream right after each replay, and the next step's first MoE layers wait on "pulled"
-(external event nodes). Layers m >= 2 are pulled inside the graph as usual (m+2 after m consumed).
-So in steady state no pull waits at the start of a step; the graph module says why a change of the
-batch bucket between steps is safe. `DWDP_GRAPH_WRAP=0`, or two or fewer MoE layers, keeps a
+first two MoE layers wrap around between steps (dwdp/graph_prefetch.py): the graph sets a
+"consumed" flag after the last MoE layer of each parity, the host launches one small pull graph per
+slot on the copy stream right after each replay, and the next step's first MoE layers wait on its
+"pulled" flag (stream memory operations, captured in both graphs). Layers m >= 2 are pulled inside
+the graph as usual (m+2 after m consumed). So in steady state no pull waits at the start of a
+step; the graph module says why a change of the batch bucket between steps is safe. `DWDP_GRAPH_WRAP=0`, or two or fewer MoE layers, keeps a
 captured step self-contained instead: its begin_step pulls the first two MoE layers (every remote
 row, whatever the host thinks the slots hold) and nothing wraps into the next step. Either way the
 host's view of the slots is rebuilt after a replay (`after_replay`), a pull still in flight from an
@@ -240,6 +240,9 @@ class DWDPExecutor(MoEExecutor):
         self._forget_slots()                     # events recorded in the capture are not real events
 
     def before_replay(self) -> None:
+        if self._wrapping() and self.wrap.primed:       # the wrapped pulls of the last replay: the graph
+            self._forget_slots()                        # waits on their flags itself (no join here)
+            return
         for slot in self.slots:                  # an eager step's wrap-around pull may still be running
             if slot.pending is not None:         # (CUDA: the compute stream waits for it, the host does not)
                 self.copy.wait(slot.pending)
@@ -259,7 +262,7 @@ class DWDPExecutor(MoEExecutor):
             self._count_wrap_bytes()
             self.wrap.primed = True
             for s, slot in enumerate(self.slots):   # host view: the first layers are on their way
-                slot.pending = _CudaEvent(self.wrap.pulled[s])
+                slot.pending = _CudaEvent(self.wrap.done[s])
                 slot.pending_layer = self.moe_layers[s]
                 slot.pending_rows = list(range(len(slot.row_layer)))
                 slot.pending_peers = {p for p, _ in self.wrap.bytes[s]}
@@ -290,14 +293,14 @@ class DWDPExecutor(MoEExecutor):
         slot = self.slots[m % 2]
         wrapped = self.capturing and self._wrapping()
         if wrapped and m < 2:                                # pulled between the steps (graph_prefetch)
-            self.wrap.pulled[m].wait(torch.cuda.current_stream(self.device), external=True)
+            self.wrap.wait_pulled(m, torch.cuda.current_stream(self.device))
         else:
             self._ensure(slot, layer, torch.unique(topk_ids).tolist() if self.routed_only else None)
         out = routed_experts(x, topk_ids, topk_weights, [self.local_banks[layer], *slot.banks])
         if not self.routed_only:
             nxt = m + 2 if m + 2 < len(self.moe_layers) else m % 2   # wrap: next step's first layer of this parity
             if wrapped and nxt < m:
-                self.wrap.consumed[m % 2].record(torch.cuda.current_stream(self.device), external=True)
+                self.wrap.consumed(m % 2, torch.cuda.current_stream(self.device))
             elif self.moe_layers[nxt] != layer and not (self.capturing and nxt < m):   # self-contained graph
                 self._issue(slot, self.moe_layers[nxt])
         return out
@@ -314,10 +317,8 @@ class DWDPExecutor(MoEExecutor):
 
     def close(self):
         self.quiesce()
-        if self.wrap is not None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.wrap.close()
+        if self.wrap is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)        # no pull graph still writing a slot
         self.transport.close()
 
 

@@ -4,101 +4,81 @@ Without it a captured step is self-contained: it pulls its first two MoE layers 
 that pull is exposed (nothing to overlap with but the dense layers before the first MoE layer). With
 it, the pulls of the first two MoE layers of step k+1 run between step k's graph and step k+1's:
 
-  decode graph (any batch bucket)              pull graph of slot s (one per slot, batch-free)
-  ... MoE layer m (m = last layers of parity s) --record consumed[s]-->  wait consumed[s]
-  ... rest of the step, graph ends                                       pull every remote row of
-  next decode graph: MoE layer s waits pulled[s] <--record pulled[s]--   MoE layer s into slot s
+  decode graph (any batch bucket)                  pull graph of slot s (one per slot, batch-free)
+  ... last MoE layer using slot s, then CONSUMED[s] := 1 --> wait CONSUMED[s] == 1, CONSUMED[s] := 0
+  ... rest of the step                                     pull every remote row of MoE layer s
+  next decode graph: before MoE layer s wait PULLED[s] <-- PULLED[s] := 1
+  == 1, PULLED[s] := 0
 
-Both events are CUDA events recorded and waited on as *external* event nodes inside the graphs
-(cudaEventRecordWithFlags / cudaStreamWaitEvent with the external flags), so a graph waits on work
-launched outside it. The host launches each pull graph on the copy stream right after launching a
-decode graph (`after_replay`), never blocking: the copy engine starts as soon as the decode graph
-consumed the slot and runs beside the rest of that step and the start of the next.
+The flags are two int32 words per slot in device memory, written and waited on with CUDA stream
+memory operations (cuStreamWriteValue32 / cuStreamWaitValue32, captured into both graphs), and only
+ever set to constants, so the same graphs replay any number of times and the ordering does not
+depend on when the host launched what. The host launches the pull graphs on the copy stream right
+after launching a decode graph (`after_replay`), never blocking: the copy engine starts as soon as
+the decode graph has consumed the slot, and runs beside the rest of that step and the start of the
+next.
 
 Why a batch-bucket change between steps is safe: what a slot holds after a pull graph does not
-depend on the batch (all-remote mode pulls every remote row of the layer), every decode graph of
-every bucket records the same `consumed` events at the same layers and waits on the same `pulled`
-events, and the host launches graphs in step order on one stream, so the most recent record of
-`pulled[s]` that a graph's wait sees is always the pull issued after the previous step, whatever its
-bucket. An eager step in between uses the slots for its own layers; the next replay then re-primes
-them (`prime`: record `consumed` eagerly and launch the pull graphs) before it launches. A change of
-the graph epoch (a dead peer, hence a new pull plan) drops the pull graphs with the decode graphs.
+depend on the batch (all-remote mode pulls every remote row of the layer), and every decode graph
+of every bucket sets and waits on the same flags at the same MoE layers; whatever bucket step k+1
+uses, its first MoE layers wait for the pull that step k's graph released. An eager step in between
+uses the slots for its own layers (waiting on the pull through an ordinary event); the next replay
+re-primes the slots first (`prime`: PULLED := 0 and CONSUMED := 1 on the compute stream, then the
+pull graphs). A change of the graph epoch (a dead peer, hence a new pull plan) drops the pull graphs
+with the decode graphs.
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-CUDA_EVENT_DISABLE_TIMING = 0x2
-CUDA_EVENT_RECORD_EXTERNAL = 0x1
-CUDA_EVENT_WAIT_EXTERNAL = 0x1
-
-
-def _rt():
-    from dynamo_dwdp.dwdp.cuda_ipc import _cudart
-
-    lib = _cudart()
-    if lib is None:
-        raise RuntimeError("the CUDA runtime library is not loaded")
-    lib.cudaEventCreateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
-    lib.cudaEventRecordWithFlags.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
-    lib.cudaStreamWaitEvent.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
-    lib.cudaEventQuery.argtypes = [ctypes.c_void_p]
-    lib.cudaEventDestroy.argtypes = [ctypes.c_void_p]
-    return lib
-
-
-class ExternalEvent:
-    """A CUDA event that graphs can record and wait on as external nodes. Duck-types the parts of
-    torch.cuda.Event the copy engine uses (`wait(stream)`, `query()`)."""
-
-    def __init__(self):
-        self._lib = _rt()
-        h = ctypes.c_void_p()
-        _check(self._lib.cudaEventCreateWithFlags(ctypes.byref(h), CUDA_EVENT_DISABLE_TIMING), "cudaEventCreate")
-        self.handle = h
-
-    def record(self, stream: torch.cuda.Stream, external: bool) -> None:
-        _check(self._lib.cudaEventRecordWithFlags(self.handle, ctypes.c_void_p(stream.cuda_stream),
-                                                  CUDA_EVENT_RECORD_EXTERNAL if external else 0), "cudaEventRecord")
-
-    def wait(self, stream: torch.cuda.Stream, external: bool = False) -> None:
-        _check(self._lib.cudaStreamWaitEvent(ctypes.c_void_p(stream.cuda_stream), self.handle,
-                                             CUDA_EVENT_WAIT_EXTERNAL if external else 0), "cudaStreamWaitEvent")
-
-    def query(self) -> bool:
-        return self._lib.cudaEventQuery(self.handle) == 0
-
-    def close(self) -> None:
-        if self.handle:
-            self._lib.cudaEventDestroy(self.handle)
-            self.handle = None
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        raise RuntimeError(f"{what} failed with CUDA error {rc}")
+CU_STREAM_WAIT_VALUE_EQ = 0x1
 
 
 class WrappedPrefetch:
-    """The events and pull graphs of the ring-wrapped prefetch for one DWDP executor."""
+    """The flags and pull graphs of the ring-wrapped prefetch for one DWDP executor."""
 
     def __init__(self, copy_engine, device: torch.device, slots: int):
+        from dynamo_dwdp.parallel.ipc_collectives import _libcuda
+
+        self._mem = _libcuda()
         self.copy = copy_engine
         self.device = device
-        self.consumed = [ExternalEvent() for _ in range(slots)]
-        self.pulled = [ExternalEvent() for _ in range(slots)]
+        self.flags = torch.zeros(2 * slots, dtype=torch.int32, device=device)   # CONSUMED[s], PULLED[s]
         self.graphs: list[torch.cuda.CUDAGraph | None] = [None] * slots
         self.bytes: list[list[tuple[int, int]]] = [[] for _ in range(slots)]
+        self.done: list[torch.cuda.Event | None] = [None] * slots   # host-side: the last launched pull
         self.epoch: object = None
-        self.primed = False                 # the pulled events' latest records are pulls of the first layers
+        self.primed = False                 # the last launched pulls fill the slots with the first layers
 
+    # flag words
+    def _addr(self, idx: int) -> int:
+        return self.flags.data_ptr() + 4 * idx
+
+    def _wait(self, stream: torch.cuda.Stream, idx: int, value: int) -> None:
+        rc = self._mem["cuStreamWaitValue32"](stream.cuda_stream, self._addr(idx), value, CU_STREAM_WAIT_VALUE_EQ)
+        if rc != 0:
+            raise RuntimeError(f"cuStreamWaitValue32 failed with CUDA error {rc}")
+
+    def _write(self, stream: torch.cuda.Stream, idx: int, value: int) -> None:
+        rc = self._mem["cuStreamWriteValue32"](stream.cuda_stream, self._addr(idx), value, 0)
+        if rc != 0:
+            raise RuntimeError(f"cuStreamWriteValue32 failed with CUDA error {rc}")
+
+    def consumed(self, slot: int, stream: torch.cuda.Stream) -> None:
+        """In the decode graph, after the step's last use of `slot`."""
+        self._write(stream, 2 * slot, 1)
+
+    def wait_pulled(self, slot: int, stream: torch.cuda.Stream) -> None:
+        """In the decode graph, before the step's first use of `slot`."""
+        self._wait(stream, 2 * slot + 1, 1)
+        self._write(stream, 2 * slot + 1, 0)
+
+    # pull graphs
     def ready(self) -> bool:
         return all(g is not None for g in self.graphs)
 
     def capture(self, slot: int, copies: list, pulled_bytes: list[tuple[int, int]]) -> None:
-        """Capture slot `slot`'s pull graph on the copy stream: wait consumed, copies, record pulled."""
+        """Capture slot `slot`'s pull graph on the copy stream."""
         stream = self.copy.stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         g = torch.cuda.CUDAGraph()
@@ -106,9 +86,10 @@ class WrappedPrefetch:
         self.copy.capturing = True
         try:
             with torch.cuda.graph(g, stream=stream):
-                self.consumed[slot].wait(stream, external=True)
+                self._wait(stream, 2 * slot, 1)
+                self._write(stream, 2 * slot, 0)
                 self.copy.submit(copies, None)
-                self.pulled[slot].record(stream, external=True)
+                self._write(stream, 2 * slot + 1, 1)
         finally:
             self.copy.capturing = was
         torch.cuda.current_stream(self.device).wait_stream(stream)
@@ -116,25 +97,23 @@ class WrappedPrefetch:
         self.bytes[slot] = pulled_bytes
 
     def launch(self, slots) -> None:
-        """Replay the pull graphs of `slots` on the copy stream (host does not block)."""
+        """Replay the pull graphs of `slots` on the copy stream (the host does not block)."""
         with torch.cuda.stream(self.copy.stream):
             for s in slots:
                 self.graphs[s].replay()
+                ev = torch.cuda.Event()
+                ev.record(self.copy.stream)
+                self.done[s] = ev
 
     def prime(self, slots) -> None:
-        """Outside any graph: mark the slots consumed now and launch their pulls (after an eager step
-        or before the first replay)."""
+        """Outside any graph, after the slots' earlier pulls were joined: release them now and pull."""
         compute = torch.cuda.current_stream(self.device)
         for s in slots:
-            self.consumed[s].record(compute, external=False)
+            self._write(compute, 2 * s + 1, 0)
+            self._write(compute, 2 * s, 1)
         self.launch(slots)
         self.primed = True
 
     def drop(self) -> None:
         self.graphs = [None] * len(self.graphs)
         self.primed = False
-
-    def close(self) -> None:
-        self.drop()
-        for e in self.consumed + self.pulled:
-            e.close()
