@@ -12,14 +12,15 @@ that the slot does not already hold, then compute. Less traffic, but the pull is
 A dead peer (membership) is dropped from every later pull plan; experts it alone stored become
 unreachable and the forward raises `PeerError` (the engine fails its in-flight requests).
 
-CUDA graphs (all-remote mode, CUDA IPC, bf16), with more than two MoE layers: the pulls of the
-first two MoE layers wrap around between steps (dwdp/graph_prefetch.py): the graph sets a
+CUDA graphs (all-remote mode, CUDA IPC, bf16), with `DWDP_GRAPH_WRAP=1` and four or more MoE
+layers (opt-in: this path has not run on a GPU yet): the pulls of the first two MoE layers wrap
+around between steps (dwdp/graph_prefetch.py): the graph sets a
 "consumed" flag after the last MoE layer of each parity, the host launches one small pull graph per
 slot on the copy stream right after each replay, and the next step's first MoE layers wait on its
 "pulled" flag (stream memory operations, captured in both graphs). Layers m >= 2 are pulled inside
 the graph as usual (m+2 after m consumed). So in steady state no pull waits at the start of a
-step; the graph module says why a change of the batch bucket between steps is safe. `DWDP_GRAPH_WRAP=0`, or two or fewer MoE layers, keeps a
-captured step self-contained instead: its begin_step pulls the first two MoE layers (every remote
+step; the graph module says why a change of the batch bucket between steps is safe. Otherwise a
+captured step is self-contained instead: its begin_step pulls the first two MoE layers (every remote
 row, whatever the host thinks the slots hold) and nothing wraps into the next step. Either way the
 host's view of the slots is rebuilt after a replay (`after_replay`), a pull still in flight from an
 eager step is joined before a replay (`before_replay`), and the graph epoch is the set of dead peers:
@@ -65,7 +66,7 @@ class DWDPExecutor(MoEExecutor):
         self.slots: list[PrefetchSlot] = []
         self.capturing = False
         self._captured_pulls: list[tuple[int, int]] = []      # (peer, bytes) pulled by one captured step
-        self.graph_wrap = os.environ.get("DWDP_GRAPH_WRAP", "1") != "0"
+        self.graph_wrap = os.environ.get("DWDP_GRAPH_WRAP", "0") == "1"     # opt-in: not yet run on a GPU
         self.wrap = None                                       # WrappedPrefetch, made at the first capture
 
     # ------------------------------------------------------------------ loading
@@ -206,7 +207,9 @@ class DWDPExecutor(MoEExecutor):
 
     def _wrapping(self) -> bool:
         """Ring-wrapped prefetch across captured steps (see the module docstring)."""
-        return self.graph_wrap and self.graph_safe and len(self.slots) == 2 and len(self.moe_layers) > 2
+        # four or more MoE layers: each slot then serves two or more layers per step, so the last use
+        # of each slot (where "consumed" is set) comes after its first (where "pulled" is awaited)
+        return self.graph_wrap and self.graph_safe and len(self.slots) == 2 and len(self.moe_layers) >= 4
 
     def _first_layer_pull(self, s: int) -> tuple[list, list[int], list[tuple[int, int]]]:
         slot, layer = self.slots[s], self.moe_layers[s]

@@ -1,5 +1,9 @@
 """Ring-wrapped prefetch across captured DWDP decode steps (mechanism; CUDA only).
 
+Opt-in (`DWDP_GRAPH_WRAP=1`) until it has run on a GPU: `scripts/gpu_check.py` compares it with the
+eager and the self-contained captured steps. It needs four or more MoE layers, so that each slot
+serves two or more layers per step.
+
 Without it a captured step is self-contained: it pulls its first two MoE layers at its start, and
 that pull is exposed (nothing to overlap with but the dense layers before the first MoE layer). With
 it, the pulls of the first two MoE layers of step k+1 run between step k's graph and step k+1's:
