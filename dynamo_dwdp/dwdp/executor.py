@@ -209,7 +209,10 @@ class DWDPExecutor(MoEExecutor):
         """Ring-wrapped prefetch across captured steps (see the module docstring)."""
         # four or more MoE layers: each slot then serves two or more layers per step, so the last use
         # of each slot (where "consumed" is set) comes after its first (where "pulled" is awaited)
-        return self.graph_wrap and self.graph_safe and len(self.slots) == 2 and len(self.moe_layers) >= 4
+        from dynamo_dwdp.dwdp.graph_prefetch import wrap_points
+
+        return (self.graph_wrap and self.graph_safe and len(self.slots) == 2
+                and wrap_points(len(self.moe_layers)) is not None)
 
     def _first_layer_pull(self, s: int) -> tuple[list, list[int], list[tuple[int, int]]]:
         slot, layer = self.slots[s], self.moe_layers[s]
@@ -295,15 +298,19 @@ class DWDPExecutor(MoEExecutor):
         m = self.moe_index[layer]
         slot = self.slots[m % 2]
         wrapped = self.capturing and self._wrapping()
-        if wrapped and m < 2:                                # pulled between the steps (graph_prefetch)
-            self.wrap.wait_pulled(m, torch.cuda.current_stream(self.device))
+        if wrapped:
+            from dynamo_dwdp.dwdp.graph_prefetch import wrap_points
+
+            waits, releases = wrap_points(len(self.moe_layers))
+        if wrapped and m in waits:                           # pulled between the steps (graph_prefetch)
+            self.wrap.wait_pulled(waits[m], torch.cuda.current_stream(self.device))
         else:
             self._ensure(slot, layer, torch.unique(topk_ids).tolist() if self.routed_only else None)
         out = routed_experts(x, topk_ids, topk_weights, [self.local_banks[layer], *slot.banks])
         if not self.routed_only:
             nxt = m + 2 if m + 2 < len(self.moe_layers) else m % 2   # wrap: next step's first layer of this parity
-            if wrapped and nxt < m:
-                self.wrap.consumed(m % 2, torch.cuda.current_stream(self.device))
+            if wrapped and m in releases:
+                self.wrap.consumed(releases[m], torch.cuda.current_stream(self.device))
             elif self.moe_layers[nxt] != layer and not (self.capturing and nxt < m):   # self-contained graph
                 self._issue(slot, self.moe_layers[nxt])
         return out

@@ -38,6 +38,19 @@ import torch
 CU_STREAM_WAIT_VALUE_EQ = 0x1
 
 
+def wrap_points(n_moe_layers: int) -> tuple[dict[int, int], dict[int, int]] | None:
+    """Where a captured step waits for its wrapped pulls and where it releases the slots:
+    ({MoE index: slot} awaited before use, {MoE index: slot} released after use), or None when the
+    wrap does not apply. Slot s serves MoE indices s, s+2, ...; it is awaited before its first use
+    and released after its last, which must be a different, later layer (each slot serves two or
+    more layers per step: four or more MoE layers)."""
+    if n_moe_layers < 4:
+        return None
+    waits = {s: s for s in (0, 1)}
+    releases = {max(m for m in range(n_moe_layers) if m % 2 == s): s for s in (0, 1)}
+    return waits, releases
+
+
 class WrappedPrefetch:
     """The flags and pull graphs of the ring-wrapped prefetch for one DWDP executor."""
 
