@@ -118,3 +118,12 @@ def test_cli_recommend_json_interface(tmp_path):
                           "--recommend", "--isl", "8192", "--osl", "1024"], capture_output=True, text=True,
                          timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "--concurrency" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_nothing_fits_is_said_not_hidden(r1):
+    """DeepSeek-R1 in fp8 on two H200s: about 600 GiB of experts against 2 x 141 GB."""
+    ans = recommend(r1, get_hardware("h200"), 2, Workload(8192, 1024, concurrency=64), weight_dtype="fp8")
+    for pool in ("prefill", "decode"):
+        p = ans["pools"][pool]
+        assert not p["fits"] and not any(a["fits"] for a in p["alternatives"].values())
+    assert ans["reason"].count("nothing fits in memory") == 2

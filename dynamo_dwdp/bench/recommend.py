@@ -14,7 +14,8 @@ Model (policy on top of `bench.plan.plan_layer`, which prices one MoE layer per 
   cost are 0 unless measured (`--calibrate`); dense layers' compute is not modelled (3 of 61 in V3);
 - DWDP placements: every P from floor(E/N) down to 1 (L = E − (N−1)·P); more local experts (larger
   L) mean fewer pulled per layer (less exposed prefetch) and more memory. The pick is the fastest
-  placement that fits in memory, and among those within 1% of it the one with the least memory;
+  placement that fits in memory, and among those within 1% of it the one with the least memory
+  (when none fits, the one that needs the least, and the reason says that nothing fits);
 - throughput: prefill TPS/GPU = prompt tokens per rank per second; decode TPS/GPU = B / step,
   TPS/user = 1 / step. A strategy that fits in no memory is never recommended while another fits.
 """
@@ -93,7 +94,9 @@ def _option(model, hw, cal, ranks, tokens, phase, *, batch=1, context=None, weig
 
 
 def _best_dwdp(options: list[dict]) -> dict:
-    fitting = [o for o in options if o["fits"]] or options
+    fitting = [o for o in options if o["fits"]]
+    if not fitting:                                  # none fits: the placement that needs the least memory
+        return min(options, key=lambda o: o["memory_gib"]["total"] if o["memory_gib"] else 0.0)
     fastest = min(o["step_ms"] for o in fitting)
     near = [o for o in fitting if o["step_ms"] <= fastest * NEAR_BEST]
     return min(near, key=lambda o: (o["memory_gib"]["total"] if o["memory_gib"] else 0.0, o["step_ms"]))
@@ -108,7 +111,10 @@ def _pool(model, hw, cal, ranks, tokens, phase, *, batch=1, context=None, weight
 
 
 def _winner(opts: dict[str, dict], score) -> str:
-    fitting = [s for s in STRATEGIES if opts[s]["fits"]] or list(STRATEGIES)
+    """The best-scoring strategy that fits; when none fits, the one that needs the least memory."""
+    fitting = [s for s in STRATEGIES if opts[s]["fits"]]
+    if not fitting:
+        return min(STRATEGIES, key=lambda s: opts[s]["memory_gib"]["total"] if opts[s]["memory_gib"] else 0.0)
     return max(fitting, key=lambda s: score(opts[s]))
 
 
@@ -167,6 +173,11 @@ def recommend(model: ModelShape, hw: Hardware, ranks: int, work: Workload, *, we
 
 
 def _why(pool: str, chosen: dict, alts: dict) -> str:
+    if not chosen["fits"] and not any(v["fits"] for v in alts.values()):
+        mem = chosen["memory_gib"] or {}
+        return (f"{pool.capitalize()}: nothing fits in memory (the least is {chosen['strategy'].upper()}, "
+                f"{mem.get('total', 0):.1f} of {mem.get('usable', 0):.1f} GiB usable per GPU): use more GPUs per "
+                f"group or a smaller weight format; the figures are for comparison only.")
     s = chosen["strategy"]
     rivals = ", ".join(f"{k.upper()} {v['predicted_tps_per_gpu']:,.0f}" + ("" if v["fits"] else " (does not fit)")
                        for k, v in alts.items())
@@ -179,8 +190,13 @@ def _why(pool: str, chosen: dict, alts: dict) -> str:
                  f"DEP's all-to-all and the sync wait that per-rank imbalance puts on every layer")
         return (f"{head}: {cause}; with L={d['experts_per_rank']} local experts and P={d['prefetch_per_peer']} "
                 f"pulled from each peer it needs {d['memory_gib']['total']:.1f} of {d['memory_gib']['usable']:.1f} GiB.")
-    cause = (f"DWDP would pull {d['prefetch_ms_per_layer']:.3g} ms of remote experts per layer against only "
-             f"{d['compute_ms_per_layer']:.3g} ms of compute ({d['exposed_prefetch_ms_per_layer']:.3g} ms exposed)")
+    if d["exposed_prefetch_ms_per_layer"] > 0:
+        cause = (f"DWDP would pull {d['prefetch_ms_per_layer']:.3g} ms of remote experts per layer against only "
+                 f"{d['compute_ms_per_layer']:.3g} ms of compute ({d['exposed_prefetch_ms_per_layer']:.3g} ms exposed)")
+    else:
+        cause = (f"DWDP hides its pull, but each of its ranks reads every expert's weights for its own tokens "
+                 f"({d['layer_ms']:.3g} ms per MoE layer against {s.upper()}'s {chosen['layer_ms']:.3g} ms with "
+                 f"its collectives)")
     if not d["fits"]:
         mem = d["memory_gib"]
         cause = (f"DWDP does not fit in memory here ({mem['total']:.1f} of {mem['usable']:.1f} GiB usable: "
