@@ -30,10 +30,121 @@ def generate_and_replays(rank_engine, payload):
     return tokens, (graphs.replays if graphs is not None else 0)
 
 
+def tokens_logits_replays(rank_engine, payload):
+    """run_local_group target: greedy tokens, the float32 logits of every step, graph replays."""
+    from dynamo_dwdp.parallel.local_group import generate_rank
+
+    steps = []
+    runner = rank_engine.runner
+    inner = runner.execute
+
+    decode_s = []
+
+    def execute(token_chunks, *args, **kwargs):
+        t0 = time.perf_counter()
+        logits = inner(token_chunks, *args, **kwargs)         # ends with a stream sync
+        if token_chunks and all(len(c) == 1 for c in token_chunks):
+            decode_s.append(time.perf_counter() - t0)
+        if logits.numel():
+            steps.append(logits.detach().float().cpu().numpy())
+        return logits
+
+    runner.execute = execute
+    tokens = generate_rank(rank_engine, payload)
+    graphs = runner.graphs
+    decode_s = sorted(decode_s[2:]) or [float("nan")]        # the first decode steps capture graphs
+    return tokens, steps, (graphs.replays if graphs is not None else 0), 1e3 * decode_s[len(decode_s) // 2]
+
+
+def logits_rel_err(a_steps, b_steps) -> float:
+    """Largest per-step relative error over the steps before the first greedy disagreement (after it
+    the two runs decode different tokens and their logits need not agree)."""
+    worst = 0.0
+    for a, b in zip(a_steps, b_steps):
+        if a.shape != b.shape:
+            break
+        ta, tb = torch.from_numpy(a).double(), torch.from_numpy(b).double()
+        worst = max(worst, ((ta - tb).norm() / tb.norm()).item())
+        if not torch.equal(ta.argmax(-1), tb.argmax(-1)):
+            break
+    return worst
+
+
+def check_baselines(rows, tiny, prompts, params, ref_fp32, ranks, ngpu) -> None:
+    """DEP and TP over the peer-memory collectives: fp32 eager greedy tokens identical to single;
+    bf16 decode from CUDA graphs equal to the same strategy eager, logits close to single bf16."""
+    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.parallel.local_group import run_local_group
+
+    where = f"{ranks} ranks on {min(ngpu, ranks)} GPU(s)" + (" (shared GPU)" if ngpu < ranks else "")
+
+    def go(strategy, n, dtype, graphs, model=tiny):
+        cfg = EngineConfig(block_size=16, num_kv_blocks=256, device="cuda", dtype=dtype, max_num_batched_tokens=256,
+                           cuda_graphs=graphs)
+        t0 = time.perf_counter()
+        res = run_local_group(model, cfg, strategy, n, tokens_logits_replays, [(prompts, params)] * n, timeout=120,
+                              spec_overrides={"collectives": "peer"} if n > 1 else None)
+        errs = [r.error for r in res if r.error]
+        if errs:
+            return None, errs[0][:300], time.perf_counter() - t0
+        return [r.value for r in res], None, time.perf_counter() - t0
+
+    single_bf16, err, _ = go("single", 1, "bfloat16", False)
+    for strategy in ("tp", "dep", "dwdp"):
+        if strategy != "dwdp":
+            out, err, dt = go(strategy, ranks, "float32", False)
+            status = f"ERR {err}" if err else ("MATCH" if out[0][0] == ref_fp32 else f"DIFF {out[0][0]} vs {ref_fp32}")
+            rows.append((f"tiny {strategy}{ranks} peer collectives fp32 eager vs single fp32 [{where}]", status,
+                         f"{dt:.1f}s"))
+            print(rows[-1], flush=True)
+        eager, err1, dt1 = go(strategy, ranks, "bfloat16", False)
+        graphs, err2, dt2 = go(strategy, ranks, "bfloat16", True)
+        if err1 or err2 or single_bf16 is None:
+            status = f"ERR {err1 or err2 or 'no single bf16 reference'}"
+        else:
+            replays = [v[2] for v in graphs]
+            same = graphs[0][0] == eager[0][0]
+            rel = logits_rel_err(graphs[0][1], single_bf16[0][1])
+            agree = sum(x == y for a, b in zip(graphs[0][0], single_bf16[0][0]) for x, y in zip(a, b))
+            total = sum(len(b) for b in single_bf16[0][0])
+            status = (f"{'MATCH' if same else 'DIFF'} captured vs eager; replays {replays}; vs single bf16: "
+                      f"{agree}/{total} tokens, logits rel err {rel:.1e}; median decode step (rank 0) "
+                      f"eager {eager[0][3]:.2f} ms, graphs {graphs[0][3]:.2f} ms")
+            if same and not all(r > 0 for r in replays):
+                status = "NO-REPLAY " + status
+        rows.append((f"tiny {strategy}{ranks} bf16 CUDA graphs [{where}]", status, f"{dt1 + dt2:.1f}s"))
+        print(rows[-1], flush=True)
+    # DWDP's ring-wrapped prefetch between captured steps (DWDP_GRAPH_WRAP=1; needs >= 4 MoE layers:
+    # tiny with 5 layers) against the same model eager and captured self-contained
+    from dynamo_dwdp.model.checkpoint_writer import write_checkpoint
+
+    tiny5 = tiny + "5"
+    write_checkpoint(tiny5, "tiny", seed=0, dtype="fp32", quiet=True, num_layers=5)
+    eager5, err1, dt1 = go("dwdp", ranks, "bfloat16", False, tiny5)
+    plain5, err2, dt2 = go("dwdp", ranks, "bfloat16", True, tiny5)
+    os.environ["DWDP_GRAPH_WRAP"] = "1"
+    try:
+        wrap5, err3, dt3 = go("dwdp", ranks, "bfloat16", True, tiny5)
+    finally:
+        os.environ.pop("DWDP_GRAPH_WRAP", None)
+    if err1 or err2 or err3:
+        status = f"ERR {err1 or err2 or err3}"
+    else:
+        same = wrap5[0][0] == eager5[0][0] == plain5[0][0]
+        status = (f"{'MATCH' if same else 'DIFF'} wrapped / self-contained graphs / eager; replays "
+                  f"{[v[2] for v in wrap5]}; median decode step (rank 0) eager {eager5[0][3]:.2f} ms, "
+                  f"self-contained {plain5[0][3]:.2f} ms, wrapped {wrap5[0][3]:.2f} ms")
+    rows.append((f"tiny(5 layers) dwdp{ranks} bf16 CUDA graphs, wrapped prefetch [{where}]", status,
+                 f"{dt1 + dt2 + dt3:.1f}s"))
+    print(rows[-1], flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=".")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--baselines-only", action="store_true",
+                   help="only the fp32 reference and the DEP/TP/DWDP peer-collective and CUDA-graph checks")
     a = p.parse_args()
     from dynamo_dwdp.engine.config import EngineConfig
     from dynamo_dwdp.engine.sampling import SamplingParams
@@ -51,12 +162,13 @@ def main() -> int:
     prompts = [torch.randint(5, 1024, (n,), generator=g).tolist() for n in (7, 33, 80)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
-    def run(model, strategy, ranks, device, dtype="float32", dwdp=None, prompts=prompts, graphs=False):
+    def run(model, strategy, ranks, device, dtype="float32", dwdp=None, prompts=prompts, graphs=False,
+            spec_overrides=None):
         cfg = EngineConfig(block_size=16, num_kv_blocks=256, device=device, dtype=dtype, max_num_batched_tokens=256,
                            cuda_graphs=graphs)
         t0 = time.perf_counter()
         res = run_local_group(model, cfg, strategy, ranks, generate_and_replays if graphs else generate_rank,
-                              [(prompts, params)] * ranks, dwdp=dwdp, timeout=300)
+                              [(prompts, params)] * ranks, dwdp=dwdp, timeout=300, spec_overrides=spec_overrides)
         errs = [r.error for r in res if r.error]
         return (res[0].value if not errs else None), errs, time.perf_counter() - t0
 
@@ -69,8 +181,11 @@ def main() -> int:
         rows.append((name, status, f"{dt:.1f}s"))
         print(rows[-1], flush=True)
 
-    check("tiny single cuda fp32", tiny, "single", 1, "cuda")
     n = a.ranks
+    check_baselines(rows, tiny, prompts, params, ref, n, ngpu)
+    if a.baselines_only:
+        return report(rows, a.out)
+    check("tiny single cuda fp32", tiny, "single", 1, "cuda")
     check(f"tiny dwdp{n} cuda_ipc fp32", tiny, "dwdp", n, "cuda", DWDPOptions(transport="cuda_ipc"))
     check(f"tiny dwdp{n} cuda_ipc routed-only", tiny, "dwdp", n, "cuda", DWDPOptions(transport="cuda_ipc", routed_only=True))
     check(f"tiny dwdp{n} cuda_ipc contention-opt", tiny, "dwdp", n, "cuda", DWDPOptions(transport="cuda_ipc", contention_opt=True))
@@ -104,9 +219,11 @@ def main() -> int:
         rows.append((f"tiny {strategy}{ranks if ranks > 1 else ''} bf16 CUDA graphs vs single bf16 eager", status,
                      f"{time.perf_counter() - t0:.1f}s"))
         print(rows[-1], flush=True)
-    if ngpu >= 2:
-        check(f"tiny dep{n} nccl", tiny, "dep", n, "cuda")
-        check(f"tiny tp{n} nccl", tiny, "tp", n, "cuda")
+    if ngpu >= 2:        # the library collectives alone (the peer protocol off)
+        for strategy in ("dep", "tp"):
+            out, errs, dt = run(tiny, strategy, n, "cuda", spec_overrides={"collectives": "library"})
+            status = "MATCH" if out == ref else (f"ERR {errs[0][:300]}" if errs else f"DIFF {out} vs {ref}")
+            rows.append((f"tiny {strategy}{n} nccl (library collectives) fp32", status, f"{dt:.1f}s"))
     else:
         rows.append(("dep/tp over NCCL", "SKIPPED: one GPU (NCCL needs one GPU per rank)", ""))
 
@@ -125,11 +242,15 @@ def main() -> int:
         torch.cuda.empty_cache()
     rel = ((logits["bfloat16"] - logits["float32"]).norm() / logits["float32"].norm()).item()
     rows.append(("v2-lite 3 layers bf16 (grouped GEMM) vs fp32 logits", f"rel err {rel:.2e}", "ok" if rel < 3e-2 else "HIGH"))
+    return report(rows, a.out)
+
+
+def report(rows, out_dir) -> int:
     width = max(len(r[0]) for r in rows)
     print("\n== GPU check ==")
     for r in rows:
         print(f"{r[0]:<{width}}  {r[1]:<40}  {r[2]}")
-    with open(os.path.join(a.out, "gpu_check.json"), "w") as f:
+    with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
         json.dump(rows, f, indent=1)
     return 0 if all(("ERR" not in r[1] and "DIFF" not in r[1] and "NO-REPLAY" not in r[1]) for r in rows) else 1
 

@@ -17,8 +17,10 @@ Installs nothing, needs no network. Steps (each prints a line; a table comes las
    with the fused kernels off (DWDP_FUSED_KERNELS=0: the torch paths), eager decode, prefill
    lengths with SDPA (--more: torch._grouped_mm experts end to end, the torch attention paths);
    the HBM-roofline fraction uses the measured copy bandwidth of step 1, the planner runs with --hw;
-5. with >= 2 GPUs, the strategy matrix (`dynamo-dwdp bench matrix --ranks <all GPUs>`) into
-   $OUT/matrix.jsonl (not run yet on a GPU machine: this project has been lent single GPUs only).
+5. the strategy matrix, decode steps from CUDA graphs for every strategy (`bench matrix --cuda-graphs`):
+   with >= 2 GPUs one rank per GPU, prefill and decode, CV 0 and 20% ($OUT/matrix.jsonl); with one
+   GPU two rank processes share it, decode only, captured and eager ($OUT/matrix_shared_gpu_*.jsonl,
+   labelled: they measure graphs and peer collectives, not an interconnect).
 Writes $OUT/gpu_perf.json (everything), $OUT/bench.jsonl (bench records), $OUT/gpu_perf.md (tables).
 """
 from __future__ import annotations
@@ -655,6 +657,33 @@ def write_tables(out: str, info: dict, ceil: dict, checks: list, table: list[dic
         f.write("\n".join(lines) + "\n")
 
 
+def run_matrices(model: str, ngpu: int, a) -> None:
+    """The strategy matrix (DWDP/DEP/TP, decode from CUDA graphs). With >= 2 GPUs: one rank per GPU,
+    prefill and decode, imbalance CV 0 and 20% (the two-GPU comparison). With one GPU: two rank
+    processes share it (CUDA IPC between them; figures labelled "shared GPU": the ranks time-slice
+    the chip), decode only, captured and eager, which measures the graphs and the peer collectives,
+    not the interconnect."""
+    import subprocess
+
+    ranks = ngpu if ngpu >= 2 else 2
+    base = [sys.executable, "-m", "dynamo_dwdp.cli", "bench", "matrix", "--model", model, "--ranks", str(ranks),
+            "--device", "cuda", "--dtype", "bfloat16", "--context", str(a.context), "--steps", "5", "--warmup", "2",
+            "--hw", a.hw]
+    if ngpu >= 2:
+        runs = [("matrix.jsonl", ["--prefill-tokens", "4096,16384", "--decode-batches", "8,32,128", "--cuda-graphs"])]
+    else:
+        one = ["--prefill-tokens", "", "--decode-batches", a.shared_decode_batches, "--imbalance", "0"]
+        runs = [("matrix_shared_gpu_graphs.jsonl", one + ["--cuda-graphs"]), ("matrix_shared_gpu_eager.jsonl", one)]
+    for name, extra in runs:
+        cmd = base + extra + ["--out", os.path.join(a.out, name)]
+        say(("" if ngpu >= 2 else "[2 ranks sharing one GPU] ") + "matrix: " + " ".join(cmd[1:]))
+        try:
+            rc = subprocess.call(cmd, timeout=a.matrix_timeout)
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        say(f"matrix {name} finished rc={rc}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
@@ -669,8 +698,12 @@ def main() -> int:
                    help="decode batch of the kernel profile (0: none; skipped with --skip-checks)")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--more", action="store_true", help="also: grouped_mm experts end to end, torch attention paths")
-    p.add_argument("--skip-matrix", action="store_true", help="with >= 2 GPUs: do not run the strategy matrix")
+    p.add_argument("--skip-matrix", action="store_true", help="do not run the strategy matrix")
     p.add_argument("--matrix-timeout", type=float, default=300.0)
+    p.add_argument("--shared-decode-batches", default="8,32",
+                   help="one GPU: decode batches of the two-ranks-on-one-GPU matrix (default 8,32)")
+    p.add_argument("--matrix-only", action="store_true",
+                   help="build the model and run the strategy matrix only (no ceilings' checks, no single bench)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     from dynamo_dwdp.bench.engine_bench import Point
@@ -684,6 +717,11 @@ def main() -> int:
     ceil = ceilings()
     say(f"ceilings: HBM copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM "
         f"{ceil['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s")
+    with open(os.path.join(a.out, "calibration.jsonl"), "a") as f:   # for `dynamo-dwdp plan --calibrate`
+        f.write(json.dumps({"measure": "hbm_copy", "bytes_per_s": ceil["hbm_copy_bytes_per_s"],
+                            "source": "scripts/gpu_perf.py ceilings"}) + "\n")
+        f.write(json.dumps({"measure": "gemm", "dtype": "bf16", "flops_per_s": ceil["bf16_gemm_flops"],
+                            "source": "scripts/gpu_perf.py ceilings"}) + "\n")
     tmp = tempfile.mkdtemp()
     checks: list = []
     extra: dict = {}
@@ -723,6 +761,10 @@ def main() -> int:
     write_checkpoint(model, "v2-lite-shape", seed=0, dtype="bf16", num_layers=a.layers, quiet=True, device="cuda",
                      with_tokenizer=False)
     say(f"v2-lite-shape {a.layers} layers written in {time.perf_counter() - t:.1f}s")
+    if a.matrix_only:
+        run_matrices(model, ngpu, a)
+        say("done (matrix only)")
+        return 0
     jsonl = os.path.join(a.out, "bench.jsonl")
     batches = [int(b) for b in a.decode_batches.split(",") if b]
     decode = [Point("decode", b, b, a.context, 0.0, 10, 3) for b in batches]
@@ -748,16 +790,8 @@ def main() -> int:
 
     results = bench(model, jsonl, setups, a.hw, on_done=write)
     table = write(results)
-    if ngpu >= 2 and not a.skip_matrix:
-        import subprocess
-
-        cmd = [sys.executable, "-m", "dynamo_dwdp.cli", "bench", "matrix", "--model", model, "--ranks", str(ngpu),
-               "--device", "cuda", "--dtype", "bfloat16", "--prefill-tokens", "4096,16384", "--decode-batches",
-               "8,32,128", "--context", str(a.context), "--steps", "5", "--warmup", "2", "--hw", a.hw,
-               "--out", os.path.join(a.out, "matrix.jsonl")]
-        say("matrix: " + " ".join(cmd[1:]))
-        rc = subprocess.call(cmd, timeout=a.matrix_timeout)
-        say(f"matrix finished rc={rc}")
+    if not a.skip_matrix:
+        run_matrices(model, ngpu, a)
     print(open(os.path.join(a.out, "gpu_perf.md")).read())
     say("done")
     return 0 if all(c[2] in ("ok", "info") for c in checks) else 1

@@ -66,3 +66,22 @@ def test_captured_dwdp_step_is_self_contained(strategy_ckpt):
         assert v["same"]
         assert not any(v["in_flight_before"]) and not any(v["in_flight_after"])
         assert v["pulled"] == v["expected"] == v["counted"]
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+def test_wrap_points_release_every_awaited_slot_after_its_last_use(n):
+    """The wrapped prefetch (GPU) is only safe if, per step, each slot is awaited before its first
+    use and released after its last, once each, at a later layer; with 3 MoE layers slot 1 serves
+    one layer and would never be released (the next step would wait forever): no wrap there."""
+    from dynamo_dwdp.dwdp.graph_prefetch import wrap_points
+
+    pts = wrap_points(n)
+    if n < 4:
+        assert pts is None
+        return
+    waits, releases = pts
+    for s in (0, 1):
+        uses = [m for m in range(n) if m % 2 == s]
+        assert [m for m, x in waits.items() if x == s] == [uses[0]]
+        assert [m for m, x in releases.items() if x == s] == [uses[-1]]
+        assert uses[-1] > uses[0]

@@ -56,6 +56,7 @@ class MatrixSpec:
     expert_skew: tuple[int, float] | None = None
     out: str | None = None
     quick: bool = False
+    cuda_graphs: bool = False                # decode steps from CUDA graphs (every strategy that allows it)
 
     def resolved(self) -> "MatrixSpec":
         """Fill the unset fields: standard GPU matrix, or the CPU smoke shapes with quick."""
@@ -80,7 +81,7 @@ def matrix_plan(spec: MatrixSpec, model_dir: str) -> list[tuple[BenchSetup, list
     spec = spec.resolved()
     plan = []
     base = dict(model_dir=model_dir, ranks=spec.ranks, device=spec.device, dtype=spec.dtype, hw=spec.hw,
-                expert_skew=spec.expert_skew)
+                expert_skew=spec.expert_skew, cuda_graphs=spec.cuda_graphs)
     common = dict(steps=spec.steps, warmup=spec.warmup, seed=spec.seed)
     prefill = [Point("prefill", t, spec.prefill_batch, 0, cv, **common)
                for cv in spec.imbalance for t in spec.prefill_tokens]

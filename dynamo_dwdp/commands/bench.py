@@ -131,6 +131,8 @@ def register(subparsers) -> None:
     m.add_argument("--out", metavar="FILE.jsonl",
                    help="results (appended; default out/bench/engine-matrix-n<N>-<device>.jsonl); table beside it (.md)")
     m.add_argument("--quick", action="store_true", help="CPU smoke: tiny model and shapes")
+    m.add_argument("--cuda-graphs", action="store_true",
+                   help="decode steps from CUDA graphs for every strategy that allows capture")
     m.set_defaults(func=run_matrix)
 
 
@@ -236,6 +238,7 @@ def run_matrix(args) -> int:
         context=args.context,
         imbalance=_floats(args.imbalance, "--imbalance"), steps=args.steps, warmup=args.warmup, seed=args.seed,
         hw=args.hw, expert_skew=parse_expert_skew(args.expert_skew), out=args.out, quick=args.quick,
+        cuda_graphs=args.cuda_graphs,
     )
     out, md, ran = run(spec, progress=lambda line: print(line, flush=True))
     print(f"{ran} point(s) run; results {out}; table {md}")

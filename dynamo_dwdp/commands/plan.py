@@ -33,6 +33,10 @@ examples:
   dynamo-dwdp plan models/DeepSeek-V2-Lite --gpu h200 --ranks 3 --tokens-per-iter 8192 \\
       --experts-per-rank 24 --prefetch-per-peer 20
 
+  # deployment question: strategy and placement per pool, calibrated with measurements
+  dynamo-dwdp plan models/DeepSeek-R1 --gpu gb200 --ranks 4 --weight-dtype nvfp4 --recommend \\
+      --isl 8192 --osl 1024 --concurrency 256 --calibrate out/calibration.jsonl --json
+
 JSON: prefill.dwdp.per_moe_layer.{t_compute_ms,t_prefetch_ms}, prefill.verdict, prefill.crossover, ...
 (see the docstring of dynamo_dwdp/bench/plan.py). Errors print "error: ..." and exit 2.
 """
@@ -49,8 +53,8 @@ def register(subparsers) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint directory holding config.json")
     p.add_argument("--gpu", required=True, help=f"machine model: {', '.join(HARDWARE)}")
     p.add_argument("--ranks", type=int, required=True, help="GPUs per group (DWDP group / DEP / TP size)")
-    p.add_argument("--tokens-per-iter", type=int, required=True, metavar="T",
-                   help="prefill tokens per rank per iteration")
+    p.add_argument("--tokens-per-iter", type=int, metavar="T",
+                   help="prefill tokens per rank per iteration (required without --recommend)")
     p.add_argument("--batch", type=int, default=1,
                    help="number of prefill sequences T is split into (attention is causal per sequence; default 1)")
     p.add_argument("--weight-dtype", choices=("bf16", "fp8", "nvfp4"),
@@ -73,6 +77,17 @@ def register(subparsers) -> None:
     p.add_argument("--link-gbps", type=float,
                    help="override the achieved peer-link bandwidth, GB/s per direction (e.g. a probe result)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--calibrate", metavar="BENCH.jsonl",
+                   help="measured rates and latency floors replace the datasheet's (dynamo_dwdp/bench/calibrate.py)")
+    r = p.add_argument_group("deployment recommendation (dynamo_dwdp/bench/recommend.py)")
+    r.add_argument("--recommend", action="store_true",
+                   help="which strategy and DWDP placement per pool (prefill, decode), with predicted TPS/GPU")
+    r.add_argument("--isl", type=int, help="input tokens per request")
+    r.add_argument("--osl", type=int, help="output tokens per request")
+    r.add_argument("--concurrency", type=int, help="requests in flight in the decode pool")
+    r.add_argument("--tps-per-user", type=float, help="decode target, tokens/s per user (instead of --concurrency)")
+    r.add_argument("--max-num-tokens", type=int, default=32768,
+                   help="prefill tokens per rank per iteration (default 32768)")
     p.set_defaults(func=run)
 
 
@@ -80,10 +95,35 @@ def run(args: argparse.Namespace) -> int:
     from dynamo_dwdp.bench.hardware import get_hardware
     from dynamo_dwdp.bench.plan import build_report, load_model_shape, render_table
 
+    from dynamo_dwdp.errors import UserError
+
     hw = get_hardware(args.gpu)
+    cal = None
+    if args.calibrate:
+        from dynamo_dwdp.bench.calibrate import load_calibration
+
+        hw, cal = load_calibration(hw, args.calibrate)
     if args.link_gbps is not None:
         hw = hw.with_link_gbps(args.link_gbps)
     model = load_model_shape(args.model_dir)
+    if args.recommend:
+        from dynamo_dwdp.bench.recommend import Workload, recommend
+
+        if args.isl is None or args.osl is None:
+            raise UserError("--recommend needs --isl and --osl")
+        work = Workload(args.isl, args.osl, args.concurrency, args.tps_per_user, args.max_num_tokens,
+                        args.imbalance_cv)
+        answer = recommend(model, hw, args.ranks, work, weight_dtype=args.weight_dtype, calibration=cal)
+        if args.json:
+            print(json.dumps(answer, indent=2))
+        else:
+            for name, pool in answer["pools"].items():
+                print(f"{name:<8} {pool['strategy']:<5} experts_per_rank={pool['experts_per_rank']} "
+                      f"prefetch_per_peer={pool['prefetch_per_peer']} {pool['predicted_tps_per_gpu']:,.0f} tok/s/GPU")
+            print(answer["reason"])
+        return 0
+    if args.tokens_per_iter is None:
+        raise UserError("--tokens-per-iter is required (or use --recommend)")
     phases = ("prefill", "decode") if args.phase == "both" else (args.phase,)
     report = build_report(
         model,

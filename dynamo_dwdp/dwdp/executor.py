@@ -12,17 +12,25 @@ that the slot does not already hold, then compute. Less traffic, but the pull is
 A dead peer (membership) is dropped from every later pull plan; experts it alone stored become
 unreachable and the forward raises `PeerError` (the engine fails its in-flight requests).
 
-CUDA graphs (all-remote mode, CUDA IPC, bf16): a captured decode step is self-contained. Its
-begin_step pulls the first two MoE layers (every remote row, whatever the host thinks the slots
-hold), layer m issues layer m+2 as usual, and nothing wraps into the next step, so every pull is
-waited for inside the graph. The host's view of the slots is void after a replay (`after_replay`);
-a pull still in flight from an eager step is joined before a replay (`before_replay`). The graph
-epoch is the set of dead peers: a change drops the captured graphs (failover runs eagerly).
+CUDA graphs (all-remote mode, CUDA IPC, bf16), with `DWDP_GRAPH_WRAP=1` and four or more MoE
+layers (opt-in: this path has not run on a GPU yet): the pulls of the first two MoE layers wrap
+around between steps (dwdp/graph_prefetch.py): the graph sets a
+"consumed" flag after the last MoE layer of each parity, the host launches one small pull graph per
+slot on the copy stream right after each replay, and the next step's first MoE layers wait on its
+"pulled" flag (stream memory operations, captured in both graphs). Layers m >= 2 are pulled inside
+the graph as usual (m+2 after m consumed). So in steady state no pull waits at the start of a
+step; the graph module says why a change of the batch bucket between steps is safe. Otherwise a
+captured step is self-contained instead: its begin_step pulls the first two MoE layers (every remote
+row, whatever the host thinks the slots hold) and nothing wraps into the next step. Either way the
+host's view of the slots is rebuilt after a replay (`after_replay`), a pull still in flight from an
+eager step is joined before a replay (`before_replay`), and the graph epoch is the set of dead peers:
+a change drops the captured graphs (failover runs eagerly).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 
 import torch
 
@@ -58,6 +66,8 @@ class DWDPExecutor(MoEExecutor):
         self.slots: list[PrefetchSlot] = []
         self.capturing = False
         self._captured_pulls: list[tuple[int, int]] = []      # (peer, bytes) pulled by one captured step
+        self.graph_wrap = os.environ.get("DWDP_GRAPH_WRAP", "0") == "1"     # opt-in: not yet run on a GPU
+        self.wrap = None                                       # WrappedPrefetch, made at the first capture
 
     # ------------------------------------------------------------------ loading
     def experts_to_load(self, layer):
@@ -195,11 +205,39 @@ class DWDPExecutor(MoEExecutor):
             slot.pending = None
             slot.row_layer = [-1] * len(slot.row_layer)
 
+    def _wrapping(self) -> bool:
+        """Ring-wrapped prefetch across captured steps (see the module docstring)."""
+        # four or more MoE layers: each slot then serves two or more layers per step, so the last use
+        # of each slot (where "consumed" is set) comes after its first (where "pulled" is awaited)
+        from dynamo_dwdp.dwdp.graph_prefetch import wrap_points
+
+        return (self.graph_wrap and self.graph_safe and len(self.slots) == 2
+                and wrap_points(len(self.moe_layers)) is not None)
+
+    def _first_layer_pull(self, s: int) -> tuple[list, list[int], list[tuple[int, int]]]:
+        slot, layer = self.slots[s], self.moe_layers[s]
+        plan = self._plan(None)
+        copies, rows = self._copies(slot, layer, plan)
+        per_expert = (slot.w13[0].numel() + slot.w2[0].numel()) * slot.w13.element_size()
+        return copies, rows, [(p.peer, p.count * per_expert) for p in plan]
+
     def prepare_capture(self) -> None:
         self.quiesce()                           # pulls of the warm-up steps: done, nothing in flight
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._forget_slots()
+        if self._wrapping():
+            from dynamo_dwdp.dwdp.graph_prefetch import WrappedPrefetch
+
+            if self.wrap is None:
+                self.wrap = WrappedPrefetch(self.copy, self.device, 2)
+            if self.wrap.epoch != self.graph_epoch() or not self.wrap.ready():
+                self.wrap.drop()
+                for s in range(2):
+                    copies, _, nbytes = self._first_layer_pull(s)
+                    self.wrap.capture(s, copies, nbytes)
+                self.wrap.epoch = self.graph_epoch()
+            self.wrap.primed = False
         self._captured_pulls = []
         self.capturing = self.copy.capturing = True
 
@@ -208,21 +246,47 @@ class DWDPExecutor(MoEExecutor):
         self._forget_slots()                     # events recorded in the capture are not real events
 
     def before_replay(self) -> None:
+        if self._wrapping() and self.wrap.primed:       # the wrapped pulls of the last replay: the graph
+            self._forget_slots()                        # waits on their flags itself (no join here)
+            return
         for slot in self.slots:                  # an eager step's wrap-around pull may still be running
             if slot.pending is not None:         # (CUDA: the compute stream waits for it, the host does not)
                 self.copy.wait(slot.pending)
         self._forget_slots()
+        if self._wrapping() and not self.wrap.primed:   # after an eager step or a capture: pull the first
+            self.wrap.prime(range(2))                    # layers now (exposed once, then wrapped)
+            self._count_wrap_bytes()
 
     def after_replay(self) -> None:
         self._forget_slots()
         for peer, nbytes in self._captured_pulls:
             self.stats.bytes_pulled[peer] += nbytes
+        if self._wrapping():
+            from dynamo_dwdp.dwdp.cuda_ipc import _CudaEvent
+
+            self.wrap.launch(range(2))           # next step's first layers, behind this step's last use
+            self._count_wrap_bytes()
+            self.wrap.primed = True
+            for s, slot in enumerate(self.slots):   # host view: the first layers are on their way
+                slot.pending = _CudaEvent(self.wrap.done[s])
+                slot.pending_layer = self.moe_layers[s]
+                slot.pending_rows = list(range(len(slot.row_layer)))
+                slot.pending_peers = {p for p, _ in self.wrap.bytes[s]}
+
+    def _count_wrap_bytes(self) -> None:
+        for s in range(2):
+            for peer, nbytes in self.wrap.bytes[s]:
+                self.stats.bytes_pulled[peer] += nbytes
 
     # ------------------------------------------------------------------ step
     def begin_step(self):
         collect = getattr(self.copy, "collect_stall_seconds", None)
         if collect is not None and not self.capturing:   # GPU: stalls timed with CUDA events, a step late
             self.stats.prefetch_wait_s += collect()
+        if self.wrap is not None and not self.capturing:
+            self.wrap.primed = False             # an eager step reuses the slots for its own layers
+        if self.capturing and self._wrapping():
+            return                               # the first layers arrive through the wrapped pulls
         if self.slots and not self.routed_only:
             for s, slot in enumerate(self.slots):
                 if slot.pending is None and any(r != self.moe_layers[s] for r in slot.row_layer):
@@ -233,11 +297,21 @@ class DWDPExecutor(MoEExecutor):
             return routed_experts(x, topk_ids, topk_weights, [self.local_banks[layer]])
         m = self.moe_index[layer]
         slot = self.slots[m % 2]
-        self._ensure(slot, layer, torch.unique(topk_ids).tolist() if self.routed_only else None)
+        wrapped = self.capturing and self._wrapping()
+        if wrapped:
+            from dynamo_dwdp.dwdp.graph_prefetch import wrap_points
+
+            waits, releases = wrap_points(len(self.moe_layers))
+        if wrapped and m in waits:                           # pulled between the steps (graph_prefetch)
+            self.wrap.wait_pulled(waits[m], torch.cuda.current_stream(self.device))
+        else:
+            self._ensure(slot, layer, torch.unique(topk_ids).tolist() if self.routed_only else None)
         out = routed_experts(x, topk_ids, topk_weights, [self.local_banks[layer], *slot.banks])
         if not self.routed_only:
             nxt = m + 2 if m + 2 < len(self.moe_layers) else m % 2   # wrap: next step's first layer of this parity
-            if self.moe_layers[nxt] != layer and not (self.capturing and nxt < m):   # a graph never wraps
+            if wrapped and m in releases:
+                self.wrap.consumed(releases[m], torch.cuda.current_stream(self.device))
+            elif self.moe_layers[nxt] != layer and not (self.capturing and nxt < m):   # self-contained graph
                 self._issue(slot, self.moe_layers[nxt])
         return out
 
@@ -253,6 +327,8 @@ class DWDPExecutor(MoEExecutor):
 
     def close(self):
         self.quiesce()
+        if self.wrap is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)        # no pull graph still writing a slot
         self.transport.close()
 
 

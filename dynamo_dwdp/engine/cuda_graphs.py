@@ -122,6 +122,8 @@ class DecodeGraphs:
         return {"graphs": len(self.graphs), "seconds": self.capture_seconds, "bytes": self.capture_bytes}
 
     def key(self, batch_size: int, longest_context: int) -> tuple[int, int] | None:
+        if self.executor is not None:
+            batch_size = self.executor.graph_batch(batch_size)
         b = batch_bucket(batch_size, self.max_batch)
         k = block_bucket((longest_context + self.bs - 1) // self.bs, self.max_blocks)
         return None if b is None or k is None else (b, k)
@@ -141,8 +143,16 @@ class DecodeGraphs:
         batch = self._static_batch(b, k)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):                 # warm-up outside the graph (allocator, handles, JIT)
-            warm = self.model(batch, self.kv_pool)
+        ex = self.executor
+        if ex is not None:
+            ex.begin_warmup()
+        try:
+            with torch.cuda.stream(side):             # warm-up outside the graph (allocator, handles, JIT)
+                for _ in range(2):
+                    warm = self.model(batch, self.kv_pool)
+        finally:
+            if ex is not None:
+                ex.end_warmup()
         if self.logits_out is None:
             self.logits_out = torch.empty(self.max_batch, warm.shape[-1], dtype=warm.dtype, device=self.device)
         del warm
@@ -150,7 +160,6 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        ex = self.executor
         try:
             if ex is not None:
                 ex.prepare_capture()

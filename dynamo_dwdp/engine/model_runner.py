@@ -89,6 +89,7 @@ class ModelRunner:
         """One forward; returns float32 logits for the sequences with want_logits (in order)."""
         stats = self.executor.stats
         n_tokens = sum(len(c) for c in token_chunks)
+        self.executor.agree_step(n_tokens)
         logits = None
         if self.graphs is not None and token_chunks and all(len(c) == 1 for c in token_chunks):   # pure decode
             t0 = time.perf_counter()

@@ -30,8 +30,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, batch, kv_layer, rope, cos, sin):
-        x = x + self.tp.all_reduce(self.self_attn(self.input_layernorm(x), batch, kv_layer, rope, cos, sin))
-        return x + self.tp.all_reduce(self.mlp(self.post_attention_layernorm(x)))
+        attn = self.self_attn(self.input_layernorm(x), batch, kv_layer, rope, cos, sin)
+        x, h = self.tp.all_reduce_add_rmsnorm(attn, x, self.post_attention_layernorm)
+        return x + self.tp.all_reduce(self.mlp(h))
 
 
 class DeepseekV3Body(nn.Module):

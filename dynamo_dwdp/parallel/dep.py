@@ -7,6 +7,12 @@ Rank r owns the contiguous experts [bounds[r], bounds[r+1]) (near-even split). P
      the weights are rounded to it, as the expert kernels round them anyway), else fp32
   3. owners compute weight * expert(hidden)
   4. all_to_all combine back (same dtype); index_add in fp32 into the token rows
+With `collectives: peer` (on CUDA by default) steps of up to `max_num_seqs` tokens go through the
+peer-memory protocol instead (parallel/peer_protocol.py: each pair written straight into its owner's
+fixed-capacity slot, completion by flags, no host sync, capturable): before every step the ranks
+agree on the host, once, on the step's largest token count (`agree_step`), whose batch bucket sizes
+every slot and every rank's decode graph (`graph_batch`). A step over the largest bucket runs the
+library path above on every rank (the same decision everywhere): nothing overflows, nothing drops.
 Every rank must run every MoE layer of every step, even with no tokens: the engine loop agrees on
 "anyone has work" once per step (`StepCoordinator`) and idle ranks run empty forwards. The time
 inside collectives is the sync wait the product removes.
@@ -57,6 +63,10 @@ class DEPExecutor(MoEExecutor):
         self.bounds = even_bounds(cfg.n_routed_experts, self.size)
         self.owner = torch.bucketize(torch.arange(cfg.n_routed_experts), torch.tensor(self.bounds[1:]), right=True).to(device)
         self.banks: dict[int, ExpertBank] = {}
+        self.peer = None                         # PeerCollectives (factory), or None: library only
+        self.max_batch = 0                       # the largest batch bucket the peer slots hold
+        self.step_tokens: int | None = None      # the group's largest token count this step (agree_step)
+        self.warming = False
         self.dispatch_bytes = 0                  # bytes this rank sent in dispatch all-to-alls (its T*k pairs)
         self.combine_bytes = 0                   # bytes it sent back in combine all-to-alls (the pairs it received)
 
@@ -77,8 +87,12 @@ class DEPExecutor(MoEExecutor):
 
     def _a2a(self, out, inp, out_splits=None, in_splits=None):
         t0 = time.perf_counter()
+        host = out.is_cuda and dist.get_backend(self.group.process_group) == "gloo"   # ranks share a GPU
+        dev_out, out, inp = (out, out.cpu(), inp.cpu()) if host else (None, out, inp)
         try:
             dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group.process_group)
+            if host:
+                out = dev_out.copy_(out)
         except Exception as exc:
             raise PeerError(f"dep group {self.group.name}: all-to-all failed ({_first_line(exc)}); "
                             f"{_dead_ranks(self.group)}") from None
@@ -86,7 +100,61 @@ class DEPExecutor(MoEExecutor):
             self.stats.sync_wait_s += time.perf_counter() - t0
         return out
 
+    # ------------------------------------------------------------------ peer-memory path
+    @property
+    def graph_safe(self) -> bool:
+        return (self.peer is not None and self.device.type == "cuda" and self.dtype == torch.bfloat16
+                and hasattr(torch, "_grouped_mm"))
+
+    def agree_step(self, tokens: int) -> None:
+        if self.peer is None:
+            return
+        flag = torch.tensor([tokens], dtype=torch.int64,
+                            device=self.device if self.device.type == "cuda" else "cpu")
+        t0 = time.perf_counter()
+        try:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group.process_group)
+        except Exception as exc:
+            raise PeerError(f"dep group {self.group.name}: batch agreement failed ({_first_line(exc)}); "
+                            f"{_dead_ranks(self.group)}") from None
+        self.stats.sync_wait_s += time.perf_counter() - t0
+        self.step_tokens = int(flag.item())
+
+    def graph_batch(self, batch_size: int) -> int:
+        return max(batch_size, self.step_tokens or 0) if self.peer is not None else batch_size
+
+    def begin_warmup(self) -> None:
+        self.warming = True
+
+    def end_warmup(self) -> None:
+        self.warming = False
+
+    def _step_bucket(self) -> int | None:
+        from dynamo_dwdp.engine.cuda_graphs import batch_bucket
+
+        if self.peer is None or self.step_tokens is None:
+            return None
+        return batch_bucket(max(1, self.step_tokens), self.max_batch)
+
+    def _forward_peer(self, layer, x, topk_ids, topk_weights, bucket):
+        if self.warming:                 # a capture's warm-up: peers are not exchanging; shapes only
+            return torch.zeros_like(x)
+        per_rank = max(b - a for a, b in zip(self.bounds, self.bounds[1:]))
+        rows = self.peer.dep_rows(bucket, topk_ids.shape[1], per_rank)
+        wire = self.wire_dtype(x.dtype)
+        rx, r_ids, r_w, state = self.peer.dispatch(x, topk_ids, topk_weights, self.owner,
+                                                   self.cfg.n_routed_experts, rows, wire)
+        y = routed_experts(rx, r_ids, r_w, [self.banks[layer]]) if layer in self.banks else torch.zeros_like(rx)
+        return self.peer.combine(y, state)
+
+    def close(self):
+        if self.peer is not None:
+            self.peer.close()
+
     def forward(self, layer, x, topk_ids, topk_weights):
+        bucket = self._step_bucket()
+        if bucket is not None:
+            return self._forward_peer(layer, x, topk_ids, topk_weights, bucket)
         T, k = topk_ids.shape
         H = x.shape[1]
         flat_ids = topk_ids.reshape(-1)

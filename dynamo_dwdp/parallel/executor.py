@@ -56,6 +56,22 @@ class MoEExecutor(ABC):
         """Changes when captured graphs become invalid (e.g. a DWDP peer went down)."""
         return 0
 
+    def agree_step(self, tokens: int) -> None:
+        """Called on the host once per model step, before its forward (eager or replayed), with the
+        step's token count (DEP: the group agrees on the step's batch bucket here, never per layer)."""
+
+    def graph_batch(self, batch_size: int) -> int:
+        """The batch size a decode graph must be chosen for (DEP: the group's agreed largest batch, so
+        that every rank replays the same bucket)."""
+        return batch_size
+
+    def begin_warmup(self) -> None:
+        """Called before the eager warm-up forwards of a capture (DEP: they must not exchange with
+        peers, which are not warming up)."""
+
+    def end_warmup(self) -> None:
+        """Called after them."""
+
     def prepare_capture(self) -> None:
         """Called before a capture: no work of this executor may be in flight afterwards."""
 

@@ -130,12 +130,24 @@ def build_rank_engine(model_dir: str, engine_cfg: EngineConfig, spec: GroupSpec,
         elif spec.strategy == "dep":
             from dynamo_dwdp.parallel.dep import DEPExecutor
 
+            from dynamo_dwdp.parallel.dep import even_bounds
+            from dynamo_dwdp.parallel.peer_setup import build_peer_collectives
+
+            bounds = even_bounds(model_cfg.n_routed_experts, spec.size)
+            peer = build_peer_collectives(group, engine_cfg, model_cfg, device, dep=True,
+                                          experts_per_rank=max(b - a for a, b in zip(bounds, bounds[1:])))
+
             def factory(cfg, dev, dtype):
-                return DEPExecutor(cfg, dev, dtype, group=group)
+                ex = DEPExecutor(cfg, dev, dtype, group=group)
+                ex.peer, ex.max_batch = peer, engine_cfg.max_num_seqs
+                return ex
         else:  # tp
             from dynamo_dwdp.parallel.tp import TPModelRunner, TPMoEExecutor
 
+            from dynamo_dwdp.parallel.peer_setup import build_peer_collectives
+
             tp = TensorParallel(spec.size, spec.rank, group.process_group)
+            tp.peer = build_peer_collectives(group, engine_cfg, model_cfg, device, dep=False)
 
             def factory(cfg, dev, dtype):
                 ex = TPMoEExecutor(cfg, dev, dtype, tp=tp)

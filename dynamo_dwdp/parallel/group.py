@@ -30,6 +30,7 @@ class GroupSpec:
     setup_timeout: float = 300.0             # waiting for peers at start-up
     liveness_timeout: float = 5.0            # heartbeat silence before a peer is declared down
     collective_timeout: float = 60.0         # DEP/TP: a collective that waits longer raises
+    collectives: str = "auto"                # DEP/TP: auto | library | peer (parallel/peer_setup.py)
 
     def validate(self) -> "GroupSpec":
         if self.strategy not in STRATEGIES:
@@ -81,7 +82,10 @@ class GroupContext:
         if spec.strategy in COLLECTIVE_STRATEGIES:
             import torch.distributed as dist
 
-            backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+            # NCCL needs one GPU per rank; ranks sharing a GPU fall back to gloo (the peer-memory
+            # collectives, parallel/peer_setup.py, carry the decode steps either way)
+            shared = device is not None and device.type == "cuda" and torch.cuda.device_count() < spec.size
+            backend = "nccl" if device is not None and device.type == "cuda" and not shared else "gloo"
             dist.init_process_group(backend, store=store.torch_store(), rank=spec.rank, world_size=spec.size,
                                     timeout=datetime.timedelta(seconds=spec.collective_timeout),
                                     **({"device_id": device} if backend == "nccl" else {}))

@@ -31,6 +31,13 @@ class TPMoEExecutor(MoEExecutor):
         self.shard_i = tp.shard(cfg.moe_intermediate_size, "moe_intermediate_size")
         self.banks = {}
 
+    @property
+    def graph_safe(self) -> bool:
+        """Capturable when the all-reduces go through the peer protocol (stream flags, no host sync)
+        and the experts take the sync-free grouped path (CUDA, bf16)."""
+        return (self.device.type == "cuda" and self.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+                and self.tp.peer is not None)
+
     def experts_to_load(self, layer):
         return range(self.cfg.n_routed_experts)
 
@@ -51,6 +58,10 @@ class TPMoEExecutor(MoEExecutor):
 
     def forward(self, layer, x, topk_ids, topk_weights):
         return routed_experts(x, topk_ids, topk_weights, [self.banks[layer]])   # partial: model all-reduces
+
+    def close(self):
+        if self.tp.peer is not None:
+            self.tp.peer.close()
 
 
 class TPModelRunner(ModelRunner):

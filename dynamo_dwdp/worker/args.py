@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill: seconds to keep a request's KV blocks for the decode read "
                         "(default: $DWDP_KV_HOLD_TIMEOUT or 60)")
     p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--collectives", default="auto", choices=["auto", "library", "peer"],
+                   help="DEP/TP: peer-memory collectives (auto: on CUDA) or gloo/NCCL only")
     p.add_argument("--liveness-timeout", type=float, default=float(os.environ.get("DWDP_LIVENESS_TIMEOUT", 5.0)))
     return p
 
@@ -82,7 +84,7 @@ def parse_worker_args(argv: list[str] | None = None) -> WorkerArgs:
     discovery = os.environ.get("DYN_DISCOVERY_BACKEND", "file")
     event_plane = os.environ.get("DYN_EVENT_PLANE") or ("zmq" if discovery in ("file", "mem") else "nats")
     group = GroupSpec(strategy=a.strategy, size=a.group_size, rank=rank, name=a.group_name, rendezvous=a.rendezvous,
-                      liveness_timeout=a.liveness_timeout).validate()
+                      liveness_timeout=a.liveness_timeout, collectives=a.collectives).validate()
     engine = EngineConfig(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
                           max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
                           device=a.device, dtype=a.dtype, cuda_graphs=a.cuda_graphs).validate()
