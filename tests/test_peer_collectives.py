@@ -112,6 +112,12 @@ def _rank_main(rank, size, port, out):
         for r in range(size):
             store.get(f"done/{r}")
         coll.close()
+        # rank 0 hosts the store: it leaves last, so no peer is still reading from a closed store
+        if rank == 0:
+            for r in range(1, size):
+                store.get(f"left/{r}")
+        else:
+            store.set(f"left/{rank}", "1")
         out.put((rank, res))
     except BaseException as exc:
         out.put((rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
