@@ -32,7 +32,7 @@ def test_start_up_capture_covers_every_key():
     from dynamo_dwdp.engine.cuda_graphs import DecodeGraphs
 
     g = DecodeGraphs.__new__(DecodeGraphs)
-    g.max_batch, g.max_blocks, g.bs = 48, 70, 16
+    g.max_batch, g.max_blocks, g.bs, g.executor = 48, 70, 16, None
     keys = set(g.all_keys())
     need = {g.key(b, ctx) for b in range(1, 49) for ctx in range(1, 70 * 16 + 1)}
     assert need == keys
