@@ -21,7 +21,7 @@ def _post(url: str, body: dict) -> dict:
 
 
 def _metric(urls: list[str], name: str) -> float:
-    from dynamo_dwdp.bench.server_metrics import scrape_total
+    from dynamo_dwdp.ab.server_metrics import scrape_total
 
     return sum(scrape_total(u, name) for u in urls)
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     from dynamo_dwdp.errors import UserError
-    from dynamo_dwdp.launch.serve import serve_graph
+    from dynamo_dwdp.launch.launcher import serve_graph
 
     try:
         with serve_graph(args.graph, args.config or ["configs/tiny-cpu.yaml"]) as h:

@@ -23,7 +23,7 @@ import torch
 
 def generate_and_replays(rank_engine, payload):
     """run_local_group target: greedy tokens, and how many decode steps this rank replayed from graphs."""
-    from dynamo_dwdp.parallel.local_group import generate_rank
+    from dynamo_dwdp.rank.local_group import generate_rank
 
     tokens = generate_rank(rank_engine, payload)
     graphs = rank_engine.runner.graphs
@@ -37,9 +37,9 @@ def main() -> int:
     a = p.parse_args()
     from dynamo_dwdp.engine.config import EngineConfig
     from dynamo_dwdp.engine.sampling import SamplingParams
-    from dynamo_dwdp.model.checkpoint_writer import write_checkpoint
-    from dynamo_dwdp.parallel.factory import DWDPOptions
-    from dynamo_dwdp.parallel.local_group import generate_rank, run_local_group
+    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
+    from dynamo_dwdp.rank.build import DWDPOptions
+    from dynamo_dwdp.rank.local_group import generate_rank, run_local_group
 
     ngpu = torch.cuda.device_count()
     print(f"GPUs: {ngpu} x {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
@@ -114,7 +114,7 @@ def main() -> int:
     lite = os.path.join(tmp, "lite")
     write_checkpoint(lite, "v2-lite-shape", seed=0, dtype="bf16", num_layers=3, quiet=True, device="cuda")
     from dynamo_dwdp.engine.model_runner import ModelRunner
-    from dynamo_dwdp.parallel.executor import LocalExecutor
+    from dynamo_dwdp.model.moe_executor import LocalExecutor
 
     x = torch.randint(5, 1000, (300,), generator=g).tolist()
     logits = {}

@@ -74,8 +74,8 @@ def ceilings() -> dict:
 
 # --------------------------------------------------------------------------------------- correctness
 def check_grouped_experts(rows: list) -> None:
-    from dynamo_dwdp.parallel import experts
-    from dynamo_dwdp.parallel.experts import ExpertBank, routed_experts_grouped
+    from dynamo_dwdp.model import experts
+    from dynamo_dwdp.model.experts import ExpertBank, routed_experts_grouped
 
     g = torch.Generator(device="cuda").manual_seed(0)
     E, H, I, T, k = 64, 2048, 1408, 96, 6
@@ -143,8 +143,8 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
     from dynamo_dwdp.engine.llm_engine import LLMEngine
     from dynamo_dwdp.engine.model_runner import ModelRunner
     from dynamo_dwdp.engine.sampling import SamplingParams
-    from dynamo_dwdp.model.checkpoint_writer import write_checkpoint
-    from dynamo_dwdp.parallel.executor import LocalExecutor
+    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
+    from dynamo_dwdp.model.moe_executor import LocalExecutor
 
     lite = os.path.join(tmp, "lite3")
     write_checkpoint(lite, "v2-lite-shape", seed=0, dtype="bf16", num_layers=3, quiet=True, device="cuda")
@@ -270,7 +270,7 @@ def profile_decode(tmp: str, batch: int, context: int) -> str:
 
     from dynamo_dwdp.engine.config import EngineConfig
     from dynamo_dwdp.engine.model_runner import ModelRunner
-    from dynamo_dwdp.parallel.executor import LocalExecutor
+    from dynamo_dwdp.model.moe_executor import LocalExecutor
 
     lite = os.path.join(tmp, "lite3")
     bs = 16
@@ -354,7 +354,7 @@ def main() -> int:
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     from dynamo_dwdp.bench.engine_bench import Point
-    from dynamo_dwdp.model.checkpoint_writer import write_checkpoint
+    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
 
     ngpu = torch.cuda.device_count()
     info = {"gpus": ngpu, "name": torch.cuda.get_device_name(0), "torch": torch.__version__,

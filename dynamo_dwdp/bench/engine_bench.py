@@ -149,7 +149,7 @@ class BenchSetup:
 
         if self.attention not in ATTENTION_BACKENDS:
             raise UserError(f"--attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
-        from dynamo_dwdp.bench.hardware import HARDWARE
+        from dynamo_dwdp.planner.hardware import HARDWARE
 
         if self.hw not in HARDWARE:
             raise UserError(f"--hw {self.hw!r} is not one of {', '.join(HARDWARE)}")
@@ -552,7 +552,7 @@ def _touched(strategy: str, ranks: int, records: list[dict], num_experts: int) -
         lead = records[0]["hits"]
         return [[[_popcount(lead[s][m]) for m in range(n_moe)] for s in range(steps)] for _ in records]
     if strategy == "dep":                        # owners read their experts hit by anyone's tokens
-        from dynamo_dwdp.parallel.dep import even_bounds
+        from dynamo_dwdp.baselines.dep import even_bounds
 
         bounds = even_bounds(num_experts, ranks)
         owned = [sum(1 << e for e in range(bounds[r], bounds[r + 1])) for r in range(ranks)]
@@ -568,8 +568,8 @@ def _touched(strategy: str, ranks: int, records: list[dict], num_experts: int) -
 
 def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict | None = None) -> dict:
     """Turn the ranks' raw records of one point into the result object (module docstring)."""
-    from dynamo_dwdp.bench import flops as work
-    from dynamo_dwdp.bench.hardware import get_hardware
+    from dynamo_dwdp.planner import flops as work
+    from dynamo_dwdp.planner.hardware import get_hardware
     from dynamo_dwdp.model.config import load_model_config
 
     cfg = load_model_config(setup.model_dir)
@@ -669,8 +669,8 @@ def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict 
 def prediction(setup: BenchSetup, point: Point, split_ms: dict, step_ms: float, n_moe: int) -> dict:
     """The roofline planner's per-MoE-layer numbers for the same point, next to the measured step
     divided by the MoE layers (which also carries the dense layers, embeddings and lm_head)."""
-    from dynamo_dwdp.bench.hardware import get_hardware
-    from dynamo_dwdp.bench.plan import load_model_shape, plan_layer
+    from dynamo_dwdp.planner.hardware import get_hardware
+    from dynamo_dwdp.planner.roofline import load_model_shape, plan_layer
 
     notes = []
     comparable = setup.device == "cuda"
@@ -683,8 +683,8 @@ def prediction(setup: BenchSetup, point: Point, split_ms: dict, step_ms: float, 
     out = {"hw": setup.hw, "comparable": comparable, "note": "; ".join(notes), "per_moe_layer": None,
            "measured_per_moe_layer": measured}
     if setup.strategy == "single":
-        from dynamo_dwdp.bench.hardware import get_hardware
-        from dynamo_dwdp.bench.plan import load_model_shape, plan_single_layer
+        from dynamo_dwdp.planner.hardware import get_hardware
+        from dynamo_dwdp.planner.roofline import load_model_shape, plan_single_layer
 
         try:
             shape = load_model_shape(setup.model_dir)
@@ -733,7 +733,7 @@ def check_fits(setup: BenchSetup, point: Point, cfg) -> None:
     """CUDA: refuse a point whose KV pool alone would take more than KV_MEMORY_FRACTION of --hw memory."""
     if setup.device != "cuda":
         return
-    from dynamo_dwdp.bench.hardware import get_hardware
+    from dynamo_dwdp.planner.hardware import get_hardware
 
     hw = get_hardware(setup.hw)
     need = kv_pool_bytes(setup, point, cfg)
@@ -760,8 +760,8 @@ def check_environment(setup: BenchSetup) -> None:
 def run_points(setup: BenchSetup, points: list[Point], model: dict | None = None) -> list[dict]:
     """Launch the group once and measure every point in order; one result object per point."""
     from dynamo_dwdp.engine.config import EngineConfig
-    from dynamo_dwdp.parallel.factory import DWDPOptions
-    from dynamo_dwdp.parallel.local_group import run_local_group
+    from dynamo_dwdp.rank.build import DWDPOptions
+    from dynamo_dwdp.rank.local_group import run_local_group
 
     setup.validate()
     model = model or _model_info(setup.model_dir)

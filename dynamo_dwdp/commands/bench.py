@@ -1,7 +1,7 @@
 """`dynamo-dwdp bench engine|table|matrix`: engine micro-benchmarks on N local ranks.
 
 Thin wrapper: the work lives in `dynamo_dwdp.bench.engine_bench` (measurement, JSON layout),
-`dynamo_dwdp.bench.flops` (FLOP / HBM-byte model) and `dynamo_dwdp.bench.matrix` (matrix, table).
+`dynamo_dwdp.planner.flops` (FLOP / HBM-byte model) and `dynamo_dwdp.bench.matrix` (matrix, table).
 """
 from __future__ import annotations
 

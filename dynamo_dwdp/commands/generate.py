@@ -67,8 +67,8 @@ def run(args) -> int:
     from dynamo_dwdp.engine.sampling import SamplingParams
     from dynamo_dwdp.errors import PeerError, UserError
     from dynamo_dwdp.model.config import load_model_config
-    from dynamo_dwdp.parallel.factory import DWDPOptions
-    from dynamo_dwdp.parallel.local_group import generate_rank, run_local_group
+    from dynamo_dwdp.rank.build import DWDPOptions
+    from dynamo_dwdp.rank.local_group import generate_rank, run_local_group
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     load_model_config(args.model)                      # fail fast with a clear message

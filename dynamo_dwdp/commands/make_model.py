@@ -15,7 +15,7 @@ The same preset + seed + dtype (+ --num-layers) gives byte-identical files on an
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dynamo_dwdp.model.presets import PRESETS
+    from dynamo_dwdp.synthetic.presets import PRESETS
 
     presets = "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
     p = subparsers.add_parser(
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dynamo_dwdp.errors import UserError
-    from dynamo_dwdp.model.presets import DTYPES, get_preset
+    from dynamo_dwdp.synthetic.presets import DTYPES, get_preset
 
     get_preset(args.preset)                                  # bad input -> UserError before torch or any I/O
     if args.dtype is not None and args.dtype not in DTYPES:
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-shard-gib must be > 0, got {args.max_shard_gib}")
     device = _check_device(args.device)
 
-    from dynamo_dwdp.model.checkpoint_writer import write_checkpoint
+    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
     summary = write_checkpoint(
         args.out, args.preset, seed=args.seed, dtype=args.dtype, num_layers=args.num_layers,
         force=args.force, quiet=args.quiet, device=device, max_shard_bytes=int(args.max_shard_gib * 2**30),

@@ -1,13 +1,13 @@
 """`dynamo-dwdp plan`: roofline model of one MoE layer per rank; which strategy should win, and why.
 
-Thin wrapper: the model lives in `dynamo_dwdp.bench.plan` (JSON layout documented there).
+Thin wrapper: the model lives in `dynamo_dwdp.planner.roofline` (JSON layout documented there).
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from dynamo_dwdp.bench.hardware import HARDWARE
+from dynamo_dwdp.planner.hardware import HARDWARE
 
 DESCRIPTION = """\
 Predict, per MoE layer and per rank, the compute time, DWDP's prefetch of all remote experts, DEP's
@@ -34,7 +34,7 @@ examples:
       --experts-per-rank 24 --prefetch-per-peer 20
 
 JSON: prefill.dwdp.per_moe_layer.{t_compute_ms,t_prefetch_ms}, prefill.verdict, prefill.crossover, ...
-(see the docstring of dynamo_dwdp/bench/plan.py). Errors print "error: ..." and exit 2.
+(see the docstring of dynamo_dwdp/planner/roofline.py). Errors print "error: ..." and exit 2.
 """
 
 
@@ -77,8 +77,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dynamo_dwdp.bench.hardware import get_hardware
-    from dynamo_dwdp.bench.plan import build_report, load_model_shape, render_table
+    from dynamo_dwdp.planner.hardware import get_hardware
+    from dynamo_dwdp.planner.roofline import build_report, load_model_shape, render_table
 
     hw = get_hardware(args.gpu)
     if args.link_gbps is not None:

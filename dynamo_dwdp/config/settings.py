@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 DTYPES = ("float32", "bfloat16")
 MODEL_PRESETS = ("tiny", "small", "v2-lite-shape")
-"""Presets of `dynamo-dwdp make-model` (dynamo_dwdp/model/presets.py); checked against it in tests."""
+"""Presets of `dynamo-dwdp make-model` (dynamo_dwdp/synthetic/presets.py); checked against it in tests."""
 
 POOL_OVERRIDE_SECTIONS = ("engine", "dwdp", "trtllm")
 """Sections a graph pool may override for itself (`pools[i].overrides`)."""

@@ -30,8 +30,8 @@ from dynamo_dwdp.dwdp.placement import Placement, Pull
 from dynamo_dwdp.dwdp.transport import make_transport
 from dynamo_dwdp.dwdp.weight_buffer import PrefetchSlot
 from dynamo_dwdp.errors import PeerError
-from dynamo_dwdp.parallel.executor import MoEExecutor
-from dynamo_dwdp.parallel.experts import ExpertBank, routed_experts
+from dynamo_dwdp.model.moe_executor import MoEExecutor
+from dynamo_dwdp.model.experts import ExpertBank, routed_experts
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig, load_model_config
 from dynamo_dwdp.model.deepseek_v3 import DeepseekV3ForCausalLM
 from dynamo_dwdp.model.loader import load_weights
-from dynamo_dwdp.parallel.context import TensorParallel
+from dynamo_dwdp.model.tensor_parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from dynamo_dwdp.model.config import ModelConfig
 from dynamo_dwdp.model.layers import DenseMLP
-from dynamo_dwdp.parallel.context import TensorParallel
+from dynamo_dwdp.model.tensor_parallel import TensorParallel
 
 
 class Router(nn.Module):

@@ -1,6 +1,6 @@
 """The Dynamo worker (`python -m dynamo_dwdp`): one rank of one pool on the unified backend SDK.
 
-args      flags (the launcher/k8s build them from launch/commands.py WORKER_FLAGS)
+args      flags (the launcher/k8s build them from launch/command_lines.py WORKER_FLAGS)
 engine    the `dynamo.common.backend.LLMEngine` subclass: lifecycle, registration, KV events
 handlers  request <-> engine translation per role (agg / prefill / decode)
 kv_transfer  NIXL prefill -> decode hand-off

@@ -1,4 +1,4 @@
-"""Worker flags. The launcher and the k8s renderer build them from `launch/commands.py`
+"""Worker flags. The launcher and the k8s renderer build them from `launch/command_lines.py`
 (WORKER_FLAGS); a test checks that every flag built there parses here.
 
 Runtime wiring comes from Dynamo's usual environment: DYN_DISCOVERY_BACKEND (default file),
@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 
 from dynamo_dwdp.engine.config import EngineConfig
-from dynamo_dwdp.parallel.factory import DWDPOptions
-from dynamo_dwdp.parallel.group import STRATEGIES, GroupSpec
+from dynamo_dwdp.rank.build import DWDPOptions
+from dynamo_dwdp.group.context import STRATEGIES, GroupSpec
 
 EPILOG = """\
 examples (normally started by `dynamo-dwdp serve` or a DynamoGraphDeployment):

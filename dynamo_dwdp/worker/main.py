@@ -25,7 +25,7 @@ def _configure() -> None:
 
 
 def _run_tp_follower(args) -> int:
-    from dynamo_dwdp.parallel.factory import build_rank_engine
+    from dynamo_dwdp.rank.build import build_rank_engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     re = build_rank_engine(args.model_path, args.engine, args.group, args.dwdp, args.nats_url)
@@ -55,6 +55,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_run_tp_follower(args))
     from dynamo.common.backend.run import run
 
-    from dynamo_dwdp.worker.engine import DwdpWorkerEngine
+    from dynamo_dwdp.worker.backend import DwdpWorkerEngine
 
     run(DwdpWorkerEngine, argv)
