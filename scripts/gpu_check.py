@@ -35,10 +35,10 @@ def main() -> int:
     p.add_argument("--out", default=".")
     p.add_argument("--ranks", type=int, default=2)
     a = p.parse_args()
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.sampling import SamplingParams
     from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
-    from dynamo_dwdp.rank.build import DWDPOptions
+    from dynamo_dwdp.config.dwdp import DwdpSettings
     from dynamo_dwdp.rank.local_group import generate_rank, run_local_group
 
     ngpu = torch.cuda.device_count()
@@ -52,7 +52,7 @@ def main() -> int:
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
     def run(model, strategy, ranks, device, dtype="float32", dwdp=None, prompts=prompts, graphs=False):
-        cfg = EngineConfig(block_size=16, num_kv_blocks=256, device=device, dtype=dtype, max_num_batched_tokens=256,
+        cfg = EngineSettings(block_size=16, num_kv_blocks=256, device=device, dtype=dtype, max_num_batched_tokens=256,
                            cuda_graphs=graphs)
         t0 = time.perf_counter()
         res = run_local_group(model, cfg, strategy, ranks, generate_and_replays if graphs else generate_rank,
@@ -71,13 +71,13 @@ def main() -> int:
 
     check("tiny single cuda fp32", tiny, "single", 1, "cuda")
     n = a.ranks
-    check(f"tiny dwdp{n} cuda_ipc fp32", tiny, "dwdp", n, "cuda", DWDPOptions(transport="cuda_ipc"))
-    check(f"tiny dwdp{n} cuda_ipc routed-only", tiny, "dwdp", n, "cuda", DWDPOptions(transport="cuda_ipc", routed_only=True))
-    check(f"tiny dwdp{n} cuda_ipc contention-opt", tiny, "dwdp", n, "cuda", DWDPOptions(transport="cuda_ipc", contention_opt=True))
+    check(f"tiny dwdp{n} cuda_ipc fp32", tiny, "dwdp", n, "cuda", DwdpSettings(transport="cuda_ipc"))
+    check(f"tiny dwdp{n} cuda_ipc routed-only", tiny, "dwdp", n, "cuda", DwdpSettings(transport="cuda_ipc", routed_only=True))
+    check(f"tiny dwdp{n} cuda_ipc contention-opt", tiny, "dwdp", n, "cuda", DwdpSettings(transport="cuda_ipc", contention_opt=True))
     # bf16: the grouped-GEMM expert path walks DWDP's banks (local shard + prefetch slot) in place;
     # the deterministic combine makes it agree with the single rank's one bank
     ref_bf16, errs, dt = run(tiny, "single", 1, "cuda", "bfloat16")
-    out, errs2, dt2 = run(tiny, "dwdp", n, "cuda", "bfloat16", DWDPOptions(transport="cuda_ipc"))
+    out, errs2, dt2 = run(tiny, "dwdp", n, "cuda", "bfloat16", DwdpSettings(transport="cuda_ipc"))
     if errs or errs2:
         status = f"ERR {(errs or errs2)[0][:300]}"
     else:
@@ -87,9 +87,9 @@ def main() -> int:
     rows.append((f"tiny dwdp{n} cuda_ipc bf16 (grouped GEMM over banks) vs single bf16", status, f"{dt + dt2:.1f}s"))
     print(rows[-1], flush=True)
     # decode steps from CUDA graphs: single, and DWDP with its pulls captured (cudaMemcpyAsync on the copy stream)
-    for strategy, ranks, opts in (("single", 1, None), ("dwdp", n, DWDPOptions(transport="cuda_ipc"))):
+    for strategy, ranks, opts in (("single", 1, None), ("dwdp", n, DwdpSettings(transport="cuda_ipc"))):
         t0 = time.perf_counter()
-        cfg = EngineConfig(block_size=16, num_kv_blocks=256, device="cuda", dtype="bfloat16",
+        cfg = EngineSettings(block_size=16, num_kv_blocks=256, device="cuda", dtype="bfloat16",
                            max_num_batched_tokens=256, cuda_graphs=True)
         res = run_local_group(tiny, cfg, strategy, ranks, generate_and_replays, [(prompts, params)] * ranks,
                               dwdp=opts, timeout=300)
@@ -119,7 +119,7 @@ def main() -> int:
     x = torch.randint(5, 1000, (300,), generator=g).tolist()
     logits = {}
     for dtype in ("float32", "bfloat16"):
-        r = ModelRunner(lite, EngineConfig(block_size=16, num_kv_blocks=64, device="cuda", dtype=dtype), LocalExecutor)
+        r = ModelRunner(lite, EngineSettings(block_size=16, num_kv_blocks=64, device="cuda", dtype=dtype), LocalExecutor)
         logits[dtype] = r.execute([x], [0], [list(range(19))], [True]).float().cpu()
         del r
         torch.cuda.empty_cache()

@@ -139,7 +139,7 @@ def check_decode_kernel(rows: list) -> None:
 
 
 def check_attention_and_graphs(rows: list, tmp: str) -> None:
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.llm_engine import LLMEngine
     from dynamo_dwdp.engine.model_runner import ModelRunner
     from dynamo_dwdp.engine.sampling import SamplingParams
@@ -154,7 +154,7 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
     for dtype, tol in (("float32", 1e-4), ("bfloat16", 3e-2)):
         out = {}
         for backend in ("reference", "sdpa"):
-            r = ModelRunner(lite, EngineConfig(block_size=16, num_kv_blocks=64, device="cuda", dtype=dtype,
+            r = ModelRunner(lite, EngineSettings(block_size=16, num_kv_blocks=64, device="cuda", dtype=dtype,
                                                attention_backend=backend), LocalExecutor)
             # the prompt in two chunks: the second attends to the cached first one (bottom-right causal)
             r.execute([x[:600]], [0], [table], [True])
@@ -166,7 +166,7 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
                      "ok" if e < tol else "HIGH"))
     # decode from graphs vs eager: the same step (same KV, same tokens) both ways, logits compared
     # (greedy tokens of a random-weight model flip on near-ties, so tokens alone prove little in bf16)
-    cfg = EngineConfig(block_size=16, num_kv_blocks=160, device="cuda", dtype="bfloat16", cuda_graphs=True,
+    cfg = EngineSettings(block_size=16, num_kv_blocks=160, device="cuda", dtype="bfloat16", cuda_graphs=True,
                        max_num_seqs=8, max_num_batched_tokens=2048)
     runner = ModelRunner(lite, cfg, LocalExecutor)
     lens = [7, 33, 80, 150, 260]
@@ -244,7 +244,7 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
     eager2 = runner.execute([[t] for t in new_tokens], lens, tables, [True] * len(lens)).float()
     runner = None
     torch.cuda.empty_cache()
-    ref_runner = ModelRunner(lite, EngineConfig(block_size=16, num_kv_blocks=160, device="cuda", dtype="float32",
+    ref_runner = ModelRunner(lite, EngineSettings(block_size=16, num_kv_blocks=160, device="cuda", dtype="float32",
                                                 attention_backend="reference"), LocalExecutor)
     ref_runner.execute(prompts, [0] * len(lens), tables, [True] * len(lens))
     fp32 = ref_runner.execute([[t] for t in new_tokens], lens, tables, [True] * len(lens)).float()
@@ -268,14 +268,14 @@ def profile_decode(tmp: str, batch: int, context: int) -> str:
     what a graph replay executes, without the host gaps."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.model_runner import ModelRunner
     from dynamo_dwdp.model.moe_executor import LocalExecutor
 
     lite = os.path.join(tmp, "lite3")
     bs = 16
     per = (context + 1 + bs - 1) // bs
-    cfg = EngineConfig(block_size=bs, num_kv_blocks=batch * per + 1, device="cuda", dtype="bfloat16",
+    cfg = EngineSettings(block_size=bs, num_kv_blocks=batch * per + 1, device="cuda", dtype="bfloat16",
                        max_num_seqs=batch, max_num_batched_tokens=8192)
     r = ModelRunner(lite, cfg, LocalExecutor)
     g = torch.Generator().manual_seed(2)

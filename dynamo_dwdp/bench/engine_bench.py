@@ -56,10 +56,14 @@ import random
 import time
 from dataclasses import dataclass
 
+from dynamo_dwdp.config.dwdp import DwdpSettings
 from dynamo_dwdp.errors import PeerError, UserError
+from dynamo_dwdp.strategies import STRATEGIES as STRATEGY_TABLE
+from dynamo_dwdp.strategies import get_strategy
 
 SCHEMA = "dynamo-dwdp/bench-engine/1"
-STRATEGIES = ("single", "dwdp", "dep", "tp")
+STRATEGIES = tuple(n for n, s in STRATEGY_TABLE.items() if s.replica_of is None)
+"""What `--strategy` takes: `single` on N ranks runs the replicas of `dp`."""
 PHASES = ("prefill", "decode")
 DEVICES = ("cpu", "cuda")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -111,8 +115,7 @@ class BenchSetup:
     ranks: int
     device: str = "cpu"
     dtype: str = "float32"
-    routed_only: bool = False
-    contention_opt: bool = False
+    dwdp: DwdpSettings = DwdpSettings()               # routed_only / contention_opt variants (strategy dwdp)
     expert_skew: tuple[int, float] | None = None     # (K, bias): experts 0..K-1 get +bias at selection
     hw: str = "h200-measured"
     block_size: int = 16
@@ -121,10 +124,18 @@ class BenchSetup:
     attention: str = "auto"               # prefill attention: auto | reference | sdpa
 
     @property
+    def routed_only(self) -> bool:
+        return self.dwdp.routed_only
+
+    @property
+    def contention_opt(self) -> bool:
+        return self.dwdp.contention_opt
+
+    @property
     def group_strategy(self) -> str:
-        """The factory's strategy: `single` on N > 1 ranks is N independent replicas (`dp`)."""
-        if self.strategy == "single":
-            return "single" if self.ranks == 1 else "dp"
+        """The rank group's strategy: `single` on N > 1 ranks is N independent replicas (`dp`)."""
+        if self.ranks > 1:
+            return next((n for n, s in STRATEGY_TABLE.items() if s.replica_of == self.strategy), self.strategy)
         return self.strategy
 
     def validate(self) -> "BenchSetup":
@@ -132,8 +143,9 @@ class BenchSetup:
             raise UserError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if not isinstance(self.ranks, int) or self.ranks < 1:
             raise UserError(f"--ranks must be an integer >= 1, got {self.ranks!r}")
-        if self.strategy != "single" and self.ranks < 2:
-            raise UserError(f"--strategy {self.strategy} needs --ranks >= 2 (a group), got {self.ranks}")
+        low = get_strategy(self.strategy).min_ranks
+        if self.ranks < low:
+            raise UserError(f"--strategy {self.strategy} needs --ranks >= {low} (a group), got {self.ranks}")
         if self.device not in DEVICES:
             raise UserError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES.values():
@@ -145,7 +157,7 @@ class BenchSetup:
             raise UserError(f"block size must be >= 1, got {self.block_size}")
         if self.cuda_graphs and self.device != "cuda":
             raise UserError("--cuda-graphs needs --device cuda")
-        from dynamo_dwdp.engine.config import ATTENTION_BACKENDS
+        from dynamo_dwdp.config.engine import ATTENTION_BACKENDS
 
         if self.attention not in ATTENTION_BACKENDS:
             raise UserError(f"--attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
@@ -224,7 +236,7 @@ def build_schedule(point: Point, strategy: str, ranks: int, block_size: int) -> 
                 b = max(1, int(round(point.batch * f)))
                 steps.append([SeqWork(1, point.context, j) for j in range(b)])
         per_rank.append(steps)
-    if strategy == "tp":                        # one leader runs every rank's share in one batch
+    if get_strategy(strategy).leader_only:      # one leader runs every rank's share in one batch
         merged = []
         for s in range(n):
             seqs = [w for r in range(ranks) for w in per_rank[r][s]]
@@ -245,7 +257,7 @@ def build_schedule(point: Point, strategy: str, ranks: int, block_size: int) -> 
         for r in range(ranks):
             fill[r] = [[SeqWork(point.context, 0, j) for j in range(lo, min(lo + chunk, most[r]))]
                        for lo in range(0, most[r], chunk)]
-        if strategy == "dep":                   # lock-step: every rank runs as many fill forwards
+        if get_strategy(strategy).lock_step:    # lock-step: every rank runs as many fill forwards
             longest = max(len(f) for f in fill)
             for f in fill:
                 f.extend([] for _ in range(longest - len(f)))
@@ -384,7 +396,7 @@ def _drive_point(rank_engine, probe: _Probe, setup: BenchSetup, point: Point, in
     timed = [_inputs(sched, seqs, gen, vocab, bs) for seqs in sched.timed(rank)]
     hits = torch.zeros(point.steps, len(probe.moe_index), cfg.n_routed_experts, dtype=torch.bool,
                        device=runner.device)
-    if setup.strategy != "tp":
+    if not get_strategy(setup.strategy).leader_only:
         _barrier(rank_engine.group, f"p{index}")
     rec: dict[str, list] = {k: [] for k in ("step_s", "forward_s", "prefetch_s", "sync_s", "tokens", "remote_bytes",
                                             "t0_abs")}
@@ -400,7 +412,7 @@ def _drive_point(rank_engine, probe: _Probe, setup: BenchSetup, point: Point, in
         after = _snapshot(probe.stats)
         _append(rec, t1 - t0, before, after)
     t_end = time.time()
-    role = "leader" if setup.strategy == "tp" else "rank"
+    role = "leader" if get_strategy(setup.strategy).leader_only else "rank"
     return {"rank": rank, "role": role, **rec, "t_start": t_start, "t_end": t_end, "hits": _hits_masks(hits),
             "device_name": _device_name(runner)}
 
@@ -493,7 +505,7 @@ def bench_rank(rank_engine, payload) -> list[dict]:
     try:
         return [_drive_point(rank_engine, probe, setup, p, i) for i, p in enumerate(points)]
     finally:
-        if setup.strategy == "tp":
+        if get_strategy(setup.strategy).leader_only:
             runner.stop_followers()
 
 
@@ -577,20 +589,20 @@ def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict 
     n = setup.ranks
     records = [_follower_steps(r, records[0]) if r.get("role") == "follower" else r for r in records]
     sched = build_schedule(point, setup.strategy, n, setup.block_size)
-    drivers = [0] if setup.strategy == "tp" else list(range(n))
+    drivers = [0] if get_strategy(setup.strategy).leader_only else list(range(n))
     steps = point.steps
     group_step = [max(rec["step_s"][s] for rec in records) for s in range(steps)]
     per_rank, split_acc = [], {"compute": [], "prefetch_wait": [], "sync_wait": []}
     touched = _touched(setup.strategy, n, records, cfg.n_routed_experts)
     elem = 2 if setup.dtype == "bfloat16" else 4
-    tp = n if setup.strategy == "tp" else 1
+    tp = n if get_strategy(setup.strategy).leader_only else 1
     hbm_by: dict[str, float] = {}
     for r, rec in enumerate(records):
         comp = [max(0.0, st - pf - sy) for st, pf, sy in zip(rec["step_s"], rec["prefetch_s"], rec["sync_s"])]
         split_acc["compute"].append(_mean(comp))
         split_acc["prefetch_wait"].append(_mean(rec["prefetch_s"]))
         split_acc["sync_wait"].append(_mean(rec["sync_s"]))
-        src = 0 if setup.strategy == "tp" else r
+        src = 0 if get_strategy(setup.strategy).leader_only else r
         for s, seqs in enumerate(sched.timed(src)):
             b = work.forward_hbm_bytes(cfg, seq_shapes(seqs), elem, touched[r][s], tp=tp)
             for k, v in b.items():
@@ -752,15 +764,15 @@ def check_environment(setup: BenchSetup) -> None:
 
     if not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible (use --device cpu)")
-    if setup.strategy in ("dep", "tp") and setup.ranks > torch.cuda.device_count():
+    if get_strategy(setup.strategy).collectives and setup.ranks > torch.cuda.device_count():
         raise UserError(f"--strategy {setup.strategy} --ranks {setup.ranks} needs one GPU per rank "
                         f"(NCCL); {torch.cuda.device_count()} visible")
 
 
 def run_points(setup: BenchSetup, points: list[Point], model: dict | None = None) -> list[dict]:
     """Launch the group once and measure every point in order; one result object per point."""
-    from dynamo_dwdp.engine.config import EngineConfig
-    from dynamo_dwdp.rank.build import DWDPOptions
+    from dynamo_dwdp.config.engine import EngineSettings
+    from dynamo_dwdp.config.dwdp import DwdpSettings
     from dynamo_dwdp.rank.local_group import run_local_group
 
     setup.validate()
@@ -777,12 +789,12 @@ def run_points(setup: BenchSetup, points: list[Point], model: dict | None = None
         check_fits(setup, p, model_cfg)
     check_environment(setup)
     kv = max(build_schedule(p, setup.strategy, setup.ranks, setup.block_size).kv_blocks for p in points)
-    most_tokens = max(p.tokens_per_iter * (setup.ranks if setup.strategy == "tp" else 1) for p in points)
-    cfg = EngineConfig(block_size=setup.block_size, num_kv_blocks=kv + 1, max_num_seqs=max(1, most_tokens),
+    most_tokens = max(p.tokens_per_iter * (setup.ranks if get_strategy(setup.strategy).leader_only else 1) for p in points)
+    cfg = EngineSettings(block_size=setup.block_size, num_kv_blocks=kv + 1, max_num_seqs=max(1, most_tokens),
                        max_num_batched_tokens=max(1, most_tokens), device=setup.device, dtype=setup.dtype,
                        enable_prefix_caching=False, cuda_graphs=setup.cuda_graphs,
                        attention_backend=setup.attention)
-    dwdp = DWDPOptions(routed_only=setup.routed_only, contention_opt=setup.contention_opt)
+    dwdp = setup.dwdp
     results = run_local_group(setup.model_dir, cfg, setup.group_strategy, setup.ranks, bench_rank,
                               [(setup, points)] * setup.ranks, dwdp=dwdp, timeout=setup.timeout)
     failed = [r for r in results if r.error]

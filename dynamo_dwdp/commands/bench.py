@@ -170,13 +170,15 @@ def _dtype(text: str) -> str:
 def run_engine(args) -> int:
     from dynamo_dwdp.bench.engine_bench import (PHASES, BenchSetup, Point, append_jsonl, parse_expert_skew,
                                                 render_text, run_engine_bench)
+    from dynamo_dwdp.config.dwdp import DwdpSettings
     from dynamo_dwdp.errors import UserError
     from dynamo_dwdp.model.config import load_model_config
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     setup = BenchSetup(model_dir=args.model, strategy=args.strategy, ranks=args.ranks, device=args.device,
-                       dtype=_dtype(args.dtype), routed_only=args.dwdp_routed_only,
-                       contention_opt=args.dwdp_contention_opt, hw=args.hw, block_size=args.block_size,
+                       dtype=_dtype(args.dtype),
+                       dwdp=DwdpSettings(routed_only=args.dwdp_routed_only, contention_opt=args.dwdp_contention_opt),
+                       hw=args.hw, block_size=args.block_size,
                        timeout=args.timeout, cuda_graphs=args.cuda_graphs, attention=args.attention).validate()
     if args.phase not in PHASES:
         raise UserError(f"--phase {args.phase!r} is not one of {', '.join(PHASES)}")

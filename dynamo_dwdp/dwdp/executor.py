@@ -26,6 +26,7 @@ import logging
 
 import torch
 
+from dynamo_dwdp.config.dwdp import DwdpSettings
 from dynamo_dwdp.dwdp.placement import Placement, Pull
 from dynamo_dwdp.dwdp.transport import make_transport
 from dynamo_dwdp.dwdp.weight_buffer import PrefetchSlot
@@ -39,17 +40,17 @@ log = logging.getLogger(__name__)
 class DWDPExecutor(MoEExecutor):
     strategy = "dwdp"
 
-    def __init__(self, cfg, device, dtype, *, group, placement: Placement, routed_only: bool = False,
-                 contention_opt: bool = False, transport: str = "auto", slice_bytes: int = 2 << 20):
+    def __init__(self, cfg, device, dtype, *, group, placement: Placement, settings: DwdpSettings = DwdpSettings(),
+                 slice_bytes: int = 2 << 20):
         super().__init__(cfg, device, dtype)
         self.group = group                       # GroupContext: rank, size, name, store, membership
         self.placement = placement
         self.rank = group.rank
         self.local = placement.local_range(self.rank)
-        self.routed_only = routed_only
-        self.contention_opt = contention_opt
+        self.routed_only = settings.routed_only
+        self.contention_opt = settings.contention_opt
         self.slice_bytes = slice_bytes
-        self.transport = make_transport(transport, group.name, self.rank, device)
+        self.transport = make_transport(settings.transport, group.name, self.rank, device)
         self.copy = self.transport.copy_engine()
         self.moe_layers = cfg.moe_layers
         self.moe_index = {layer: i for i, layer in enumerate(self.moe_layers)}

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from dynamo_dwdp.engine.config import EngineConfig
+from dynamo_dwdp.config.engine import EngineSettings
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig, load_model_config
 from dynamo_dwdp.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str, config: EngineConfig, executor_factory, tp: TensorParallel | None = None,
+    def __init__(self, model_dir: str, config: EngineSettings, executor_factory, tp: TensorParallel | None = None,
                  model_config: ModelConfig | None = None):
         self.config = config.validate()
         self.model_dir = model_dir

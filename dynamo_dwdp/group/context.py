@@ -13,11 +13,10 @@ import torch
 from dynamo_dwdp.errors import UserError
 from dynamo_dwdp.group.membership import Membership
 from dynamo_dwdp.group.rendezvous import GroupStore, open_group_store
+from dynamo_dwdp.strategies import STRATEGIES, get_strategy
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("single", "dp", "dwdp", "dep", "tp")
-COLLECTIVE_STRATEGIES = ("dep", "tp")
 
 
 @dataclass
@@ -32,14 +31,15 @@ class GroupSpec:
     collective_timeout: float = 60.0         # DEP/TP: a collective that waits longer raises
 
     def validate(self) -> "GroupSpec":
-        if self.strategy not in STRATEGIES:
-            raise UserError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        strategy = get_strategy(self.strategy)
         if self.size < 1 or not 0 <= self.rank < self.size:
             raise UserError(f"group rank {self.rank} is not in [0, {self.size})")
-        if self.strategy == "single" and self.size != 1:
-            raise UserError("strategy 'single' runs one rank; use dp/dwdp/dep/tp for a group")
-        if self.strategy in ("dwdp", "dep", "tp") and self.size < 2:
-            raise UserError(f"strategy {self.strategy!r} needs a group of >= 2 ranks (got {self.size})")
+        if strategy.max_ranks is not None and self.size > strategy.max_ranks:
+            groups = "/".join(s.name for s in STRATEGIES.values() if s.max_ranks is None)
+            raise UserError(f"strategy {self.strategy!r} runs one rank; use {groups} for a group")
+        if self.size < strategy.min_ranks:
+            raise UserError(f"strategy {self.strategy!r} needs a group of >= {strategy.min_ranks} ranks "
+                            f"(got {self.size})")
         if self.size > 1 and not self.rendezvous:
             raise UserError(f"a group of {self.size} ranks needs --rendezvous (tcp://HOST:PORT or etcd://HOST:PORT)")
         return self
@@ -78,7 +78,7 @@ class GroupContext:
             if theirs != spec.strategy:
                 raise UserError(f"group {spec.name}: rank {r} runs strategy {theirs!r}, this rank {spec.strategy!r}")
         pg = None
-        if spec.strategy in COLLECTIVE_STRATEGIES:
+        if get_strategy(spec.strategy).collectives:
             import torch.distributed as dist
 
             backend = "nccl" if device is not None and device.type == "cuda" else "gloo"

@@ -16,64 +16,17 @@ call these pure functions, so a pod and a local process of the same pool always 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from dynamo_dwdp.config.graph import Graph, Pool
 from dynamo_dwdp.config.settings import Settings
+from dynamo_dwdp.worker.flags import WORKER_FLAGS, WorkerFlag
 
 DISCOVERY_BACKENDS = {"embedded": "file", "etcd": "etcd"}
 """`infra.mode` -> `--discovery-backend` of the frontend (workers get `DYN_DISCOVERY_BACKEND`)."""
 
 MAKE_MODEL_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 """`model.make.dtype` -> the `--dtype` spelling of `dynamo-dwdp make-model`."""
-
-
-@dataclass(frozen=True)
-class WorkerFlag:
-    """One flag of the native worker (`python -m dynamo_dwdp`).
-
-    `source` is where the value comes from: `settings:<dotted.key>` (the pool's effective settings),
-    `pool:<attribute>`, or `call:<name>` (an argument of `worker_argv`: model_path, group_name,
-    rank, rendezvous, kv_transfer). `kind`: `value` (always `--flag VALUE`), `optional` (left out
-    when the value is null), `switch` (bare `--flag` when true). `only` restricts a flag to pools of
-    one strategy.
-    """
-
-    flag: str
-    source: str
-    kind: str = "value"
-    only: str | None = None
-    doc: str = ""
-
-
-WORKER_FLAGS: tuple[WorkerFlag, ...] = (
-    WorkerFlag("--model-path", "call:model_path", doc="model directory (settings model.path)"),
-    WorkerFlag("--served-model-name", "call:served_model_name", doc="model name clients send"),
-    WorkerFlag("--disaggregation-mode", "pool:role", doc="agg | prefill | decode"),
-    WorkerFlag("--strategy", "pool:strategy", doc="single | dp | dwdp | dep | tp"),
-    WorkerFlag("--group-size", "pool:ranks", doc="ranks in this group"),
-    WorkerFlag("--group-rank", "call:rank", kind="optional", doc="this rank (left out for dynamo_dwdp.group)"),
-    WorkerFlag("--group-name", "call:group_name", doc="<graph>-<pool>-g<index>"),
-    WorkerFlag("--rendezvous", "call:rendezvous", doc="tcp://HOST:PORT | etcd://HOST:PORT | file:///path"),
-    WorkerFlag("--namespace", "settings:infra.namespace", doc="Dynamo namespace"),
-    WorkerFlag("--component", "pool:name", doc="Dynamo component (= pool name)"),
-    WorkerFlag("--block-size", "settings:engine.block_size"),
-    WorkerFlag("--num-kv-blocks", "settings:engine.num_kv_blocks"),
-    WorkerFlag("--max-num-seqs", "settings:engine.max_num_seqs"),
-    WorkerFlag("--max-num-batched-tokens", "settings:engine.max_num_batched_tokens"),
-    WorkerFlag("--max-model-len", "settings:engine.max_model_len"),
-    WorkerFlag("--device", "settings:engine.device"),
-    WorkerFlag("--dtype", "settings:engine.dtype"),
-    WorkerFlag("--dwdp-experts-per-rank", "settings:dwdp.experts_per_rank", kind="optional", only="dwdp"),
-    WorkerFlag("--dwdp-prefetch-per-peer", "settings:dwdp.prefetch_per_peer", kind="optional", only="dwdp"),
-    WorkerFlag("--dwdp-contention-opt", "settings:dwdp.contention_opt", kind="switch", only="dwdp"),
-    WorkerFlag("--dwdp-routed-only", "settings:dwdp.routed_only", kind="switch", only="dwdp"),
-    WorkerFlag("--dwdp-transport", "settings:dwdp.transport", only="dwdp"),
-    WorkerFlag("--kv-transfer", "call:kv_transfer", doc="nixl | none (always none for an agg pool)"),
-    WorkerFlag("--cuda-graphs", "settings:engine.cuda_graphs", kind="switch"),
-)
-"""Every flag the worker's argparse implements, in argv order. Rename one here and in the worker."""
 
 
 def _python(python: str | None) -> str:

@@ -27,6 +27,7 @@ from dynamo_dwdp.config.settings import Settings, load_settings
 from dynamo_dwdp.errors import UserError
 from dynamo_dwdp.launch import command_lines
 from dynamo_dwdp.launch.infra import Infra, free_port, free_port_block
+from dynamo_dwdp.strategies import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def _spawn(name: str, role: str, argv: list[str], env: dict, run_dir: str, ports
     logf = open(path, "ab")
     proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     ranks = pool.ranks if pool else 1
-    registers = 1 if (pool and pool.strategy == "tp") else ranks
+    registers = 1 if (pool and get_strategy(pool.strategy).leader_only) else ranks
     return Component(name, role, proc, path, ports, ranks, registers if pool else 0)
 
 

@@ -14,8 +14,8 @@ token count. They are never fitted per workload (nor to any published table). Th
 - math 0.70 for every datasheet machine: a typical sustained fraction of dense peak for large
   tensor-core GEMMs and FlashAttention-class kernels (cuBLAS / FlashAttention-2/3 reports land at
   roughly 0.6-0.8 of dense peak); no machine-specific measurement exists here yet.
-- HBM 0.85 and link 0.85 for every datasheet machine, taken from the 2 x H200 probe in
-  /work/shared/notes/gpu-machine.md: device copy 4.19 of 4.8 TB/s (0.87) and peer pull 386 of
+- HBM 0.85 and link 0.85 for every datasheet machine, taken from a PyTorch probe on a
+  2 x H200 host (NV18, torch 2.11 + CUDA 13.0, 2026-11-23): device copy 4.19 of 4.8 TB/s (0.87) and peer pull 386 of
   450 GB/s (0.86), rounded down to 0.85 and assumed to carry over to other NVIDIA parts.
 - `h200-measured` carries the probe's *achieved* HBM and peer rates with efficiency 1.0 (they are
   already achieved numbers); its math rates are the H200 datasheet at 0.70 (no GEMM probe yet).
@@ -145,7 +145,7 @@ HARDWARE: dict[str, Hardware] = {
         hbm_efficiency=1.0,  # already an achieved rate
         link_efficiency=1.0,  # already an achieved rate
         sources=(
-            "/work/shared/notes/gpu-machine.md (PyTorch probe, 2 x H200, torch 2.11 + CUDA 13.0)",
+            "PyTorch probe on 2 x H200 (NV18; 256 MiB device copy, 128 MiB peer pull; torch 2.11 + CUDA 13.0)",
             "NVIDIA H200 datasheet for the tensor-core peaks",
         ),
     ),

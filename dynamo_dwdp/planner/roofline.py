@@ -12,7 +12,7 @@ HBM bytes = weights read once + approximate activation traffic (each GEMM input 
 written once; for experts also the gate/up and SwiGLU intermediates).
 Not modelled: norms, RoPE, elementwise kernels, launch and collective latency floors (they matter in
 decode), the HBM traffic of the prefetch itself, and the compute slow-down under concurrent copies
-(the paper measured +19% attention, /work/shared/notes/dwdp-method.md §1.7).
+(the paper measured +19% attention; DWDP paper, arXiv 2604.01621, and its tech blog).
 
 - Prefill attention core: T tokens split into `batch` sequences of S = T/batch fresh tokens, causal:
   FLOPs = 2 * heads * (qk_head_dim + v_head_dim) * batch * S(S+1)/2 (non-absorbed MLA, as in prefill).
@@ -81,7 +81,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dynamo_dwdp.planner.hardware import DTYPES, Hardware
+from dynamo_dwdp.dwdp.placement import Placement
 from dynamo_dwdp.errors import CheckpointError, UserError
+from dynamo_dwdp.strategies import GROUP_STRATEGIES
 
 # Storage bytes per element (scales are added separately where they exist).
 DTYPE_BYTES = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 0.5}
@@ -90,7 +92,7 @@ ACT_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4.0 / 128, "nvfp4": 0.5 + 1.0 / 16}
 NVFP4_GROUP = 16  # NVFP4: one e4m3 scale per 16 elements along K, plus an fp32 global scale per matrix
 USABLE_MEMORY_FRACTION = 0.9  # of HBM; the rest is left to activations, workspace, allocator slack
 PHASES = ("prefill", "decode")
-STRATEGIES = ("dwdp", "dep", "tp")
+STRATEGIES = GROUP_STRATEGIES     # the strategies with a cost model here (dynamo_dwdp/strategies.py)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -368,53 +370,42 @@ class Precision:
         return cls(weight=weight, dense=dense or low, attn=attn or "bf16", kv=kv or low, dispatch=low)
 
 
-@dataclass(frozen=True)
-class Placement:
-    """DWDP expert placement: rank r stores experts [r*P, r*P + L); E = L + (N-1)*P; L >= P."""
+def resolve_placement(experts: int, ranks: int, experts_per_rank: int | None = None,
+                      prefetch_per_peer: int | None = None) -> Placement:
+    """The runtime's DWDP placement (`dwdp/placement.py`) for the planner's flags.
 
-    experts: int
-    ranks: int
-    experts_per_rank: int  # L
-    prefetch_per_peer: int  # P
-
-    @property
-    def remote_experts(self) -> int:
-        return self.experts - self.experts_per_rank
-
-    def local_range(self, rank: int) -> tuple[int, int]:
-        start = rank * self.prefetch_per_peer
-        return start, start + self.experts_per_rank
-
-    @classmethod
-    def resolve(cls, experts: int, ranks: int, experts_per_rank: int | None = None,
-                prefetch_per_peer: int | None = None) -> "Placement":
-        """Default: P = floor(E/N), L = E - (N-1)P (a disjoint split when N divides E, otherwise
-        adjacent ranks overlap by L - P experts). Either value may be given; the other is derived."""
-        if ranks < 2:
-            raise UserError(f"--ranks must be >= 2 for a DWDP group, got {ranks}")
-        n, e = ranks, experts
-        if experts_per_rank is None and prefetch_per_peer is None:
-            p = e // n
-            lo = e - (n - 1) * p
-        elif prefetch_per_peer is None:
-            lo = experts_per_rank
-            if (e - lo) % (n - 1):
-                raise UserError(
-                    f"--experts-per-rank {lo}: E - L = {e - lo} is not divisible by N - 1 = {n - 1} "
-                    f"(E = L + (N-1)*P with E={e})"
-                )
-            p = (e - lo) // (n - 1)
-        elif experts_per_rank is None:
-            p = prefetch_per_peer
-            lo = e - (n - 1) * p
-        else:
-            lo, p = experts_per_rank, prefetch_per_peer
-        if p < 1 or lo < 1 or lo > e or lo + (n - 1) * p != e or lo < p:
+    Default: the runtime's split, P = floor(E/N), L = E - (N-1)P (a disjoint split when N divides E,
+    otherwise adjacent ranks overlap by L - P experts). Unlike a settings file, the planner also
+    takes one of L and P alone and derives the other from E = L + (N-1)*P."""
+    if ranks < 2:
+        raise UserError(f"--ranks must be >= 2 for a DWDP group, got {ranks}")
+    n, e = ranks, experts
+    if experts_per_rank is None and prefetch_per_peer is None:
+        return Placement.choose(e, n)
+    if prefetch_per_peer is None:
+        lo = experts_per_rank
+        if (e - lo) % (n - 1):
             raise UserError(
-                f"placement L={lo} (--experts-per-rank), P={p} (--prefetch-per-peer) is invalid for "
-                f"E={e} experts on N={n} ranks: need E = L + (N-1)*P, 1 <= P <= L <= E"
+                f"--experts-per-rank {lo}: E - L = {e - lo} is not divisible by N - 1 = {n - 1} "
+                f"(E = L + (N-1)*P with E={e})"
             )
-        return cls(experts=e, ranks=n, experts_per_rank=lo, prefetch_per_peer=p)
+        p = (e - lo) // (n - 1)
+    elif experts_per_rank is None:
+        p = prefetch_per_peer
+        lo = e - (n - 1) * p
+    else:
+        lo, p = experts_per_rank, prefetch_per_peer
+    if p < 1 or lo < 1 or lo > e or lo + (n - 1) * p != e or lo < p:
+        raise UserError(
+            f"placement L={lo} (--experts-per-rank), P={p} (--prefetch-per-peer) is invalid for "
+            f"E={e} experts on N={n} ranks: need E = L + (N-1)*P, 1 <= P <= L <= E"
+        )
+    return Placement.choose(e, n, lo, p)
+
+
+def remote_experts(place: Placement) -> int:
+    """Experts a rank pulls per MoE layer (E - L, the same for every rank)."""
+    return place.num_experts - place.experts_per_rank
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -708,7 +699,7 @@ def plan_layer(
     prec = Precision.resolve(weight_dtype or model.checkpoint_dtype or "bf16", dense_dtype, attn_dtype, kv_dtype)
     for d in {prec.weight, prec.dense, prec.attn}:
         hw.flops_per_s(d)  # raises UserError if the GPU lacks that tensor-core path
-    place = Placement.resolve(model.n_routed_experts, ranks, experts_per_rank, prefetch_per_peer)
+    place = resolve_placement(model.n_routed_experts, ranks, experts_per_rank, prefetch_per_peer)
     n, t, e, k = ranks, float(tokens_per_iter), model.n_routed_experts, model.num_experts_per_tok
     if phase == "prefill":
         if batch <= 0 or batch > t:
@@ -731,8 +722,8 @@ def plan_layer(
     ops = layer_ops(model, prec, tokens=t, sequences=seqs, expert_pool=e, routing_tokens=t, **common)
     br = _times_ms(ops, hw)
     t_comp = sum(br.values())
-    t_pref = place.remote_experts * bpe / hw.link_bytes_per_s * 1e3
-    routed_remote = touched_experts(place.remote_experts, e, k, t)
+    t_pref = remote_experts(place) * bpe / hw.link_bytes_per_s * 1e3
+    routed_remote = touched_experts(remote_experts(place), e, k, t)
     t_pref_routed = routed_remote * bpe / hw.link_bytes_per_s * 1e3
     exposed = max(0.0, t_pref - t_comp)
     dwdp = StrategyCost(
@@ -743,10 +734,10 @@ def plan_layer(
             "t_prefetch_ms": t_pref,
             "t_prefetch_routed_ms": t_pref_routed,
             "t_exposed_ms": exposed,
-            "prefetch_gb": place.remote_experts * bpe / 1e9,
+            "prefetch_gb": remote_experts(place) * bpe / 1e9,
             "routed_remote_experts": routed_remote,
         },
-        memory=Memory(place.experts_per_rank * bpe * moe_layers, 2 * place.remote_experts * bpe,
+        memory=Memory(place.experts_per_rank * bpe * moe_layers, 2 * remote_experts(place) * bpe,
                       ne_bytes, kv_tokens * kv_bytes_per_token, cap),
     )
 
@@ -856,9 +847,9 @@ def verdict(p: LayerPlan) -> tuple[str, str]:
             why = (f"the {pref:.3g} ms prefetch exceeds the {c:.3g} ms compute window by {exp:.3g} ms, "
                    f"more than DEP's {a2a:.3g} ms all-to-all + {sync:.3g} ms sync wait")
         else:
-            why = (f"DEP's {p.dep.t_compute_ms:.3g} ms compute (only {math.ceil(p.placement.experts / p.ranks)} "
+            why = (f"DEP's {p.dep.t_compute_ms:.3g} ms compute (only {math.ceil(p.placement.num_experts / p.ranks)} "
                    f"experts' weights from HBM) + {a2a + sync:.3g} ms all-to-all/sync beats DWDP's {c:.3g} ms, "
-                   f"which streams all {p.placement.experts} experts from HBM")
+                   f"which streams all {p.placement.num_experts} experts from HBM")
     else:
         ar = p.tp.extra["t_all_reduce_ms"]
         why = (f"TP's {p.tp.t_compute_ms:.3g} ms compute (1/{p.ranks} of every weight per rank) + "
@@ -922,11 +913,11 @@ def build_report(
             "precision": p.precision.__dict__.copy(),
             "imbalance_cv": p.imbalance_cv,
             "placement": {
-                "experts": p.placement.experts,
-                "ranks": p.placement.ranks,
+                "experts": p.placement.num_experts,
+                "ranks": p.placement.group_size,
                 "experts_per_rank": p.placement.experts_per_rank,
                 "prefetch_per_peer": p.placement.prefetch_per_peer,
-                "remote_experts": p.placement.remote_experts,
+                "remote_experts": remote_experts(p.placement),
             },
         }
     return report

@@ -1,39 +1,83 @@
-"""Build one rank's engine for a strategy: executor + runner + stepping rule.
+"""Assemble one rank: the strategy's executor + model runner + engine + stepping rule.
 
-strategy  executor          process group  Dynamo workers per group   stepping
-single    LocalExecutor     -              1                          when it has work
-dp        LocalExecutor     -              N (independent replicas)   when it has work
-dwdp      DWDPExecutor      -              N (one per rank)           when it has work (never waits)
-dep       DEPExecutor       gloo/nccl      N (one per rank)           lock-step: every rank every step
-tp        TPMoEExecutor     gloo/nccl      1 (rank 0 leads)           rank 0 steps, others follow
+Which executor a strategy runs is `EXECUTOR_BUILDERS` below, keyed by the strategy registry
+(`dynamo_dwdp/strategies.py`, which says how a strategy steps and whether it joins a process
+group); a module-level check makes sure every registered strategy has exactly one builder.
+
+strategy  executor          runner
+single    LocalExecutor     ModelRunner
+dp        LocalExecutor     ModelRunner (each rank a replica)
+dwdp      DWDPExecutor      ModelRunner
+dep       DEPExecutor       ModelRunner + StepCoordinator (lock-step)
+tp        TPMoEExecutor     TPModelRunner (rank 0 leads, the others follow)
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from dynamo_dwdp.engine.config import EngineConfig
+from dynamo_dwdp.baselines.dep import DEPExecutor, StepCoordinator
+from dynamo_dwdp.baselines.tp import TPModelRunner, TPMoEExecutor
+from dynamo_dwdp.config.dwdp import DwdpSettings
+from dynamo_dwdp.config.engine import EngineSettings
+from dynamo_dwdp.dwdp.executor import DWDPExecutor
+from dynamo_dwdp.dwdp.placement import Placement
 from dynamo_dwdp.engine.llm_engine import LLMEngine
 from dynamo_dwdp.engine.model_runner import ModelRunner
 from dynamo_dwdp.engine.sequence import RequestOutput
-from dynamo_dwdp.model.config import load_model_config
-from dynamo_dwdp.model.tensor_parallel import TensorParallel
-from dynamo_dwdp.model.moe_executor import LocalExecutor
 from dynamo_dwdp.group.context import GroupContext, GroupSpec
+from dynamo_dwdp.model.config import ModelConfig, load_model_config
+from dynamo_dwdp.model.moe_executor import LocalExecutor
+from dynamo_dwdp.model.tensor_parallel import TensorParallel
+from dynamo_dwdp.strategies import STRATEGIES, get_strategy
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class DWDPOptions:
-    experts_per_rank: int | None = None     # L
-    prefetch_per_peer: int | None = None    # P
-    contention_opt: bool = False
-    routed_only: bool = False
-    transport: str = "auto"                 # auto | shm | cuda_ipc
+class ExecutorPlan:
+    """What a strategy's builder returns: the executor factory the runner calls (cfg, device, dtype),
+    and the runner class with its extra arguments."""
+
+    factory: Callable
+    tensor_parallel: TensorParallel | None = None
+    runner_cls: type = ModelRunner
+    runner_kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+def _local(spec: GroupSpec, group: GroupContext, model_cfg: ModelConfig, dwdp: DwdpSettings) -> ExecutorPlan:
+    return ExecutorPlan(LocalExecutor)
+
+
+def _dwdp(spec: GroupSpec, group: GroupContext, model_cfg: ModelConfig, dwdp: DwdpSettings) -> ExecutorPlan:
+    placement = Placement.choose(model_cfg.n_routed_experts, spec.size, dwdp.experts_per_rank, dwdp.prefetch_per_peer)
+    return ExecutorPlan(lambda cfg, dev, dtype: DWDPExecutor(cfg, dev, dtype, group=group, placement=placement,
+                                                             settings=dwdp))
+
+
+def _dep(spec: GroupSpec, group: GroupContext, model_cfg: ModelConfig, dwdp: DwdpSettings) -> ExecutorPlan:
+    return ExecutorPlan(lambda cfg, dev, dtype: DEPExecutor(cfg, dev, dtype, group=group))
+
+
+def _tp(spec: GroupSpec, group: GroupContext, model_cfg: ModelConfig, dwdp: DwdpSettings) -> ExecutorPlan:
+    tp = TensorParallel(spec.size, spec.rank, group.process_group)
+
+    def factory(cfg, dev, dtype):
+        ex = TPMoEExecutor(cfg, dev, dtype, tp=tp)
+        tp.stats = ex.stats
+        return ex
+    return ExecutorPlan(factory, tp, TPModelRunner, {"group": group})
+
+
+EXECUTOR_BUILDERS: dict[str, Callable[..., ExecutorPlan]] = {
+    "single": _local, "dp": _local, "dwdp": _dwdp, "dep": _dep, "tp": _tp,
+}
+if set(EXECUTOR_BUILDERS) != set(STRATEGIES):       # a strategy added to the registry needs a builder here
+    raise RuntimeError(f"rank/build.py: EXECUTOR_BUILDERS {sorted(EXECUTOR_BUILDERS)} != strategies {sorted(STRATEGIES)}")
 
 
 def rank_device(device: str, rank: int) -> torch.device:
@@ -50,6 +94,7 @@ class RankEngine:
     def __init__(self, runner: ModelRunner, group: GroupContext, engine: LLMEngine | None, coordinator=None):
         self.runner, self.group, self.engine, self.coordinator = runner, group, engine, coordinator
         self.strategy = group.spec.strategy
+        self.leader_only = get_strategy(self.strategy).leader_only
 
     @property
     def is_follower(self) -> bool:
@@ -81,7 +126,7 @@ class RankEngine:
         self.runner.follow()
 
     def close(self) -> None:
-        if self.strategy == "tp" and self.group.rank == 0:
+        if self.leader_only and self.group.rank == 0:
             try:
                 self.runner.stop_followers()
             except Exception:
@@ -98,59 +143,29 @@ class RankEngine:
             self.runner.close()
 
 
-def build_rank_engine(model_dir: str, engine_cfg: EngineConfig, spec: GroupSpec,
-                      dwdp: DWDPOptions | None = None, nats_url: str | None = None) -> RankEngine:
+def build_rank_engine(model_dir: str, engine: EngineSettings, spec: GroupSpec, dwdp: DwdpSettings | None = None,
+                      nats_url: str | None = None,
+                      expert_skew: tuple[list[int], float] | None = None) -> RankEngine:
+    """Join the group and build this rank's runner and engine. `engine` and `dwdp` are passed whole.
+    `expert_skew` (hot expert ids, bias) is a benchmark hook: the A/B harness skews the random router."""
     spec.validate()
-    dwdp = dwdp or DWDPOptions()
-    device = rank_device(engine_cfg.device, spec.rank)
+    strategy = get_strategy(spec.strategy)
+    dwdp = dwdp or DwdpSettings()
+    device = rank_device(engine.device, spec.rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    engine_cfg.device = str(device)
+    engine = dataclasses.replace(engine, device=str(device))
     model_cfg = load_model_config(model_dir)
     group = GroupContext.join(spec, device=device, nats_url=nats_url)
     try:
-        tp = None
-        runner_cls = ModelRunner
-        runner_kwargs = {}
-        if spec.strategy in ("single", "dp"):
-            factory = LocalExecutor
-        elif spec.strategy == "dwdp":
-            from dynamo_dwdp.dwdp.executor import DWDPExecutor
-            from dynamo_dwdp.dwdp.placement import Placement
-
-            placement = Placement.choose(model_cfg.n_routed_experts, spec.size, dwdp.experts_per_rank,
-                                         dwdp.prefetch_per_peer)
-
-            def factory(cfg, dev, dtype):
-                return DWDPExecutor(cfg, dev, dtype, group=group, placement=placement, routed_only=dwdp.routed_only,
-                                    contention_opt=dwdp.contention_opt, transport=dwdp.transport)
-        elif spec.strategy == "dep":
-            from dynamo_dwdp.baselines.dep import DEPExecutor
-
-            def factory(cfg, dev, dtype):
-                return DEPExecutor(cfg, dev, dtype, group=group)
-        else:  # tp
-            from dynamo_dwdp.baselines.tp import TPModelRunner, TPMoEExecutor
-
-            tp = TensorParallel(spec.size, spec.rank, group.process_group)
-
-            def factory(cfg, dev, dtype):
-                ex = TPMoEExecutor(cfg, dev, dtype, tp=tp)
-                tp.stats = ex.stats
-                return ex
-            runner_cls, runner_kwargs = TPModelRunner, {"group": group}
-        runner = runner_cls(model_dir, engine_cfg, factory, tp=tp, model_config=model_cfg, **runner_kwargs)
-        skew = os.environ.get("DWDP_EXPERT_SKEW")
-        if skew:                                      # benchmark knob: "e1,e2,...:bias"
-            hot, _, bias = skew.partition(":")
-            runner.set_expert_skew([int(e) for e in hot.split(",") if e.strip()], float(bias or 0.0))
-        engine = None if (spec.strategy == "tp" and spec.rank != 0) else LLMEngine(runner)
-        coordinator = None
-        if spec.strategy == "dep":
-            from dynamo_dwdp.baselines.dep import StepCoordinator
-
-            coordinator = StepCoordinator(group, runner.executor.stats, device)
-        return RankEngine(runner, group, engine, coordinator)
+        plan = EXECUTOR_BUILDERS[spec.strategy](spec, group, model_cfg, dwdp)
+        runner = plan.runner_cls(model_dir, engine, plan.factory, tp=plan.tensor_parallel, model_config=model_cfg,
+                                 **plan.runner_kwargs)
+        if expert_skew is not None:
+            runner.set_expert_skew(*expert_skew)
+        llm = None if (strategy.leader_only and spec.rank != 0) else LLMEngine(runner)
+        coordinator = StepCoordinator(group, runner.executor.stats, device) if strategy.lock_step else None
+        return RankEngine(runner, group, llm, coordinator)
     except BaseException:
         group.close()
         raise

@@ -15,9 +15,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dynamo_dwdp.engine.config import EngineConfig
+from dynamo_dwdp.config.engine import EngineSettings
 from dynamo_dwdp.errors import PeerError, UserError
-from dynamo_dwdp.rank.build import DWDPOptions
+from dynamo_dwdp.config.dwdp import DwdpSettings
 from dynamo_dwdp.group.context import GroupSpec
 from dynamo_dwdp.group.rendezvous import free_port
 
@@ -33,8 +33,8 @@ class RankResult:
     user_error: bool = False
 
 
-def _rank_main(rank: int, size: int, strategy: str, model_dir: str, engine_cfg: EngineConfig, rendezvous: str,
-               group_name: str, dwdp: DWDPOptions, target: Callable, payload: Any, results, spec_overrides: dict,
+def _rank_main(rank: int, size: int, strategy: str, model_dir: str, engine_cfg: EngineSettings, rendezvous: str,
+               group_name: str, dwdp: DwdpSettings, target: Callable, payload: Any, results, spec_overrides: dict,
                threads: int) -> None:
     import torch
 
@@ -62,8 +62,8 @@ def _rank_main(rank: int, size: int, strategy: str, model_dir: str, engine_cfg: 
                 pass
 
 
-def run_local_group(model_dir: str, engine_cfg: EngineConfig, strategy: str, ranks: int, target: Callable,
-                    payloads: list[Any] | None = None, dwdp: DWDPOptions | None = None, timeout: float = 600.0,
+def run_local_group(model_dir: str, engine_cfg: EngineSettings, strategy: str, ranks: int, target: Callable,
+                    payloads: list[Any] | None = None, dwdp: DwdpSettings | None = None, timeout: float = 600.0,
                     spec_overrides: dict | None = None, threads: int = 1,
                     on_started: Callable[[list[mp.Process]], None] | None = None) -> list[RankResult]:
     """Start `ranks` processes, wait for all results (or the first failure, or timeout)."""
@@ -73,7 +73,7 @@ def run_local_group(model_dir: str, engine_cfg: EngineConfig, strategy: str, ran
     group_name = f"local-{os.getpid()}-{time.monotonic_ns() % 10**9}"
     payloads = payloads if payloads is not None else [None] * ranks
     procs = [ctx.Process(target=_rank_main, name=f"{strategy}-rank{r}", daemon=True,
-                         args=(r, ranks, strategy, model_dir, engine_cfg, rendezvous, group_name, dwdp or DWDPOptions(),
+                         args=(r, ranks, strategy, model_dir, engine_cfg, rendezvous, group_name, dwdp or DwdpSettings(),
                                target, payloads[r], results, spec_overrides or {}, threads))
              for r in range(ranks)]
     for p in procs:
@@ -128,6 +128,6 @@ def generate_rank(rank_engine, payload) -> list[list[int]]:
         if out.error:
             raise PeerError(out.error)
         results[out.request_id].extend(out.new_token_ids)
-    if rank_engine.strategy == "tp":
+    if rank_engine.leader_only:
         rank_engine.runner.stop_followers()
     return [results[i] for i in ids]

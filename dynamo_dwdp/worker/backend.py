@@ -66,7 +66,7 @@ class DwdpWorkerEngine(LLMEngine):
 
         a = self.args
         self.rank_engine = await asyncio.to_thread(build_rank_engine, a.model_path, a.engine, a.group, a.dwdp,
-                                                   a.nats_url)
+                                                   a.nats_url, a.expert_skew)
         engine = self.rank_engine.engine
         if a.kv_transfer == "nixl" and self.mode != "agg":
             from dynamo_dwdp.worker.kv_transfer import NixlKvTransfer

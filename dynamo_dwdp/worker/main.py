@@ -11,6 +11,7 @@ import os
 import sys
 
 from dynamo_dwdp.errors import PeerError, UserError
+from dynamo_dwdp.strategies import get_strategy
 
 
 def _configure() -> None:
@@ -28,7 +29,7 @@ def _run_tp_follower(args) -> int:
     from dynamo_dwdp.rank.build import build_rank_engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    re = build_rank_engine(args.model_path, args.engine, args.group, args.dwdp, args.nats_url)
+    re = build_rank_engine(args.model_path, args.engine, args.group, args.dwdp, args.nats_url, args.expert_skew)
     logging.getLogger(__name__).info("tp follower rank %d of %s ready", args.group.rank, args.group.name)
     try:
         re.follow()
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    if args.group.strategy == "tp" and args.group.rank != 0:
+    if get_strategy(args.group.strategy).leader_only and args.group.rank != 0:
         sys.exit(_run_tp_follower(args))
     from dynamo.common.backend.run import run
 

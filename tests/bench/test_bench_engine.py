@@ -196,11 +196,11 @@ def test_kv_pool_guard_on_cuda(tiny):
 # ------------------------------------------------------------------------------------------- FLOPs
 @pytest.fixture(scope="module")
 def runner(tiny):
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.model_runner import ModelRunner
     from dynamo_dwdp.model.moe_executor import LocalExecutor
 
-    return ModelRunner(tiny, EngineConfig(block_size=4, num_kv_blocks=64), LocalExecutor)
+    return ModelRunner(tiny, EngineSettings(block_size=4, num_kv_blocks=64), LocalExecutor)
 
 
 def _flop_counted(runner, seqs):
@@ -426,11 +426,11 @@ def test_expanded_flops_match_torch_flop_counter_on_the_sdpa_path(tiny, seqs):
     sequence's q x context pairs, as SDPA computes them, plus the kv_b expansion of the context) is
     what torch counts. Fresh prefills only: torch's FlopCounterMode cannot run the bottom-right
     CausalBias of chunks after cached tokens (the HF comparison in test_model_reference covers them)."""
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.model_runner import ModelRunner
     from dynamo_dwdp.model.moe_executor import LocalExecutor
 
-    sdpa = ModelRunner(tiny, EngineConfig(block_size=4, num_kv_blocks=64, attention_backend="sdpa"), LocalExecutor)
+    sdpa = ModelRunner(tiny, EngineSettings(block_size=4, num_kv_blocks=64, attention_backend="sdpa"), LocalExecutor)
     cfg = sdpa.model_config
     shapes = [(q, s + q) for q, s in seqs]
     assert work.forward_flops(cfg, shapes, attention="dense", form="expanded")["total"] == _flop_counted(sdpa, seqs)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import group_engine_config, prompts_for, single_reference
-from dynamo_dwdp.rank.build import DWDPOptions
+from dynamo_dwdp.config.dwdp import DwdpSettings
 from dynamo_dwdp.rank.local_group import run_local_group
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("private_shm_dir")]
@@ -142,7 +142,7 @@ def test_dwdp_overlapping_placement_fails_over_when_a_peer_dies(strategy_ckpt):
     prompts = {r: prompts_for(V, [6, 13], seed=90 + r) for r in range(3)}
     payloads = [(prompts[r], ready[r], stop) for r in range(3)]
     res = run_local_group(str(model_dir), group_engine_config(), "dwdp", 3, rounds_rank, payloads,
-                          dwdp=DWDPOptions(experts_per_rank=8, prefetch_per_peer=4), timeout=120,
+                          dwdp=DwdpSettings(experts_per_rank=8, prefetch_per_peer=4), timeout=120,
                           spec_overrides={"liveness_timeout": LIVENESS}, on_started=kill_then_stop)
     assert res[1].error and "exited" in res[1].error
     for r in (0, 2):

@@ -146,24 +146,24 @@ def test_graph_buckets():
 
 
 def test_engine_config_rejects_unknown_attention_backend():
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.errors import UserError
 
     with pytest.raises(UserError, match="attention_backend='flash'"):
-        EngineConfig(attention_backend="flash").validate()
+        EngineSettings(attention_backend="flash").validate()
 
 
 def test_graph_static_inputs_reproduce_the_eager_decode_step(tmp_path):
     """The CUDA-graph path's static batch (padded to its bucket, padded rows writing a scratch block
     and seeing no context), run eagerly on CPU, gives the eager decode step's logits and KV."""
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.cuda_graphs import DecodeGraphs
     from dynamo_dwdp.engine.model_runner import ModelRunner
     from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
     from dynamo_dwdp.model.moe_executor import LocalExecutor
 
     write_checkpoint(tmp_path / "m", "tiny", num_layers=2, quiet=True, with_tokenizer=False)
-    runner = ModelRunner(str(tmp_path / "m"), EngineConfig(block_size=4, num_kv_blocks=32), LocalExecutor)
+    runner = ModelRunner(str(tmp_path / "m"), EngineSettings(block_size=4, num_kv_blocks=32), LocalExecutor)
     gen = torch.Generator().manual_seed(5)
     lens = [9, 3, 14]
     tables = [[4, 17, 2], [8], [30, 1, 12, 20]]

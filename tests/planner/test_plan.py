@@ -1,7 +1,7 @@
 """Roofline planner (`dynamo-dwdp plan`): checked against independent references.
 
-References: the DWDP paper's roofline table (blog Table 1, /work/shared/notes/dwdp-method.md §1.8),
-the notes' DeepSeek-R1 sizing (§3), textbook order statistics and hand arithmetic from config values.
+References: the DWDP paper's roofline table (Table 1 of the DWDP tech blog in NVIDIA/TensorRT-LLM, arXiv 2604.01621),
+DeepSeek-R1's published sizing, textbook order statistics and hand arithmetic from config values.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from dynamo_dwdp.planner.hardware import HARDWARE, get_hardware
 from dynamo_dwdp.planner.roofline import (
-    Placement,
+    resolve_placement,
     build_report,
     bytes_per_expert,
     expected_max_std_normal,
@@ -25,6 +25,7 @@ from dynamo_dwdp.planner.roofline import (
     plan_layer,
     touched_experts,
 )
+from dynamo_dwdp.dwdp.placement import Placement
 from dynamo_dwdp.errors import CheckpointError, UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,17 +177,17 @@ def test_touched_experts_uniform():
 
 # --------------------------------------------------------------------------------------- placement
 def test_placement_default_and_uneven():
-    assert Placement.resolve(256, 4) == Placement(256, 4, 64, 64)
-    pl = Placement.resolve(64, 3)  # E not divisible by N: adjacent ranks overlap
+    assert resolve_placement(256, 4) == Placement(256, 4, 64, 64)
+    pl = resolve_placement(64, 3)  # E not divisible by N: adjacent ranks overlap
     covered = set()
     for r in range(3):
-        covered |= set(range(*pl.local_range(r)))
+        covered |= set(pl.local_range(r))
     assert covered == set(range(64)) and pl.experts_per_rank + 2 * pl.prefetch_per_peer == 64
-    assert Placement.resolve(64, 3, experts_per_rank=24) == Placement(64, 3, 24, 20)
+    assert resolve_placement(64, 3, experts_per_rank=24) == Placement(64, 3, 24, 20)
     with pytest.raises(UserError, match="experts-per-rank"):
-        Placement.resolve(64, 3, experts_per_rank=25)
+        resolve_placement(64, 3, experts_per_rank=25)
     with pytest.raises(UserError):
-        Placement.resolve(64, 3, experts_per_rank=10, prefetch_per_peer=27)  # L < P leaves gaps
+        resolve_placement(64, 3, experts_per_rank=10, prefetch_per_peer=27)  # L < P leaves gaps
 
 
 # --------------------------------------------------------------------------------------- V2-Lite on H200

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import capture_rank, group_engine_config, prompts_for, single_reference
 from dynamo_dwdp.dwdp.placement import Placement
-from dynamo_dwdp.rank.build import DWDPOptions
+from dynamo_dwdp.config.dwdp import DwdpSettings
 from dynamo_dwdp.rank.local_group import run_local_group
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def test_four_ranks_match_single(strategy, strategy_ckpt, private_shm_dir):
     prompts = prompts_for(384, [9, 14, 21, 6], seed=4)
     ref_tokens, _ = single_reference(model_dir, prompts, PARAMS)
     results = run_local_group(str(model_dir), group_engine_config(), strategy, 4, capture_rank,
-                              [([p], PARAMS) for p in prompts], dwdp=DWDPOptions(), timeout=300)
+                              [([p], PARAMS) for p in prompts], dwdp=DwdpSettings(), timeout=300)
     assert [r.error for r in results] == [None] * 4
     for rank, res in enumerate(results):
         assert res.value["tokens"] == [ref_tokens[rank]], f"rank {rank} differs from single"

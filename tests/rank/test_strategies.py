@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import capture_rank, group_engine_config, prompts_for, rel_err, single_reference
-from dynamo_dwdp.rank.build import DWDPOptions
+from dynamo_dwdp.config.dwdp import DwdpSettings
 from dynamo_dwdp.rank.local_group import run_local_group
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("private_shm_dir")]
@@ -21,11 +21,11 @@ TOL = 1e-4
 V = 384
 
 RUNS = {
-    # id: (strategy, ranks, DWDPOptions or None)
+    # id: (strategy, ranks, DwdpSettings or None)
     "dwdp2": ("dwdp", 2, None),
-    "dwdp3-uneven-contention": ("dwdp", 3, DWDPOptions(contention_opt=True)),
-    "dwdp3-overlap-L8-P4": ("dwdp", 3, DWDPOptions(experts_per_rank=8, prefetch_per_peer=4)),
-    "dwdp2-routed-only": ("dwdp", 2, DWDPOptions(routed_only=True)),
+    "dwdp3-uneven-contention": ("dwdp", 3, DwdpSettings(contention_opt=True)),
+    "dwdp3-overlap-L8-P4": ("dwdp", 3, DwdpSettings(experts_per_rank=8, prefetch_per_peer=4)),
+    "dwdp2-routed-only": ("dwdp", 2, DwdpSettings(routed_only=True)),
     "dep2": ("dep", 2, None),
     "dep3-uneven": ("dep", 3, None),
     "tp2": ("tp", 2, None),
