@@ -47,8 +47,7 @@ class DWDPExecutor(MoEExecutor):
         self.placement = placement
         self.rank = group.rank
         self.local = placement.local_range(self.rank)
-        self.routed_only = settings.routed_only
-        self.contention_opt = settings.contention_opt
+        self.settings = settings                 # DwdpSettings: routed_only, contention_opt, transport
         self.slice_bytes = slice_bytes
         self.transport = make_transport(settings.transport, group.name, self.rank, device)
         self.copy = self.transport.copy_engine()
@@ -130,7 +129,7 @@ class DWDPExecutor(MoEExecutor):
                 copies.append((slot.w13[r0 + i], src.w13[pull.peer_row + i]))
                 copies.append((slot.w2[r0 + i], src.w2[pull.peer_row + i]))
                 rows.append(r0 + i)
-        if self.contention_opt and len({p.peer for p in plan}) > 1:
+        if self.settings.contention_opt and len({p.peer for p in plan}) > 1:
             copies = _interleave_by_peer(copies, plan, self.slice_bytes)
         return copies, rows
 
@@ -185,7 +184,7 @@ class DWDPExecutor(MoEExecutor):
     def graph_safe(self) -> bool:
         from dynamo_dwdp.dwdp.cuda_ipc import CudaCopyEngine
 
-        return (self.device.type == "cuda" and self.dtype == torch.bfloat16 and not self.routed_only
+        return (self.device.type == "cuda" and self.dtype == torch.bfloat16 and not self.settings.routed_only
                 and isinstance(self.copy, CudaCopyEngine) and hasattr(torch, "_grouped_mm"))
 
     def graph_epoch(self) -> object:
@@ -224,7 +223,7 @@ class DWDPExecutor(MoEExecutor):
         collect = getattr(self.copy, "collect_stall_seconds", None)
         if collect is not None and not self.capturing:   # GPU: stalls timed with CUDA events, a step late
             self.stats.prefetch_wait_s += collect()
-        if self.slots and not self.routed_only:
+        if self.slots and not self.settings.routed_only:
             for s, slot in enumerate(self.slots):
                 if slot.pending is None and any(r != self.moe_layers[s] for r in slot.row_layer):
                     self._issue(slot, self.moe_layers[s])
@@ -234,9 +233,9 @@ class DWDPExecutor(MoEExecutor):
             return routed_experts(x, topk_ids, topk_weights, [self.local_banks[layer]])
         m = self.moe_index[layer]
         slot = self.slots[m % 2]
-        self._ensure(slot, layer, torch.unique(topk_ids).tolist() if self.routed_only else None)
+        self._ensure(slot, layer, torch.unique(topk_ids).tolist() if self.settings.routed_only else None)
         out = routed_experts(x, topk_ids, topk_weights, [self.local_banks[layer], *slot.banks])
-        if not self.routed_only:
+        if not self.settings.routed_only:
             nxt = m + 2 if m + 2 < len(self.moe_layers) else m % 2   # wrap: next step's first layer of this parity
             if self.moe_layers[nxt] != layer and not (self.capturing and nxt < m):   # a graph never wraps
                 self._issue(slot, self.moe_layers[nxt])
