@@ -45,10 +45,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from dynamo_dwdp.ab import loadgen, report, results, server_metrics
+from dynamo_dwdp.ab import aiperf, loadgen, report, results, server_metrics
 from dynamo_dwdp.ab.workload import (LoadPoint, Tokenizer, Workload, generate_requests, load_tokenizer,
                                         load_workload, skew_overrides)
+from dynamo_dwdp.config.graph import load_graph
+from dynamo_dwdp.config.settings import load_settings
 from dynamo_dwdp.errors import UserError
+from dynamo_dwdp.launch.launcher import serve_graph
+from dynamo_dwdp.planner.hardware import get_hardware
+from dynamo_dwdp.planner.roofline import load_model_shape, plan_layer
 
 log = logging.getLogger("dynamo_dwdp.ab")
 
@@ -72,8 +77,6 @@ class GraphEntry:
 
 
 def _graph_entries(paths: list[str]) -> list[GraphEntry]:
-    from dynamo_dwdp.config.graph import load_graph
-
     if not paths:
         raise UserError("ab: give at least one graph file (allowed: graphs/*.yaml)")
     if len(paths) > len(string.ascii_uppercase):
@@ -172,8 +175,6 @@ def plan_for_graph(entry: GraphEntry, model_dir: Path | None, workload: Workload
         return {"note": "no model directory (give the settings with -f; prediction skipped)", "pools": []}
     if not (model_dir / "config.json").is_file():
         return {"note": f"no config.json in {model_dir} (prediction skipped)", "pools": []}
-    from dynamo_dwdp.planner.hardware import get_hardware
-    from dynamo_dwdp.planner.roofline import load_model_shape, plan_layer
 
     try:
         model = load_model_shape(model_dir)
@@ -263,10 +264,6 @@ def assemble(out: Path, entries: list[GraphEntry], workload: Workload, *, client
 
 
 def _default_serve() -> Callable:
-    try:
-        from dynamo_dwdp.launch.launcher import serve_graph
-    except ImportError as e:
-        raise UserError(f"ab: the launcher dynamo_dwdp.launch.launcher is not available ({e})") from None
     return serve_graph
 
 
@@ -280,8 +277,6 @@ def _progress(total: int, enabled: bool):
 def _model_dir(config_paths: list[str]) -> Path | None:
     if not config_paths:
         return None
-    from dynamo_dwdp.config.settings import load_settings
-
     return Path(load_settings(list(config_paths)).model.path)
 
 
@@ -321,10 +316,8 @@ def run_ab(graph_paths: list[str], *, workload_path: str, out_dir: str, config_p
     entries = _graph_entries(list(graph_paths))
     model_dir = _model_dir(config_paths)
     if client == "aiperf":
-        from dynamo_dwdp.ab import aiperf as aiperf_mod
-
         if shutil.which(aiperf_executable) is None and not Path(aiperf_executable).is_file():
-            raise UserError(f"--client aiperf: `{aiperf_executable}` not found; {aiperf_mod.INSTALL_HINT}")
+            raise UserError(f"--client aiperf: `{aiperf_executable}` not found; {aiperf.INSTALL_HINT}")
     out = Path(out_dir)
     prepare_out_dir(out, fingerprint(workload, [e.path for e in entries], config_paths, client),
                     resume=resume, overwrite=overwrite)
@@ -465,19 +458,17 @@ def _native_runner(handle, workload: Workload) -> Callable:
 
 def _aiperf_runner(handle, workload: Workload, out: Path, key: str, tok: Tokenizer | None, model_dir: Path | None,
                    executable: str) -> Callable:
-    from dynamo_dwdp.ab import aiperf as aip
-
     async def run(point: LoadPoint, requests, bar):
         art = out / "aiperf" / key / point.label
         shutil.rmtree(art, ignore_errors=True)
-        inputs = aip.write_inputs(requests, art / "inputs.jsonl", tok)
-        cmd = aip.build_command(workload, point, url=handle.url, model=handle.model_name, input_file=inputs,
+        inputs = aiperf.write_inputs(requests, art / "inputs.jsonl", tok)
+        cmd = aiperf.build_command(workload, point, url=handle.url, model=handle.model_name, input_file=inputs,
                                 artifact_dir=art / "export", tokenizer_dir=model_dir, executable=executable)
         timeout = workload.point_timeout_s + 120
-        result = await asyncio.to_thread(aip.run_point, cmd, art / "export", timeout,
+        result = await asyncio.to_thread(aiperf.run_point, cmd, art / "export", timeout,
                                          out / "logs" / key / f"aiperf-{point.label}.log")
         bar.update(point.num_requests)
-        agg_path = aip.find_export(art / "export", aip.JSON_NAME)
-        reported = aip.reported_summary(aip.parse_aggregate_json(agg_path)) if agg_path else None
+        agg_path = aiperf.find_export(art / "export", aiperf.JSON_NAME)
+        reported = aiperf.reported_summary(aiperf.parse_aggregate_json(agg_path)) if agg_path else None
         return result, reported
     return run

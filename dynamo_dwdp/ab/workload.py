@@ -56,7 +56,7 @@ import numpy as np
 
 from dynamo_dwdp.config import schema
 from dynamo_dwdp.config.schema import REQUIRED, spec
-from dynamo_dwdp.config.settings import read_yaml
+from dynamo_dwdp.config.settings import load_settings, read_yaml
 from dynamo_dwdp.errors import ConfigError, UserError
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -371,6 +371,4 @@ def model_dir_from_configs(config_paths: list[str]) -> Path | None:
     """`model.path` of the merged settings files (None when they cannot be read)."""
     if not config_paths:
         return None
-    from dynamo_dwdp.config.settings import load_settings
-
     return Path(load_settings(list(config_paths)).model.path)

@@ -128,7 +128,7 @@ def run_matrix(spec: MatrixSpec, progress: Callable[[str], None] = print) -> tup
     model_dir = spec.model_dir
     if spec.quick:
         if model_dir is None:
-            from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
+            from dynamo_dwdp.synthetic.checkpoint import write_checkpoint   # --quick only: writes its own model
 
             tmp = tempfile.mkdtemp(prefix="dwdp-bench-tiny-")
             model_dir = os.path.join(tmp, "tiny")

@@ -41,7 +41,7 @@ def _rank_main(rank: int, size: int, strategy: str, model_dir: str, engine_cfg: 
     torch.set_num_threads(threads)
     logging.basicConfig(level=os.environ.get("DWDP_LOG_LEVEL", "WARNING"),
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    from dynamo_dwdp.rank.build import build_rank_engine
+    from dynamo_dwdp.rank.build import build_rank_engine   # in the spawned rank, after its torch threads are set
 
     re = None
     try:
