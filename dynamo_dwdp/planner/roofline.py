@@ -83,6 +83,7 @@ from typing import Any, Callable
 from dynamo_dwdp.planner.hardware import DTYPES, Hardware
 from dynamo_dwdp.dwdp.placement import Placement
 from dynamo_dwdp.errors import CheckpointError, UserError
+from dynamo_dwdp.model.config import config_from_dict
 from dynamo_dwdp.strategies import GROUP_STRATEGIES
 
 # Storage bytes per element (scales are added separately where they exist).
@@ -199,21 +200,6 @@ class ModelShape:
         }
 
 
-_REQUIRED_INT_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "n_routed_experts",
-    "num_experts_per_tok",
-    "moe_intermediate_size",
-    "num_attention_heads",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-    "vocab_size",
-)
-
-
 def _int_field(cfg: dict, key: str, source: str, *, default: Any = ..., nullable: bool = False,
                minimum: int = 1) -> Any:
     if key not in cfg:
@@ -255,41 +241,44 @@ def _checkpoint_dtype(cfg: dict, model_dir: Path | None) -> tuple[str | None, tu
 def parse_model_shape(cfg: dict, source: str = "config.json", model_dir: Path | None = None) -> ModelShape:
     """Build a ModelShape from a config dict (official DeepSeek-V3 or transformers-5 layout).
 
-    Rope fields (`rope_scaling`/`rope_theta` or `rope_parameters`) do not affect cost and are ignored.
+    The architecture is read by the runtime's own parser (`model/config.py: config_from_dict`: the same
+    fields, types and routing checks the engine applies); the planner adds only what the cost model
+    needs beyond it: `moe_layer_freq`, the checkpoint's storage dtype and FP8 block, and the check
+    that at least one layer is an MoE layer.
     """
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{source}: expected a JSON object at top level")
-    vals = {k: _int_field(cfg, k, source) for k in _REQUIRED_INT_FIELDS}
-    first_k = _int_field(cfg, "first_k_dense_replace", source, default=0, minimum=0)
+    mc = config_from_dict(cfg, source)
     freq = _int_field(cfg, "moe_layer_freq", source, default=1)
-    n_shared = _int_field(cfg, "n_shared_experts", source, default=0, nullable=True, minimum=0) or 0
-    q_lora = _int_field(cfg, "q_lora_rank", source, default=None, nullable=True)
-    n_dense = sum(
-        1 for i in range(vals["num_hidden_layers"]) if not (i >= first_k and i % freq == 0)
-    )
-    inter = _int_field(cfg, "intermediate_size", source, default=... if n_dense else 0, minimum=0)
-    if vals["num_experts_per_tok"] > vals["n_routed_experts"]:
-        raise CheckpointError(
-            f"{source}: num_experts_per_tok={vals['num_experts_per_tok']} exceeds "
-            f"n_routed_experts={vals['n_routed_experts']}"
-        )
-    if n_dense == vals["num_hidden_layers"]:
-        raise CheckpointError(f"{source}: no MoE layer (first_k_dense_replace={first_k} >= num_hidden_layers)")
+    n_dense = sum(1 for i in range(mc.num_hidden_layers) if not (i >= mc.first_k_dense_replace and i % freq == 0))
+    if n_dense == mc.num_hidden_layers:
+        raise CheckpointError(f"{source}: no MoE layer (first_k_dense_replace={mc.first_k_dense_replace} >= "
+                              "num_hidden_layers)")
     ckpt_dtype, block = _checkpoint_dtype(cfg, model_dir)
     return ModelShape(
         source=source,
         model_type=str(cfg.get("model_type", "unknown")),
-        intermediate_size=inter,
-        first_k_dense_replace=first_k,
+        hidden_size=mc.hidden_size,
+        intermediate_size=mc.intermediate_size,
+        moe_intermediate_size=mc.moe_intermediate_size,
+        num_hidden_layers=mc.num_hidden_layers,
+        first_k_dense_replace=mc.first_k_dense_replace,
         moe_layer_freq=freq,
-        n_shared_experts=n_shared,
-        q_lora_rank=q_lora,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        n_group=_int_field(cfg, "n_group", source, default=None, nullable=True),
-        topk_group=_int_field(cfg, "topk_group", source, default=None, nullable=True),
+        n_routed_experts=mc.n_routed_experts,
+        num_experts_per_tok=mc.num_experts_per_tok,
+        n_shared_experts=mc.n_shared_experts,
+        num_attention_heads=mc.num_attention_heads,
+        q_lora_rank=mc.q_lora_rank,
+        kv_lora_rank=mc.kv_lora_rank,
+        qk_nope_head_dim=mc.qk_nope_head_dim,
+        qk_rope_head_dim=mc.qk_rope_head_dim,
+        v_head_dim=mc.v_head_dim,
+        vocab_size=mc.vocab_size,
+        tie_word_embeddings=mc.tie_word_embeddings,
+        n_group=mc.n_group,
+        topk_group=mc.topk_group,
         fp8_block=block,
         checkpoint_dtype=ckpt_dtype,
-        **vals,
     )
 
 
