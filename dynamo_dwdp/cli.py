@@ -2,7 +2,10 @@
 
 Each sub-command lives in `dynamo_dwdp/commands/<name>.py` and exposes `register(subparsers)`, which
 adds its parser and sets `func=run` (a callable taking the parsed args and returning an exit code).
-Modules are imported lazily so that `dynamo-dwdp --help` stays fast.
+Modules are imported lazily so that `dynamo-dwdp --help` stays fast; for the same reason a command
+module imports its work (torch, the engine, the launcher) inside `run()`, so that
+`dynamo-dwdp COMMAND --help` loads nothing heavy. These are the function-local imports
+`scripts/check_layers.py` counts under `commands`.
 """
 from __future__ import annotations
 

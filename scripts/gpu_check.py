@@ -23,7 +23,7 @@ import torch
 
 def generate_and_replays(rank_engine, payload):
     """run_local_group target: greedy tokens, and how many decode steps this rank replayed from graphs."""
-    from dynamo_dwdp.parallel.local_group import generate_rank
+    from dynamo_dwdp.rank.local_group import generate_rank
 
     tokens = generate_rank(rank_engine, payload)
     graphs = rank_engine.runner.graphs
@@ -32,7 +32,7 @@ def generate_and_replays(rank_engine, payload):
 
 def tokens_logits_replays(rank_engine, payload):
     """run_local_group target: greedy tokens, the float32 logits of every step, graph replays."""
-    from dynamo_dwdp.parallel.local_group import generate_rank
+    from dynamo_dwdp.rank.local_group import generate_rank
 
     steps = []
     runner = rank_engine.runner
@@ -73,13 +73,13 @@ def logits_rel_err(a_steps, b_steps) -> float:
 def check_baselines(rows, tiny, prompts, params, ref_fp32, ranks, ngpu) -> None:
     """DEP and TP over the peer-memory collectives: fp32 eager greedy tokens identical to single;
     bf16 decode from CUDA graphs equal to the same strategy eager, logits close to single bf16."""
-    from dynamo_dwdp.engine.config import EngineConfig
-    from dynamo_dwdp.parallel.local_group import run_local_group
+    from dynamo_dwdp.config.engine import EngineSettings
+    from dynamo_dwdp.rank.local_group import run_local_group
 
     where = f"{ranks} ranks on {min(ngpu, ranks)} GPU(s)" + (" (shared GPU)" if ngpu < ranks else "")
 
     def go(strategy, n, dtype, graphs, model=tiny):
-        cfg = EngineConfig(block_size=16, num_kv_blocks=256, device="cuda", dtype=dtype, max_num_batched_tokens=256,
+        cfg = EngineSettings(block_size=16, num_kv_blocks=256, device="cuda", dtype=dtype, max_num_batched_tokens=256,
                            cuda_graphs=graphs)
         t0 = time.perf_counter()
         res = run_local_group(model, cfg, strategy, n, tokens_logits_replays, [(prompts, params)] * n, timeout=120,
@@ -116,7 +116,7 @@ def check_baselines(rows, tiny, prompts, params, ref_fp32, ranks, ngpu) -> None:
         print(rows[-1], flush=True)
     # DWDP's ring-wrapped prefetch between captured steps (DWDP_GRAPH_WRAP=1; needs >= 4 MoE layers:
     # tiny with 5 layers) against the same model eager and captured self-contained
-    from dynamo_dwdp.model.checkpoint_writer import write_checkpoint
+    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
 
     tiny5 = tiny + "5"
     write_checkpoint(tiny5, "tiny", seed=0, dtype="fp32", quiet=True, num_layers=5)
@@ -146,11 +146,11 @@ def main() -> int:
     p.add_argument("--baselines-only", action="store_true",
                    help="only the fp32 reference and the DEP/TP/DWDP peer-collective and CUDA-graph checks")
     a = p.parse_args()
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.sampling import SamplingParams
-    from dynamo_dwdp.model.checkpoint_writer import write_checkpoint
-    from dynamo_dwdp.parallel.factory import DWDPOptions
-    from dynamo_dwdp.parallel.local_group import generate_rank, run_local_group
+    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
+    from dynamo_dwdp.config.dwdp import DwdpSettings
+    from dynamo_dwdp.rank.local_group import generate_rank, run_local_group
 
     ngpu = torch.cuda.device_count()
     print(f"GPUs: {ngpu} x {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
@@ -164,7 +164,7 @@ def main() -> int:
 
     def run(model, strategy, ranks, device, dtype="float32", dwdp=None, prompts=prompts, graphs=False,
             spec_overrides=None):
-        cfg = EngineConfig(block_size=16, num_kv_blocks=256, device=device, dtype=dtype, max_num_batched_tokens=256,
+        cfg = EngineSettings(block_size=16, num_kv_blocks=256, device=device, dtype=dtype, max_num_batched_tokens=256,
                            cuda_graphs=graphs)
         t0 = time.perf_counter()
         res = run_local_group(model, cfg, strategy, ranks, generate_and_replays if graphs else generate_rank,
@@ -186,13 +186,13 @@ def main() -> int:
     if a.baselines_only:
         return report(rows, a.out)
     check("tiny single cuda fp32", tiny, "single", 1, "cuda")
-    check(f"tiny dwdp{n} cuda_ipc fp32", tiny, "dwdp", n, "cuda", DWDPOptions(transport="cuda_ipc"))
-    check(f"tiny dwdp{n} cuda_ipc routed-only", tiny, "dwdp", n, "cuda", DWDPOptions(transport="cuda_ipc", routed_only=True))
-    check(f"tiny dwdp{n} cuda_ipc contention-opt", tiny, "dwdp", n, "cuda", DWDPOptions(transport="cuda_ipc", contention_opt=True))
+    check(f"tiny dwdp{n} cuda_ipc fp32", tiny, "dwdp", n, "cuda", DwdpSettings(transport="cuda_ipc"))
+    check(f"tiny dwdp{n} cuda_ipc routed-only", tiny, "dwdp", n, "cuda", DwdpSettings(transport="cuda_ipc", routed_only=True))
+    check(f"tiny dwdp{n} cuda_ipc contention-opt", tiny, "dwdp", n, "cuda", DwdpSettings(transport="cuda_ipc", contention_opt=True))
     # bf16: the grouped-GEMM expert path walks DWDP's banks (local shard + prefetch slot) in place;
     # the deterministic combine makes it agree with the single rank's one bank
     ref_bf16, errs, dt = run(tiny, "single", 1, "cuda", "bfloat16")
-    out, errs2, dt2 = run(tiny, "dwdp", n, "cuda", "bfloat16", DWDPOptions(transport="cuda_ipc"))
+    out, errs2, dt2 = run(tiny, "dwdp", n, "cuda", "bfloat16", DwdpSettings(transport="cuda_ipc"))
     if errs or errs2:
         status = f"ERR {(errs or errs2)[0][:300]}"
     else:
@@ -202,9 +202,9 @@ def main() -> int:
     rows.append((f"tiny dwdp{n} cuda_ipc bf16 (grouped GEMM over banks) vs single bf16", status, f"{dt + dt2:.1f}s"))
     print(rows[-1], flush=True)
     # decode steps from CUDA graphs: single, and DWDP with its pulls captured (cudaMemcpyAsync on the copy stream)
-    for strategy, ranks, opts in (("single", 1, None), ("dwdp", n, DWDPOptions(transport="cuda_ipc"))):
+    for strategy, ranks, opts in (("single", 1, None), ("dwdp", n, DwdpSettings(transport="cuda_ipc"))):
         t0 = time.perf_counter()
-        cfg = EngineConfig(block_size=16, num_kv_blocks=256, device="cuda", dtype="bfloat16",
+        cfg = EngineSettings(block_size=16, num_kv_blocks=256, device="cuda", dtype="bfloat16",
                            max_num_batched_tokens=256, cuda_graphs=True)
         res = run_local_group(tiny, cfg, strategy, ranks, generate_and_replays, [(prompts, params)] * ranks,
                               dwdp=opts, timeout=300)
@@ -231,12 +231,12 @@ def main() -> int:
     lite = os.path.join(tmp, "lite")
     write_checkpoint(lite, "v2-lite-shape", seed=0, dtype="bf16", num_layers=3, quiet=True, device="cuda")
     from dynamo_dwdp.engine.model_runner import ModelRunner
-    from dynamo_dwdp.parallel.executor import LocalExecutor
+    from dynamo_dwdp.model.moe_executor import LocalExecutor
 
     x = torch.randint(5, 1000, (300,), generator=g).tolist()
     logits = {}
     for dtype in ("float32", "bfloat16"):
-        r = ModelRunner(lite, EngineConfig(block_size=16, num_kv_blocks=64, device="cuda", dtype=dtype), LocalExecutor)
+        r = ModelRunner(lite, EngineSettings(block_size=16, num_kv_blocks=64, device="cuda", dtype=dtype), LocalExecutor)
         logits[dtype] = r.execute([x], [0], [list(range(19))], [True]).float().cpu()
         del r
         torch.cuda.empty_cache()

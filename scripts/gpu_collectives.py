@@ -72,8 +72,8 @@ def rank_main(rank, size, port, signals, sizes, out_q):
         torch.cuda.set_device(dev)
         import torch.distributed as dist
 
-        from dynamo_dwdp.parallel.ipc_collectives import CudaIpcPeerMemory
-        from dynamo_dwdp.parallel.peer_protocol import ArenaLayout, PeerCollectives
+        from dynamo_dwdp.collectives.cuda_ipc import CudaIpcPeerMemory
+        from dynamo_dwdp.collectives.protocol import ArenaLayout, PeerCollectives
 
         store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timedelta(seconds=120))
         dist.init_process_group("gloo", store=dist.PrefixStore("gloo", store), rank=rank, world_size=size)
@@ -207,7 +207,7 @@ def main() -> int:
     ngpu = torch.cuda.device_count()
     label = f"{a.ranks} ranks on {min(ngpu, a.ranks)} GPU(s)" + (" (shared GPU)" if ngpu < a.ranks else "")
     print(f"{label}: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; signals {a.signals}", flush=True)
-    from dynamo_dwdp.parallel.rendezvous import free_port
+    from dynamo_dwdp.group.rendezvous import free_port
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()

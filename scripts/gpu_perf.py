@@ -80,8 +80,8 @@ def ceilings() -> dict:
 
 # --------------------------------------------------------------------------------------- correctness
 def check_grouped_experts(rows: list) -> None:
-    from dynamo_dwdp.parallel import experts
-    from dynamo_dwdp.parallel.experts import ExpertBank, routed_experts_grouped
+    from dynamo_dwdp.model import experts
+    from dynamo_dwdp.model.experts import ExpertBank, routed_experts_grouped
 
     g = torch.Generator(device="cuda").manual_seed(0)
     E, H, I, T, k = 64, 2048, 1408, 96, 6
@@ -145,12 +145,12 @@ def check_decode_kernel(rows: list) -> None:
 
 
 def check_attention_and_graphs(rows: list, tmp: str) -> None:
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.llm_engine import LLMEngine
     from dynamo_dwdp.engine.model_runner import ModelRunner
     from dynamo_dwdp.engine.sampling import SamplingParams
-    from dynamo_dwdp.model.checkpoint_writer import write_checkpoint
-    from dynamo_dwdp.parallel.executor import LocalExecutor
+    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
+    from dynamo_dwdp.model.moe_executor import LocalExecutor
 
     lite = os.path.join(tmp, "lite3")
     write_checkpoint(lite, "v2-lite-shape", seed=0, dtype="bf16", num_layers=3, quiet=True, device="cuda")
@@ -160,7 +160,7 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
     for dtype, tol in (("float32", 1e-4), ("bfloat16", 3e-2)):
         out = {}
         for backend in ("reference", "sdpa"):
-            r = ModelRunner(lite, EngineConfig(block_size=16, num_kv_blocks=64, device="cuda", dtype=dtype,
+            r = ModelRunner(lite, EngineSettings(block_size=16, num_kv_blocks=64, device="cuda", dtype=dtype,
                                                attention_backend=backend), LocalExecutor)
             # the prompt in two chunks: the second attends to the cached first one (bottom-right causal)
             r.execute([x[:600]], [0], [table], [True])
@@ -172,7 +172,7 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
                      "ok" if e < tol else "HIGH"))
     # decode from graphs vs eager: the same step (same KV, same tokens) both ways, logits compared
     # (greedy tokens of a random-weight model flip on near-ties, so tokens alone prove little in bf16)
-    cfg = EngineConfig(block_size=16, num_kv_blocks=160, device="cuda", dtype="bfloat16", cuda_graphs=True,
+    cfg = EngineSettings(block_size=16, num_kv_blocks=160, device="cuda", dtype="bfloat16", cuda_graphs=True,
                        max_num_seqs=8, max_num_batched_tokens=2048)
     runner = ModelRunner(lite, cfg, LocalExecutor)
     lens = [7, 33, 80, 150, 260]
@@ -252,7 +252,7 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
     eager2 = runner.execute([[t] for t in new_tokens], lens, tables, [True] * len(lens)).float()
     runner = None
     torch.cuda.empty_cache()
-    ref_runner = ModelRunner(lite, EngineConfig(block_size=16, num_kv_blocks=160, device="cuda", dtype="float32",
+    ref_runner = ModelRunner(lite, EngineSettings(block_size=16, num_kv_blocks=160, device="cuda", dtype="float32",
                                                 attention_backend="reference"), LocalExecutor)
     ref_runner.execute(prompts, [0] * len(lens), tables, [True] * len(lens))
     fp32 = ref_runner.execute([[t] for t in new_tokens], lens, tables, [True] * len(lens)).float()
@@ -296,7 +296,7 @@ def check_fused_kernels(rows: list) -> None:
     from dynamo_dwdp.model.kernels import mla_prep, moe_gemm, router
     from dynamo_dwdp.model.moe import Router
     from dynamo_dwdp.model.rope import RotaryEmbedding
-    from dynamo_dwdp.parallel.experts import ExpertBank
+    from dynamo_dwdp.model.experts import ExpertBank
 
     g = torch.Generator(device="cuda").manual_seed(7)
     for name, E, G, TG, K, H, norm in (("v2-lite", 64, 1, 1, 6, 2048, False), ("V3", 256, 8, 4, 8, 7168, True)):
@@ -411,7 +411,7 @@ def bench_expert_gemms(rows: list) -> list[dict]:
     gathers) vs the Triton kernels (bf16 and FP8 weights). GB/s counts the touched experts' weights."""
     from dynamo_dwdp.model.fp8 import quantize_block_fp8
     from dynamo_dwdp.model.kernels import moe_gemm
-    from dynamo_dwdp.parallel.experts import ExpertBank, routed_experts_grouped
+    from dynamo_dwdp.model.experts import ExpertBank, routed_experts_grouped
 
     g = torch.Generator(device="cuda").manual_seed(9)
     E, H, I, k = 64, 2048, 1408, 6
@@ -458,10 +458,10 @@ def bench_expert_gemms(rows: list) -> list[dict]:
 def check_fp8_engine(rows: list, tmp: str) -> None:
     """The FP8-resident engine (3-layer v2-lite-shape) vs the same model with its weights rounded
     through FP8 and kept bf16 (the dequantized bf16 model): one prefill and one decode step, logits."""
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.model_runner import ModelRunner
     from dynamo_dwdp.model.fp8_weights import round_trip_fp8
-    from dynamo_dwdp.parallel.executor import LocalExecutor
+    from dynamo_dwdp.model.moe_executor import LocalExecutor
 
     lite = os.path.join(tmp, "lite3")
     gen = torch.Generator().manual_seed(4)
@@ -475,7 +475,7 @@ def check_fp8_engine(rows: list, tmp: str) -> None:
     nxt_tok = torch.randint(5, 1000, (len(lens),), generator=gen).tolist()
     out = {}
     for fmt in ("fp8-block", "round-trip"):
-        cfg = EngineConfig(block_size=16, num_kv_blocks=nxt + 1, device="cuda", dtype="bfloat16", cuda_graphs=True,
+        cfg = EngineSettings(block_size=16, num_kv_blocks=nxt + 1, device="cuda", dtype="bfloat16", cuda_graphs=True,
                            max_num_seqs=4, max_num_batched_tokens=4096, max_model_len=1100,
                            weight_format="fp8-block" if fmt == "fp8-block" else "native",
                            capture_graphs_at_start=False)
@@ -500,17 +500,17 @@ def count_kernels(tmp: str, batch: int, context: int, fused: bool) -> int:
     """CUDA kernels one decode step of the 3-layer model launches (torch profiler), fused kernels on/off."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.model_runner import ModelRunner
     from dynamo_dwdp.model import kernels
-    from dynamo_dwdp.parallel.executor import LocalExecutor
+    from dynamo_dwdp.model.moe_executor import LocalExecutor
 
     os.environ["DWDP_FUSED_KERNELS"] = "1" if fused else "0"
     kernels.available.cache_clear()
     try:
         lite = os.path.join(tmp, "lite3")
         per = (context + 2 + 15) // 16
-        r = ModelRunner(lite, EngineConfig(block_size=16, num_kv_blocks=batch * per + 1, device="cuda",
+        r = ModelRunner(lite, EngineSettings(block_size=16, num_kv_blocks=batch * per + 1, device="cuda",
                                            dtype="bfloat16", max_num_seqs=batch, max_num_batched_tokens=8192),
                         LocalExecutor)
         tables = [list(range(i * per, (i + 1) * per)) for i in range(batch)]
@@ -535,14 +535,14 @@ def profile_decode(tmp: str, batch: int, context: int) -> str:
     what a graph replay executes, without the host gaps."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.model_runner import ModelRunner
-    from dynamo_dwdp.parallel.executor import LocalExecutor
+    from dynamo_dwdp.model.moe_executor import LocalExecutor
 
     lite = os.path.join(tmp, "lite3")
     bs = 16
     per = (context + 1 + bs - 1) // bs
-    cfg = EngineConfig(block_size=bs, num_kv_blocks=batch * per + 1, device="cuda", dtype="bfloat16",
+    cfg = EngineSettings(block_size=bs, num_kv_blocks=batch * per + 1, device="cuda", dtype="bfloat16",
                        max_num_seqs=batch, max_num_batched_tokens=8192)
     r = ModelRunner(lite, cfg, LocalExecutor)
     g = torch.Generator().manual_seed(2)
@@ -707,7 +707,7 @@ def main() -> int:
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     from dynamo_dwdp.bench.engine_bench import Point
-    from dynamo_dwdp.model.checkpoint_writer import write_checkpoint
+    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
 
     ngpu = torch.cuda.device_count()
     info = {"gpus": ngpu, "name": torch.cuda.get_device_name(0), "torch": torch.__version__,

@@ -131,14 +131,14 @@ def strategy_ckpt(checkpoints):
 # ------------------------------------------------------------------ in-process engine helpers
 def make_engine(model_dir, **engine_kw):
     """A single-process LLMEngine (LocalExecutor: all experts local)."""
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.llm_engine import LLMEngine
     from dynamo_dwdp.engine.model_runner import ModelRunner
-    from dynamo_dwdp.parallel.executor import LocalExecutor
+    from dynamo_dwdp.model.moe_executor import LocalExecutor
 
     kw = dict(block_size=4, num_kv_blocks=64, max_num_batched_tokens=16)
     kw.update(engine_kw)
-    return LLMEngine(ModelRunner(str(model_dir), EngineConfig(**kw), LocalExecutor))
+    return LLMEngine(ModelRunner(str(model_dir), EngineSettings(**kw), LocalExecutor))
 
 
 class LogitRecorder:
@@ -245,9 +245,9 @@ GROUP_ENGINE = dict(block_size=4, num_kv_blocks=64, max_num_batched_tokens=16)
 
 
 def group_engine_config(**kw):
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
 
-    return EngineConfig(**{**GROUP_ENGINE, **kw})
+    return EngineSettings(**{**GROUP_ENGINE, **kw})
 
 
 def capture_rank(rank_engine, payload):
@@ -255,7 +255,7 @@ def capture_rank(rank_engine, payload):
     tensor this rank's model produced (numpy, so nothing shares memory with a dead process) plus
     the executor stats."""
     from dynamo_dwdp.engine.sampling import SamplingParams
-    from dynamo_dwdp.parallel.local_group import generate_rank
+    from dynamo_dwdp.rank.local_group import generate_rank
 
     prompts, params_kw = payload
     if rank_engine.is_follower:

@@ -56,10 +56,14 @@ import random
 import time
 from dataclasses import dataclass
 
+from dynamo_dwdp.config.dwdp import DwdpSettings
 from dynamo_dwdp.errors import PeerError, UserError
+from dynamo_dwdp.strategies import STRATEGIES as STRATEGY_TABLE
+from dynamo_dwdp.strategies import get_strategy
 
 SCHEMA = "dynamo-dwdp/bench-engine/1"
-STRATEGIES = ("single", "dwdp", "dep", "tp")
+STRATEGIES = tuple(n for n, s in STRATEGY_TABLE.items() if s.replica_of is None)
+"""What `--strategy` takes: `single` on N ranks runs the replicas of `dp`."""
 PHASES = ("prefill", "decode")
 DEVICES = ("cpu", "cuda")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -111,8 +115,7 @@ class BenchSetup:
     ranks: int
     device: str = "cpu"
     dtype: str = "float32"
-    routed_only: bool = False
-    contention_opt: bool = False
+    dwdp: DwdpSettings = DwdpSettings()               # routed_only / contention_opt variants (strategy dwdp)
     expert_skew: tuple[int, float] | None = None     # (K, bias): experts 0..K-1 get +bias at selection
     hw: str = "h200-measured"
     block_size: int = 16
@@ -122,10 +125,18 @@ class BenchSetup:
     weights: str = "native"               # native | fp8-block (FP8-resident experts and dense linears, CUDA)
 
     @property
+    def routed_only(self) -> bool:
+        return self.dwdp.routed_only
+
+    @property
+    def contention_opt(self) -> bool:
+        return self.dwdp.contention_opt
+
+    @property
     def group_strategy(self) -> str:
-        """The factory's strategy: `single` on N > 1 ranks is N independent replicas (`dp`)."""
-        if self.strategy == "single":
-            return "single" if self.ranks == 1 else "dp"
+        """The rank group's strategy: `single` on N > 1 ranks is N independent replicas (`dp`)."""
+        if self.ranks > 1:
+            return next((n for n, s in STRATEGY_TABLE.items() if s.replica_of == self.strategy), self.strategy)
         return self.strategy
 
     def validate(self) -> "BenchSetup":
@@ -133,8 +144,9 @@ class BenchSetup:
             raise UserError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if not isinstance(self.ranks, int) or self.ranks < 1:
             raise UserError(f"--ranks must be an integer >= 1, got {self.ranks!r}")
-        if self.strategy != "single" and self.ranks < 2:
-            raise UserError(f"--strategy {self.strategy} needs --ranks >= 2 (a group), got {self.ranks}")
+        low = get_strategy(self.strategy).min_ranks
+        if self.ranks < low:
+            raise UserError(f"--strategy {self.strategy} needs --ranks >= {low} (a group), got {self.ranks}")
         if self.device not in DEVICES:
             raise UserError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES.values():
@@ -146,15 +158,15 @@ class BenchSetup:
             raise UserError(f"block size must be >= 1, got {self.block_size}")
         if self.cuda_graphs and self.device != "cuda":
             raise UserError("--cuda-graphs needs --device cuda")
-        from dynamo_dwdp.engine.config import ATTENTION_BACKENDS
+        from dynamo_dwdp.config.engine import ATTENTION_BACKENDS
 
         if self.attention not in ATTENTION_BACKENDS:
             raise UserError(f"--attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
-        from dynamo_dwdp.engine.config import WEIGHT_FORMATS
+        from dynamo_dwdp.config.engine import WEIGHT_FORMATS
 
         if self.weights not in WEIGHT_FORMATS or (self.weights != "native" and self.device != "cuda"):
             raise UserError(f"--weights {self.weights!r}: one of {', '.join(WEIGHT_FORMATS)} (fp8-block: --device cuda)")
-        from dynamo_dwdp.bench.hardware import HARDWARE
+        from dynamo_dwdp.planner.hardware import HARDWARE
 
         if self.hw not in HARDWARE:
             raise UserError(f"--hw {self.hw!r} is not one of {', '.join(HARDWARE)}")
@@ -229,7 +241,7 @@ def build_schedule(point: Point, strategy: str, ranks: int, block_size: int) -> 
                 b = max(1, int(round(point.batch * f)))
                 steps.append([SeqWork(1, point.context, j) for j in range(b)])
         per_rank.append(steps)
-    if strategy == "tp":                        # one leader runs every rank's share in one batch
+    if get_strategy(strategy).leader_only:      # one leader runs every rank's share in one batch
         merged = []
         for s in range(n):
             seqs = [w for r in range(ranks) for w in per_rank[r][s]]
@@ -250,7 +262,7 @@ def build_schedule(point: Point, strategy: str, ranks: int, block_size: int) -> 
         for r in range(ranks):
             fill[r] = [[SeqWork(point.context, 0, j) for j in range(lo, min(lo + chunk, most[r]))]
                        for lo in range(0, most[r], chunk)]
-        if strategy == "dep":                   # lock-step: every rank runs as many fill forwards
+        if get_strategy(strategy).lock_step:    # lock-step: every rank runs as many fill forwards
             longest = max(len(f) for f in fill)
             for f in fill:
                 f.extend([] for _ in range(longest - len(f)))
@@ -279,7 +291,7 @@ def attention_form(setup: BenchSetup, seqs: list[SeqWork]) -> str:
 
 
 def seq_shapes(seqs: list[SeqWork]) -> list[tuple[int, int]]:
-    """(new tokens, context after the step) per sequence: the input of bench.flops."""
+    """(new tokens, context after the step) per sequence: the input of planner.flops."""
     return [(w.new, w.start + w.new) for w in seqs]
 
 
@@ -389,7 +401,7 @@ def _drive_point(rank_engine, probe: _Probe, setup: BenchSetup, point: Point, in
     timed = [_inputs(sched, seqs, gen, vocab, bs) for seqs in sched.timed(rank)]
     hits = torch.zeros(point.steps, len(probe.moe_index), cfg.n_routed_experts, dtype=torch.bool,
                        device=runner.device)
-    if setup.strategy != "tp":
+    if not get_strategy(setup.strategy).leader_only:
         _barrier(rank_engine.group, f"p{index}")
     rec: dict[str, list] = {k: [] for k in ("step_s", "forward_s", "prefetch_s", "sync_s", "tokens", "remote_bytes",
                                             "t0_abs")}
@@ -405,7 +417,7 @@ def _drive_point(rank_engine, probe: _Probe, setup: BenchSetup, point: Point, in
         after = _snapshot(probe.stats)
         _append(rec, t1 - t0, before, after)
     t_end = time.time()
-    role = "leader" if setup.strategy == "tp" else "rank"
+    role = "leader" if get_strategy(setup.strategy).leader_only else "rank"
     return {"rank": rank, "role": role, **rec, "t_start": t_start, "t_end": t_end, "hits": _hits_masks(hits),
             "device_name": _device_name(runner)}
 
@@ -506,7 +518,7 @@ def bench_rank(rank_engine, payload) -> list[dict]:
                 "capture_bytes": graphs.capture_bytes, "captures_after_start": graphs.captures_after_start}
         return recs
     finally:
-        if setup.strategy == "tp":
+        if get_strategy(setup.strategy).leader_only:
             runner.stop_followers()
 
 
@@ -566,7 +578,7 @@ def _touched(strategy: str, ranks: int, records: list[dict], num_experts: int) -
         lead = records[0]["hits"]
         return [[[_popcount(lead[s][m]) for m in range(n_moe)] for s in range(steps)] for _ in records]
     if strategy == "dep":                        # owners read their experts hit by anyone's tokens
-        from dynamo_dwdp.parallel.dep import even_bounds
+        from dynamo_dwdp.baselines.dep import even_bounds
 
         bounds = even_bounds(num_experts, ranks)
         owned = [sum(1 << e for e in range(bounds[r], bounds[r + 1])) for r in range(ranks)]
@@ -582,8 +594,8 @@ def _touched(strategy: str, ranks: int, records: list[dict], num_experts: int) -
 
 def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict | None = None) -> dict:
     """Turn the ranks' raw records of one point into the result object (module docstring)."""
-    from dynamo_dwdp.bench import flops as work
-    from dynamo_dwdp.bench.hardware import get_hardware
+    from dynamo_dwdp.planner import flops as work
+    from dynamo_dwdp.planner.hardware import get_hardware
     from dynamo_dwdp.model.config import load_model_config
 
     cfg = load_model_config(setup.model_dir)
@@ -591,20 +603,20 @@ def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict 
     n = setup.ranks
     records = [_follower_steps(r, records[0]) if r.get("role") == "follower" else r for r in records]
     sched = build_schedule(point, setup.strategy, n, setup.block_size)
-    drivers = [0] if setup.strategy == "tp" else list(range(n))
+    drivers = [0] if get_strategy(setup.strategy).leader_only else list(range(n))
     steps = point.steps
     group_step = [max(rec["step_s"][s] for rec in records) for s in range(steps)]
     per_rank, split_acc = [], {"compute": [], "prefetch_wait": [], "sync_wait": []}
     touched = _touched(setup.strategy, n, records, cfg.n_routed_experts)
     elem = 2 if setup.dtype == "bfloat16" else 4
-    tp = n if setup.strategy == "tp" else 1
+    tp = n if get_strategy(setup.strategy).leader_only else 1
     hbm_by: dict[str, float] = {}
     for r, rec in enumerate(records):
         comp = [max(0.0, st - pf - sy) for st, pf, sy in zip(rec["step_s"], rec["prefetch_s"], rec["sync_s"])]
         split_acc["compute"].append(_mean(comp))
         split_acc["prefetch_wait"].append(_mean(rec["prefetch_s"]))
         split_acc["sync_wait"].append(_mean(rec["sync_s"]))
-        src = 0 if setup.strategy == "tp" else r
+        src = 0 if get_strategy(setup.strategy).leader_only else r
         for s, seqs in enumerate(sched.timed(src)):
             b = work.forward_hbm_bytes(cfg, seq_shapes(seqs), elem, touched[r][s], tp=tp)
             for k, v in b.items():
@@ -684,8 +696,8 @@ def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict 
 def prediction(setup: BenchSetup, point: Point, split_ms: dict, step_ms: float, n_moe: int) -> dict:
     """The roofline planner's per-MoE-layer numbers for the same point, next to the measured step
     divided by the MoE layers (which also carries the dense layers, embeddings and lm_head)."""
-    from dynamo_dwdp.bench.hardware import get_hardware
-    from dynamo_dwdp.bench.plan import load_model_shape, plan_layer
+    from dynamo_dwdp.planner.hardware import get_hardware
+    from dynamo_dwdp.planner.roofline import load_model_shape, plan_layer
 
     notes = []
     comparable = setup.device == "cuda"
@@ -698,8 +710,8 @@ def prediction(setup: BenchSetup, point: Point, split_ms: dict, step_ms: float, 
     out = {"hw": setup.hw, "comparable": comparable, "note": "; ".join(notes), "per_moe_layer": None,
            "measured_per_moe_layer": measured}
     if setup.strategy == "single":
-        from dynamo_dwdp.bench.hardware import get_hardware
-        from dynamo_dwdp.bench.plan import load_model_shape, plan_single_layer
+        from dynamo_dwdp.planner.hardware import get_hardware
+        from dynamo_dwdp.planner.roofline import load_model_shape, plan_single_layer
 
         try:
             shape = load_model_shape(setup.model_dir)
@@ -748,7 +760,7 @@ def check_fits(setup: BenchSetup, point: Point, cfg) -> None:
     """CUDA: refuse a point whose KV pool alone would take more than KV_MEMORY_FRACTION of --hw memory."""
     if setup.device != "cuda":
         return
-    from dynamo_dwdp.bench.hardware import get_hardware
+    from dynamo_dwdp.planner.hardware import get_hardware
 
     hw = get_hardware(setup.hw)
     need = kv_pool_bytes(setup, point, cfg)
@@ -768,14 +780,14 @@ def check_environment(setup: BenchSetup) -> None:
     if not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible (use --device cpu)")
     # dep/tp with more ranks than GPUs: the ranks share GPUs, gloo replaces NCCL and the peer-memory
-    # collectives (CUDA IPC) carry the decode steps (parallel/peer_setup.py)
+    # collectives (CUDA IPC) carry the decode steps (collectives/peer_setup.py)
 
 
 def run_points(setup: BenchSetup, points: list[Point], model: dict | None = None) -> list[dict]:
     """Launch the group once and measure every point in order; one result object per point."""
-    from dynamo_dwdp.engine.config import EngineConfig
-    from dynamo_dwdp.parallel.factory import DWDPOptions
-    from dynamo_dwdp.parallel.local_group import run_local_group
+    from dynamo_dwdp.config.engine import EngineSettings
+    from dynamo_dwdp.config.dwdp import DwdpSettings
+    from dynamo_dwdp.rank.local_group import run_local_group
 
     setup.validate()
     model = model or _model_info(setup.model_dir)
@@ -791,16 +803,16 @@ def run_points(setup: BenchSetup, points: list[Point], model: dict | None = None
         check_fits(setup, p, model_cfg)
     check_environment(setup)
     kv = max(build_schedule(p, setup.strategy, setup.ranks, setup.block_size).kv_blocks for p in points)
-    most_tokens = max(p.tokens_per_iter * (setup.ranks if setup.strategy == "tp" else 1) for p in points)
+    most_tokens = max(p.tokens_per_iter * (setup.ranks if get_strategy(setup.strategy).leader_only else 1) for p in points)
     # the longest sequence any point makes (sizes the decode graphs captured at start-up)
     longest = max(p.context + p.warmup + p.steps if p.phase == "decode" else p.tokens_per_iter for p in points) + 16
-    cfg = EngineConfig(block_size=setup.block_size, num_kv_blocks=kv + 1, max_num_seqs=max(1, most_tokens),
-                       max_num_batched_tokens=max(1, most_tokens), device=setup.device, dtype=setup.dtype,
-                       enable_prefix_caching=False, cuda_graphs=setup.cuda_graphs,
-                       attention_backend=setup.attention, weight_format=setup.weights,
-                       capture_graphs_at_start=False,      # bench_rank captures once its probe is installed
-                       max_model_len=min(longest, model_cfg.max_position_embeddings))
-    dwdp = DWDPOptions(routed_only=setup.routed_only, contention_opt=setup.contention_opt)
+    cfg = EngineSettings(block_size=setup.block_size, num_kv_blocks=kv + 1, max_num_seqs=max(1, most_tokens),
+                         max_num_batched_tokens=max(1, most_tokens), device=setup.device, dtype=setup.dtype,
+                         enable_prefix_caching=False, cuda_graphs=setup.cuda_graphs,
+                         attention_backend=setup.attention, weight_format=setup.weights,
+                         capture_graphs_at_start=False,      # bench_rank captures once its probe is installed
+                         max_model_len=min(longest, model_cfg.max_position_embeddings))
+    dwdp = setup.dwdp
     results = run_local_group(setup.model_dir, cfg, setup.group_strategy, setup.ranks, bench_rank,
                               [(setup, points)] * setup.ranks, dwdp=dwdp, timeout=setup.timeout)
     failed = [r for r in results if r.error]

@@ -20,15 +20,17 @@ import tempfile
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from dynamo_dwdp.bench.engine_bench import (BenchSetup, Point, _model_info, append_jsonl, check_fits,
+from dynamo_dwdp.bench.engine_bench import (STRATEGIES, BenchSetup, Point, _model_info, append_jsonl, check_fits,
                                             describe_load, point_key, run_points, setup_dict)
+from dynamo_dwdp.config.dwdp import DwdpSettings
 from dynamo_dwdp.errors import PeerError, UserError
 from dynamo_dwdp.model.config import load_model_config
+from dynamo_dwdp.strategies import GROUP_STRATEGIES
 
 DEFAULT_PREFILL = (2048, 4096, 8192, 16384)
 DEFAULT_DECODE = (8, 32, 64, 128)
 DEFAULT_IMBALANCE = (0.0, 0.2)
-DEFAULT_STRATEGIES = ("dwdp", "dep", "tp")
+DEFAULT_STRATEGIES = GROUP_STRATEGIES
 STANDARD = dict(device="cuda", dtype="bfloat16", prefill_tokens=DEFAULT_PREFILL, decode_batches=DEFAULT_DECODE,
                 context=4096, steps=10, warmup=3)
 QUICK = dict(device="cpu", dtype="float32", prefill_tokens=(16, 32), decode_batches=(2, 4), context=8, steps=2,
@@ -66,9 +68,9 @@ class MatrixSpec:
     def validate(self) -> "MatrixSpec":
         if self.ranks < 2:
             raise UserError(f"bench matrix: --ranks must be >= 2 (dwdp/dep/tp groups), got {self.ranks}")
-        bad = [s for s in self.strategies if s not in ("single", "dwdp", "dep", "tp")]
+        bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad or not self.strategies:
-            raise UserError(f"--strategies {','.join(self.strategies)!r}: allowed single, dwdp, dep, tp")
+            raise UserError(f"--strategies {','.join(self.strategies)!r}: allowed {', '.join(STRATEGIES)}")
         if not self.prefill_tokens and not self.decode_batches:
             raise UserError("bench matrix: nothing to run (no --prefill-tokens and no --decode-batches)")
         if self.quick and self.device != "cpu":
@@ -90,9 +92,9 @@ def matrix_plan(spec: MatrixSpec, model_dir: str) -> list[tuple[BenchSetup, list
         plan.append((BenchSetup(strategy=strategy, **base), prefill + decode))
         if strategy == "dwdp":
             if spec.ranks > 2:              # with one peer there is nothing to interleave: same as off
-                plan.append((BenchSetup(strategy=strategy, contention_opt=True, **base), prefill + decode))
+                plan.append((BenchSetup(strategy=strategy, dwdp=DwdpSettings(contention_opt=True), **base), prefill + decode))
             if decode:
-                plan.append((BenchSetup(strategy=strategy, routed_only=True, **base), decode))
+                plan.append((BenchSetup(strategy=strategy, dwdp=DwdpSettings(routed_only=True), **base), decode))
     return [(s, pts) for s, pts in plan if pts]
 
 
@@ -127,7 +129,7 @@ def run_matrix(spec: MatrixSpec, progress: Callable[[str], None] = print) -> tup
     model_dir = spec.model_dir
     if spec.quick:
         if model_dir is None:
-            from dynamo_dwdp.model.checkpoint_writer import write_checkpoint
+            from dynamo_dwdp.synthetic.checkpoint import write_checkpoint   # --quick only: writes its own model
 
             tmp = tempfile.mkdtemp(prefix="dwdp-bench-tiny-")
             model_dir = os.path.join(tmp, "tiny")

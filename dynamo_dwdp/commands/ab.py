@@ -1,6 +1,6 @@
 """`dynamo-dwdp ab`: A/B compare serving graphs over a load sweep; Pareto report.
 
-Thin wrapper: the work lives in `dynamo_dwdp.bench.ab` (files and layout documented there).
+Thin wrapper: the work lives in `dynamo_dwdp.ab.harness` (files and layout documented there).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ examples:
   dynamo-dwdp ab graphs/disagg_dep.yaml graphs/disagg_dwdp_decode.yaml -f configs/tiny-cpu.yaml \\
       --workload configs/workloads/tiny-cv20.yaml --out out/ab-tiny --report-only
 
-workload files: configs/workloads/*.yaml (schema in dynamo_dwdp/bench/workload.py): ISL/OSL mean + CV
+workload files: configs/workloads/*.yaml (schema in dynamo_dwdp/ab/workload.py): ISL/OSL mean + CV
 (lognormal or normal, clipped), concurrency or request_rate list, requests per point, warm-up,
 shared-prefix ratio, expert_skew {hot_experts, bias}, SLOs {ttft_ms, tpot_ms}, seed.
 Requests use top-level `ignore_eos` + `min_tokens` (exact OSL) and token-id prompts on
@@ -78,17 +78,17 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dynamo_dwdp.bench import ab
+    from dynamo_dwdp.ab import harness
     from dynamo_dwdp.errors import UserError
 
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other (allowed: one of them)")
     args.configs = args.configs or [DEFAULT_CONFIG]
     if args.report_only:
-        res = ab.report_only(args.graphs, workload_path=args.workload, out_dir=args.out, config_paths=args.configs,
+        res = harness.report_only(args.graphs, workload_path=args.workload, out_dir=args.out, config_paths=args.configs,
                              client=args.client)
     else:
-        res = ab.run_ab(args.graphs, workload_path=args.workload, out_dir=args.out, config_paths=args.configs,
+        res = harness.run_ab(args.graphs, workload_path=args.workload, out_dir=args.out, config_paths=args.configs,
                         client=args.client, resume=args.resume, overwrite=args.overwrite,
                         progress=not args.no_progress, http_port=args.http_port, infra=args.infra)
     print(f"wrote {args.out}/report.md, results.json, results.csv, pareto.png")

@@ -1,7 +1,7 @@
 """`dynamo-dwdp bench engine|table|matrix`: engine micro-benchmarks on N local ranks.
 
 Thin wrapper: the work lives in `dynamo_dwdp.bench.engine_bench` (measurement, JSON layout),
-`dynamo_dwdp.bench.flops` (FLOP / HBM-byte model) and `dynamo_dwdp.bench.matrix` (matrix, table).
+`dynamo_dwdp.planner.flops` (FLOP / HBM-byte model) and `dynamo_dwdp.bench.matrix` (matrix, table).
 """
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import argparse
 import json
 import logging
 import sys
+
+from dynamo_dwdp.worker.flags import add_setting_flags
 
 DESCRIPTION = """\
 Engine micro-benchmarks: N rank processes drive the model runner directly with fixed shapes
@@ -86,8 +88,7 @@ def register(subparsers) -> None:
     e.add_argument("--hw", default="h200-measured",
                    help="machine model for the ceilings and the planner (see `dynamo-dwdp plan --help`)")
     e.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
-    e.add_argument("--dwdp-routed-only", action="store_true", help="DWDP: pull only the experts the router picked")
-    e.add_argument("--dwdp-contention-opt", action="store_true", help="DWDP: slice pulls and interleave peers")
+    add_setting_flags(e, ("--dwdp-routed-only", "--dwdp-contention-opt"))      # DWDP variants (strategy dwdp)
     e.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode steps from CUDA graphs (cuda, bf16; strategies single and dwdp all-remote: "
                         "dep and tp run eagerly)")
@@ -175,13 +176,16 @@ def _dtype(text: str) -> str:
 def run_engine(args) -> int:
     from dynamo_dwdp.bench.engine_bench import (PHASES, BenchSetup, Point, append_jsonl, parse_expert_skew,
                                                 render_text, run_engine_bench)
+    from dynamo_dwdp.config.dwdp import DwdpSettings
     from dynamo_dwdp.errors import UserError
     from dynamo_dwdp.model.config import load_model_config
+    from dynamo_dwdp.worker.flags import section_values
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     setup = BenchSetup(model_dir=args.model, strategy=args.strategy, ranks=args.ranks, device=args.device,
-                       dtype=_dtype(args.dtype), routed_only=args.dwdp_routed_only,
-                       contention_opt=args.dwdp_contention_opt, hw=args.hw, block_size=args.block_size,
+                       dtype=_dtype(args.dtype),
+                       dwdp=DwdpSettings(**section_values(args, "dwdp")),
+                       hw=args.hw, block_size=args.block_size,
                        timeout=args.timeout, cuda_graphs=args.cuda_graphs, attention=args.attention,
                        weights=args.weights).validate()
     if args.phase not in PHASES:

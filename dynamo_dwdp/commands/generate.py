@@ -7,6 +7,14 @@ import logging
 import os
 import sys
 
+from dynamo_dwdp.strategies import NAMES as STRATEGY_NAMES
+from dynamo_dwdp.strategies import STRATEGIES, get_strategy
+from dynamo_dwdp.worker.flags import add_setting_flags, section_values
+
+ENGINE_AND_DWDP_FLAGS = ("--device", "--dtype", "--block-size", "--num-kv-blocks", "--dwdp-experts-per-rank",
+                         "--dwdp-prefetch-per-peer", "--dwdp-routed-only", "--dwdp-contention-opt")
+"""The worker flags `generate` takes too (same type, default and help as the worker's)."""
+
 EPILOG = """\
 examples:
   dynamo-dwdp generate --model models/tiny --prompt "Hello" --max-tokens 8
@@ -34,16 +42,9 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--strategy", default="single", choices=["single", "dp", "dwdp", "dep", "tp"])
+    p.add_argument("--strategy", default="single", choices=STRATEGY_NAMES)
     p.add_argument("--ranks", type=int, default=1, help="processes in the group (strategies other than single)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda (rank r uses cuda:r)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=256)
-    p.add_argument("--dwdp-experts-per-rank", type=int, default=None, help="L (default: chosen from E and N)")
-    p.add_argument("--dwdp-prefetch-per-peer", type=int, default=None, help="P (E = L + (N-1)*P)")
-    p.add_argument("--dwdp-routed-only", action="store_true", help="pull only the experts the router picked")
-    p.add_argument("--dwdp-contention-opt", action="store_true", help="slice pulls and interleave peers")
+    add_setting_flags(p, ENGINE_AND_DWDP_FLAGS)
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     p.set_defaults(func=run)
 
@@ -63,12 +64,12 @@ def _tokenizer(model_dir: str):
 
 
 def run(args) -> int:
-    from dynamo_dwdp.engine.config import EngineConfig
+    from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.sampling import SamplingParams
     from dynamo_dwdp.errors import PeerError, UserError
     from dynamo_dwdp.model.config import load_model_config
-    from dynamo_dwdp.parallel.factory import DWDPOptions
-    from dynamo_dwdp.parallel.local_group import generate_rank, run_local_group
+    from dynamo_dwdp.config.dwdp import DwdpSettings
+    from dynamo_dwdp.rank.local_group import generate_rank, run_local_group
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     load_model_config(args.model)                      # fail fast with a clear message
@@ -81,15 +82,16 @@ def run(args) -> int:
     else:
         tok = _tokenizer(args.model)
         prompt = tok.encode(args.prompt).ids
-    if args.strategy == "single" and args.ranks != 1:
-        raise UserError("--strategy single runs one rank; pick dp, dwdp, dep or tp for --ranks > 1")
+    strategy = get_strategy(args.strategy)
+    if strategy.max_ranks is not None and args.ranks > strategy.max_ranks:
+        groups = [n for n, s in STRATEGIES.items() if s.max_ranks is None]
+        groups = ", ".join(groups[:-1]) + " or " + groups[-1]
+        raise UserError(f"--strategy {args.strategy} runs one rank; pick {groups} for --ranks > 1")
     params = SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     params.validate()
-    cfg = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, device=args.device,
-                       dtype=args.dtype)
-    dwdp = DWDPOptions(args.dwdp_experts_per_rank, args.dwdp_prefetch_per_peer, args.dwdp_contention_opt,
-                       args.dwdp_routed_only)
+    cfg = EngineSettings(**section_values(args, "engine"))
+    dwdp = DwdpSettings(**section_values(args, "dwdp"))
     results = run_local_group(args.model, cfg, args.strategy, args.ranks, generate_rank,
                               [([prompt], params)] * args.ranks, dwdp=dwdp)
     failed = [r for r in results if r.error]

@@ -1,4 +1,4 @@
-"""`dynamo-dwdp make-model`: write a random DeepSeek checkpoint + offline tokenizer (see model/checkpoint_writer)."""
+"""`dynamo-dwdp make-model`: write a random DeepSeek checkpoint + offline tokenizer (see synthetic/checkpoint.py)."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,7 @@ The same preset + seed + dtype (+ --num-layers) gives byte-identical files on an
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dynamo_dwdp.model.presets import LIKE, PRESETS, WEIGHT_FORMATS
+    from dynamo_dwdp.synthetic.presets import LIKE, PRESETS, WEIGHT_FORMATS
 
     presets = "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values() if not p.like)
     likes = "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values() if p.like)
@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dynamo_dwdp.errors import UserError
-    from dynamo_dwdp.model.presets import DTYPES, get_preset
+    from dynamo_dwdp.synthetic.presets import DTYPES, get_preset
 
     preset = args.preset or args.like
     get_preset(preset)                                       # bad input -> UserError before torch or any I/O
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-shard-gib must be > 0, got {args.max_shard_gib}")
     device = _check_device(args.device)
 
-    from dynamo_dwdp.model.checkpoint_writer import write_checkpoint
+    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
     summary = write_checkpoint(
         args.out, preset, seed=args.seed, dtype=args.dtype, num_layers=args.num_layers,
         force=args.force, quiet=args.quiet, device=device, max_shard_bytes=int(args.max_shard_gib * 2**30),

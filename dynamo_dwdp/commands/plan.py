@@ -1,13 +1,13 @@
 """`dynamo-dwdp plan`: roofline model of one MoE layer per rank; which strategy should win, and why.
 
-Thin wrapper: the model lives in `dynamo_dwdp.bench.plan` (JSON layout documented there).
+Thin wrapper: the model lives in `dynamo_dwdp.planner.roofline` (JSON layout documented there).
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from dynamo_dwdp.bench.hardware import HARDWARE
+from dynamo_dwdp.planner.hardware import HARDWARE
 
 DESCRIPTION = """\
 Predict, per MoE layer and per rank, the compute time, DWDP's prefetch of all remote experts, DEP's
@@ -38,7 +38,7 @@ examples:
       --isl 8192 --osl 1024 --concurrency 256 --calibrate out/calibration.jsonl --json
 
 JSON: prefill.dwdp.per_moe_layer.{t_compute_ms,t_prefetch_ms}, prefill.verdict, prefill.crossover, ...
-(see the docstring of dynamo_dwdp/bench/plan.py). Errors print "error: ..." and exit 2.
+(see the docstring of dynamo_dwdp/planner/roofline.py). Errors print "error: ..." and exit 2.
 """
 
 
@@ -78,8 +78,8 @@ def register(subparsers) -> None:
                    help="override the achieved peer-link bandwidth, GB/s per direction (e.g. a probe result)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--calibrate", metavar="BENCH.jsonl",
-                   help="measured rates and latency floors replace the datasheet's (dynamo_dwdp/bench/calibrate.py)")
-    r = p.add_argument_group("deployment recommendation (dynamo_dwdp/bench/recommend.py)")
+                   help="measured rates and latency floors replace the datasheet's (dynamo_dwdp/planner/calibrate.py)")
+    r = p.add_argument_group("deployment recommendation (dynamo_dwdp/planner/recommend.py)")
     r.add_argument("--recommend", action="store_true",
                    help="which strategy and DWDP placement per pool (prefill, decode), with predicted TPS/GPU")
     r.add_argument("--isl", type=int, help="input tokens per request")
@@ -92,22 +92,22 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dynamo_dwdp.bench.hardware import get_hardware
-    from dynamo_dwdp.bench.plan import build_report, load_model_shape, render_table
+    from dynamo_dwdp.planner.hardware import get_hardware
+    from dynamo_dwdp.planner.roofline import build_report, load_model_shape, render_table
 
     from dynamo_dwdp.errors import UserError
 
     hw = get_hardware(args.gpu)
     cal = None
     if args.calibrate:
-        from dynamo_dwdp.bench.calibrate import load_calibration
+        from dynamo_dwdp.planner.calibrate import load_calibration
 
         hw, cal = load_calibration(hw, args.calibrate)
     if args.link_gbps is not None:
         hw = hw.with_link_gbps(args.link_gbps)
     model = load_model_shape(args.model_dir)
     if args.recommend:
-        from dynamo_dwdp.bench.recommend import Workload, recommend
+        from dynamo_dwdp.planner.recommend import Workload, recommend
 
         if args.isl is None or args.osl is None:
             raise UserError("--recommend needs --isl and --osl")

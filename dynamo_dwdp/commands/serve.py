@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 
 def status_line(handle, started: float) -> str:
-    from dynamo_dwdp.bench.server_metrics import scrape_total
+    from dynamo_dwdp.ab.server_metrics import scrape_total
 
     up = int(time.monotonic() - started)
     parts = [f"up {up // 3600:02d}:{up % 3600 // 60:02d}:{up % 60:02d}"]
@@ -51,7 +51,7 @@ def status_line(handle, started: float) -> str:
 
 
 def run(args) -> int:
-    from dynamo_dwdp.launch.serve import serve_graph
+    from dynamo_dwdp.launch.launcher import serve_graph
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     configs = args.config or ["configs/tiny-cpu.yaml"]

@@ -3,15 +3,7 @@
 A graph is the OpenAI frontend + router in front of either one `agg` pool, or a `prefill` pool and a
 `decode` pool joined by KV transfer. Each pool runs `replicas` groups of `ranks` processes (one GPU
 each); the ranks of a group must share one NVLink domain. The strategy says how a group splits the
-model:
-
-| strategy | ranks | what a group is |
-|---|---|---|
-| single | 1 | one process with all weights |
-| dp | >= 1 | independent replicated ranks |
-| dwdp | >= 2 | each rank its own Dynamo worker; routed experts partitioned over the ranks, pulled from peers |
-| dep | >= 2 | attention-DP + expert-parallel all-to-all; each rank its own worker, ranks step in lockstep |
-| tp | >= 2 | tensor parallel; rank 0 is the Dynamo worker, the others follow |
+model (the strategies and their rank limits are the registry in `dynamo_dwdp/strategies.py`).
 
 `engine: trtllm` pools are rendered for real clusters only (stock `python3 -m dynamo.trtllm`); see
 `dynamo_dwdp/deploy/trtllm.py`.
@@ -25,13 +17,11 @@ from dynamo_dwdp.config import schema
 from dynamo_dwdp.config.schema import DNS_LABEL, DNS_LABEL_TEXT, REQUIRED, internal, spec
 from dynamo_dwdp.config.settings import POOL_OVERRIDE_SECTIONS, Settings, read_yaml
 from dynamo_dwdp.errors import ConfigError
+from dynamo_dwdp.strategies import STRATEGIES, get_strategy
 
 ROLES = ("agg", "prefill", "decode")
-STRATEGIES = ("single", "dp", "dwdp", "dep", "tp")
 ENGINES = ("native", "trtllm")
 ROUTER_MODES = ("round-robin", "random", "kv", "least-loaded")
-MIN_RANKS = {"single": 1, "dp": 1, "dwdp": 2, "dep": 2, "tp": 2}
-"""Fewest ranks per group of each strategy (`single` is exactly 1)."""
 COMPONENT_TYPES = {"agg": "worker", "prefill": "prefill", "decode": "decode"}
 """Pool role -> DynamoGraphDeployment component `type`."""
 
@@ -51,7 +41,7 @@ class Pool:
 
     name: str = spec(REQUIRED, doc="pool (and DGD component) name", pattern=DNS_LABEL, pattern_text=DNS_LABEL_TEXT)
     role: str = spec(REQUIRED, doc="what the pool serves", choices=ROLES)
-    strategy: str = spec(REQUIRED, doc="how a group splits the model", choices=STRATEGIES)
+    strategy: str = spec(REQUIRED, doc="how a group splits the model", choices=tuple(STRATEGIES))
     ranks: int = spec(1, doc="processes (GPUs) per group; they share one NVLink domain", min=1, max=72)
     replicas: int = spec(1, doc="groups in the pool (k8s: pods; the autoscaler changes this)", min=1, max=1024)
     engine: str = spec("native", doc="native = this project's engine; trtllm = stock dynamo.trtllm (k8s only)",
@@ -62,9 +52,10 @@ class Pool:
     source: str = internal("")
 
     def _problems(self) -> Iterator[tuple[str, str]]:
-        low = MIN_RANKS[self.strategy]
-        if self.strategy == "single" and self.ranks != 1:
-            yield "ranks", f"{self.ranks} ranks for strategy single (allowed: 1)"
+        strategy = get_strategy(self.strategy)
+        low = strategy.min_ranks
+        if strategy.max_ranks == low and self.ranks != low:
+            yield "ranks", f"{self.ranks} ranks for strategy {self.strategy} (allowed: {low})"
         elif self.ranks < low:
             yield "ranks", f"{self.ranks} is below the minimum {low} for strategy {self.strategy} (allowed: >= {low})"
         if self.engine == "trtllm":

@@ -6,6 +6,9 @@ key by key, lists replace) and then `overrides` (a nested dict, or dotted keys s
 unknown key or a bad value names the file it is in; cross-field problems found after the merge name
 the file that last set the offending key.
 
+One file per section where the runtime reads the section too: `config/engine.py` (EngineSettings,
+passed whole to the engine) and `config/dwdp.py` (DwdpSettings, passed whole to the DWDP executor).
+
 A graph pool may override the `engine`, `dwdp` and `trtllm` sections for itself
 (`pools[i].overrides`); `settings.for_pool(pool)` returns the effective settings of that pool.
 Every field below is documented in place; `schema.document(Settings)` prints the full reference.
@@ -22,14 +25,15 @@ import yaml
 from dynamo_dwdp.config import schema
 from dynamo_dwdp.config.schema import (DNS_LABEL, DNS_LABEL_TEXT, QUANTITY, QUANTITY_TEXT, SEMVER, SEMVER_TEXT,
                                        REQUIRED, internal, spec)
+from dynamo_dwdp.config.dwdp import DwdpSettings
+from dynamo_dwdp.config.engine import DTYPES, EngineSettings
 from dynamo_dwdp.errors import ConfigError
 
 if TYPE_CHECKING:
     from dynamo_dwdp.config.graph import Pool
 
-DTYPES = ("float32", "bfloat16")
 MODEL_PRESETS = ("tiny", "small", "v2-lite-shape", "deepseek-v2-lite", "deepseek-v3")
-"""Presets of `dynamo-dwdp make-model` (dynamo_dwdp/model/presets.py); checked against it in tests."""
+"""Presets of `dynamo-dwdp make-model` (dynamo_dwdp/synthetic/presets.py); checked against it in tests."""
 
 POOL_OVERRIDE_SECTIONS = ("engine", "dwdp", "trtllm")
 """Sections a graph pool may override for itself (`pools[i].overrides`)."""
@@ -68,65 +72,6 @@ class ModelSettings:
     def name(self) -> str:
         """The served model name (`served_name`, else the directory's base name)."""
         return self.served_name or Path(self.path.rstrip("/")).name
-
-
-# --------------------------------------------------------------------------------------- engine
-
-
-@dataclass(frozen=True, kw_only=True)
-class EngineSettings:
-    """The native engine of every rank (paged MLA KV cache, continuous batching)."""
-
-    device: str = spec("cpu", doc="where the engine runs", choices=("cpu", "cuda"))
-    dtype: str = spec("float32", doc="compute / weight dtype", choices=DTYPES)
-    block_size: int = spec(16, doc="tokens per KV block (a power of two)", min=1, max=1024)
-    num_kv_blocks: int = spec(256, doc="KV blocks in each rank's pool", min=1)
-    max_num_seqs: int = spec(16, doc="most sequences in one batch", min=1)
-    max_num_batched_tokens: int = spec(512, doc="most tokens in one step (chunked prefill splits longer prompts)",
-                                       min=1)
-    max_model_len: int = spec(1024, doc="longest prompt + output, in tokens", min=1)
-    torch_threads: int = spec(0, doc="intra-op CPU threads per rank (OMP_NUM_THREADS); 0 = torch's default",
-                              min=0, max=1024)
-    cuda_graphs: bool = spec(False, doc="capture decode steps in CUDA graphs (device cuda only)")
-
-    def _problems(self) -> Iterator[tuple[str, str]]:
-        if self.block_size & (self.block_size - 1):
-            yield "block_size", f"{self.block_size} is not a power of two (allowed: 1, 2, 4, ..., 1024)"
-        if self.cuda_graphs and self.device != "cuda":
-            yield "cuda_graphs", "true needs engine.device cuda (allowed: false on cpu)"
-        capacity = self.num_kv_blocks * self.block_size
-        if self.max_model_len > capacity:
-            yield "max_model_len", (f"{self.max_model_len} does not fit in the KV pool of num_kv_blocks x "
-                                    f"block_size = {capacity} tokens (allowed: <= {capacity})")
-
-
-# ----------------------------------------------------------------------------------------- dwdp
-
-
-@dataclass(frozen=True, kw_only=True)
-class DwdpSettings:
-    """DWDP: routed experts partitioned over the ranks of a group, remote experts pulled from peers."""
-
-    experts_per_rank: int | None = spec(None, doc="L: routed experts each rank holds; null = E / ranks "
-                                                  "(set together with prefetch_per_peer)", min=1)
-    prefetch_per_peer: int | None = spec(None, doc="P: experts pulled from each peer per layer; null = what "
-                                                   "covers the rest (set together with experts_per_rank)", min=1)
-    contention_opt: bool = spec(False, doc="interleave the peer copies in 2 MiB slices, round-robin over peers "
-                                           "(TensorRT-LLM DwdpConfig.contention_opt)")
-    routed_only: bool = spec(False, doc="pull only the remote experts this step's tokens are routed to, instead "
-                                        "of every remote expert of the layer")
-    transport: str = spec("auto", doc="how peer weights are read: shm (CPU shared memory), cuda_ipc (GPU peer "
-                                      "memory), auto = by device", choices=("auto", "shm", "cuda_ipc"))
-
-    def _problems(self) -> Iterator[tuple[str, str]]:
-        if (self.experts_per_rank is None) != (self.prefetch_per_peer is None):
-            given, missing = (("experts_per_rank", "prefetch_per_peer") if self.experts_per_rank is not None
-                              else ("prefetch_per_peer", "experts_per_rank"))
-            yield given, (f"set without {missing} (allowed: experts_per_rank and prefetch_per_peer both "
-                          "integers, or both null)")
-        elif self.experts_per_rank is not None and self.prefetch_per_peer > self.experts_per_rank:
-            yield "prefetch_per_peer", (f"{self.prefetch_per_peer} is more than a peer holds "
-                                        f"(allowed: <= experts_per_rank = {self.experts_per_rank})")
 
 
 # ---------------------------------------------------------------------------------- kv_transfer

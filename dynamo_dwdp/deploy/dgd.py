@@ -1,7 +1,7 @@
 """Render a serving graph + settings into a DynamoGraphDeployment (nvidia.com/v1beta1).
 
 One component per pool plus the `frontend`. The command line of every container comes from
-`dynamo_dwdp.launch.commands` (the same functions the local launcher uses). A group of a
+`dynamo_dwdp.launch.command_lines` (the same functions the local launcher uses). A group of a
 dwdp/dep/tp (or dp) pool must share one NVLink domain, so it is ONE pod with `ranks x gpus_per_rank`
 GPUs running `python -m dynamo_dwdp.group --ranks N -- <worker>` (each rank its own Dynamo worker),
 and the component's `replicas` is the number of groups: scaling a pool adds or removes whole groups.
@@ -31,7 +31,7 @@ from dynamo_dwdp.config.settings import Settings
 from dynamo_dwdp.deploy import trtllm
 from dynamo_dwdp.deploy.validate import ANNOTATION, API_VERSION, KIND, is_semver_tag
 from dynamo_dwdp.errors import ConfigError
-from dynamo_dwdp.launch import commands
+from dynamo_dwdp.launch import command_lines
 
 NATIVE_RENDEZVOUS = "tcp://127.0.0.1:29500"
 """Where the ranks of a native group meet (rank 0 hosts the store; all ranks are in one pod)."""
@@ -102,7 +102,7 @@ def _make_model_init(settings: Settings, image: str) -> dict:
     `--force` lets a restarted init container overwrite its own partial directory.
     """
     path = settings.model.path
-    argv = commands.make_model_argv(settings, path=path, python=PYTHON, force=True)
+    argv = command_lines.make_model_argv(settings, path=path, python=PYTHON, force=True)
     script = f"test -f {shlex.quote(path)}/config.json || exec {shlex.join(argv)}"
     _, mount = _model_volume(settings)
     return {"name": "make-model", "image": image, "command": ["/bin/sh", "-c"], "args": [script],
@@ -130,7 +130,7 @@ def _env_list(env: dict[str, str]) -> list[dict]:
 
 def frontend_component(graph: Graph, s: Settings) -> dict:
     image = s.trtllm.image if graph.engine == "trtllm" else s.k8s.image
-    argv = commands.frontend_argv(graph, s, s.k8s.http_port, discovery="kubernetes", python=PYTHON)
+    argv = command_lines.frontend_argv(graph, s, s.k8s.http_port, discovery="kubernetes", python=PYTHON)
     volume, mount = _model_volume(s)
     container: dict[str, Any] = {
         "name": "main", "image": image, "command": argv[:3], "args": argv[3:],
@@ -168,17 +168,17 @@ def native_component(graph: Graph, pool: Pool, s: Settings) -> dict:
                           f"ranks needs {gpus} GPUs but k8s.gpus_per_node is {eff.k8s.gpus_per_node}; the ranks of a "
                           "group must share one NVLink domain (lower ranks, or see k8s/overlays/mnnvl/README.md)")
     if pool.ranks == 1:
-        argv = commands.worker_argv(graph, pool, s, group_index=GROUP_INDEX, rank=0, rendezvous=NATIVE_RENDEZVOUS,
+        argv = command_lines.worker_argv(graph, pool, s, group_index=GROUP_INDEX, rank=0, rendezvous=NATIVE_RENDEZVOUS,
                                     python=PYTHON)
     else:
-        inner = commands.worker_argv(graph, pool, s, group_index=GROUP_INDEX, rank=None,
+        inner = command_lines.worker_argv(graph, pool, s, group_index=GROUP_INDEX, rank=None,
                                      rendezvous=NATIVE_RENDEZVOUS, python=PYTHON)
-        argv = commands.group_argv(pool.ranks, inner, python=PYTHON)
+        argv = command_lines.group_argv(pool.ranks, inner, python=PYTHON)
     image = eff.k8s.image
     volume, mount = _model_volume(eff)
     env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     env += _env_list({"DYN_SYSTEM_PORT": str(eff.k8s.system_port), "HF_HUB_OFFLINE": "1",
-                      **commands.worker_env(eff)})
+                      **command_lines.worker_env(eff)})
     container: dict[str, Any] = {"name": "main", "image": image, "command": argv[:3], "args": argv[3:], "env": env}
     if eff.k8s.hf_token_secret:
         container["envFrom"] = [{"secretRef": {"name": eff.k8s.hf_token_secret}}]
@@ -205,7 +205,7 @@ def trtllm_component(graph: Graph, pool: Pool, s: Settings) -> dict:
     total = pool.ranks * gpr
     per_node = eff.k8s.gpus_per_node
     label = f"{graph.source or graph.name}: pools[{pool.index}] ({pool.name})"
-    argv = commands.trtllm_argv(pool, eff, namespace=eff.infra.namespace, python=PYTHON,
+    argv = command_lines.trtllm_argv(pool, eff, namespace=eff.infra.namespace, python=PYTHON,
                                 config_dir=ENGINE_CONFIG_DIR)
     env = dict(eff.trtllm.env)
     nodes = 1

@@ -18,38 +18,15 @@ copies use `copy_`.
 """
 from __future__ import annotations
 
-import base64
 import ctypes
-import functools
-import pickle
 
 import torch
 
+from dynamo_dwdp.cuda_peer_memory import CudaIpcMemory, cudart as _cudart
 from dynamo_dwdp.dwdp.transport import CopyEngine, CopyEvent, WeightTransport
 
 
 CUDA_MEMCPY_DEFAULT = 4
-
-
-@functools.cache
-def _cudart():
-    """The CUDA runtime library torch itself loaded (from /proc/self/maps), or None."""
-    torch.cuda.init()
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "libcudart.so" in line}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
-                                        ctypes.c_void_p]
-        lib.cudaMemcpyAsync.restype = ctypes.c_int
-        return lib
-    return None
 
 
 class _CudaEvent(CopyEvent):
@@ -122,33 +99,20 @@ class CudaIpcTransport(WeightTransport):
 
     def __init__(self, device: torch.device, timing: bool = True):
         self.device = device
-        self._exported: list[torch.Tensor] = []      # keep exported allocations alive
-        self._opened: list[torch.Tensor] = []
+        self._memory = CudaIpcMemory(device)
         self._engine = CudaCopyEngine(device, timing)
 
     def allocate(self, key, shape, dtype):
-        return torch.empty(*shape, dtype=dtype, device=self.device)
+        return self._memory.allocate(shape, dtype)
 
     def export(self, key, tensor):
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        rebuild, args = reduce_tensor(tensor)
-        self._exported.append(tensor)
-        blob = base64.b64encode(pickle.dumps((rebuild, args))).decode()
-        return {"kind": "cuda_ipc", "blob": blob, "shape": list(tensor.shape), "dtype": str(tensor.dtype)}
+        return self._memory.export(tensor)
 
     def open(self, handle):
-        if handle.get("kind") != "cuda_ipc":
-            raise ValueError(f"cannot open a {handle.get('kind')!r} handle with the CUDA IPC transport")
-        rebuild, args = pickle.loads(base64.b64decode(handle["blob"]))
-        tensor = rebuild(*args)
-        self._opened.append(tensor)
-        return tensor
+        return self._memory.open(handle)
 
     def copy_engine(self):
         return self._engine
 
     def close(self):
-        torch.cuda.synchronize(self.device)
-        self._opened.clear()
-        self._exported.clear()
+        self._memory.close()

@@ -34,12 +34,13 @@ import os
 
 import torch
 
+from dynamo_dwdp.config.dwdp import DwdpSettings
 from dynamo_dwdp.dwdp.placement import Placement, Pull
 from dynamo_dwdp.dwdp.transport import make_transport
 from dynamo_dwdp.dwdp.weight_buffer import PrefetchSlot
 from dynamo_dwdp.errors import PeerError
-from dynamo_dwdp.parallel.executor import MoEExecutor
-from dynamo_dwdp.parallel.experts import ExpertBank, routed_experts
+from dynamo_dwdp.model.moe_executor import MoEExecutor
+from dynamo_dwdp.model.experts import ExpertBank, routed_experts
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,16 @@ log = logging.getLogger(__name__)
 class DWDPExecutor(MoEExecutor):
     strategy = "dwdp"
 
-    def __init__(self, cfg, device, dtype, *, group, placement: Placement, routed_only: bool = False,
-                 contention_opt: bool = False, transport: str = "auto", slice_bytes: int = 2 << 20):
+    def __init__(self, cfg, device, dtype, *, group, placement: Placement, settings: DwdpSettings = DwdpSettings(),
+                 slice_bytes: int = 2 << 20):
         super().__init__(cfg, device, dtype)
         self.group = group                       # GroupContext: rank, size, name, store, membership
         self.placement = placement
         self.rank = group.rank
         self.local = placement.local_range(self.rank)
-        self.routed_only = routed_only
-        self.contention_opt = contention_opt
+        self.settings = settings                 # DwdpSettings: routed_only, contention_opt, transport
         self.slice_bytes = slice_bytes
-        self.transport = make_transport(transport, group.name, self.rank, device)
+        self.transport = make_transport(settings.transport, group.name, self.rank, device)
         self.copy = self.transport.copy_engine()
         self.moe_layers = cfg.moe_layers
         self.moe_index = {layer: i for i, layer in enumerate(self.moe_layers)}
@@ -139,7 +139,7 @@ class DWDPExecutor(MoEExecutor):
                 copies.append((slot.w13[r0 + i], src.w13[pull.peer_row + i]))
                 copies.append((slot.w2[r0 + i], src.w2[pull.peer_row + i]))
                 rows.append(r0 + i)
-        if self.contention_opt and len({p.peer for p in plan}) > 1:
+        if self.settings.contention_opt and len({p.peer for p in plan}) > 1:
             copies = _interleave_by_peer(copies, plan, self.slice_bytes)
         return copies, rows
 
@@ -194,7 +194,7 @@ class DWDPExecutor(MoEExecutor):
     def graph_safe(self) -> bool:
         from dynamo_dwdp.dwdp.cuda_ipc import CudaCopyEngine
 
-        return (self.device.type == "cuda" and self.dtype == torch.bfloat16 and not self.routed_only
+        return (self.device.type == "cuda" and self.dtype == torch.bfloat16 and not self.settings.routed_only
                 and isinstance(self.copy, CudaCopyEngine) and hasattr(torch, "_grouped_mm"))
 
     def graph_epoch(self) -> object:
@@ -287,7 +287,7 @@ class DWDPExecutor(MoEExecutor):
             self.wrap.primed = False             # an eager step reuses the slots for its own layers
         if self.capturing and self._wrapping():
             return                               # the first layers arrive through the wrapped pulls
-        if self.slots and not self.routed_only:
+        if self.slots and not self.settings.routed_only:
             for s, slot in enumerate(self.slots):
                 if slot.pending is None and any(r != self.moe_layers[s] for r in slot.row_layer):
                     self._issue(slot, self.moe_layers[s])
@@ -305,9 +305,9 @@ class DWDPExecutor(MoEExecutor):
         if wrapped and m in waits:                           # pulled between the steps (graph_prefetch)
             self.wrap.wait_pulled(waits[m], torch.cuda.current_stream(self.device))
         else:
-            self._ensure(slot, layer, torch.unique(topk_ids).tolist() if self.routed_only else None)
+            self._ensure(slot, layer, torch.unique(topk_ids).tolist() if self.settings.routed_only else None)
         out = routed_experts(x, topk_ids, topk_weights, [self.local_banks[layer], *slot.banks])
-        if not self.routed_only:
+        if not self.settings.routed_only:
             nxt = m + 2 if m + 2 < len(self.moe_layers) else m % 2   # wrap: next step's first layer of this parity
             if wrapped and m in releases:
                 self.wrap.consumed(releases[m], torch.cuda.current_stream(self.device))

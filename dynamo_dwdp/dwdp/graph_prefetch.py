@@ -55,9 +55,9 @@ class WrappedPrefetch:
     """The flags and pull graphs of the ring-wrapped prefetch for one DWDP executor."""
 
     def __init__(self, copy_engine, device: torch.device, slots: int):
-        from dynamo_dwdp.parallel.ipc_collectives import _libcuda
+        from dynamo_dwdp.cuda_peer_memory import libcuda_memops
 
-        self._mem = _libcuda()
+        self._mem = libcuda_memops()
         self.copy = copy_engine
         self.device = device
         self.flags = torch.zeros(2 * slots, dtype=torch.int32, device=device)   # CONSUMED[s], PULLED[s]

@@ -174,7 +174,7 @@ def make_transport(kind: str, group: str, rank: int, device: torch.device) -> We
     if kind == "shm":
         return ShmTransport(group, rank)
     if kind == "cuda_ipc":
-        from dynamo_dwdp.dwdp.cuda_ipc import CudaIpcTransport
+        from dynamo_dwdp.dwdp.cuda_ipc import CudaIpcTransport   # CUDA only (and cuda_ipc builds on this module)
 
         return CudaIpcTransport(device)
     from dynamo_dwdp.errors import UserError

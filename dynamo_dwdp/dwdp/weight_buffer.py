@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dynamo_dwdp.parallel.experts import ExpertBank
+from dynamo_dwdp.model.experts import ExpertBank
 
 
 class PrefetchSlot:

@@ -13,20 +13,20 @@ import time
 
 import torch
 
-from dynamo_dwdp.engine.config import EngineConfig
+from dynamo_dwdp.config.engine import EngineSettings
 from dynamo_dwdp.model import kernels as fused_kernels
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig, load_model_config
 from dynamo_dwdp.model.deepseek_v3 import DeepseekV3ForCausalLM
 from dynamo_dwdp.model.loader import load_weights
-from dynamo_dwdp.parallel.context import TensorParallel
-from dynamo_dwdp.parallel.executor import LocalExecutor
+from dynamo_dwdp.model.moe_executor import LocalExecutor
+from dynamo_dwdp.model.tensor_parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str, config: EngineConfig, executor_factory, tp: TensorParallel | None = None,
+    def __init__(self, model_dir: str, config: EngineSettings, executor_factory, tp: TensorParallel | None = None,
                  model_config: ModelConfig | None = None):
         self.config = config.validate()
         self.model_dir = model_dir

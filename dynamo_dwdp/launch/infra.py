@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from dynamo_dwdp.errors import UserError
-from dynamo_dwdp.parallel.rendezvous import free_port
+from dynamo_dwdp.group.rendezvous import free_port
 
 
 def free_port_block(n: int, host: str = "127.0.0.1", below: int = 32767) -> int:

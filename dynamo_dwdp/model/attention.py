@@ -32,7 +32,7 @@ from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig
 from dynamo_dwdp.model.layers import Linear, RMSNorm
 from dynamo_dwdp.model.rope import RotaryEmbedding
-from dynamo_dwdp.parallel.context import TensorParallel
+from dynamo_dwdp.model.tensor_parallel import TensorParallel
 
 
 # torch >= 2.8: bmm with bf16/fp16 operands and an fp32 result (CUDA)

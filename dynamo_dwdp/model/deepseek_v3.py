@@ -15,7 +15,7 @@ from dynamo_dwdp.model.config import ModelConfig
 from dynamo_dwdp.model.layers import DenseMLP, RMSNorm
 from dynamo_dwdp.model.moe import MoEBlock
 from dynamo_dwdp.model.rope import RotaryEmbedding
-from dynamo_dwdp.parallel.context import TensorParallel
+from dynamo_dwdp.model.tensor_parallel import TensorParallel
 
 
 class DecoderLayer(nn.Module):

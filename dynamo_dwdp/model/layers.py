@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynamo_dwdp.parallel.context import TensorParallel
+from dynamo_dwdp.model.tensor_parallel import TensorParallel
 
 
 class RMSNorm(nn.Module):

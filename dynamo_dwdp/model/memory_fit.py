@@ -37,18 +37,25 @@ class RankMemory:
 
 
 def _element_counts(cfg: ModelConfig) -> tuple[int, int, int]:
-    """(embedding + lm_head elements, other non-expert elements, elements of one routed expert)."""
-    from dynamo_dwdp.model.checkpoint_writer import tensor_specs
-
-    replicated = other = 0
-    for spec in tensor_specs(cfg):
-        if ".mlp.experts." in spec.name:
-            continue
-        if spec.name in ("model.embed_tokens.weight", "lm_head.weight"):
-            replicated += spec.numel
+    """(embedding + lm_head elements, other non-expert elements, elements of one routed expert): the
+    tensors of the official layout (the loader's names), counted from the config."""
+    H, V, heads = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads
+    nope, rope, v, kv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    q_out = heads * (nope + rope)
+    if cfg.q_lora_rank is None:
+        attn = q_out * H
+    else:
+        attn = cfg.q_lora_rank * H + cfg.q_lora_rank + q_out * cfg.q_lora_rank   # q_a, its norm, q_b
+    attn += (kv + rope) * H + kv + heads * (nope + v) * kv + H * heads * v         # kv_a, its norm, kv_b, o
+    other = H                                                                        # final norm
+    for layer in range(cfg.num_hidden_layers):
+        other += attn + 2 * H                                                        # + the two layer norms
+        if cfg.is_moe_layer(layer):
+            other += cfg.n_routed_experts * H + (cfg.n_routed_experts if cfg.uses_correction_bias else 0)
+            other += 3 * H * cfg.moe_intermediate_size * cfg.n_shared_experts
         else:
-            other += spec.numel
-    return replicated, other, 3 * cfg.hidden_size * cfg.moe_intermediate_size
+            other += 3 * H * cfg.intermediate_size
+    return 2 * V * H, other, 3 * cfg.hidden_size * cfg.moe_intermediate_size
 
 
 def dwdp_default_experts_per_rank(experts: int, ranks: int) -> int:

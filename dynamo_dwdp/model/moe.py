@@ -25,7 +25,7 @@ from dynamo_dwdp.model import kernels as fused_kernels
 from dynamo_dwdp.model.config import ModelConfig
 from dynamo_dwdp.model.kernels import router as fused_router
 from dynamo_dwdp.model.layers import DenseMLP
-from dynamo_dwdp.parallel.context import TensorParallel
+from dynamo_dwdp.model.tensor_parallel import TensorParallel
 
 
 def _keep_best_groups(choice: torch.Tensor, group_scores: torch.Tensor, topk_group: int,

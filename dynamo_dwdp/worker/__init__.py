@@ -1,7 +1,8 @@
 """The Dynamo worker (`python -m dynamo_dwdp`): one rank of one pool on the unified backend SDK.
 
-args      flags (the launcher/k8s build them from launch/commands.py WORKER_FLAGS)
-engine    the `dynamo.common.backend.LLMEngine` subclass: lifecycle, registration, KV events
+flags     the worker's flags, one table (the launcher and k8s build the argv from it, args the argparse)
+args      parsed arguments: GroupSpec, EngineSettings, DwdpSettings, passed whole to the rank assembly
+backend   the `dynamo.common.backend.LLMEngine` subclass: lifecycle, registration, KV events
 handlers  request <-> engine translation per role (agg / prefill / decode)
 kv_transfer  NIXL prefill -> decode hand-off
 metrics   `dwdp_*` Prometheus families

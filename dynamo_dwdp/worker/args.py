@@ -1,5 +1,6 @@
-"""Worker flags. The launcher and the k8s renderer build them from `launch/commands.py`
-(WORKER_FLAGS); a test checks that every flag built there parses here.
+"""Worker arguments: the argparse generated from `worker/flags.py` (the same table the launcher and
+the k8s renderer build the argv from), parsed into one `WorkerArgs` holding the settings objects
+(`GroupSpec`, `EngineSettings`, `DwdpSettings`) that are passed whole to the rank assembly.
 
 Runtime wiring comes from Dynamo's usual environment: DYN_DISCOVERY_BACKEND (default file),
 DYN_REQUEST_PLANE (tcp), DYN_EVENT_PLANE (zmq for file/mem discovery, nats otherwise), NATS_SERVER
@@ -11,9 +12,10 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from dynamo_dwdp.engine.config import EngineConfig
-from dynamo_dwdp.parallel.factory import DWDPOptions
-from dynamo_dwdp.parallel.group import STRATEGIES, GroupSpec
+from dynamo_dwdp.config.engine import EngineSettings
+from dynamo_dwdp.config.dwdp import DwdpSettings
+from dynamo_dwdp.group.context import GroupSpec
+from dynamo_dwdp.worker.flags import WORKER_ENV_FLAGS, WORKER_FLAGS, section_values
 
 EPILOG = """\
 examples (normally started by `dynamo-dwdp serve` or a DynamoGraphDeployment):
@@ -30,8 +32,8 @@ class WorkerArgs:
     served_model_name: str
     mode: str
     group: GroupSpec
-    engine: EngineConfig
-    dwdp: DWDPOptions
+    engine: EngineSettings
+    dwdp: DwdpSettings
     kv_transfer: str
     namespace: str
     component: str
@@ -40,41 +42,15 @@ class WorkerArgs:
     event_plane: str | None
     nats_url: str | None
     kv_hold_timeout: float
+    expert_skew: tuple[list[int], float] | None = None   # benchmark only ($DWDP_EXPERT_SKEW, set by `ab`)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Generated from `worker/flags.py` (WORKER_FLAGS + WORKER_ENV_FLAGS): nothing is declared twice."""
     p = argparse.ArgumentParser(prog="python -m dynamo_dwdp", description="dynamo-dwdp worker: one rank of one pool.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", required=True)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--disaggregation-mode", default="agg", choices=["agg", "prefill", "decode"])
-    p.add_argument("--strategy", default="single", choices=list(STRATEGIES))
-    p.add_argument("--group-size", type=int, default=1)
-    p.add_argument("--group-rank", type=int, default=None, help="default: $DWDP_GROUP_RANK or 0")
-    p.add_argument("--group-name", default="g0")
-    p.add_argument("--rendezvous", default=None, help="tcp://HOST:PORT | etcd://HOST:PORT | file:///PATH")
-    p.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", "dynamo"))
-    p.add_argument("--component", default=None, help="Dynamo component (default: backend, or prefill)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=512)
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--dwdp-experts-per-rank", type=int, default=None)
-    p.add_argument("--dwdp-prefetch-per-peer", type=int, default=None)
-    p.add_argument("--dwdp-contention-opt", action="store_true")
-    p.add_argument("--dwdp-routed-only", action="store_true")
-    p.add_argument("--dwdp-transport", default="auto", choices=["auto", "shm", "cuda_ipc"])
-    p.add_argument("--kv-transfer", default="nixl", choices=["nixl", "none"])
-    p.add_argument("--kv-hold-timeout", type=float, default=float(os.environ.get("DWDP_KV_HOLD_TIMEOUT", 60.0)),
-                   help="prefill: seconds to keep a request's KV blocks for the decode read "
-                        "(default: $DWDP_KV_HOLD_TIMEOUT or 60)")
-    p.add_argument("--cuda-graphs", action="store_true")
-    p.add_argument("--collectives", default="auto", choices=["auto", "library", "peer"],
-                   help="DEP/TP: peer-memory collectives (auto: on CUDA) or gloo/NCCL only")
-    p.add_argument("--liveness-timeout", type=float, default=float(os.environ.get("DWDP_LIVENESS_TIMEOUT", 5.0)))
+    for f in WORKER_FLAGS + WORKER_ENV_FLAGS:
+        p.add_argument(f.flag, **f.argparse_kwargs())
     return p
 
 
@@ -85,11 +61,13 @@ def parse_worker_args(argv: list[str] | None = None) -> WorkerArgs:
     event_plane = os.environ.get("DYN_EVENT_PLANE") or ("zmq" if discovery in ("file", "mem") else "nats")
     group = GroupSpec(strategy=a.strategy, size=a.group_size, rank=rank, name=a.group_name, rendezvous=a.rendezvous,
                       liveness_timeout=a.liveness_timeout, collectives=a.collectives).validate()
-    engine = EngineConfig(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
-                          max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
-                          device=a.device, dtype=a.dtype, cuda_graphs=a.cuda_graphs).validate()
-    dwdp = DWDPOptions(a.dwdp_experts_per_rank, a.dwdp_prefetch_per_peer, a.dwdp_contention_opt,
-                       a.dwdp_routed_only, a.dwdp_transport)
+    engine = EngineSettings(**section_values(a, "engine")).validate()
+    dwdp = DwdpSettings(**section_values(a, "dwdp"))
+    skew = os.environ.get("DWDP_EXPERT_SKEW")      # benchmark knob of the A/B harness: "e1,e2,...:bias"
+    expert_skew = None
+    if skew:
+        hot, _, bias = skew.partition(":")
+        expert_skew = ([int(e) for e in hot.split(",") if e.strip()], float(bias or 0.0))
     component = a.component or ("prefill" if a.disaggregation_mode == "prefill" else "backend")
     return WorkerArgs(
         model_path=a.model_path, served_model_name=a.served_model_name or os.path.basename(a.model_path.rstrip("/")),
@@ -97,4 +75,5 @@ def parse_worker_args(argv: list[str] | None = None) -> WorkerArgs:
         namespace=a.namespace, component=component, discovery_backend=discovery,
         request_plane=os.environ.get("DYN_REQUEST_PLANE", "tcp"), event_plane=event_plane,
         nats_url=os.environ.get("NATS_SERVER") if discovery == "etcd" else None, kv_hold_timeout=a.kv_hold_timeout,
+        expert_skew=expert_skew,
     )

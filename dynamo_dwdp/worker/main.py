@@ -11,6 +11,7 @@ import os
 import sys
 
 from dynamo_dwdp.errors import PeerError, UserError
+from dynamo_dwdp.strategies import get_strategy
 
 
 def _configure() -> None:
@@ -25,10 +26,10 @@ def _configure() -> None:
 
 
 def _run_tp_follower(args) -> int:
-    from dynamo_dwdp.parallel.factory import build_rank_engine
+    from dynamo_dwdp.rank.build import build_rank_engine   # here: torch loads after _configure() set its threads
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    re = build_rank_engine(args.model_path, args.engine, args.group, args.dwdp, args.nats_url)
+    re = build_rank_engine(args.model_path, args.engine, args.group, args.dwdp, args.nats_url, args.expert_skew)
     logging.getLogger(__name__).info("tp follower rank %d of %s ready", args.group.rank, args.group.name)
     try:
         re.follow()
@@ -43,7 +44,7 @@ def _run_tp_follower(args) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     _configure()
-    from dynamo_dwdp.worker.args import parse_worker_args
+    from dynamo_dwdp.worker.args import parse_worker_args   # after _configure(), like everything below
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -51,10 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    if args.group.strategy == "tp" and args.group.rank != 0:
+    if get_strategy(args.group.strategy).leader_only and args.group.rank != 0:
         sys.exit(_run_tp_follower(args))
     from dynamo.common.backend.run import run
 
-    from dynamo_dwdp.worker.engine import DwdpWorkerEngine
+    from dynamo_dwdp.worker.backend import DwdpWorkerEngine   # rank > 0 of tp never loads Dynamo's backend SDK
 
     run(DwdpWorkerEngine, argv)

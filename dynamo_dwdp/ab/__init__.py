@@ -1,0 +1,1 @@
+"""A/B harness: workloads, load generator, server-side evidence, Pareto report (`dynamo-dwdp ab`)."""

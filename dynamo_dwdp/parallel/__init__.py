@@ -1,1 +1,0 @@
-"""Parallel strategies: the MoEExecutor interface, single / dp / dep / tp executors, process groups."""

@@ -1,0 +1,1 @@
+"""Assembly of one rank: strategy executor + model runner + engine (and local groups of ranks)."""

@@ -1,0 +1,1 @@
+"""Synthetic DeepSeek-V3 checkpoints: presets, random weights, an offline tokenizer (`make-model`)."""

@@ -1,0 +1,145 @@
+"""Worker /metrics: tolerant Prometheus parsing, counter deltas and the per-pool evidence.
+
+References: hand-written exposition text and hand arithmetic of the step-time split, bytes per
+token and KV-transfer means; the fake frontend's /metrics for the scrape path.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from dynamo_dwdp.ab import server_metrics as sm
+from tests.ab.test_ab_fakes import FakeFrontend
+
+TEXT = r'''# HELP dwdp_step_seconds_total Step time.
+# TYPE dwdp_step_seconds_total counter
+dwdp_step_seconds_total{strategy="dwdp",role="decode",group="g0",rank="0"} 10.0
+dwdp_step_seconds_total{strategy="dwdp",role="decode",group="g0",rank="1"} 6 1712345678000
+dwdp_weird{path="a\"b,c",x="1"} 3
+no_labels_metric 4.5e3
+dwdp_kv_transfer_seconds_bucket{le="+Inf",rank="0"} 12
+broken{unterminated="x 5
+also broken line
+dwdp_nan{rank="0"} NaN
+empty_labels{} 7
+'''
+
+
+def test_parser_reads_good_lines_and_skips_bad_ones():
+    m = sm.parse_prometheus(TEXT)
+    key = ("dwdp_step_seconds_total", (("group", "g0"), ("rank", "1"), ("role", "decode"), ("strategy", "dwdp")))
+    assert m[key] == 6.0  # a trailing timestamp is ignored
+    assert m[("dwdp_weird", (("path", 'a"b,c'), ("x", "1")))] == 3.0  # escaped quote, comma inside the value
+    assert m[("no_labels_metric", ())] == 4500.0
+    assert m[("dwdp_kv_transfer_seconds_bucket", (("le", "+Inf"), ("rank", "0")))] == 12.0
+    assert m[("empty_labels", ())] == 7.0
+    assert not any(k[0] in ("broken", "also") for k in m)
+    assert len(m) == 7
+    assert sm.parse_prometheus(None) == {} and sm.parse_prometheus("") == {}
+
+
+def test_counter_deltas_gauges_and_resets():
+    lab = (("rank", "0"),)
+    before = {("dwdp_steps_total", lab): 10.0, ("dwdp_tokens_total", lab): 50.0, ("dwdp_queue_depth", lab): 3.0}
+    after = {("dwdp_steps_total", lab): 15.0, ("dwdp_tokens_total", lab): 20.0, ("dwdp_queue_depth", lab): 1.0,
+             ("dwdp_generated_tokens_total", lab): 4.0}
+    d = sm.counter_deltas(before, after)
+    assert d[("dwdp_steps_total", lab)] == 5.0
+    assert ("dwdp_tokens_total", lab) not in d  # went backwards: a restarted worker, dropped
+    assert d[("dwdp_queue_depth", lab)] == 1.0  # gauge: the value after
+    assert d[("dwdp_generated_tokens_total", lab)] == 4.0  # new series counts from 0
+
+
+def _series(rank, **values):
+    lab = (("group", "g0"), ("rank", str(rank)), ("role", "decode"), ("strategy", "dwdp"))
+    return {(name, lab): v for name, v in values.items()}
+
+
+def test_pool_evidence_by_hand():
+    d = {}
+    d.update(_series(0, dwdp_step_seconds_total=10.0, dwdp_step_compute_seconds_total=6.0,
+                     dwdp_step_prefetch_wait_seconds_total=3.0, dwdp_step_sync_wait_seconds_total=1.0,
+                     dwdp_steps_total=100.0, dwdp_tokens_total=400.0, dwdp_generated_tokens_total=100.0,
+                     dwdp_remote_bytes_total=1e6, dwdp_kv_transfer_seconds_sum=0.15,
+                     dwdp_kv_transfer_seconds_count=5.0, dwdp_queue_depth=2.0))
+    d.update(_series(1, dwdp_step_seconds_total=6.0, dwdp_step_compute_seconds_total=3.0,
+                     dwdp_step_prefetch_wait_seconds_total=2.0, dwdp_step_sync_wait_seconds_total=0.5,
+                     dwdp_steps_total=60.0, dwdp_tokens_total=240.0, dwdp_generated_tokens_total=200.0,
+                     dwdp_remote_bytes_total=2e6, dwdp_kv_transfer_seconds_sum=0.05,
+                     dwdp_kv_transfer_seconds_count=5.0, dwdp_queue_depth=4.0))
+    ev = sm.pool_evidence(d)
+    # step 16 s in all: compute 9, prefetch 5, sync 1.5, the rest 0.5
+    assert ev["compute_frac"] == pytest.approx(9 / 16)
+    assert ev["prefetch_wait_frac"] == pytest.approx(5 / 16)
+    assert ev["sync_wait_frac"] == pytest.approx(1.5 / 16)
+    assert ev["other_frac"] == pytest.approx(0.5 / 16)
+    assert ev["split_sum_frac"] == pytest.approx(15.5 / 16)
+    assert ev["remote_bytes_per_generated_token"] == pytest.approx(3e6 / 300)
+    assert ev["kv_transfer_ms_mean"] == pytest.approx(0.2 / 10 * 1e3)
+    assert ev["tokens_per_step"] == pytest.approx(640 / 160)
+    assert ev["mean_step_ms"] == pytest.approx(16 / 160 * 1e3)
+    assert ev["rank_step_spread"] == pytest.approx(10 / 8)
+    assert ev["queue_depth_mean"] == 3.0
+    assert ev["strategy"] == "dwdp" and ev["role"] == "decode"
+
+
+def test_a_strategy_without_prefetch_still_gets_other_and_overlap_is_detected():
+    dep = sm.pool_evidence(_series(0, dwdp_step_seconds_total=10.0, dwdp_step_compute_seconds_total=3.0,
+                                   dwdp_step_sync_wait_seconds_total=5.0))
+    assert dep["prefetch_wait_frac"] is None and dep["other_frac"] == pytest.approx(0.2)
+    bad = sm.pool_evidence(_series(0, dwdp_step_seconds_total=10.0, dwdp_step_compute_seconds_total=3.0,
+                                   dwdp_step_sync_wait_seconds_total=9.0))
+    assert bad["split_sum_frac"] == pytest.approx(1.2) and bad["other_frac"] is None
+
+
+def test_missing_families_are_none_not_a_crash():
+    ev = sm.pool_evidence(_series(0, dwdp_step_seconds_total=5.0))
+    assert ev["step_seconds"] == 5.0
+    for k in ("compute_frac", "prefetch_wait_frac", "sync_wait_frac", "other_frac", "remote_bytes_per_generated_token",
+              "kv_transfer_ms_mean", "tokens_per_step", "rank_step_spread", "queue_depth_mean"):
+        assert ev[k] is None, k
+    empty = sm.pool_evidence({})
+    assert all(v is None for k, v in empty.items() if k not in ("scraped", "scrape_failed"))
+    # zero denominators are n/a too
+    ev = sm.pool_evidence(_series(0, dwdp_step_seconds_total=0.0, dwdp_step_compute_seconds_total=0.0,
+                                  dwdp_remote_bytes_total=5.0, dwdp_generated_tokens_total=0.0))
+    assert ev["compute_frac"] is None and ev["remote_bytes_per_generated_token"] is None
+
+
+def test_evidence_merges_ranks_and_counts_failed_scrapes():
+    def text(rank, step, gen):
+        lab = f'strategy="dep",role="decode",group="g0",rank="{rank}"'
+        return (f"dwdp_step_seconds_total{{{lab}}} {step}\ndwdp_step_sync_wait_seconds_total{{{lab}}} {step / 4}\n"
+                f"dwdp_generated_tokens_total{{{lab}}} {gen}\n")
+
+    before = {"u0": text(0, 1.0, 10), "u1": text(1, 1.0, 10), "u2": None, "p0": "garbage"}
+    after = {"u0": text(0, 3.0, 30), "u1": text(1, 5.0, 50), "u2": text(2, 9.0, 9), "p0": "garbage"}
+    ev = sm.evidence(before, after, {"decode": ["u0", "u1", "u2"], "prefill": ["p0"]})
+    dec = ev["decode"]
+    assert dec["scraped"] == 2 and dec["scrape_failed"] == 1
+    assert dec["step_seconds"] == pytest.approx(2 + 4)
+    assert dec["sync_wait_frac"] == pytest.approx((0.5 + 1.0) / 6)
+    assert dec["generated_tokens"] == 60 and dec["strategy"] == "dep"
+    assert ev["prefill"]["scraped"] == 1 and ev["prefill"]["step_seconds"] is None
+
+
+def test_scrape_fake_workers_including_failures():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/metrics"
+    with FakeFrontend() as fe:
+        fe.state.tokens_served = 8
+        got = asyncio.run(sm.scrape([f"{fe.url}/metrics/decode/0", f"{fe.url}/v1/nothing", dead]))
+    assert "dwdp_generated_tokens_total" in got[f"{fe.url}/metrics/decode/0"]
+    assert got[f"{fe.url}/v1/nothing"] is None and got[dead] is None
+    assert asyncio.run(sm.scrape([])) == {}
+
+
+def test_group_by_pool_merges_launcher_groups():
+    urls = {"decode-g0": ["a", "b"], "decode-g1": ["c"], "prefill-g0": ["p"], "decode-extra": ["x"], "agg": ["g"],
+            "prefill-big-g0": ["q"]}
+    got = sm.group_by_pool(urls, ["decode", "prefill", "agg", "prefill-big"])
+    assert got == {"decode": ["a", "b", "c"], "prefill": ["p"], "decode-extra": ["x"], "agg": ["g"],
+                   "prefill-big": ["q"]}

@@ -1,0 +1,500 @@
+"""End to end through Dynamo's OpenAI frontend, one launch per graph (graphs/*.yaml, embedded infra).
+
+For each graph: /v1/completions and /v1/chat/completions, streaming and not, greedy with a fixed
+length (temperature 0, ignore_eos), against independent references: `dynamo-dwdp generate` on the
+same prompt (completions) and on the chat-templated token ids that transformers' AutoTokenizer
+builds from the model directory (chat). Disagg graphs: prefill and decode served by different
+workers, each one a worker of the right pool (ids matched against every rank's /metrics labels), and
+KV bytes moved by NIXL on the decode worker that served the request. Worker-side rejections come
+back as 400 with the engine's message and the graph keeps serving. Every TCP listener of the
+served process trees is on loopback (/proc/net/tcp{,6}). Nothing is left running afterwards.
+
+The helpers here are shared with tests/launch/test_serve_failures.py and tests/launch/test_serve_etcd.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PY, REPO
+
+CONFIG = str(REPO / "configs" / "tiny-cpu.yaml")
+GRAPHS = ["agg", "disagg_dwdp_decode", "disagg_dwdp_prefill", "disagg_dep", "disagg_tp"]
+HTTP_TIMEOUT = 60.0               # every client call: seconds per socket operation
+TEST_WORKER_ENV = {
+    "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS": "0",   # Dynamo's 5 s pre-drain sleep: nothing to drain here
+    "DWDP_KV_HOLD_TIMEOUT": "4",
+}
+COMPLETION_PROMPT = "Mixture of experts models send every token to a few experts"
+CHAT_MESSAGES = [{"role": "user", "content": "Why do experts need parallelism?"}]
+MAX_TOKENS = 12
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+# ------------------------------------------------------------------ HTTP client (timeouts everywhere)
+def post(url: str, body: dict, timeout: float = HTTP_TIMEOUT) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raw = e.read().decode(errors="replace")
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, {"message": raw}
+
+
+def stream(url: str, body: dict, timeout: float = HTTP_TIMEOUT, on_chunk=None) -> dict:
+    """POST with stream=true; parse the SSE stream. Returns {status, chunks, errors, done, exception}.
+    `errors` holds every SSE data object carrying "error" (Dynamo's mid-stream failure event)."""
+    body = dict(body, stream=True)
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    res = {"status": None, "chunks": [], "errors": [], "done": False, "exception": None}
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            res["status"] = r.status
+            for raw in r:
+                line = raw.decode(errors="replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    res["done"] = True
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    res["errors"].append(obj["error"])
+                    continue
+                res["chunks"].append(obj)
+                if on_chunk is not None:
+                    on_chunk(obj)
+    except urllib.error.HTTPError as e:
+        res["status"] = e.code
+        res["errors"].append(e.read().decode(errors="replace"))
+    except (OSError, ValueError) as e:          # timeouts and dropped connections end the call too
+        res["exception"] = repr(e)
+    return res
+
+
+def stream_text(res: dict) -> str:
+    out = []
+    for c in res["chunks"]:
+        for ch in c.get("choices") or []:
+            out.append(ch.get("text") if "text" in ch else (ch.get("delta") or {}).get("content") or "")
+    return "".join(x or "" for x in out)
+
+
+def stream_finish(res: dict) -> str | None:
+    reasons = [ch["finish_reason"] for c in res["chunks"] for ch in c.get("choices") or [] if ch.get("finish_reason")]
+    return reasons[-1] if reasons else None
+
+
+def stream_worker_ids(res: dict) -> dict:
+    ids = [c["nvext"]["worker_id"] for c in res["chunks"] if (c.get("nvext") or {}).get("worker_id")]
+    return ids[-1] if ids else {}
+
+
+def metric_samples(url: str, name: str, timeout: float = 2.0) -> list[tuple[dict, float]]:
+    """Every sample of one family on a /metrics page: [(labels, value)]; [] when unreachable."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            text = r.read().decode(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})?\s+(\S+)$", line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1) or ""))
+            out.append((labels, float(m.group(2))))
+    return out
+
+
+def metric_total(url: str, name: str) -> float:
+    return sum(v for _, v in metric_samples(url, name))
+
+
+def worker_map(handle) -> dict[int, tuple[str, str, int, str]]:
+    """Dynamo worker id -> (component name, role, rank index, metrics url), from the `worker_id`
+    label every rank's /metrics carries (ranks without a Dynamo endpoint, e.g. TP followers, have none)."""
+    out = {}
+    for c in handle.components:
+        for i, port in enumerate(c.system_ports):
+            url = f"http://{handle.infra.host}:{port}/metrics"
+            for labels, _ in metric_samples(url, "dwdp_kv_blocks_used"):
+                if "worker_id" in labels:
+                    out[int(labels["worker_id"], 16)] = (c.name, c.role, i, url)
+    return out
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------ processes and sockets (/proc only)
+def _ppid_map() -> dict[int, int]:
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    stat = f.read()
+                out[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def process_tree(roots: list[int]) -> set[int]:
+    """roots and all their live descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in _ppid_map().items():
+        children.setdefault(ppid, []).append(pid)
+    seen, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        todo += children.get(pid, [])
+    return {p for p in seen if os.path.exists(f"/proc/{p}")}
+
+
+def served_pids(handle) -> set[int]:
+    roots = [c.proc.pid for c in handle.components] + [p.pid for _, p in handle.infra.procs]
+    return process_tree(roots)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _hex_addr(h: str) -> str:
+    ip, port = h.split(":")
+    raw = bytes.fromhex(ip)
+    if len(raw) == 4:
+        addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
+    else:                                        # /proc prints IPv6 as four little-endian 32-bit words
+        addr = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+    return f"{addr}:{int(port, 16)}"
+
+
+def tcp_listeners() -> dict[int, str]:
+    """socket inode -> 'address:port' of every listening TCP socket (v4 and v6) in this netns."""
+    out = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(path).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A":                     # TCP_LISTEN
+                out[int(f[9])] = _hex_addr(f[1])
+    return out
+
+
+def listeners_of(pids: set[int]) -> list[tuple[int, str]]:
+    """(pid, 'address:port') of every TCP listener owned by one of pids."""
+    table = tcp_listeners()
+    out = []
+    for pid in sorted(pids):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        inodes = set()
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+        out += [(pid, table[i]) for i in inodes if i in table]
+    return out
+
+
+def is_loopback(addr: str) -> bool:
+    host = addr.rsplit(":", 1)[0]
+    return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1") or host.startswith("::ffff:127.")
+
+
+def pgrep(pattern: str) -> list[int]:
+    r = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, timeout=10)
+    return [int(x) for x in r.stdout.split() if int(x) != os.getpid()]
+
+
+def assert_nothing_left(pids: set[int], marker: str) -> None:
+    """Every process we saw (and anything whose command line names this module's tmp dir) is gone."""
+    left = wait_for(lambda: not [p for p in pids if alive(p)] and not pgrep(marker), 15.0) or None
+    if left is None:
+        still = [(p, Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:120]) for p in pids if alive(p)]
+        raise AssertionError(f"processes left after the graph stopped: {still} / pgrep {marker}: {pgrep(marker)}")
+
+
+# ------------------------------------------------------------------ references and launching
+def chat_prompt_ids(model_dir: str, messages: list[dict]) -> list[int]:
+    """The chat-templated prompt, built by transformers from the model directory (independent of Dynamo)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+class References:
+    """`dynamo-dwdp generate --json` for the completion prompt and the chat token ids, started at
+    once in the background (they overlap with the first graph launch)."""
+
+    def __init__(self, model_dir: str, max_tokens: int = MAX_TOKENS):
+        self.chat_ids = chat_prompt_ids(model_dir, CHAT_MESSAGES)
+        base = [PY, "-m", "dynamo_dwdp.cli", "generate", "--model", model_dir, "--max-tokens", str(max_tokens),
+                "--ignore-eos", "--json"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self._procs = {
+            "completion": subprocess.Popen(base + ["--prompt", COMPLETION_PROMPT], cwd=REPO, env=env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            "chat": subprocess.Popen(base + ["--token-ids", ",".join(map(str, self.chat_ids))], cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        }
+        self._out: dict[str, dict] = {}
+
+    def __getitem__(self, key: str) -> dict:
+        if key not in self._out:
+            proc = self._procs[key]
+            out, err = proc.communicate(timeout=180)
+            assert proc.returncode == 0, err[-2000:]
+            self._out[key] = json.loads(out)
+        return self._out[key]
+
+    def close(self) -> None:
+        for p in self._procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+
+
+def make_model(model_dir: Path) -> str:
+    r = subprocess.run([PY, "-m", "dynamo_dwdp.cli", "make-model", str(model_dir), "--preset", "tiny", "--seed", "0",
+                        "--dtype", "fp32"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return str(model_dir)
+
+
+class Served:
+    """A running graph plus what the tests share: pids seen while serving, cached responses."""
+
+    def __init__(self, handle):
+        self.h = handle
+        self.workers = worker_map(handle)
+        self.pids = served_pids(handle)
+        self._cache: dict[str, object] = {}
+
+    def cached(self, name: str, fn):
+        if name not in self._cache:
+            self._cache[name] = fn()
+        return self._cache[name]
+
+    @property
+    def disagg(self) -> bool:
+        return any(p.role == "prefill" for p in self.h.graph.pools)
+
+
+def completion_body(model: str, **kw) -> dict:
+    return dict({"model": model, "prompt": COMPLETION_PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
+                 "ignore_eos": True, "nvext": {"extra_fields": ["worker_id"]}}, **kw)
+
+
+def chat_body(model: str, **kw) -> dict:
+    return dict({"model": model, "messages": CHAT_MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0,
+                 "ignore_eos": True, "nvext": {"extra_fields": ["worker_id"]}}, **kw)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return make_model(tmp_path_factory.mktemp("serve-model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def refs(model_dir):
+    r = References(model_dir)
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module", params=GRAPHS)
+def served(request, model_dir, refs, tmp_path_factory):
+    from dynamo_dwdp.launch.launcher import serve_graph
+
+    run_dir = tmp_path_factory.mktemp(f"run-{request.param}")
+    pids: set[int] = set()
+    with serve_graph(str(REPO / "graphs" / f"{request.param}.yaml"), [CONFIG], overrides={"model.path": model_dir},
+                     log_dir=str(run_dir), http_port=0, worker_env=TEST_WORKER_ENV) as h:
+        s = Served(h)
+        pids = s.pids
+        yield s
+        pids |= served_pids(h)
+    assert_nothing_left(pids, str(run_dir))
+    assert_nothing_left(set(), model_dir)
+
+
+# ------------------------------------------------------------------ tests
+def _completion(s: Served) -> dict:
+    def run():
+        status, body = post(s.h.url + "/v1/completions", completion_body(s.h.model_name))
+        assert status == 200, body
+        return body
+    return s.cached("completion", run)
+
+
+def _completion_stream(s: Served) -> dict:
+    return s.cached("completion_stream", lambda: stream(
+        s.h.url + "/v1/completions", completion_body(s.h.model_name, stream_options={"include_usage": True})))
+
+
+def _chat(s: Served) -> dict:
+    def run():
+        status, body = post(s.h.url + "/v1/chat/completions", chat_body(s.h.model_name))
+        assert status == 200, body
+        return body
+    return s.cached("chat", run)
+
+
+def _chat_stream(s: Served) -> dict:
+    return s.cached("chat_stream", lambda: stream(s.h.url + "/v1/chat/completions", chat_body(s.h.model_name)))
+
+
+def test_completions_match_generate(served, refs):
+    body = _completion(served)
+    choice = body["choices"][0]
+    assert choice["text"] == refs["completion"]["text"]
+    assert choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == MAX_TOKENS == len(refs["completion"]["token_ids"])
+
+
+def test_completions_streaming_matches_generate(served, refs):
+    res = _completion_stream(served)
+    assert res["status"] == 200 and res["done"] and not res["errors"] and res["exception"] is None, res
+    assert stream_text(res) == refs["completion"]["text"]
+    assert stream_finish(res) == "length"
+    usage = [c["usage"] for c in res["chunks"] if c.get("usage")]
+    assert usage and usage[-1]["completion_tokens"] == MAX_TOKENS
+
+
+def test_chat_matches_generate_on_templated_ids(served, refs):
+    body = _chat(served)
+    choice = body["choices"][0]
+    assert body["usage"]["prompt_tokens"] == len(refs.chat_ids)     # the frontend templated as transformers did
+    assert choice["message"]["content"] == refs["chat"]["text"]
+    assert choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == MAX_TOKENS
+
+
+def test_chat_streaming_equals_non_streaming(served, refs):
+    res = _chat_stream(served)
+    assert res["status"] == 200 and res["done"] and not res["errors"] and res["exception"] is None, res
+    assert stream_text(res) == _chat(served)["choices"][0]["message"]["content"] == refs["chat"]["text"]
+    assert stream_finish(res) == "length"
+
+
+def test_workers_of_the_right_pools_served_each_request(served):
+    """nvext worker_id: every request went to workers of this graph, prefill and decode to different
+    workers of the prefill and decode pools (disagg), or to the agg worker."""
+    seen = [_completion(served)["nvext"]["worker_id"], _chat(served)["nvext"]["worker_id"],
+            stream_worker_ids(_completion_stream(served)), stream_worker_ids(_chat_stream(served))]
+    for ids in seen:
+        assert ids.get("decode_worker_id") in served.workers, (ids, served.workers)
+        decode = served.workers[ids["decode_worker_id"]]
+        if served.disagg:
+            assert ids.get("prefill_worker_id") in served.workers, (ids, served.workers)
+            prefill = served.workers[ids["prefill_worker_id"]]
+            assert ids["prefill_worker_id"] != ids["decode_worker_id"]
+            assert (prefill[1], decode[1]) == ("prefill", "decode")
+        else:
+            assert decode[1] == "agg"
+            assert ids.get("prefill_worker_id") in (None, ids["decode_worker_id"])
+
+
+def test_kv_bytes_moved_by_nixl_to_the_serving_decode_worker(served):
+    if not served.disagg:
+        pytest.skip("agg graph: no KV transfer")
+    _completion(served)
+    _chat(served)
+    for ids in (_completion(served)["nvext"]["worker_id"], _chat(served)["nvext"]["worker_id"]):
+        url = served.workers[ids["decode_worker_id"]][3]
+        assert metric_total(url, "dwdp_kv_transfer_bytes_total") > 0, url
+    decode_urls = [w[3] for w in served.workers.values() if w[1] == "decode"]
+    assert sum(metric_total(u, "dwdp_kv_transfer_bytes_total") for u in decode_urls) > 0
+    assert sum(metric_total(u, "dwdp_kv_transfer_failures_total") for u in decode_urls) == 0
+
+
+def test_worker_side_rejections_are_400_and_the_graph_keeps_serving(served):
+    """Checks only the engine does (the frontend passes them on): its InvalidArgument must reach the
+    client as 400 with the engine's message, from whichever role saw the request first."""
+    m, url = served.h.model_name, served.h.url + "/v1/completions"
+    urls = [w[3] for w in served.workers.values()]
+    t0 = time.monotonic()
+    status, body = post(url, {"model": m, "prompt": "hello", "max_tokens": 5000})
+    assert status == 400 and "max_tokens=5000" in body["message"] and "context length" in body["message"], body
+    # nothing stays allocated for it: a decode that refuses a request frees the prefill's blocks at
+    # once (well before DWDP_KV_HOLD_TIMEOUT)
+    hold = float(TEST_WORKER_ENV["DWDP_KV_HOLD_TIMEOUT"])
+    assert wait_for(lambda: all(metric_total(u, "dwdp_kv_blocks_used") == 0 for u in urls), 1.5), \
+        {u: metric_total(u, "dwdp_kv_blocks_used") for u in urls}
+    assert time.monotonic() - t0 < hold
+    status, body = post(url, {"model": m, "prompt": "hello", "max_tokens": 3, "repetition_penalty": 1.3})
+    assert status == 400 and "repetition_penalty" in body["message"], body
+    status, body = post(url, completion_body(m))
+    assert status == 200 and body["choices"][0]["text"] == _completion(served)["choices"][0]["text"]
+
+
+def ss_listeners(pids: set[int]) -> set[tuple[int, str]]:
+    """(pid, 'address:port') of the TCP listeners of pids as `ss -ltnp` reports them."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, timeout=10).stdout
+    found = set()
+    for line in out.splitlines():
+        fields = line.split()
+        addr = fields[3].replace("[", "").replace("]", "").replace("*:", "0.0.0.0:")
+        found |= {(int(pid), addr) for pid in re.findall(r"pid=(\d+)", line) if int(pid) in pids}
+    return found
+
+
+def test_every_listener_of_the_graph_is_on_loopback(served):
+    pids = served_pids(served.h) | served.pids
+    socks = listeners_of(pids)
+    port = int(served.h.url.rsplit(":", 1)[1])
+    frontend = served.h.component("frontend").proc.pid
+    assert (frontend, f"127.0.0.1:{port}") in socks            # the scan does see our sockets
+    system = {p for c in served.h.components for p in c.system_ports[: c.registers]}
+    assert system <= {int(a.rsplit(":", 1)[1]) for _, a in socks}
+    wide = [(pid, addr, Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:100])
+            for pid, addr in socks if not is_loopback(addr)]
+    assert not wide, wide
+    if shutil.which("ss"):                                    # the same picture through ss -ltnp
+        seen = ss_listeners(pids)
+        assert (frontend, f"127.0.0.1:{port}") in seen
+        assert all(is_loopback(addr) for _, addr in seen), seen

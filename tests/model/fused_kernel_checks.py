@@ -1,0 +1,185 @@
+"""Run by tests/model/test_fused_kernels.py in a fresh process with TRITON_INTERPRET=1 (the interpreter must
+be chosen before triton is first imported). Each check compares one Triton kernel of
+dynamo_dwdp/model/kernels/ with the torch reference path on small shapes, fresh random inputs, in
+float32 (the interpreter's bf16 dot is not trustworthy; bf16 runs are checked by scripts/gpu_perf.py
+on the GPU). Prints "ok <n> checks" when all pass."""
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+from dynamo_dwdp.model import mla_decode  # noqa: E402
+from dynamo_dwdp.model.fp8 import dequantize_block_fp8, quantize_block_fp8  # noqa: E402
+from dynamo_dwdp.model.kernels import mla_prep, moe_gemm, router  # noqa: E402
+from dynamo_dwdp.model.moe import Router  # noqa: E402
+from dynamo_dwdp.model.rope import RotaryEmbedding  # noqa: E402
+from dynamo_dwdp.model.experts import ExpertBank, routed_experts  # noqa: E402
+
+GEN = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))   # fresh inputs every run
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def router_matches_reference() -> None:
+    """Two kernels vs the torch noaux_tc router: same expert sets, same weights (grouped and flat,
+    normalised or not, with correction bias and skew)."""
+    for E, G, TG, K, T, H, norm in ((64, 1, 1, 6, 5, 96, False), (32, 4, 2, 4, 19, 200, True), (16, 8, 3, 3, 3, 64, True)):
+        cfg = SimpleNamespace(topk_method="noaux_tc", uses_correction_bias=True,
+                              n_routed_experts=E, hidden_size=H, n_group=G, topk_group=TG, num_experts_per_tok=K,
+                              norm_topk_prob=norm, routed_scaling_factor=2.5)
+        r = Router(cfg)
+        r.weight.data = torch.randn(E, H, generator=GEN)
+        r.e_score_correction_bias.copy_(torch.randn(E, generator=GEN) * 0.1)
+        r.selection_skew.copy_(torch.randn(E, generator=GEN) * 0.05)
+        x = torch.randn(T, H, generator=GEN)
+        ids, w = router.noaux_tc_route(x, r.weight, r.e_score_correction_bias, r.selection_skew, K, G, TG, norm, 2.5)
+        ref_ids, ref_w = r(x)
+        a, b = ids.sort(1), ref_ids.sort(1)
+        assert torch.equal(a.values, b.values), (E, G, ids, ref_ids)
+        assert torch.allclose(w.gather(1, a.indices), ref_w.gather(1, b.indices), rtol=1e-5, atol=1e-6)
+
+
+def mla_prep_matches_torch_path() -> None:
+    """norm + rope + cache write vs the torch sequence of MLAttention (interleaved and half rope),
+    a strided layer view of the pool, scattered slots; untouched slots stay untouched."""
+    C, R, N, h, bs = 64, 16, 24, 5, 4
+    for interleave in (True, False):
+        cfg = SimpleNamespace(qk_rope_head_dim=R, rope=SimpleNamespace(kind="default", theta=10000.0,
+                                                                         interleave=interleave))
+        rope = RotaryEmbedding(cfg)
+        T = 7
+        q = torch.randn(T, h, N + R, generator=GEN)
+        kv = torch.randn(T, C + R, generator=GEN)
+        w = torch.rand(C, generator=GEN) + 0.5
+        pos = torch.randint(0, 500, (T,), generator=GEN)
+        cos, sin = rope.cos_sin(pos)
+        pool = torch.randn(10, 2, bs, C + R, generator=GEN)
+        slots = torch.randperm(10 * bs, generator=GEN)[:T]
+        want = pool.clone()
+        got_pool = pool.clone()
+        q_pe = mla_prep.mla_prep(q, kv, w, 1e-6, cos, sin, slots, got_pool[:, 1], N, interleave)
+        lat = kv[:, :C]
+        lat = w * (lat * torch.rsqrt(lat.pow(2).mean(-1, keepdim=True) + 1e-6))
+        k_pe = rope.apply(kv[:, C:], cos, sin)
+        want[:, 1][slots // bs, slots % bs] = torch.cat([lat, k_pe], -1)
+        assert rel(q_pe, rope.apply(q[..., N:], cos, sin)) < 1e-6
+        assert (got_pool - want).abs().max() < 1e-5
+
+
+def decode_kernel_takes_q_pe_apart() -> None:
+    """mla_decode with the rotary query passed separately equals the concatenated call."""
+    C, R, h, bs = 32, 16, 4, 4
+    pool = torch.randn(20, 1, bs, C + R, generator=GEN)
+    ctx = torch.tensor([5, 17, 9])
+    tables = torch.stack([torch.randperm(20, generator=GEN)[:6] for _ in range(3)])
+    q_lat, q_pe = torch.randn(3, h, C, generator=GEN), torch.randn(3, h, R, generator=GEN)
+    a = mla_decode.mla_decode_attention(torch.cat([q_lat, q_pe], -1), pool[:, 0], tables, ctx, C, 0.2, 17)
+    b = mla_decode.mla_decode_attention(q_lat, pool[:, 0], tables, ctx, C, 0.2, 17, q_pe=q_pe)
+    assert rel(b, a) < 1e-6
+
+
+def align_is_a_stable_sort() -> None:
+    for rows, E in ((1, 4), (37, 16), (600, 64)):
+        ids = torch.randint(-2, E + 3, (rows,), generator=GEN)
+        order, offs = moe_gemm.align(ids, E)
+        bucket = torch.where((ids >= 0) & (ids < E), ids, E)
+        assert torch.equal(order.long(), torch.argsort(bucket, stable=True))
+        counts = torch.bincount(bucket, minlength=E + 1)
+        assert offs.tolist() == [0] + torch.cumsum(counts, 0).tolist()
+
+
+def _loop_reference(x, ids, w, banks):
+    out = torch.zeros_like(x, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            for b in banks:
+                if b.first <= e < b.first + b.count:
+                    w13 = b.w13[e - b.first].double()
+                    w2 = b.w2[e - b.first].double()
+                    if b.w13_scale is not None:
+                        w13 = dequantize_block_fp8(b.w13[e - b.first], b.w13_scale[e - b.first]).double()
+                        w2 = dequantize_block_fp8(b.w2[e - b.first], b.w2_scale[e - b.first]).double()
+                    gate, up = (x[t].double() @ w13.T).chunk(2)
+                    out[t] += w[t, j] * ((F.silu(gate) * up) @ w2.T)
+    return out
+
+
+def fused_experts_match_reference() -> None:
+    """Two banks with a gap (experts 5..6 held by no bank, ids past the last bank) vs an fp64 loop,
+    and vs routed_experts' CPU path; then the same with FP8 block-scaled banks vs their dequantized
+    weights (I = 160: partial scale blocks on the down projection)."""
+    H, I, T, k = 64, 48, 11, 3
+    banks = [ExpertBank(0, torch.randn(5, 2 * I, H, generator=GEN) * 0.1, torch.randn(5, H, I, generator=GEN) * 0.1),
+             ExpertBank(7, torch.randn(4, 2 * I, H, generator=GEN) * 0.1, torch.randn(4, H, I, generator=GEN) * 0.1)]
+    x = torch.randn(T, H, generator=GEN)
+    ids = torch.stack([torch.randperm(13, generator=GEN)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=GEN)
+    got = moe_gemm.routed_experts_fused(x, ids, w, banks)
+    assert rel(got, _loop_reference(x, ids, w, banks)) < 1e-5
+    assert rel(got, routed_experts(x, ids, w, banks)) < 1e-5
+    x = torch.randn(40, H, generator=GEN)                 # hot experts: several M tiles per expert
+    ids = torch.stack([torch.tensor([1, 8, 9])[torch.randperm(3, generator=GEN)] for _ in range(40)])
+    w = torch.rand(40, k, generator=GEN)
+    assert rel(moe_gemm.routed_experts_fused(x, ids, w, banks), _loop_reference(x, ids, w, banks)) < 1e-5
+    H, I = 256, 160
+    fp8 = []
+    for first, n in ((0, 3), (3, 2)):
+        w13 = [quantize_block_fp8(torch.randn(2 * I, H, generator=GEN)) for _ in range(n)]
+        w2 = [quantize_block_fp8(torch.randn(H, I, generator=GEN)) for _ in range(n)]
+        fp8.append(ExpertBank(first, torch.stack([q for q, _ in w13]), torch.stack([q for q, _ in w2]),
+                              torch.stack([s for _, s in w13]), torch.stack([s for _, s in w2])))
+    x = torch.randn(6, H, generator=GEN) * 0.05
+    ids = torch.stack([torch.randperm(5, generator=GEN)[:2] for _ in range(6)])
+    w = torch.rand(6, 2, generator=GEN)
+    got = moe_gemm.routed_experts_fused(x, ids, w, fp8)
+    assert rel(got, _loop_reference(x, ids, w, fp8)) < 1e-5
+
+
+def fp8_linear_matches_dequantized() -> None:
+    for N, K, M in ((300, 256, 5), (128, 384, 1), (64, 200, 17), (96, 256, 70)):
+        q, s = quantize_block_fp8(torch.randn(N, K, generator=GEN))
+        x = torch.randn(M, K, generator=GEN)
+        assert rel(moe_gemm.fp8_linear(x, q, s), x.double() @ dequantize_block_fp8(q, s).double().T) < 1e-5
+
+
+def dense_swiglu_matches_mlp() -> None:
+    """A DenseMLP after fuse_gate_up (bf16-path layout, then FP8 with I = 256: two scale blocks):
+    the one-kernel gate/up/silu/product vs the module's torch forward."""
+    from dynamo_dwdp.model.layers import DenseMLP
+    from dynamo_dwdp.model.tensor_parallel import TensorParallel
+
+    for fp8 in (False, True):
+        H, I = 192, 256
+        mlp = DenseMLP(H, I, TensorParallel())
+        for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            lin.weight.data = torch.randn(lin.weight.shape, generator=GEN) * 0.1
+            if fp8:
+                q, sc = quantize_block_fp8(lin.weight.data)
+                lin.weight = torch.nn.Parameter(q, requires_grad=False)
+                lin.register_buffer("weight_scale_inv", sc, persistent=False)
+        x = torch.randn(9, H, generator=GEN)
+        ref = F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+        assert mlp.fuse_gate_up()
+        assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up.data_ptr()       # views, no second copy
+        got = moe_gemm.dense_swiglu(x, mlp.gate_up, mlp.gate_up_scale)
+        assert rel(got, ref) < 1e-5, (fp8, rel(got, ref))
+
+
+if __name__ == "__main__":
+    checks = [router_matches_reference, mla_prep_matches_torch_path, decode_kernel_takes_q_pe_apart,
+              align_is_a_stable_sort, fused_experts_match_reference, fp8_linear_matches_dequantized,
+              dense_swiglu_matches_mlp]
+    for c in checks:
+        c()
+        print("passed", c.__name__, flush=True)
+    print(f"ok {len(checks)} checks")
+    sys.exit(0)
