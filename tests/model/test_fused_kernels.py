@@ -19,7 +19,7 @@ def test_fused_kernels_under_the_interpreter():
     the torch reference on fresh random inputs."""
     pytest.importorskip("triton", reason="the fused kernels are tested under Triton's CPU interpreter")
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(here)}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(here))}
     res = subprocess.run([sys.executable, os.path.join(here, "fused_kernel_checks.py")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr

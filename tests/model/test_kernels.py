@@ -191,7 +191,7 @@ def test_triton_mla_decode_kernel_under_the_interpreter():
 
     pytest.importorskip("triton", reason="the Triton decode kernel is tested under Triton's CPU interpreter")
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(here)}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(here))}
     res = subprocess.run([sys.executable, os.path.join(here, "triton_interpreter_checks.py")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
