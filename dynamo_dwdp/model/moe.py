@@ -34,7 +34,7 @@ def _keep_best_groups(choice: torch.Tensor, group_scores: torch.Tensor, topk_gro
     T, G = group_scores.shape
     keep = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0)
-    expert_mask = group_mask.unsqueeze(-1).expand(T, G, choice.shape[1] // G).reshape(T, -1)
+    expert_mask = group_mask.unsqueeze(-1).expand(T, G, choice.shape[1] // G).reshape(T, choice.shape[1])
     return choice.masked_fill(expert_mask == 0, masked_value)
 
 
