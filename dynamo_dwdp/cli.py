@@ -3,9 +3,9 @@
 Each sub-command lives in `dynamo_dwdp/commands/<name>.py` and exposes `register(subparsers)`, which
 adds its parser and sets `func=run` (a callable taking the parsed args and returning an exit code).
 Modules are imported lazily so that `dynamo-dwdp --help` stays fast; for the same reason a command
-module imports its work (torch, the engine, the launcher) inside `run()`, so that
-`dynamo-dwdp COMMAND --help` loads nothing heavy. These are the function-local imports
-`scripts/check_layers.py` counts under `commands`.
+module imports what loads torch (the engine, the rank group, the checkpoint writer) inside `run()`,
+so that `dynamo-dwdp COMMAND --help` loads nothing heavy. Each such function-local import says why
+with a `# local import: <reason>` comment (`scripts/check_layers.py` fails on one without).
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args = parser.parse_args()
-    from dynamo_dwdp.errors import run_with_clean_errors
+    from dynamo_dwdp.errors import run_with_clean_errors   # local import: keeps `dynamo-dwdp --help` to argparse
 
     return run_with_clean_errors(args.func, args)
 

@@ -24,6 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from dynamo_dwdp.engine.cuda_graphs import batch_bucket
 from dynamo_dwdp.errors import PeerError
 from dynamo_dwdp.model.moe_executor import MoEExecutor
 from dynamo_dwdp.model.experts import ExpertBank, routed_experts
@@ -130,8 +131,6 @@ class DEPExecutor(MoEExecutor):
         self.warming = False
 
     def _step_bucket(self) -> int | None:
-        from dynamo_dwdp.engine.cuda_graphs import batch_bucket
-
         if self.peer is None or self.step_tokens is None:
             return None
         return batch_bucket(max(1, self.step_tokens), self.max_batch)

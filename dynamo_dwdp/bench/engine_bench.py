@@ -57,7 +57,12 @@ import time
 from dataclasses import dataclass
 
 from dynamo_dwdp.config.dwdp import DwdpSettings
+from dynamo_dwdp.config.engine import ATTENTION_BACKENDS, WEIGHT_FORMATS, EngineSettings
 from dynamo_dwdp.errors import PeerError, UserError
+from dynamo_dwdp.model.config import load_model_config
+from dynamo_dwdp.planner import flops
+from dynamo_dwdp.planner.hardware import HARDWARE, get_hardware
+from dynamo_dwdp.planner.roofline import load_model_shape, plan_layer, plan_single_layer
 from dynamo_dwdp.strategies import STRATEGIES as STRATEGY_TABLE
 from dynamo_dwdp.strategies import get_strategy
 
@@ -158,16 +163,10 @@ class BenchSetup:
             raise UserError(f"block size must be >= 1, got {self.block_size}")
         if self.cuda_graphs and self.device != "cuda":
             raise UserError("--cuda-graphs needs --device cuda")
-        from dynamo_dwdp.config.engine import ATTENTION_BACKENDS
-
         if self.attention not in ATTENTION_BACKENDS:
             raise UserError(f"--attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
-        from dynamo_dwdp.config.engine import WEIGHT_FORMATS
-
         if self.weights not in WEIGHT_FORMATS or (self.weights != "native" and self.device != "cuda"):
             raise UserError(f"--weights {self.weights!r}: one of {', '.join(WEIGHT_FORMATS)} (fp8-block: --device cuda)")
-        from dynamo_dwdp.planner.hardware import HARDWARE
-
         if self.hw not in HARDWARE:
             raise UserError(f"--hw {self.hw!r} is not one of {', '.join(HARDWARE)}")
         return self
@@ -524,8 +523,6 @@ def bench_rank(rank_engine, payload) -> list[dict]:
 
 # ------------------------------------------------------------------------------------- parent side
 def _model_info(model_dir: str) -> dict:
-    from dynamo_dwdp.model.config import load_model_config
-
     cfg = load_model_config(model_dir)
     with open(os.path.join(model_dir, "config.json"), "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()[:12]
@@ -578,7 +575,7 @@ def _touched(strategy: str, ranks: int, records: list[dict], num_experts: int) -
         lead = records[0]["hits"]
         return [[[_popcount(lead[s][m]) for m in range(n_moe)] for s in range(steps)] for _ in records]
     if strategy == "dep":                        # owners read their experts hit by anyone's tokens
-        from dynamo_dwdp.baselines.dep import even_bounds
+        from dynamo_dwdp.baselines.dep import even_bounds   # local import: baselines.dep loads torch
 
         bounds = even_bounds(num_experts, ranks)
         owned = [sum(1 << e for e in range(bounds[r], bounds[r + 1])) for r in range(ranks)]
@@ -594,10 +591,6 @@ def _touched(strategy: str, ranks: int, records: list[dict], num_experts: int) -
 
 def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict | None = None) -> dict:
     """Turn the ranks' raw records of one point into the result object (module docstring)."""
-    from dynamo_dwdp.planner import flops as work
-    from dynamo_dwdp.planner.hardware import get_hardware
-    from dynamo_dwdp.model.config import load_model_config
-
     cfg = load_model_config(setup.model_dir)
     model = model or _model_info(setup.model_dir)
     n = setup.ranks
@@ -618,7 +611,7 @@ def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict 
         split_acc["sync_wait"].append(_mean(rec["sync_s"]))
         src = 0 if get_strategy(setup.strategy).leader_only else r
         for s, seqs in enumerate(sched.timed(src)):
-            b = work.forward_hbm_bytes(cfg, seq_shapes(seqs), elem, touched[r][s], tp=tp)
+            b = flops.forward_hbm_bytes(cfg, seq_shapes(seqs), elem, touched[r][s], tp=tp)
             for k, v in b.items():
                 hbm_by[k] = hbm_by.get(k, 0.0) + v
         t_layers = [_mean([touched[r][s][m] for s in range(steps)]) for m in range(len(cfg.moe_layers))]
@@ -641,7 +634,7 @@ def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict 
     flops_by: dict[str, float] = {}
     for r in drivers:
         for seqs in sched.timed(r):
-            for k, v in work.forward_flops(cfg, seq_shapes(seqs), form=attention_form(setup, seqs)).items():
+            for k, v in flops.forward_flops(cfg, seq_shapes(seqs), form=attention_form(setup, seqs)).items():
                 flops_by[k] = flops_by.get(k, 0.0) + v
     busy = sum(group_step)
     hw = get_hardware(setup.hw)
@@ -696,9 +689,6 @@ def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict 
 def prediction(setup: BenchSetup, point: Point, split_ms: dict, step_ms: float, n_moe: int) -> dict:
     """The roofline planner's per-MoE-layer numbers for the same point, next to the measured step
     divided by the MoE layers (which also carries the dense layers, embeddings and lm_head)."""
-    from dynamo_dwdp.planner.hardware import get_hardware
-    from dynamo_dwdp.planner.roofline import load_model_shape, plan_layer
-
     notes = []
     comparable = setup.device == "cuda"
     if not comparable:
@@ -710,9 +700,6 @@ def prediction(setup: BenchSetup, point: Point, split_ms: dict, step_ms: float, 
     out = {"hw": setup.hw, "comparable": comparable, "note": "; ".join(notes), "per_moe_layer": None,
            "measured_per_moe_layer": measured}
     if setup.strategy == "single":
-        from dynamo_dwdp.planner.hardware import get_hardware
-        from dynamo_dwdp.planner.roofline import load_model_shape, plan_single_layer
-
         try:
             shape = load_model_shape(setup.model_dir)
             one = plan_single_layer(shape, get_hardware(setup.hw), point.tokens_per_iter, point.batch,
@@ -760,8 +747,6 @@ def check_fits(setup: BenchSetup, point: Point, cfg) -> None:
     """CUDA: refuse a point whose KV pool alone would take more than KV_MEMORY_FRACTION of --hw memory."""
     if setup.device != "cuda":
         return
-    from dynamo_dwdp.planner.hardware import get_hardware
-
     hw = get_hardware(setup.hw)
     need = kv_pool_bytes(setup, point, cfg)
     if need > KV_MEMORY_FRACTION * hw.memory_bytes:
@@ -785,9 +770,7 @@ def check_environment(setup: BenchSetup) -> None:
 
 def run_points(setup: BenchSetup, points: list[Point], model: dict | None = None) -> list[dict]:
     """Launch the group once and measure every point in order; one result object per point."""
-    from dynamo_dwdp.config.engine import EngineSettings
-    from dynamo_dwdp.config.dwdp import DwdpSettings
-    from dynamo_dwdp.rank.local_group import run_local_group
+    from dynamo_dwdp.rank.local_group import run_local_group   # local import: loads torch; planning and `bench table` do not
 
     setup.validate()
     model = model or _model_info(setup.model_dir)
@@ -796,8 +779,6 @@ def run_points(setup: BenchSetup, points: list[Point], model: dict | None = None
     points = [p.validate() for p in points]
     if not points:
         return []
-    from dynamo_dwdp.model.config import load_model_config
-
     model_cfg = load_model_config(setup.model_dir)
     for p in points:
         check_fits(setup, p, model_cfg)

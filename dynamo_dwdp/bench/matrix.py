@@ -129,7 +129,8 @@ def run_matrix(spec: MatrixSpec, progress: Callable[[str], None] = print) -> tup
     model_dir = spec.model_dir
     if spec.quick:
         if model_dir is None:
-            from dynamo_dwdp.synthetic.checkpoint import write_checkpoint   # --quick only: writes its own model
+            # local import: synthetic.checkpoint loads torch; only --quick writes its own model
+            from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
 
             tmp = tempfile.mkdtemp(prefix="dwdp-bench-tiny-")
             model_dir = os.path.join(tmp, "tiny")

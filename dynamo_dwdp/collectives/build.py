@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 
 from dynamo_dwdp.errors import UserError
+from dynamo_dwdp.collectives.cuda_ipc import CudaIpcPeerMemory
 from dynamo_dwdp.collectives.protocol import ArenaLayout, PeerCollectives
+from dynamo_dwdp.collectives.shm import ShmPeerMemory
 
 MODES = ("auto", "library", "peer")
 
@@ -36,12 +38,8 @@ def build_peer_collectives(group, engine_cfg, model_cfg, device: torch.device, *
                          dep_hidden=H, dep_itemsize=wire)
     prefix = f"peer/{spec.name}/{spec.strategy}"
     if device.type == "cuda":
-        from dynamo_dwdp.collectives.cuda_ipc import CudaIpcPeerMemory
-
         mem = CudaIpcPeerMemory(group.store, prefix, spec.rank, spec.size, layout, device,
                                 timeout=spec.setup_timeout)
     else:
-        from dynamo_dwdp.collectives.shm import ShmPeerMemory
-
         mem = ShmPeerMemory(group.store, prefix, spec.rank, spec.size, layout, timeout=spec.collective_timeout)
     return PeerCollectives(mem)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from dynamo_dwdp.errors import UserError
+
 DEFAULT_CONFIG = "configs/tiny-cpu.yaml"  # as `dynamo-dwdp serve`
 
 DESCRIPTION = """\
@@ -78,8 +80,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dynamo_dwdp.ab import harness
-    from dynamo_dwdp.errors import UserError
+    from dynamo_dwdp.ab import harness   # local import: loads numpy and the load generator; keeps `ab --help` fast
 
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other (allowed: one of them)")

@@ -10,7 +10,13 @@ import json
 import logging
 import sys
 
-from dynamo_dwdp.worker.flags import add_setting_flags
+from dynamo_dwdp.bench import matrix
+from dynamo_dwdp.bench.engine_bench import (DTYPES, PHASES, BenchSetup, Point, append_jsonl, parse_expert_skew,
+                                            render_text, run_engine_bench)
+from dynamo_dwdp.config.dwdp import DwdpSettings
+from dynamo_dwdp.errors import UserError
+from dynamo_dwdp.model.config import load_model_config
+from dynamo_dwdp.worker.flags import add_setting_flags, section_values
 
 DESCRIPTION = """\
 Engine micro-benchmarks: N rank processes drive the model runner directly with fixed shapes
@@ -138,14 +144,10 @@ def register(subparsers) -> None:
 
 
 def _missing(args) -> int:
-    from dynamo_dwdp.errors import UserError
-
     raise UserError("bench: choose a sub-command: engine, table or matrix (see `dynamo-dwdp bench --help`)")
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
-    from dynamo_dwdp.errors import UserError
-
     try:
         vals = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -156,8 +158,6 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
-    from dynamo_dwdp.errors import UserError
-
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -165,22 +165,12 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def _dtype(text: str) -> str:
-    from dynamo_dwdp.bench.engine_bench import DTYPES
-    from dynamo_dwdp.errors import UserError
-
     if text not in DTYPES:
         raise UserError(f"--dtype {text!r} is not one of float32, bfloat16")
     return DTYPES[text]
 
 
 def run_engine(args) -> int:
-    from dynamo_dwdp.bench.engine_bench import (PHASES, BenchSetup, Point, append_jsonl, parse_expert_skew,
-                                                render_text, run_engine_bench)
-    from dynamo_dwdp.config.dwdp import DwdpSettings
-    from dynamo_dwdp.errors import UserError
-    from dynamo_dwdp.model.config import load_model_config
-    from dynamo_dwdp.worker.flags import section_values
-
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     setup = BenchSetup(model_dir=args.model, strategy=args.strategy, ranks=args.ranks, device=args.device,
                        dtype=_dtype(args.dtype),
@@ -221,18 +211,13 @@ def run_engine(args) -> int:
 
 
 def run_table(args) -> int:
-    from dynamo_dwdp.bench.matrix import load_jsonl, render_results_table
-
-    print(render_results_table(load_jsonl(args.results), markdown=args.md), end="")
+    print(matrix.render_results_table(matrix.load_jsonl(args.results), markdown=args.md), end="")
     return 0
 
 
 def run_matrix(args) -> int:
-    from dynamo_dwdp.bench.engine_bench import parse_expert_skew
-    from dynamo_dwdp.bench.matrix import MatrixSpec, run_matrix as run
-
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    spec = MatrixSpec(
+    spec = matrix.MatrixSpec(
         model_dir=args.model, ranks=args.ranks, device=args.device,
         dtype=None if args.dtype is None else _dtype(args.dtype),
         strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
@@ -244,6 +229,6 @@ def run_matrix(args) -> int:
         hw=args.hw, expert_skew=parse_expert_skew(args.expert_skew), out=args.out, quick=args.quick,
         cuda_graphs=args.cuda_graphs,
     )
-    out, md, ran = run(spec, progress=lambda line: print(line, flush=True))
+    out, md, ran = matrix.run_matrix(spec, progress=lambda line: print(line, flush=True))
     print(f"{ran} point(s) run; results {out}; table {md}")
     return 0

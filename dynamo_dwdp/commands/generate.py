@@ -7,6 +7,10 @@ import logging
 import os
 import sys
 
+from dynamo_dwdp.config.dwdp import DwdpSettings
+from dynamo_dwdp.config.engine import EngineSettings
+from dynamo_dwdp.errors import CheckpointError, PeerError, UserError
+from dynamo_dwdp.model.config import load_model_config
 from dynamo_dwdp.strategies import NAMES as STRATEGY_NAMES
 from dynamo_dwdp.strategies import STRATEGIES, get_strategy
 from dynamo_dwdp.worker.flags import add_setting_flags, section_values
@@ -52,8 +56,6 @@ def register(sub) -> None:
 def _tokenizer(model_dir: str):
     from tokenizers import Tokenizer
 
-    from dynamo_dwdp.errors import CheckpointError
-
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing (needed for --prompt; use --token-ids otherwise)")
@@ -64,11 +66,8 @@ def _tokenizer(model_dir: str):
 
 
 def run(args) -> int:
-    from dynamo_dwdp.config.engine import EngineSettings
+    # local import: both load torch; keeps `dynamo-dwdp generate --help` free of it
     from dynamo_dwdp.engine.sampling import SamplingParams
-    from dynamo_dwdp.errors import PeerError, UserError
-    from dynamo_dwdp.model.config import load_model_config
-    from dynamo_dwdp.config.dwdp import DwdpSettings
     from dynamo_dwdp.rank.local_group import generate_rank, run_local_group
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

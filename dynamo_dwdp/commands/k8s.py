@@ -7,6 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dynamo_dwdp.config import load_graph, load_settings
+from dynamo_dwdp.deploy import tree
+from dynamo_dwdp.deploy.autoscale import render_hpas
+from dynamo_dwdp.deploy.dgd import render_graph
+from dynamo_dwdp.deploy.tree import BASE_CONFIG, GENERATED, dump_yaml
+from dynamo_dwdp.deploy.validate import KIND, load_documents, validate_documents
+from dynamo_dwdp.errors import ConfigError, UserError
+
 EPILOG = """\
 examples:
   dynamo-dwdp k8s render graphs/disagg_dwdp_decode.yaml -f configs/h200-v2lite.yaml --image myreg/dwdp:v1
@@ -54,8 +62,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _overrides(pairs: list[str]) -> dict:
     import yaml
 
-    from dynamo_dwdp.errors import ConfigError
-
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -66,11 +72,6 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def run_render(args: argparse.Namespace) -> int:
-    from dynamo_dwdp.config import load_graph, load_settings
-    from dynamo_dwdp.deploy.autoscale import render_hpas
-    from dynamo_dwdp.deploy.dgd import render_graph
-    from dynamo_dwdp.deploy.tree import BASE_CONFIG, GENERATED, dump_yaml
-
     graph = load_graph(args.graph)
     configs = args.config or [BASE_CONFIG[graph.engine]]
     settings = load_settings(configs, _overrides(args.set))
@@ -88,8 +89,6 @@ def run_render(args: argparse.Namespace) -> int:
 
 
 def run_render_all(args: argparse.Namespace) -> int:
-    from dynamo_dwdp.deploy import tree
-
     if args.check:
         stale = tree.stale_files(args.root)
         for rel in stale:
@@ -107,9 +106,6 @@ def run_render_all(args: argparse.Namespace) -> int:
 
 
 def _documents(path: str) -> list:
-    from dynamo_dwdp.deploy.validate import load_documents
-    from dynamo_dwdp.errors import UserError
-
     p = Path(path)
     if p.is_dir():
         if not (p / "kustomization.yaml").exists():
@@ -130,8 +126,6 @@ def _documents(path: str) -> list:
 
 def run_validate(args: argparse.Namespace) -> int:
     import yaml
-
-    from dynamo_dwdp.deploy.validate import KIND, validate_documents
 
     failed = 0
     for path in args.paths:

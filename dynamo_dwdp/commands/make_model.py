@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from dynamo_dwdp.errors import UserError
+from dynamo_dwdp.synthetic.presets import DTYPES, LIKE, PRESETS, WEIGHT_FORMATS, get_preset
+
 EXAMPLES = """\
 examples:
   dynamo-dwdp make-model models/tiny --preset tiny
@@ -17,8 +20,6 @@ The same preset + seed + dtype (+ --num-layers) gives byte-identical files on an
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dynamo_dwdp.synthetic.presets import LIKE, PRESETS, WEIGHT_FORMATS
-
     presets = "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values() if not p.like)
     likes = "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values() if p.like)
     p = subparsers.add_parser(
@@ -54,9 +55,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dynamo_dwdp.errors import UserError
-    from dynamo_dwdp.synthetic.presets import DTYPES, get_preset
-
     preset = args.preset or args.like
     get_preset(preset)                                       # bad input -> UserError before torch or any I/O
     if args.dtype is not None and args.dtype not in DTYPES:
@@ -65,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-shard-gib must be > 0, got {args.max_shard_gib}")
     device = _check_device(args.device)
 
-    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
+    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint   # local import: loads torch, after input is checked
     summary = write_checkpoint(
         args.out, preset, seed=args.seed, dtype=args.dtype, num_layers=args.num_layers,
         force=args.force, quiet=args.quiet, device=device, max_shard_bytes=int(args.max_shard_gib * 2**30),
@@ -80,8 +78,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_device(name: str):
     import torch
-
-    from dynamo_dwdp.errors import UserError
 
     try:
         device = torch.device(name)

@@ -7,7 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from dynamo_dwdp.planner.hardware import HARDWARE
+from dynamo_dwdp.errors import UserError
+from dynamo_dwdp.planner.calibrate import load_calibration
+from dynamo_dwdp.planner.hardware import HARDWARE, get_hardware
+from dynamo_dwdp.planner.recommend import Workload, recommend
+from dynamo_dwdp.planner.roofline import build_report, load_model_shape, render_table
 
 DESCRIPTION = """\
 Predict, per MoE layer and per rank, the compute time, DWDP's prefetch of all remote experts, DEP's
@@ -92,23 +96,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dynamo_dwdp.planner.hardware import get_hardware
-    from dynamo_dwdp.planner.roofline import build_report, load_model_shape, render_table
-
-    from dynamo_dwdp.errors import UserError
-
     hw = get_hardware(args.gpu)
     cal = None
     if args.calibrate:
-        from dynamo_dwdp.planner.calibrate import load_calibration
-
         hw, cal = load_calibration(hw, args.calibrate)
     if args.link_gbps is not None:
         hw = hw.with_link_gbps(args.link_gbps)
     model = load_model_shape(args.model_dir)
     if args.recommend:
-        from dynamo_dwdp.planner.recommend import Workload, recommend
-
         if args.isl is None or args.osl is None:
             raise UserError("--recommend needs --isl and --osl")
         work = Workload(args.isl, args.osl, args.concurrency, args.tps_per_user, args.max_num_tokens,

@@ -35,6 +35,8 @@ import os
 import torch
 
 from dynamo_dwdp.config.dwdp import DwdpSettings
+from dynamo_dwdp.dwdp.cuda_ipc import CudaCopyEngine, _CudaEvent
+from dynamo_dwdp.dwdp.graph_prefetch import WrappedPrefetch, wrap_points
 from dynamo_dwdp.dwdp.placement import Placement, Pull
 from dynamo_dwdp.dwdp.transport import make_transport
 from dynamo_dwdp.dwdp.weight_buffer import PrefetchSlot
@@ -192,8 +194,6 @@ class DWDPExecutor(MoEExecutor):
     # ------------------------------------------------------------------ CUDA graphs
     @property
     def graph_safe(self) -> bool:
-        from dynamo_dwdp.dwdp.cuda_ipc import CudaCopyEngine
-
         return (self.device.type == "cuda" and self.dtype == torch.bfloat16 and not self.settings.routed_only
                 and isinstance(self.copy, CudaCopyEngine) and hasattr(torch, "_grouped_mm"))
 
@@ -209,8 +209,6 @@ class DWDPExecutor(MoEExecutor):
         """Ring-wrapped prefetch across captured steps (see the module docstring)."""
         # four or more MoE layers: each slot then serves two or more layers per step, so the last use
         # of each slot (where "consumed" is set) comes after its first (where "pulled" is awaited)
-        from dynamo_dwdp.dwdp.graph_prefetch import wrap_points
-
         return (self.graph_wrap and self.graph_safe and len(self.slots) == 2
                 and wrap_points(len(self.moe_layers)) is not None)
 
@@ -227,8 +225,6 @@ class DWDPExecutor(MoEExecutor):
             torch.cuda.synchronize(self.device)
         self._forget_slots()
         if self._wrapping():
-            from dynamo_dwdp.dwdp.graph_prefetch import WrappedPrefetch
-
             if self.wrap is None:
                 self.wrap = WrappedPrefetch(self.copy, self.device, 2)
             if self.wrap.epoch != self.graph_epoch() or not self.wrap.ready():
@@ -262,8 +258,6 @@ class DWDPExecutor(MoEExecutor):
         for peer, nbytes in self._captured_pulls:
             self.stats.bytes_pulled[peer] += nbytes
         if self._wrapping():
-            from dynamo_dwdp.dwdp.cuda_ipc import _CudaEvent
-
             self.wrap.launch(range(2))           # next step's first layers, behind this step's last use
             self._count_wrap_bytes()
             self.wrap.primed = True
@@ -299,8 +293,6 @@ class DWDPExecutor(MoEExecutor):
         slot = self.slots[m % 2]
         wrapped = self.capturing and self._wrapping()
         if wrapped:
-            from dynamo_dwdp.dwdp.graph_prefetch import wrap_points
-
             waits, releases = wrap_points(len(self.moe_layers))
         if wrapped and m in waits:                           # pulled between the steps (graph_prefetch)
             self.wrap.wait_pulled(waits[m], torch.cuda.current_stream(self.device))

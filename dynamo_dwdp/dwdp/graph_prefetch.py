@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from dynamo_dwdp.cuda_peer_memory import libcuda_memops
+
 CU_STREAM_WAIT_VALUE_EQ = 0x1
 
 
@@ -55,8 +57,6 @@ class WrappedPrefetch:
     """The flags and pull graphs of the ring-wrapped prefetch for one DWDP executor."""
 
     def __init__(self, copy_engine, device: torch.device, slots: int):
-        from dynamo_dwdp.cuda_peer_memory import libcuda_memops
-
         self._mem = libcuda_memops()
         self.copy = copy_engine
         self.device = device

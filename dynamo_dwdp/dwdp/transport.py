@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from dynamo_dwdp.errors import UserError
+
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 
@@ -174,9 +176,8 @@ def make_transport(kind: str, group: str, rank: int, device: torch.device) -> We
     if kind == "shm":
         return ShmTransport(group, rank)
     if kind == "cuda_ipc":
-        from dynamo_dwdp.dwdp.cuda_ipc import CudaIpcTransport   # CUDA only (and cuda_ipc builds on this module)
+        # local import: dwdp/cuda_ipc.py subclasses this module's transport classes (import cycle)
+        from dynamo_dwdp.dwdp.cuda_ipc import CudaIpcTransport
 
         return CudaIpcTransport(device)
-    from dynamo_dwdp.errors import UserError
-
     raise UserError(f"dwdp transport {kind!r} is not one of auto, shm, cuda_ipc")

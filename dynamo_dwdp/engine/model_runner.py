@@ -14,10 +14,13 @@ import time
 import torch
 
 from dynamo_dwdp.config.engine import EngineSettings
+from dynamo_dwdp.engine.cuda_graphs import DecodeGraphs
 from dynamo_dwdp.model import kernels as fused_kernels
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig, load_model_config
 from dynamo_dwdp.model.deepseek_v3 import DeepseekV3ForCausalLM
+from dynamo_dwdp.model.fp8_weights import make_fp8_resident
+from dynamo_dwdp.model.layers import DenseMLP
 from dynamo_dwdp.model.loader import load_weights
 from dynamo_dwdp.model.moe_executor import LocalExecutor
 from dynamo_dwdp.model.tensor_parallel import TensorParallel
@@ -46,15 +49,11 @@ class ModelRunner:
         self.load_report = load_weights(model, model_dir)
         self.fp8 = None
         if config.weight_format == "fp8-block":
-            from dynamo_dwdp.model.fp8_weights import make_fp8_resident
-
             self.fp8 = make_fp8_resident(model, executor)
             log.info("FP8-resident weights: %d linears + %d expert banks, %.2f -> %.2f GB",
                      self.fp8["linears"], self.fp8["expert_banks"], self.fp8["bytes_before"] / 1e9,
                      self.fp8["bytes_after"] / 1e9)
         if self.device.type == "cuda" and fused_kernels.available():
-            from dynamo_dwdp.model.layers import DenseMLP
-
             for mod in model.modules():
                 if isinstance(mod, DenseMLP):
                     mod.fuse_gate_up()
@@ -71,8 +70,6 @@ class ModelRunner:
                                    config.block_size, cfg.kv_cache_dim, dtype=dtype, device=self.device)
         self.graphs = None
         if use_graphs:
-            from dynamo_dwdp.engine.cuda_graphs import DecodeGraphs
-
             max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
             max_blocks = min(config.num_kv_blocks, (max_len + config.block_size - 1) // config.block_size)
             self.graphs = DecodeGraphs(self.model, self.kv_pool, config.num_kv_blocks, config.block_size,

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dynamo_dwdp.model import kernels
+from dynamo_dwdp.model.kernels.moe_gemm import routed_experts_fused
+
 
 @dataclass
 class ExpertBank:
@@ -45,8 +48,6 @@ def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     `out` [T, H] accumulates in place when given.
     """
     if use_fused_experts(x, topk_ids, banks):
-        from dynamo_dwdp.model.kernels.moe_gemm import routed_experts_fused
-
         return routed_experts_fused(x, topk_ids, topk_weights, banks, out)
     if any(b.w13_scale is not None for b in banks):
         raise RuntimeError("FP8-resident expert banks need the fused CUDA kernels (Triton)")
@@ -87,8 +88,6 @@ def use_fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, banks: list[Exper
     """The Triton experts (one counting sort, fused SwiGLU, scattered store) on CUDA: always for FP8
     banks, for bf16 up to SYNC_FREE_MAX_ROWS pairs when EXPERT_GEMM is "triton" (larger batches
     are compute-bound: torch._grouped_mm)."""
-    from dynamo_dwdp.model import kernels
-
     if not (x.is_cuda and kernels.available()):
         return False
     if any(b.w13_scale is not None for b in banks):

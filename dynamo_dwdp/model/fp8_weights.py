@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from dynamo_dwdp.errors import UserError
-from dynamo_dwdp.model.fp8 import quantize_block_fp8
+from dynamo_dwdp.model.fp8 import dequantize_block_fp8, quantize_block_fp8
 from dynamo_dwdp.model.layers import DenseMLP, Linear
 
 KEEP = ("kv_b_proj",)          # Linear modules (by name suffix) that stay in the model's dtype
@@ -39,8 +39,6 @@ def _targets(model, executor):
 def round_trip_fp8(model, executor) -> None:
     """The reference of the FP8 engine: the same weights rounded through the FP8 block format and
     kept in the model's dtype (`dequantize_block_fp8(*quantize_block_fp8(w))`), any device."""
-    from dynamo_dwdp.model.fp8 import dequantize_block_fp8
-
     def rt(w):
         return dequantize_block_fp8(*quantize_block_fp8(w), dtype=w.dtype)
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynamo_dwdp.model.kernels.moe_gemm import BF16_SWIGLU_MAX_ROWS, FP8_LINEAR_MAX_ROWS, dense_swiglu, fp8_linear
 from dynamo_dwdp.model.tensor_parallel import TensorParallel
 
 
@@ -39,8 +40,6 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype == torch.float8_e4m3fn:          # FP8-resident (model/fp8_weights.py)
-            from dynamo_dwdp.model.kernels.moe_gemm import fp8_linear
-
             return fp8_linear(x, self.weight, self.weight_scale_inv)
         return F.linear(x, self.weight)
 
@@ -79,13 +78,9 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and x.is_cuda and x.shape[0] <= _fused_rows(self.gate_up_scale is not None):
-            from dynamo_dwdp.model.kernels.moe_gemm import dense_swiglu
-
             return self.down_proj(dense_swiglu(x, self.gate_up, self.gate_up_scale))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _fused_rows(fp8: bool) -> int:
-    from dynamo_dwdp.model.kernels.moe_gemm import BF16_SWIGLU_MAX_ROWS, FP8_LINEAR_MAX_ROWS
-
     return FP8_LINEAR_MAX_ROWS if fp8 else BF16_SWIGLU_MAX_ROWS

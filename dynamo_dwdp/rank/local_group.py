@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from dynamo_dwdp.config.engine import EngineSettings
+from dynamo_dwdp.engine.sampling import SamplingParams
 from dynamo_dwdp.errors import PeerError, UserError
 from dynamo_dwdp.config.dwdp import DwdpSettings
 from dynamo_dwdp.group.context import GroupSpec
@@ -41,7 +42,8 @@ def _rank_main(rank: int, size: int, strategy: str, model_dir: str, engine_cfg: 
     torch.set_num_threads(threads)
     logging.basicConfig(level=os.environ.get("DWDP_LOG_LEVEL", "WARNING"),
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    from dynamo_dwdp.rank.build import build_rank_engine   # in the spawned rank, after its torch threads are set
+    # local import: rank.build loads the whole model stack (seconds); only the spawned rank needs it
+    from dynamo_dwdp.rank.build import build_rank_engine
 
     re = None
     try:
@@ -117,8 +119,6 @@ def generate_rank(rank_engine, payload) -> list[list[int]]:
     if rank_engine.is_follower:
         rank_engine.follow()
         return []
-    from dynamo_dwdp.engine.sampling import SamplingParams
-
     eng = rank_engine.engine
     ids = [f"p{i}" for i in range(len(prompts))]
     for rid, prompt in zip(ids, prompts):

@@ -60,6 +60,7 @@ import torch
 
 from dynamo_dwdp.errors import UserError
 from dynamo_dwdp.model.fp8 import DEFAULT_BLOCK, FP8_DTYPE, quantize_block_fp8, scale_shape
+from dynamo_dwdp.synthetic.tokenizer import write_tokenizer_files
 from dynamo_dwdp.synthetic.presets import BOS_TOKEN_ID, DTYPES, EOS_TOKEN_ID, WEIGHT_FORMATS, get_preset, validate_config
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
@@ -475,7 +476,6 @@ def write_checkpoint(
             progress.close()
 
     if with_tokenizer:
-        from dynamo_dwdp.synthetic.tokenizer import write_tokenizer_files
         write_tokenizer_files(out, vocab_size=int(cfg["vocab_size"]),
                               model_max_length=int(cfg["max_position_embeddings"]))
     gen = {"bos_token_id": cfg.get("bos_token_id", BOS_TOKEN_ID), "eos_token_id": cfg.get("eos_token_id", EOS_TOKEN_ID)}

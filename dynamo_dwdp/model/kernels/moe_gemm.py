@@ -34,7 +34,8 @@ import functools
 
 import torch
 
-from dynamo_dwdp.model.kernels import next_pow2
+from dynamo_dwdp.model.fp8 import dequantize_block_fp8
+from dynamo_dwdp.model.kernels import next_pow2, sm_count
 
 FP8_LINEAR_MAX_ROWS = 512      # rows up to which fp8_linear runs the W8A16 kernel (decode, small prefill chunks)
 BF16_SWIGLU_MAX_ROWS = 64      # rows up to which a bf16 dense MLP runs dense_swiglu (above: cuBLAS is faster)
@@ -155,8 +156,6 @@ def _tiles(rows_per_group: float, active_groups: int, n: int, elem_bytes: int, s
 
 def _launch(a, order, offs, w, ws, out, first, groups, dense_rows, n, k, topk, swiglu, gather, scatter,
             rows_per_group, active_groups):
-    from dynamo_dwdp.model.kernels import sm_count
-
     _, grouped_kernel = _kernels()
     fp8 = ws is not None
     block_m, block_n, block_k, stages = _tiles(rows_per_group, active_groups, n, a.element_size(), sm_count(a.device))
@@ -204,8 +203,6 @@ def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     """y = x @ dequant(weight, scale_inv)^T for FP8 block-scaled weight [N, K] (128x128 blocks); x's dtype."""
-    from dynamo_dwdp.model.fp8 import dequantize_block_fp8
-
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     M = x2.shape[0]
