@@ -138,7 +138,10 @@ def test_paused_decode_rank_rejoins_and_the_group_serves_again(served):
     assert len(results) == 4, "a request hung"
     failed = [status for status, _ in results if status != 200]
     assert failed, f"no request reached the survivor while its peer was down: {results}"
-    assert all(status == 503 for status in failed), results     # fast and retryable, not a 500 or a hang
+    # the survivor's fail fast (503); those stuck on the paused rank end with the frontend's 504: a
+    # retryable status either way, never a 500 or a hang
+    assert all(status in (503, 504) for status in failed), results
+    assert 503 in failed, results
     # back: same processes, new membership epoch (down + up), survivor's engine serves again
     assert _whole(served, RECOVERY_BOUND_S), "requests do not succeed within 60 s of the resume"
     assert time.monotonic() - t_cont < RECOVERY_BOUND_S
