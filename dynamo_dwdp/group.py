@@ -91,9 +91,13 @@ class Supervisor:
             return True
         return all(_ready(int(self.base_port) + r) for r in range(self.registering))
 
-    def _stop_survivors(self) -> None:
-        for proc in self.procs:
+    def _stop_survivors(self) -> set[int]:
+        """SIGTERM, then after the grace SIGKILL, every rank still running; returns the ranks this
+        supervisor signalled (a rank that died on its own is not among them)."""
+        ours = set()
+        for r, proc in enumerate(self.procs):
             if proc.poll() is None:
+                ours.add(r)
                 proc.terminate()
         deadline = time.monotonic() + self.grace
         while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
@@ -104,6 +108,7 @@ class Supervisor:
                 proc.kill()
         for proc in self.procs:
             proc.wait()
+        return ours
 
     def _announce(self, rank: int, code: int) -> None:
         if self.nats:
@@ -157,10 +162,11 @@ class Supervisor:
             rank, code = failed
             log.error("rank %d of group %s exited with code %s", rank, self.group, code)
             self._announce(rank, code)
-            self._stop_survivors()
-            for r, proc in enumerate(self.procs):      # report every rank that died on its own
-                if r != rank and proc.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM):
+            ours = self._stop_survivors()
+            for r, proc in enumerate(self.procs):      # report every other rank that died on its own too
+                if r != rank and r not in ours:
                     log.error("rank %d of group %s exited with code %s", r, self.group, proc.returncode)
+                    self._announce(r, proc.returncode)
             if ready_at is None and self.generation == 1:
                 log.error("group %s failed while starting (rank %d exited with code %s): not restarting",
                           self.group, rank, code)
