@@ -34,6 +34,7 @@ class DWDPOptions:
     contention_opt: bool = False
     routed_only: bool = False
     transport: str = "auto"                 # auto | shm | cuda_ipc
+    slice_bytes: int = 2 << 20              # contention_opt: bytes per interleaved slice
 
 
 def rank_device(device: str, rank: int) -> torch.device:
@@ -123,7 +124,8 @@ def build_rank_engine(model_dir: str, engine_cfg: EngineConfig, spec: GroupSpec,
 
             def factory(cfg, dev, dtype):
                 return DWDPExecutor(cfg, dev, dtype, group=group, placement=placement, routed_only=dwdp.routed_only,
-                                    contention_opt=dwdp.contention_opt, transport=dwdp.transport)
+                                    contention_opt=dwdp.contention_opt, transport=dwdp.transport,
+                                    slice_bytes=dwdp.slice_bytes)
         elif spec.strategy == "dep":
             from dynamo_dwdp.parallel.dep import DEPExecutor
 
