@@ -17,8 +17,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -703,3 +705,43 @@ def test_client_disconnect_frees_kv_blocks(served):
     assert sum(metric_total(u, "dwdp_generated_tokens_total") for u in urls) - generated0 < 900   # cut short
     status, body = post(h.url + "/v1/completions", completion_body(h.model_name))
     assert status == 200 and _text(body) == _completion(served)["choices"][0]["text"]
+
+
+def test_a_killed_dep_or_tp_rank_restarts_its_group_and_serving_resumes(served):
+    """Last test of each graph (it replaces the decode group's processes). DEP and TP need all their
+    ranks: a killed rank (the TP follower, a DEP peer) ends the requests in flight with an error, no
+    hang; the group supervisor restarts the whole group, which re-forms through the rendezvous, and
+    requests succeed again within 60 s; the new ranks report the time to recovery."""
+    pool = next(p for p in served.h.graph.pools if p.role == "decode")
+    if pool.strategy not in ("dep", "tp"):
+        pytest.skip("DWDP groups: tests/test_serve_recovery.py")
+    h = served.h
+    comp = h.component("decode-g0")
+    out = subprocess.run(["pgrep", "-P", str(comp.proc.pid)], capture_output=True, text=True, timeout=10).stdout
+    victim = next(pid for pid in map(int, out.split())
+                  if open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[-2:] == [b"--group-rank", b"1"])
+    res: dict = {}
+    started = threading.Event()
+    body = completion_body(h.model_name, max_tokens=900)
+    t = threading.Thread(target=lambda: res.update(stream(h.url + "/v1/completions", body, timeout=60,
+                                                          on_chunk=lambda c: started.set())), daemon=True)
+    t.start()
+    assert started.wait(60)
+    os.kill(victim, signal.SIGKILL)
+    t_kill = time.monotonic()
+    t.join(90)
+    assert not t.is_alive(), "the in-flight request hung"
+    assert res["errors"] or res["exception"] or stream_finish(res) != "length", res
+
+    def serves() -> bool:
+        status, body = post(h.url + "/v1/completions", completion_body(h.model_name), timeout=30)
+        return status == 200 and body["choices"][0]["text"] == _completion(served)["choices"][0]["text"]
+
+    assert wait_for(lambda: all(serves() for _ in range(3)), 60, 0.5), "no recovery within 60 s"
+    assert time.monotonic() - t_kill < 70
+    assert comp.alive and not h.dead_components()
+    log = Path(comp.log_path).read_text(errors="replace")
+    assert "restarting all 2 ranks" in log
+    rank0 = f"http://{h.infra.host}:{comp.system_ports[0]}/metrics"
+    seconds = metric_samples(rank0, "dwdp_group_recovery_seconds")
+    assert seconds and 0 < seconds[0][1] < 60, seconds

@@ -6,7 +6,8 @@ own log file under the run directory. Every listener is on the infra host (127.0
 
 Supervision: once the graph is healthy, a monitor thread restarts any top-level process that exits
 (the frontend, a group supervisor, hence a prefill or decode worker) with a bounded exponential
-back-off (RESTART_BACKOFF doubling up to RESTART_MAX_BACKOFF). A rank inside a group is restarted
+back-off (RESTART_BACKOFF doubling up to RESTART_MAX_BACKOFF), and an infra process (etcd, NATS,
+the ZMQ broker) at once, on the same ports and data directories. A rank inside a group is restarted
 by its group supervisor (dynamo_dwdp/group.py), which re-forms the group.
 
 Shutdown (`ServeHandle.shutdown`, run on leaving `serve_graph`): SIGTERM the frontend, which stops
@@ -180,6 +181,9 @@ def _monitor(h: "ServeHandle", stop: threading.Event) -> None:
     started: dict[str, float] = {}         # name -> when it was last (re)started
     while not stop.wait(0.5):
         now = time.monotonic()
+        if not (stop.is_set() or h._stopping.is_set()):
+            for name in h.infra.restart_dead():               # etcd / NATS / the ZMQ broker: at once
+                log.error("infra process %s had exited; started it again (log: %s/%s.log)", name, h.run_dir, name)
         for c in h.components:
             if stop.is_set() or h._stopping.is_set():
                 return

@@ -8,7 +8,9 @@ Each rank runs one daemon thread that (a) proves it is alive and (b) watches its
 - etcd: a key `members/<rank>` bound to a lease with TTL = timeout, kept alive by the thread; a peer
   whose key vanished (lease expired or revoked on exit) is declared down, and up again when its key
   reappears (a rank whose own lease expired while it was paused grants a new one and re-puts it).
-Events from elsewhere (NATS `rank_down`, see group_events.py) call `mark_down` and act at once.
+Events from elsewhere (NATS `rank_down`, see group_events.py) call `mark_down` and act at once; such a
+rank (it exited or is leaving) is never taken back in place: only a peer this thread itself declared
+down (silence, lease expiry, unreachable store) can come back.
 
 Invariants: `dead` is the set of peers now down; `epoch` counts membership changes (it starts at 0
 and grows by one per rank going down or coming back), so a reader that cached anything derived from
@@ -36,6 +38,7 @@ class Membership:
         self.store = store.clone(op_timeout=max(1.0, timeout))     # a stalled store op times out
         self.rank, self.size, self.group = store.rank, store.size, store.group
         self._dead: dict[int, str] = {}
+        self._healable: set[int] = set()          # declared down by our own liveness check
         self._down_since: dict[int, float] = {}
         self._epoch = 0
         self._lock = threading.Lock()
@@ -61,13 +64,16 @@ class Membership:
     def on_change(self, fn: Callable[[int, int, bool, float | None], None]) -> None:
         self.listeners.append(fn)
 
-    def mark_down(self, rank: int, reason: str) -> None:
+    def mark_down(self, rank: int, reason: str, healable: bool = False) -> None:
+        """Declare `rank` down. `healable`: by this rank's own liveness check, so it may come back."""
         if rank == self.rank:
             return
         with self._lock:
             if rank in self._dead:
                 return
             self._dead[rank] = reason
+            if healable:
+                self._healable.add(rank)
             self._down_since[rank] = time.monotonic()
             self._epoch += 1
             epoch = self._epoch
@@ -76,9 +82,10 @@ class Membership:
 
     def mark_up(self, rank: int, how: str) -> None:
         with self._lock:
-            if rank not in self._dead:
+            if rank not in self._dead or rank not in self._healable:
                 return
             del self._dead[rank]
+            self._healable.discard(rank)
             seconds = time.monotonic() - self._down_since.pop(rank)
             self._epoch += 1
             epoch = self._epoch
@@ -141,7 +148,7 @@ class Membership:
                     elif peer not in self._dead and now - since > (
                             self.timeout if last_value is not None else max(self.timeout, 60.0)):
                         what = "never started" if value is None else "stopped heartbeating"
-                        self.mark_down(peer, f"{what} for {self.timeout:.1f}s")
+                        self.mark_down(peer, f"{what} for {self.timeout:.1f}s", healable=True)
                 if store_down:
                     store_down = False
                     self.mark_up(0, "rendezvous store reachable again")
@@ -149,7 +156,7 @@ class Membership:
                 self._drop_store()
                 if self.rank != 0 and not store_down:
                     store_down = True
-                    self.mark_down(0, f"rendezvous store unreachable ({type(exc).__name__})")
+                    self.mark_down(0, f"rendezvous store unreachable ({type(exc).__name__})", healable=True)
             self._stop.wait(self.interval)
 
     def _drop_store(self) -> None:
@@ -184,9 +191,9 @@ class Membership:
                     elif peer in self._dead:
                         continue
                     elif peer in joined:
-                        self.mark_down(peer, "etcd membership lease expired or revoked")
+                        self.mark_down(peer, "etcd membership lease expired or revoked", healable=True)
                     elif time.monotonic() - start > max(self.timeout, 60.0):
-                        self.mark_down(peer, "never joined the group")
+                        self.mark_down(peer, "never joined the group", healable=True)
             except Exception as exc:
                 log.warning("group %s: etcd liveness check failed: %s", self.group, exc)
             self._stop.wait(self.interval)
