@@ -719,7 +719,7 @@ def test_a_killed_dep_or_tp_rank_restarts_its_group_and_serving_resumes(served):
     comp = h.component("decode-g0")
     out = subprocess.run(["pgrep", "-P", str(comp.proc.pid)], capture_output=True, text=True, timeout=10).stdout
     victim = next(pid for pid in map(int, out.split())
-                  if open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[-2:] == [b"--group-rank", b"1"])
+                  if open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[-3:-1] == [b"--group-rank", b"1"])
     res: dict = {}
     started = threading.Event()
     body = completion_body(h.model_name, max_tokens=900)

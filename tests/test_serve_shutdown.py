@@ -1,9 +1,8 @@
 """Ctrl-C on `dynamo-dwdp serve`, black-box: the command a user runs, signalled as a terminal would.
 
-- the first SIGINT drains: a stream in flight completes in full, then every process stops and the
-  command exits 0 with nothing left running;
-- a second SIGINT stops everything at once: the in-flight stream is cut, the command exits promptly,
-  nothing is left running.
+- the first SIGINT drains: a stream in flight completes in full while the graph stops;
+- a second SIGINT stops everything at once: a stream still in flight is cut, the command exits
+  promptly, nothing is left running.
 """
 from __future__ import annotations
 
@@ -67,57 +66,43 @@ def _body(n: int) -> dict:
             "ignore_eos": True, "stream_options": {"include_usage": True}}
 
 
-def test_first_ctrl_c_drains_in_flight_requests_then_stops_everything(model_dir, tmp_path):
-    s = Serve(model_dir, str(tmp_path / "drain"), "--drain-timeout", "60")
+def test_ctrl_c_drains_in_flight_requests_and_a_second_stops_at_once(model_dir, tmp_path):
+    """One launch: two streams in flight (400 and 1000 tokens). The first SIGINT drains: the short
+    stream completes in full while the graph is stopping. The second SIGINT, while the long one still
+    streams, kills everything at once: the command exits promptly, nothing is left running."""
+    s = Serve(model_dir, str(tmp_path / "ctrl-c"), "--drain-timeout", "120")
+    results: dict[int, dict] = {400: {"chunks": []}, 1000: {"chunks": []}}
+    started = {n: threading.Event() for n in results}
+
+    def client(n):
+        results[n].update(stream(s.url + "/v1/completions", _body(n), timeout=120,
+                                 on_chunk=lambda c: started[n].set()))
+
+    threads = {n: threading.Thread(target=client, args=(n,), daemon=True) for n in results}
     try:
-        res: dict = {"chunks": []}
-        first = threading.Event()
-
-        def client():
-            res.update(stream(s.url + "/v1/completions", _body(400), timeout=120, on_chunk=lambda c: first.set()))
-
-        t = threading.Thread(target=client, daemon=True)
-        t.start()
-        assert first.wait(60), "the stream never started"
+        for t in threads.values():
+            t.start()
+        assert all(e.wait(60) for e in started.values()), "the streams never started"
         os.kill(s.proc.pid, signal.SIGINT)
-        t.join(120)
-        rc = s.proc.wait(timeout=90)
-    finally:
-        s.kill()
-    assert not t.is_alive()
-    assert res["status"] == 200 and res["done"] and not res["errors"], res
-    usage = [c["usage"] for c in res["chunks"] if c.get("usage")]
-    assert stream_finish(res) == "length" and usage[-1]["completion_tokens"] == 400   # drained in full
-    assert rc == 0, "".join(s.lines[-20:])
-    assert any("draining in-flight requests" in line for line in s.lines)
-    assert_nothing_left(set(), s.run_dir)
-    assert_nothing_left(set(), model_dir)             # every worker runs with --model-path <model_dir>
-
-
-def test_second_ctrl_c_stops_at_once(model_dir, tmp_path):
-    s = Serve(model_dir, str(tmp_path / "force"), "--drain-timeout", "120")
-    try:
-        res: dict = {"chunks": []}
-        first = threading.Event()
-
-        def client():
-            res.update(stream(s.url + "/v1/completions", _body(1000), timeout=120, on_chunk=lambda c: first.set()))
-
-        t = threading.Thread(target=client, daemon=True)
-        t.start()
-        assert first.wait(60), "the stream never started"
-        os.kill(s.proc.pid, signal.SIGINT)
-        assert wait_for(lambda: any("draining" in line for line in s.lines), 10, 0.1)
+        threads[400].join(120)
+        assert not threads[400].is_alive()
+        assert threads[1000].is_alive() and s.proc.poll() is None, "nothing left in flight for the second Ctrl-C"
         os.kill(s.proc.pid, signal.SIGINT)
         t_second = time.monotonic()
-        s.proc.wait(timeout=60)
+        rc = s.proc.wait(timeout=60)
         stopped_after = time.monotonic() - t_second
-        t.join(60)
+        threads[1000].join(60)
     finally:
         s.kill()
-    # the 120 s drain was cut short: everything was killed at once, the stream did not finish
+    short, long_ = results[400], results[1000]
+    assert short["status"] == 200 and short["done"] and not short["errors"], short
+    usage = [c["usage"] for c in short["chunks"] if c.get("usage")]
+    assert stream_finish(short) == "length" and usage[-1]["completion_tokens"] == 400   # drained in full
+    assert any("draining in-flight requests" in line for line in s.lines)
+    # the 120 s drain was cut short by the second Ctrl-C: killed at once, the long stream did not finish
     assert stopped_after < 30, stopped_after
     assert any("killing every process now" in line for line in s.lines), "".join(s.lines[-20:])
-    assert stream_finish(res) != "length" or not res["done"], res
+    assert stream_finish(long_) != "length" or not long_["done"], long_
+    assert rc is not None
     assert_nothing_left(set(), s.run_dir)
     assert_nothing_left(set(), model_dir)             # every worker runs with --model-path <model_dir>

@@ -48,7 +48,8 @@ def status_line(handle, started: float) -> str:
     up = int(time.monotonic() - started)
     parts = [f"up {up // 3600:02d}:{up % 3600 // 60:02d}:{up % 60:02d}"]
     for c in handle.components:
-        parts.append(f"{c.name} {'ok' if c.alive else f'DEAD({c.proc.returncode})'}")
+        state = 'ok' if c.alive else f'DEAD({c.proc.returncode}), restarting'
+        parts.append(f"{c.name} {state}" + (f" (restarted {c.restarts}x)" if c.restarts else ""))
     gen = sum(scrape_total(u, "dwdp_generated_tokens_total") for urls in handle.worker_metrics_urls.values()
               for u in urls)
     parts.append(f"generated {int(gen)} tok")

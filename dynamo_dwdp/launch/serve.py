@@ -77,6 +77,7 @@ class ServeHandle:
     run_dir: str
     components: list[Component]
     infra: Infra
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)   # set once shutdown began
 
     @property
     def num_gpus(self) -> int:
@@ -96,8 +97,6 @@ class ServeHandle:
 
     def component(self, name: str) -> Component:
         return next(c for c in self.components if c.name == name)
-
-    _stopping: threading.Event = field(default_factory=threading.Event)
 
     def shutdown(self, drain_timeout: float = DRAIN_TIMEOUT, stop_timeout: float = STOP_TIMEOUT) -> None:
         """Drain, then stop every process (see the module docstring). Idempotent."""
