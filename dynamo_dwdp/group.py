@@ -16,9 +16,10 @@ of a previous incarnation is ever read), and DWDP_GROUP_FAILED_AT (wall-clock se
 ranks report the time to recovery (log line + `dwdp_group_recovery_seconds`). The same path serves
 DWDP, DP, DEP and TP: a process group is re-formed only by restarting all of its ranks.
 
-A first generation that fails before it ever became ready (every registering rank's /health on
-its DYN_SYSTEM_PORT "ready") is a start-up error, not a fault: the supervisor exits non-zero at
-once, so the launcher shows the log instead of retrying a bad configuration. `--max-restarts`
+A first generation whose rank exits on its own (a non-zero exit code, not a signal) before the
+group ever became ready (every registering rank's /health on its DYN_SYSTEM_PORT "ready") is a
+start-up error, not a fault: the supervisor exits non-zero at once, so the launcher shows the log
+instead of retrying a bad configuration. A rank killed by a signal is always a fault. `--max-restarts`
 bounds the restarts (default: unbounded, like a pod's restartPolicy); beyond it the supervisor exits
 non-zero (and the pod restarts as one group).
 SIGTERM/SIGINT are forwarded to every rank (graceful drain), then the supervisor waits for them.
@@ -167,7 +168,7 @@ class Supervisor:
                 if r != rank and r not in ours:
                     log.error("rank %d of group %s exited with code %s", r, self.group, proc.returncode)
                     self._announce(r, proc.returncode)
-            if ready_at is None and self.generation == 1:
+            if ready_at is None and self.generation == 1 and code > 0:
                 log.error("group %s failed while starting (rank %d exited with code %s): not restarting",
                           self.group, rank, code)
                 return 1
