@@ -35,7 +35,10 @@ class Membership:
     def __init__(self, store: GroupStore, timeout: float = 5.0, interval: float = 0.25):
         self.timeout, self.interval = timeout, interval
         self._origin = store
-        self.store = store.clone(op_timeout=max(1.0, timeout))     # a stalled store op times out
+        try:
+            self.store = store.clone(op_timeout=max(1.0, timeout))     # a stalled store op times out
+        except Exception:                  # a slow connect: the heartbeat thread connects again
+            self.store = None
         self.rank, self.size, self.group = store.rank, store.size, store.group
         self._dead: dict[int, str] = {}
         self._healable: set[int] = set()          # declared down by our own liveness check
@@ -119,8 +122,8 @@ class Membership:
 
     # ------------------------------------------------------------------ loop
     def _run(self) -> None:
-        if isinstance(self.store, EtcdGroupStore):
-            self._run_etcd(self.store)
+        if isinstance(self._origin, EtcdGroupStore):
+            self._run_etcd(self.store or self._origin.clone())
         else:
             self._run_counter()
 
