@@ -99,6 +99,17 @@ def _rank_pid(supervisor_pid: int, rank: int) -> int:
     raise AssertionError(f"no rank {rank} under supervisor {supervisor_pid}: children {out.split()}")
 
 
+def _health_ready(url: str) -> bool:
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200 and json.loads(r.read()).get("status") == "ready"
+    except OSError:
+        return False
+
+
 def _gauge(url: str, name: str) -> float | None:
     samples = metric_samples(url, name)
     return samples[0][1] if samples else None
@@ -127,8 +138,12 @@ def test_paused_decode_rank_rejoins_and_the_group_serves_again(served):
             t.start()
             threads.append(t)
             time.sleep(0.3)
+        # unhealthy while not whole: our gauge, and Dynamo's /health once its canary has failed
+        health = survivor_url.replace("/metrics", "/health")
+        assert wait_for(lambda: not _health_ready(health), max(0.5, PAUSE_S - 1 - (time.monotonic() - t_stop)),
+                        0.2), "the survivor's /health stayed ready while its group was broken"
         time.sleep(max(0.0, PAUSE_S - (time.monotonic() - t_stop)))
-        assert _gauge(survivor_url, "dwdp_group_healthy") == 0        # unhealthy while not whole
+        assert _gauge(survivor_url, "dwdp_group_healthy") == 0
     finally:
         os.kill(victim, signal.SIGCONT)
     t_cont = time.monotonic()
@@ -148,6 +163,7 @@ def test_paused_decode_rank_rejoins_and_the_group_serves_again(served):
     assert _gauge(survivor_url, "dwdp_group_membership_epoch") == epoch0 + 2
     assert _gauge(survivor_url, "dwdp_group_peers_down") == 0
     assert metric_total(survivor_url, "dwdp_group_recoveries_total") == recoveries0 + 1
+    assert wait_for(lambda: _health_ready(survivor_url.replace("/metrics", "/health")), 30, 0.5)
     log = Path(h.component("decode-g0").log_path).read_text(errors="replace")
     # the survivor's error names the group and the rank (the frontend shows clients only the 503)
     assert re.search(r"engine step failed: dwdp group \S+: experts [\d-]+ have no live owner "

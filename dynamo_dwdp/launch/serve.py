@@ -239,6 +239,10 @@ def serve_graph(graph_path: str, config_paths: list[str], overrides: dict | None
         base_env = dict(os.environ, **inf.env(), **extra_env)
         # the launcher drains at the frontend before it stops a worker: no pre-drain sleep needed
         base_env.setdefault("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
+        # Dynamo's canary checks (on by default in Kubernetes): an idle worker whose group is broken fails
+        # them, so its /health says notready until the group is whole again
+        base_env.setdefault("DYN_HEALTH_CHECK_ENABLED", "true")
+        base_env.setdefault("DYN_CANARY_WAIT_TIME", "2")
         base_env.setdefault("DWDP_TORCH_THREADS", str(settings.engine.torch_threads or 1))
         base_env["PYTHONUNBUFFERED"] = "1"
         order = sorted(graph.pools, key=lambda p: {"prefill": 0, "agg": 1, "decode": 2}[p.role])
