@@ -695,7 +695,8 @@ def test_client_disconnect_frees_kv_blocks(served):
         chunks += line.startswith(b"data:")
         if chunks >= 3:
             break
-    in_use = sum(metric_total(u, "dwdp_kv_blocks_used") for u in urls)
+    # the gauges refresh every 50 ms of engine steps: wait for them (the request runs for 900 tokens)
+    in_use = wait_for(lambda: sum(metric_total(u, "dwdp_kv_blocks_used") for u in urls), 10, 0.05)
     conn.sock.close()
     conn.close()
     assert in_use > 0                                   # the request held blocks while it streamed

@@ -243,8 +243,8 @@ def test_dropped_streams_free_their_kv_blocks(served):
     for t in threads:
         t.start()
     all_streaming.wait()
-    in_use = sum(metric_total(u, "dwdp_kv_blocks_used") for u in urls)
-    running = sum(metric_total(u, "dwdp_running_requests") for u in urls)
+    in_use = wait_for(lambda: sum(metric_total(u, "dwdp_kv_blocks_used") for u in urls), 10, 0.05)
+    running = wait_for(lambda: sum(metric_total(u, "dwdp_running_requests") for u in urls), 10, 0.05)
     all_streaming.wait()
     for t in threads:
         t.join(60)
