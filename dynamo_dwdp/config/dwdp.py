@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from dynamo_dwdp.config.schema import spec
+from dynamo_dwdp.config.schema import internal, spec
 
 TRANSPORTS = ("auto", "shm", "cuda_ipc")
 
@@ -25,6 +25,7 @@ class DwdpSettings:
                                         "of every remote expert of the layer")
     transport: str = spec("auto", doc="how peer weights are read: shm (CPU shared memory), cuda_ipc (GPU peer "
                                       "memory), auto = by device", choices=TRANSPORTS)
+    slice_bytes: int = internal(2 << 20)   # contention_opt: bytes per interleaved slice (tests shrink it)
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         if (self.experts_per_rank is None) != (self.prefetch_per_peer is None):

@@ -50,15 +50,13 @@ log = logging.getLogger(__name__)
 class DWDPExecutor(MoEExecutor):
     strategy = "dwdp"
 
-    def __init__(self, cfg, device, dtype, *, group, placement: Placement, settings: DwdpSettings = DwdpSettings(),
-                 slice_bytes: int = 2 << 20):
+    def __init__(self, cfg, device, dtype, *, group, placement: Placement, settings: DwdpSettings = DwdpSettings()):
         super().__init__(cfg, device, dtype)
         self.group = group                       # GroupContext: rank, size, name, store, membership
         self.placement = placement
         self.rank = group.rank
         self.local = placement.local_range(self.rank)
-        self.settings = settings                 # DwdpSettings: routed_only, contention_opt, transport
-        self.slice_bytes = slice_bytes
+        self.settings = settings                 # DwdpSettings: routed_only, contention_opt (slice_bytes), transport
         self.transport = make_transport(settings.transport, group.name, self.rank, device)
         self.copy = self.transport.copy_engine()
         self.moe_layers = cfg.moe_layers
@@ -142,7 +140,7 @@ class DWDPExecutor(MoEExecutor):
                 copies.append((slot.w2[r0 + i], src.w2[pull.peer_row + i]))
                 rows.append(r0 + i)
         if self.settings.contention_opt and len({p.peer for p in plan}) > 1:
-            copies = _interleave_by_peer(copies, plan, self.slice_bytes)
+            copies = _interleave_by_peer(copies, plan, self.settings.slice_bytes)
         return copies, rows
 
     def _issue(self, slot: PrefetchSlot, layer: int, experts: list[int] | None = None) -> None:

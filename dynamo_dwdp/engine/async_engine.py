@@ -6,6 +6,12 @@ Idle: wait for a command (DEP ranks re-check with their peers every `idle_poll` 
 peer's request makes every rank step). A failing step (dead peer, broken collective) fails every
 in-flight request with that error and marks the engine `broken`: new requests fail fast and the
 worker reports unhealthy, instead of hanging.
+
+Broken is not forever. A group that heals in place (DWDP/DP: no process group) leaves the broken
+state as soon as no peer is down any more (a paused peer came back; membership.py); the failed
+requests stay failed, new ones are served. A DEP/TP rank cannot re-form its process group in place:
+`on_broken` callbacks run once (the worker stops its process) and the rank supervisor restarts the
+whole group under a new rendezvous generation.
 """
 from __future__ import annotations
 
@@ -33,6 +39,9 @@ class AsyncEngine:
         self.engine = rank_engine.engine
         self.idle_poll = idle_poll if rank_engine.coordinator is not None else 0.2
         self.broken: str | None = None
+        self.broken_since: float | None = None
+        self.on_broken: list[Callable[[str], None]] = []
+        self.on_recovered: list[Callable[[float], None]] = []
         self._cmds: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._stop = False
@@ -52,17 +61,24 @@ class AsyncEngine:
             while not self._stop:
                 self._apply_commands()
                 if self.broken is not None:
-                    self._wake.wait(0.2)
-                    self._wake.clear()
-                    continue
+                    if not self._try_recover():
+                        for cb in self.on_step:          # metrics keep refreshing while broken
+                            _safe(cb)
+                        self._wake.wait(0.2)
+                        self._wake.clear()
+                        continue
                 try:
                     ran, outs = self.re.step()
                 except Exception as exc:  # a peer died, a collective failed: fail everything, clearly
                     msg = str(exc) if isinstance(exc, (PeerError, UserError)) else f"{type(exc).__name__}: {exc}"
                     log.error("engine step failed: %s", msg)
-                    self.broken = msg
+                    self.broken, self.broken_since = msg, time.monotonic()
                     outs = self.engine.fail_all(msg)
                     ran = False
+                    self._deliver(outs)
+                    outs = []
+                    for cb in self.on_broken:
+                        _safe(cb, msg)
                 self._deliver(outs)
                 for cb in self.on_step:
                     cb()
@@ -71,6 +87,19 @@ class AsyncEngine:
                 if not ran:
                     self._wake.wait(self.idle_poll)
                     self._wake.clear()
+
+    def _try_recover(self) -> bool:
+        """Broken, on the engine thread: leave that state when the group is whole again (DWDP/DP)."""
+        group = getattr(self.re, "group", None)
+        if group is None or not group.heals_in_place or group.dead():
+            return False
+        seconds = time.monotonic() - (self.broken_since or time.monotonic())
+        log.warning("engine serving again: the group is whole (membership epoch %d), %.1fs after it broke (%s)",
+                    group.epoch, seconds, self.broken)
+        self.broken, self.broken_since = None, None
+        for cb in self.on_recovered:
+            _safe(cb, seconds)
+        return True
 
     def _apply_commands(self) -> None:
         while self._cmds:
@@ -153,6 +182,13 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=30)
+
+
+def _safe(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:                  # a callback must never kill the engine thread
+        log.exception("engine callback failed")
 
 
 def _set_result(fut: asyncio.Future, value) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import datetime
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +31,8 @@ class GroupSpec:
     liveness_timeout: float = 5.0            # heartbeat silence before a peer is declared down
     collective_timeout: float = 60.0         # DEP/TP: a collective that waits longer raises
     collectives: str = "auto"                # DEP/TP: auto | library | peer (collectives/build.py)
+    generation: str = field(default_factory=lambda: os.environ.get("DWDP_GROUP_GENERATION", ""))
+    """Rendezvous namespace of this incarnation of the group (set per (re)start by the rank supervisor)."""
 
     def validate(self) -> "GroupSpec":
         strategy = get_strategy(self.strategy)
@@ -54,6 +57,28 @@ class GroupContext:
         self.membership = membership
         self.process_group = process_group
         self.events = events
+        self.recoveries = 0                  # times the group became whole again after a peer was down
+        self.last_recovery_s: float | None = None
+        if membership is not None:
+            membership.on_change(self._on_membership)
+
+    def _on_membership(self, epoch: int, rank: int, up: bool, seconds_down: float | None) -> None:
+        if up and not self.membership.dead:
+            self.recoveries += 1
+            self.last_recovery_s = seconds_down
+            log.warning("group %s: whole again (membership epoch %d); recovery took %.1fs", self.name, epoch,
+                        seconds_down or 0.0)
+
+    @property
+    def epoch(self) -> int:
+        """Membership epoch: grows by one per peer going down or coming back (0: never changed)."""
+        return self.membership.epoch if self.membership else 0
+
+    @property
+    def heals_in_place(self) -> bool:
+        """DWDP/DP ranks share no process group: once every peer is back, serving resumes in this
+        process. DEP/TP ranks must re-form their process group: the rank supervisor restarts the group."""
+        return self.spec.strategy not in COLLECTIVE_STRATEGIES
 
     @property
     def rank(self) -> int:
@@ -72,7 +97,8 @@ class GroupContext:
         spec.validate()
         if spec.size == 1:
             return cls(spec, None, None)
-        store = open_group_store(spec.rendezvous, spec.name, spec.rank, spec.size, spec.setup_timeout)
+        store = open_group_store(spec.rendezvous, spec.name, spec.rank, spec.size, spec.setup_timeout,
+                                 generation=spec.generation)
         store.set(f"joined/{spec.rank}", spec.strategy)
         for r in range(spec.size):
             theirs = store.get(f"joined/{r}", spec.setup_timeout)

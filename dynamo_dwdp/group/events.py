@@ -4,6 +4,9 @@ Subject: `dwdp.group.<group>`; payload JSON {"event", "rank", "reason"?}. A `ran
 marks it down in `Membership` at once, so survivors stop pulling from it when the event arrives
 rather than when its lease expires. Publishers: the rank itself (up/ready/clean shutdown) and the
 rank supervisor (`python -m dynamo_dwdp.group`) when a rank process exits unexpectedly.
+NATS going away is not fatal: events are lost meanwhile (liveness still works through the store's
+heartbeats or etcd leases), publishing logs a warning, and the client reconnects for as long as it
+takes, so events flow again once NATS is back.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ class GroupEvents:
     async def _connect(self):
         import nats
 
-        self._nc = await nats.connect(self.url, name=f"dwdp-{self.group}-{self.rank}", max_reconnect_attempts=3)
+        self._nc = await nats.connect(self.url, name=f"dwdp-{self.group}-{self.rank}", max_reconnect_attempts=-1,
+                                      reconnect_time_wait=1)
         await self._nc.subscribe(subject(self.group), cb=self._on_msg)
 
     async def _on_msg(self, msg):
@@ -55,7 +59,7 @@ class GroupEvents:
             await self._nc.flush(timeout=2)
 
         try:
-            asyncio.run_coroutine_threadsafe(_pub(), self._loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(_pub(), self._loop).result(timeout=3)
         except Exception as exc:
             log.warning("group %s: could not publish %s on NATS: %s", self.group, event, exc)
 

@@ -9,6 +9,10 @@ URLs:
                      process groups still need a torch store: rank 0 hosts a TCPStore on a free
                      loopback port and publishes its address in etcd.
 The store is used before serving (handles, readiness) and for liveness; never inside a forward.
+
+Generations: every key lives under `<group>/<generation>/` (`generation` empty: `<group>/`). The
+rank supervisor starts each (re)start of a group under a new generation, so a group that re-forms
+after a failure never reads a key its previous incarnation left behind (etcd keeps them).
 """
 from __future__ import annotations
 
@@ -59,8 +63,8 @@ class GroupStore:
         """A c10d Store for torch.distributed.init_process_group (DEP/TP)."""
         raise NotImplementedError
 
-    def clone(self) -> "GroupStore":
-        """A second connection (for a heartbeat thread)."""
+    def clone(self, op_timeout: float | None = None) -> "GroupStore":
+        """A second connection (for a heartbeat thread); `op_timeout` bounds each of its operations."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -71,15 +75,21 @@ class GroupStore:
         return {r: self.get(f"{key_prefix}/{r}", timeout) for r in range(self.size)}
 
 
+def _prefix(group: str, generation: str) -> str:
+    return f"{group}/{generation}/" if generation else f"{group}/"
+
+
 class TorchGroupStore(GroupStore):
-    def __init__(self, group, rank, size, store, url: str, timeout: float):
+    def __init__(self, group, rank, size, store, url: str, timeout: float, generation: str = ""):
         super().__init__(group, rank, size)
         import torch.distributed as dist
 
         self._raw = store
-        self._store = dist.PrefixStore(f"dwdp/{group}/", store)
+        self.prefix = "dwdp/" + _prefix(group, generation)
+        self._store = dist.PrefixStore(self.prefix, store)
         self.url = url
         self.timeout = timeout
+        self.generation = generation
 
     def set(self, key, value):
         try:
@@ -109,21 +119,23 @@ class TorchGroupStore(GroupStore):
     def torch_store(self):
         import torch.distributed as dist
 
-        return dist.PrefixStore(f"dwdp/{self.group}/torch/", self._raw)
+        return dist.PrefixStore(self.prefix + "torch/", self._raw)
 
-    def clone(self):
-        return open_group_store(self.url, self.group, self.rank, self.size, self.timeout, host=False)
+    def clone(self, op_timeout=None):
+        return open_group_store(self.url, self.group, self.rank, self.size, op_timeout or self.timeout, host=False,
+                                generation=self.generation)
 
 
 class EtcdGroupStore(GroupStore):
-    def __init__(self, group, rank, size, host: str, port: int, timeout: float):
+    def __init__(self, group, rank, size, host: str, port: int, timeout: float, generation: str = "",
+                 op_timeout: float = 5.0):
         super().__init__(group, rank, size)
         os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
         import etcd3
 
-        self.host, self.port, self.timeout = host, port, timeout
-        self.client = etcd3.client(host=host, port=port, timeout=5)
-        self.prefix = f"/dwdp/{group}/"
+        self.host, self.port, self.timeout, self.generation = host, port, timeout, generation
+        self.client = etcd3.client(host=host, port=port, timeout=op_timeout)
+        self.prefix = "/dwdp/" + _prefix(group, generation)
         self._torch_store = None
 
     def set(self, key, value):
@@ -163,8 +175,9 @@ class EtcdGroupStore(GroupStore):
             self._torch_store = store
         return self._torch_store
 
-    def clone(self):
-        return EtcdGroupStore(self.group, self.rank, self.size, self.host, self.port, self.timeout)
+    def clone(self, op_timeout=None):
+        return EtcdGroupStore(self.group, self.rank, self.size, self.host, self.port, self.timeout, self.generation,
+                              op_timeout=op_timeout or 5.0)
 
     def close(self):
         try:
@@ -174,7 +187,7 @@ class EtcdGroupStore(GroupStore):
 
 
 def open_group_store(url: str, group: str, rank: int, size: int, timeout: float = 120.0,
-                     host: bool = True) -> GroupStore:
+                     host: bool = True, generation: str = "") -> GroupStore:
     """Open the group's store. With tcp://, rank 0 hosts it (unless host=False: a client clone)."""
     import torch.distributed as dist
 
@@ -195,11 +208,11 @@ def open_group_store(url: str, group: str, rank: int, size: int, timeout: float 
                     raise PeerError(f"group {group}: cannot {'host' if is_master else 'reach'} the rendezvous "
                                     f"store at {url} ({exc})") from None
                 time.sleep(0.2)
-        return TorchGroupStore(group, rank, size, store, url, timeout)
+        return TorchGroupStore(group, rank, size, store, url, timeout, generation)
     if u.scheme == "file":
-        return TorchGroupStore(group, rank, size, dist.FileStore(u.path, -1), url, timeout)
+        return TorchGroupStore(group, rank, size, dist.FileStore(u.path, -1), url, timeout, generation)
     if u.scheme == "etcd":
         if not u.hostname or not u.port:
             raise UserError(f"--rendezvous {url!r}: expected etcd://HOST:PORT")
-        return EtcdGroupStore(group, rank, size, u.hostname, u.port, timeout)
+        return EtcdGroupStore(group, rank, size, u.hostname, u.port, timeout, generation)
     raise UserError(f"--rendezvous {url!r}: scheme must be tcp://, file:// or etcd://")

@@ -113,8 +113,9 @@ def group_argv(ranks: int, worker_argv_without_rank: list[str], *, python: str |
     Contract of the supervisor (dynamo_dwdp/group/supervisor.py): it starts N copies of the worker argv after
     `--` (a full command, starting with the python executable), appending `--group-rank r`; rank r
     gets `DYN_SYSTEM_PORT = $DYN_SYSTEM_PORT + r` when that is set; SIGTERM is forwarded to every
-    rank; when any rank exits the others are stopped and the supervisor exits non-zero, so the pod
-    restarts as one group.
+    rank; when any rank exits the others are stopped and the whole group is started again (bounded
+    back-off, new rendezvous generation); a start-up error or `--max-restarts` used up makes the
+    supervisor exit non-zero, so the pod restarts as one group.
     """
     if "--group-rank" in worker_argv_without_rank:
         raise ValueError("group_argv takes the worker argv without --group-rank (worker_argv(..., rank=None))")

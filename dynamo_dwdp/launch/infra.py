@@ -132,6 +132,20 @@ class Infra:
         self.procs.append((name, proc))
         return proc
 
+    def restart_dead(self) -> list[str]:
+        """Start again, with the same command line (same ports, same data directories), every infra
+        process that exited; returns their names. Clients reconnect (Dynamo's etcd/NATS clients, the
+        DWDP group's etcd store and NATS events)."""
+        restarted = []
+        for i, (name, proc) in enumerate(self.procs):
+            if proc.poll() is None:
+                continue
+            log = open(os.path.join(self.run_dir, f"{name}.log"), "ab")
+            fresh = subprocess.Popen(list(proc.args), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs[i] = (name, fresh)
+            restarted.append(name)
+        return restarted
+
     def stop(self) -> None:
         for name, proc in reversed(self.procs):
             if proc.poll() is None:

@@ -1,8 +1,20 @@
 """Launch a serving graph locally: infra, prefill pools, decode pools, frontend; wait for health;
-shut everything down in order (frontend, decode, prefill, infra) with nothing left running.
+keep it whole while serving; shut everything down with nothing left running.
 
 Every process gets its own session (so a whole group supervisor tree is signalled at once) and its
 own log file under the run directory. Every listener is on the infra host (127.0.0.1 by default).
+
+Supervision: once the graph is healthy, a monitor thread restarts any top-level process that exits
+(the frontend, a group supervisor, hence a prefill or decode worker) with a bounded exponential
+back-off (RESTART_BACKOFF doubling up to RESTART_MAX_BACKOFF), and an infra process (etcd, NATS,
+the ZMQ broker) at once, on the same ports and data directories. A rank inside a group is restarted
+by its group supervisor (dynamo_dwdp/group/supervisor.py), which re-forms the group.
+
+Shutdown (`ServeHandle.shutdown`, run on leaving `serve_graph`): SIGTERM the frontend, which stops
+taking requests and drains the in-flight ones, for at most `drain_timeout` seconds; then SIGTERM
+every worker group at once (their Dynamo pre-drain grace is 0: nothing routes to them any more),
+SIGKILL whatever still runs `stop_timeout` seconds later; then the infra. `force_stop` SIGKILLs
+everything at once (a second Ctrl-C).
 
     with serve_graph("graphs/disagg_dwdp_decode.yaml", ["configs/tiny-cpu.yaml"]) as h:
         requests.post(h.url + "/v1/completions", ...)
@@ -32,6 +44,11 @@ from dynamo_dwdp.strategies import get_strategy
 log = logging.getLogger(__name__)
 
 STOP_ORDER = ("frontend", "decode", "agg", "prefill")
+DRAIN_TIMEOUT = 30.0             # seconds the frontend gets to finish in-flight requests at shutdown
+STOP_TIMEOUT = 8.0               # seconds the workers get to exit after SIGTERM, then SIGKILL
+RESTART_BACKOFF = 1.0
+RESTART_MAX_BACKOFF = 30.0
+STABLE_AFTER = 60.0
 
 
 @dataclass
@@ -43,6 +60,9 @@ class Component:
     system_ports: list[int] = field(default_factory=list)
     ranks: int = 1
     registers: int = 1           # Dynamo workers it registers (tp: 1, else ranks)
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    restarts: int = 0            # times the launcher restarted this process
 
     @property
     def alive(self) -> bool:
@@ -58,6 +78,7 @@ class ServeHandle:
     run_dir: str
     components: list[Component]
     infra: Infra
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)   # set once shutdown began
 
     @property
     def num_gpus(self) -> int:
@@ -77,6 +98,24 @@ class ServeHandle:
 
     def component(self, name: str) -> Component:
         return next(c for c in self.components if c.name == name)
+
+    def shutdown(self, drain_timeout: float = DRAIN_TIMEOUT, stop_timeout: float = STOP_TIMEOUT) -> None:
+        """Drain, then stop every process (see the module docstring). Idempotent."""
+        self._stopping.set()
+        t0 = time.monotonic()
+        _stop(self.components, drain_timeout, stop_timeout)
+        self.infra.stop()
+        log.info("graph %s stopped in %.1fs", self.graph.name, time.monotonic() - t0)
+
+    def force_stop(self) -> None:
+        """SIGKILL every process of the graph now (a second Ctrl-C)."""
+        self._stopping.set()
+        for c in self.components:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(c.proc.pid, signal.SIGKILL)
+        for _name, proc in self.infra.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _ensure_model(settings: Settings) -> None:
@@ -100,29 +139,80 @@ def _http_ok(url: str, timeout: float = 1.0) -> tuple[bool, str]:
         return False, str(exc)
 
 
-def _stop(components: list[Component], timeout: float = 30.0) -> None:
-    """SIGTERM role by role in STOP_ORDER (whole process sessions), then SIGKILL stragglers."""
-    for role in STOP_ORDER:
-        batch = [c for c in components if c.role == role and c.alive]
-        for c in batch:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(c.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for c in batch:
-            try:
-                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing", c.name, timeout)
-        for c in batch:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(c.proc.pid, signal.SIGKILL)
-            c.proc.wait()
+def _signal(c: Component, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(c.proc.pid, sig)
+
+
+def _wait(batch: list[Component], timeout: float) -> list[Component]:
+    """Wait until every process of batch exited or timeout passed; returns those still running."""
+    deadline = time.monotonic() + timeout
+    for c in batch:
+        try:
+            c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    return [c for c in batch if c.alive]
+
+
+def _stop(components: list[Component], drain_timeout: float = DRAIN_TIMEOUT, stop_timeout: float = STOP_TIMEOUT) -> None:
+    """Frontend first (it drains in-flight requests, bounded), then every worker group at once;
+    SIGKILL whole sessions of stragglers. Nothing is left running when this returns."""
+    frontends = [c for c in components if c.role == "frontend" and c.alive]
+    for c in frontends:
+        _signal(c, signal.SIGTERM)
+    for c in _wait(frontends, drain_timeout):
+        log.warning("%s still draining after %.0fs; killing it", c.name, drain_timeout)
+    workers = [c for c in components if c.role != "frontend" and c.alive]
+    for c in workers:
+        _signal(c, signal.SIGTERM)
+    for c in _wait(workers, stop_timeout):
+        log.warning("%s did not stop in %.0fs; killing it", c.name, stop_timeout)
+    for c in components:                 # whole sessions: nothing a process left behind survives
+        _signal(c, signal.SIGKILL)
+        c.proc.wait()
+
+
+def _monitor(h: "ServeHandle", stop: threading.Event) -> None:
+    """Restart a top-level process that exited while serving, with bounded exponential back-off
+    (a process that then stays up for STABLE_AFTER seconds starts again from RESTART_BACKOFF)."""
+    streak: dict[str, int] = {}            # name -> restarts in a row without a stable run
+    due: dict[str, float] = {}             # name -> when to start it again
+    started: dict[str, float] = {}         # name -> when it was last (re)started
+    while not stop.wait(0.5):
+        now = time.monotonic()
+        if not (stop.is_set() or h._stopping.is_set()):
+            for name in h.infra.restart_dead():               # etcd / NATS / the ZMQ broker: at once
+                log.error("infra process %s had exited; started it again (log: %s/%s.log)", name, h.run_dir, name)
+        for c in h.components:
+            if stop.is_set() or h._stopping.is_set():
+                return
+            if c.alive:
+                if streak.get(c.name) and now - started.get(c.name, now) > STABLE_AFTER:
+                    streak[c.name] = 0
+                continue
+            if c.name not in due:                            # just seen dead: schedule the restart
+                delay = min(RESTART_MAX_BACKOFF, RESTART_BACKOFF * 2 ** streak.get(c.name, 0))
+                due[c.name] = now + delay
+                log.error("%s exited with code %s; restarting it in %.1fs (log: %s)", c.name, c.proc.returncode,
+                          delay, c.log_path)
+            elif now >= due[c.name]:
+                _signal(c, signal.SIGKILL)                   # anything left of the old session goes
+                c.proc = _spawn(c.name, c.role, c.argv, c.env, os.path.dirname(c.log_path), c.system_ports, None).proc
+                c.restarts += 1
+                streak[c.name] = streak.get(c.name, 0) + 1
+                started[c.name] = now
+                del due[c.name]
+                log.warning("%s restarted (restart %d)", c.name, c.restarts)
 
 
 @contextlib.contextmanager
 def serve_graph(graph_path: str, config_paths: list[str], overrides: dict | None = None, log_dir: str | None = None,
                 http_port: int = 0, infra: str | None = None, health_timeout: float | None = None,
-                worker_env: dict[str, str] | None = None) -> Iterator[ServeHandle]:
+                worker_env: dict[str, str] | None = None, drain_timeout: float = DRAIN_TIMEOUT,
+                stop_timeout: float = STOP_TIMEOUT) -> Iterator[ServeHandle]:
+    """Start the graph, yield its handle while serving (processes restarted if they exit), then
+    shut down: drain for at most `drain_timeout` s, stop workers within `stop_timeout` s."""
     overrides = dict(overrides or {})
     extra_env = dict(worker_env or {})
     skew = overrides.pop("expert_skew", None)
@@ -143,9 +233,17 @@ def serve_graph(graph_path: str, config_paths: list[str], overrides: dict | None
     inf = Infra(settings.infra.mode, run_dir, host)
     components: list[Component] = []
     stop_monitor = threading.Event()
+    handle: ServeHandle | None = None
+    monitor: threading.Thread | None = None
     try:
         inf.start()
         base_env = dict(os.environ, **inf.env(), **extra_env)
+        # the launcher drains at the frontend before it stops a worker: no pre-drain sleep needed
+        base_env.setdefault("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
+        # Dynamo's canary checks (on by default in Kubernetes): an idle worker whose group is broken fails
+        # them, so its /health says notready until the group is whole again
+        base_env.setdefault("DYN_HEALTH_CHECK_ENABLED", "true")
+        base_env.setdefault("DYN_CANARY_WAIT_TIME", "2")
         base_env.setdefault("DWDP_TORCH_THREADS", str(settings.engine.torch_threads or 1))
         base_env["PYTHONUNBUFFERED"] = "1"
         order = sorted(graph.pools, key=lambda p: {"prefill": 0, "agg": 1, "decode": 2}[p.role])
@@ -165,11 +263,18 @@ def serve_graph(graph_path: str, config_paths: list[str], overrides: dict | None
         handle = ServeHandle(f"http://{host}:{port}", settings.model.name, graph, settings, run_dir, components, inf)
         _wait_healthy(handle, health_timeout or settings.infra.health_timeout_s)
         log.info("graph %s serving %s at %s (logs: %s)", graph.name, handle.model_name, handle.url, run_dir)
+        monitor = threading.Thread(target=_monitor, args=(handle, stop_monitor), name="serve-monitor", daemon=True)
+        monitor.start()
         yield handle
     finally:
         stop_monitor.set()
-        _stop(components)
-        inf.stop()
+        if monitor is not None:
+            monitor.join(timeout=5)
+        if handle is not None:
+            handle.shutdown(drain_timeout, stop_timeout)
+        else:
+            _stop(components, drain_timeout, stop_timeout)
+            inf.stop()
 
 
 def _spawn(name: str, role: str, argv: list[str], env: dict, run_dir: str, ports: list[int], pool: Pool | None) -> Component:
@@ -180,7 +285,7 @@ def _spawn(name: str, role: str, argv: list[str], env: dict, run_dir: str, ports
     proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     ranks = pool.ranks if pool else 1
     registers = 1 if (pool and get_strategy(pool.strategy).leader_only) else ranks
-    return Component(name, role, proc, path, ports, ranks, registers if pool else 0)
+    return Component(name, role, proc, path, ports, ranks, registers if pool else 0, list(argv), dict(env))
 
 
 def _wait_healthy(h: ServeHandle, timeout: float) -> None:

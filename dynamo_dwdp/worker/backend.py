@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 import uuid
 from typing import Any
@@ -43,6 +45,7 @@ class DwdpWorkerEngine(LLMEngine):
         self.ae: AsyncEngine | None = None
         self.kv = None
         self.snapshots = None
+        self.guard = None
         self._last_snapshot = 0.0
         self._last_refresh = 0.0
         self.metrics = WorkerMetrics(args.group.strategy, args.mode, args.group.name, args.group.rank)
@@ -77,7 +80,16 @@ class DwdpWorkerEngine(LLMEngine):
             raise UserError(f"--disaggregation-mode {self.mode} needs --kv-transfer nixl")
         self.ae = AsyncEngine(self.rank_engine)
         self.ae.on_step.append(self._after_step)
+        self.ae.on_broken.append(self._on_broken)
+        self.ae.on_recovered.append(self._on_recovered)
         self.ae.start()
+        self.metrics.set_health(True)
+        from dynamo_dwdp.worker.discovery_guard import DiscoveryGuard
+
+        self.guard = DiscoveryGuard.for_env(worker_id)
+        if self.guard is not None:
+            self.guard.start()
+        self._report_restart_recovery()
         log.info("dwdp worker ready: %s rank %d/%d (%s, %s), worker_id %x", a.group.name, a.group.rank,
                  a.group.size, a.group.strategy, self.mode, worker_id)
         return EngineConfig(
@@ -86,6 +98,32 @@ class DwdpWorkerEngine(LLMEngine):
                                 total_kv_blocks=a.engine.num_kv_blocks, max_num_seqs=a.engine.max_num_seqs,
                                 max_num_batched_tokens=a.engine.max_num_batched_tokens),
         )
+
+    def _report_restart_recovery(self) -> None:
+        """This rank is part of a group the supervisor restarted after a failure (DWDP_GROUP_FAILED_AT,
+        wall-clock seconds): log and export the time to recovery."""
+        failed_at = os.environ.get("DWDP_GROUP_FAILED_AT")
+        if not failed_at:
+            return
+        seconds = max(0.0, time.time() - float(failed_at))
+        self.metrics.recovered(seconds)
+        log.warning("group %s recovered: rank %d serving again %.1fs after the failure (group restart %s)",
+                    self.args.group.name, self.args.group.rank, seconds, os.environ.get("DWDP_GROUP_GENERATION", "?"))
+
+    def _on_broken(self, reason: str) -> None:
+        """Engine thread: the group broke. DWDP/DP wait to heal in place; DEP/TP stop this process (the
+        Dynamo worker unregisters, fails what is left), so the rank supervisor re-forms the group."""
+        self.metrics.set_health(False)
+        group = self.rank_engine.group
+        if not group.heals_in_place:
+            log.error("group %s broke (%s): stopping this rank so the group restarts", group.name, reason)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _on_recovered(self, seconds: float) -> None:
+        self.metrics.set_health(True)
+        self.metrics.recovered(seconds)
+        log.warning("group %s recovered in place: rank %d serving again %.1fs after it broke",
+                    self.rank_engine.group.name, self.rank_engine.group.rank, seconds)
 
     def _after_step(self) -> None:
         """On the engine thread after every iteration: release read KV, refresh metrics, snapshots."""
@@ -112,6 +150,9 @@ class DwdpWorkerEngine(LLMEngine):
                                                         kv_cache_hit_rate=hit))
 
     async def cleanup(self) -> None:
+        if self.guard is not None:
+            self.guard.stop()
+            self.guard = None
         if self.ae is not None:
             await asyncio.to_thread(self.ae.stop)
             self.ae = None

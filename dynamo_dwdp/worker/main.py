@@ -59,3 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     from dynamo_dwdp.worker.backend import DwdpWorkerEngine   # rank > 0 of tp never loads Dynamo's backend SDK
 
     run(DwdpWorkerEngine, argv)
+    # The Worker has drained, unregistered and run cleanup() (engine stopped, group left, KV and shards
+    # freed). Interpreter finalisation after that only waits on the runtime's leftover tasks ("tasks
+    # still running at interpreter exit"), seconds that every shutdown and group restart would pay.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -46,6 +46,15 @@ class WorkerMetrics:
                          "Queue time / compute time over recently finished requests (autoscaling signal)",
                          names, registry=r)
         self.peers_down = Gauge("dwdp_group_peers_down", "Peers of this rank's group declared down", names, registry=r)
+        self.healthy = Gauge("dwdp_group_healthy", "1 while this rank serves (group whole, engine not broken), else 0",
+                             names, registry=r)
+        self.epoch = Gauge("dwdp_group_membership_epoch", "Membership changes seen by this rank (peer down or back)",
+                           names, registry=r)
+        self.recoveries = counter("dwdp_group_recoveries",
+                                  "Times this rank served again after its group failed (in place or restarted)")
+        self.recovery_seconds = Gauge("dwdp_group_recovery_seconds",
+                                      "Time to recovery of the last failure: from the failure to serving again",
+                                      names, registry=r)
         self._last: dict[str, float] = {}
         self._last_bytes: dict[int, int] = {}
 
@@ -78,3 +87,11 @@ class WorkerMetrics:
                 self.q2c.labels(**self.labels).set(sum(q for q, _ in timings) / compute)
         if group is not None:
             self.peers_down.labels(**self.labels).set(len(group.dead()))
+            self.epoch.labels(**self.labels).set(group.epoch)
+
+    def set_health(self, healthy: bool) -> None:
+        self.healthy.labels(**self.labels).set(1 if healthy else 0)
+
+    def recovered(self, seconds: float) -> None:
+        self.recoveries.labels(**self.labels).inc()
+        self.recovery_seconds.labels(**self.labels).set(seconds)

@@ -1,7 +1,7 @@
 """The real A/B on the CPU tiny model: disagg_dep vs disagg_dwdp_decode through Dynamo's frontend.
 
-Runs only when the launcher (`dynamo_dwdp.launch.launcher`) exists. Two concurrency points, four short
-requests each (configs/workloads/ci-smoke.yaml). References: the workload (requests per point),
+Two concurrency points, four short requests each
+(configs/workloads/ci-smoke.yaml). References: the workload (requests per point),
 the graph files (GPUs = sum of ranks x replicas), the per-request rows the harness wrote.
 """
 from __future__ import annotations
@@ -12,12 +12,9 @@ from pathlib import Path
 
 import pytest
 
-serve = pytest.importorskip("dynamo_dwdp.launch.launcher",
-                            reason="the launcher dynamo_dwdp.launch.launcher is not in this tree yet")
-
-from dynamo_dwdp.ab import harness  # noqa: E402
-from dynamo_dwdp.ab.workload import load_workload  # noqa: E402
-from dynamo_dwdp.config.graph import load_graph  # noqa: E402
+from dynamo_dwdp.ab import harness
+from dynamo_dwdp.ab.workload import load_workload
+from dynamo_dwdp.config.graph import load_graph
 
 REPO = Path(__file__).resolve().parents[2]
 GRAPHS = [str(REPO / "graphs" / "disagg_dep.yaml"), str(REPO / "graphs" / "disagg_dwdp_decode.yaml")]

@@ -16,8 +16,10 @@ from dynamo_dwdp.ab.workload import Request
 from dynamo_dwdp.errors import UserError
 from tests.ab.test_ab_fakes import FakeFrontend
 
-# A loaded 2-core CI box adds scheduling noise on top of the injected sleeps; lower bounds are exact.
-SLACK = 0.12
+# Lower bounds are exact (nothing arrives before the server sent it). Upper bounds are generous on
+# purpose: a loaded 2-core CI box can delay any wake-up by hundreds of milliseconds; the relations
+# between the measures (ttft < e2e, tpot from e2e and ttft) are checked exactly instead.
+SLACK = 1.0
 
 
 def reqs(n: int, *, osl: int = 6, prompt=None) -> list[Request]:
@@ -47,6 +49,7 @@ def test_ttft_and_itl_match_the_injected_delays():
         assert gap - 0.01 <= statistics.median(gaps) <= gap + SLACK / 2
         # TPOT = (e2e - ttft) / (osl - 1) is the mean gap (+ the last chunk -> [DONE] tail)
         assert gap - 0.01 <= r.tpot_s <= gap + SLACK / 2
+        assert r.ttft_s < r.e2e_s and r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 5, rel=1e-6)
 
 
 def test_token_counts_come_from_the_usage_chunk():

@@ -111,7 +111,7 @@ def _pause_run(model_dir, strategy, victim, pause_s=2.0):
             for ev in ready:
                 if not ev.wait(120):
                     return
-            time.sleep(0.3)
+            time.sleep(pause_s + 0.1)        # a window as long as the pause, before it, to compare with
             os.kill(procs[victim].pid, signal.SIGSTOP)
             try:
                 time.sleep(0.05)                 # the window opens once the stop has surely landed
@@ -135,20 +135,26 @@ def _pause_run(model_dir, strategy, victim, pause_s=2.0):
     def during(stamps):
         return sum(1 for t in stamps if window["t0"] < t < window["t1"])
 
-    return during(res[survivor].value), during(res[victim].value), res[survivor].value
+    def before(stamps):
+        return sum(1 for t in stamps if window["t0"] - pause_s < t < window["t0"])
+
+    return during(res[survivor].value), during(res[victim].value), res[survivor].value, before(res[survivor].value)
 
 
 @pytest.mark.parametrize("victim", [1, 0], ids=["pause-rank1", "pause-rank0-store-host"])
 def test_dwdp_rank_keeps_stepping_while_peer_is_paused(strategy_ckpt, victim):
     model_dir, _ = strategy_ckpt
-    survivor_steps, victim_steps, stamps = _pause_run(model_dir, "dwdp", victim)
+    survivor_steps, victim_steps, stamps, steps_before = _pause_run(model_dir, "dwdp", victim)
     assert victim_steps == 0                     # the pause really happened
-    assert survivor_steps >= 10, survivor_steps  # many steps during the 2 s pause
+    # it keeps stepping: counted against its own rate in an equal window just before the pause (not
+    # a fixed rate, which a loaded 2-core machine may not reach); a stalled rank makes 0 or 1 steps
+    assert steps_before >= 4, steps_before
+    assert survivor_steps >= max(3, steps_before // 4), (survivor_steps, steps_before)
 
 
 def test_dep_rank_stalls_while_peer_is_paused(strategy_ckpt):
     model_dir, _ = strategy_ckpt
-    survivor_steps, victim_steps, stamps = _pause_run(model_dir, "dep", 1)
+    survivor_steps, victim_steps, stamps, _ = _pause_run(model_dir, "dep", 1)
     assert victim_steps == 0
     assert survivor_steps <= 1, survivor_steps   # at most the step that was already finishing
     assert len(stamps) > 10                      # it did step before and after the pause

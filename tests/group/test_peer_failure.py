@@ -186,6 +186,10 @@ def test_leaving_does_not_wait_for_a_dead_peer():
 
     class DeadPeer:
         dead = frozenset({1})
+        epoch = 1
+
+        def on_change(self, fn):
+            pass
 
         def reason(self, r):
             return "killed"

@@ -17,8 +17,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +40,15 @@ TEST_WORKER_ENV = {
 COMPLETION_PROMPT = "Mixture of experts models send every token to a few experts"
 CHAT_MESSAGES = [{"role": "user", "content": "Why do experts need parallelism?"}]
 MAX_TOKENS = 12
+# >= 5 KV blocks of 16 tokens: the disaggregated hand-off moves several blocks, compared token for token
+LONG_PROMPT = ("Each rank of a DWDP group runs whole requests on its own, and pulls the routed experts it "
+               "lacks from its peers one layer ahead, so that no collective and no barrier ever sits in the "
+               "forward pass; a slow rank therefore never stalls the others, while DEP ranks meet at every "
+               "layer in an all-to-all and TP ranks reduce every projection together.")
+MULTIBYTE_PROMPT = "日本語のテキスト"      # its greedy output holds characters spread over several byte tokens
+MULTIBYTE_TOKENS = 48
+SEEDED = {"temperature": 0.9, "seed": 1234}
+CONTEXT = 1024                    # configs/tiny-cpu.yaml engine.max_model_len
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -267,20 +278,29 @@ def chat_prompt_ids(model_dir: str, messages: list[dict]) -> list[int]:
 
 
 class References:
-    """`dynamo-dwdp generate --json` for the completion prompt and the chat token ids, started at
-    once in the background (they overlap with the first graph launch)."""
+    """`dynamo-dwdp generate --json` for the completion prompt and the chat token ids (extended: also the
+    long prompt, seeded sampling, the multi-byte prompt), started at once in the background."""
 
-    def __init__(self, model_dir: str, max_tokens: int = MAX_TOKENS):
+    def __init__(self, model_dir: str, max_tokens: int = MAX_TOKENS, extended: bool = False):
         self.chat_ids = chat_prompt_ids(model_dir, CHAT_MESSAGES)
         base = [PY, "-m", "dynamo_dwdp.cli", "generate", "--model", model_dir, "--max-tokens", str(max_tokens),
                 "--ignore-eos", "--json"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
+        def start(*args):
+            return subprocess.Popen(base + list(args), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+
         self._procs = {
-            "completion": subprocess.Popen(base + ["--prompt", COMPLETION_PROMPT], cwd=REPO, env=env,
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-            "chat": subprocess.Popen(base + ["--token-ids", ",".join(map(str, self.chat_ids))], cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            "completion": start("--prompt", COMPLETION_PROMPT),
+            "chat": start("--token-ids", ",".join(map(str, self.chat_ids))),
         }
+        if extended:
+            self._procs.update({
+                "long": start("--prompt", LONG_PROMPT),
+                "seeded": start("--prompt", COMPLETION_PROMPT, "--temperature", str(SEEDED["temperature"]),
+                                "--seed", str(SEEDED["seed"])),
+                "multibyte": start("--prompt", MULTIBYTE_PROMPT, "--max-tokens", str(MULTIBYTE_TOKENS)),
+            })
         self._out: dict[str, dict] = {}
 
     def __getitem__(self, key: str) -> dict:
@@ -341,13 +361,36 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def refs(model_dir):
-    r = References(model_dir)
+    r = References(model_dir, extended=True)
     yield r
     r.close()
 
 
+def add_eos_token(model_dir: str, token: int) -> None:
+    """Make `token` an EOS token of the model too (generation_config.json, which the frontend reads),
+    so that a random model ends a request by EOS at a known place."""
+    path = os.path.join(model_dir, "generation_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    eos = cfg.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [eos]
+    cfg["eos_token_id"] = sorted({*eos, int(token)})
+    with open(path + ".tmp", "w") as f:
+        json.dump(cfg, f)
+    os.replace(path + ".tmp", path)
+
+
+@pytest.fixture(scope="module")
+def eos_at(model_dir, refs) -> int:
+    """Index in the completion reference of the first occurrence of the token made an EOS token."""
+    ids = refs["completion"]["token_ids"]
+    index = next(i for i in range(3, len(ids)) if ids[i] not in ids[:i])
+    add_eos_token(model_dir, ids[index])
+    return index
+
+
 @pytest.fixture(scope="module", params=GRAPHS)
-def served(request, model_dir, refs, tmp_path_factory):
+def served(request, model_dir, refs, eos_at, tmp_path_factory):
     from dynamo_dwdp.launch.launcher import serve_graph
 
     run_dir = tmp_path_factory.mktemp(f"run-{request.param}")
@@ -498,3 +541,208 @@ def test_every_listener_of_the_graph_is_on_loopback(served):
         seen = ss_listeners(pids)
         assert (frontend, f"127.0.0.1:{port}") in seen
         assert all(is_loopback(addr) for _, addr in seen), seen
+
+
+# ------------------------------------------------------------------ serving behaviours, per graph
+def _ok(s: Served, path: str, body: dict) -> dict:
+    status, resp = post(s.h.url + path, body)
+    assert status == 200, resp
+    return resp
+
+
+def _text(resp: dict) -> str:
+    choice = resp["choices"][0]
+    return choice["text"] if "text" in choice else choice["message"]["content"]
+
+
+def test_multi_block_prompt_matches_generate_token_for_token(served, refs):
+    """A prompt of >= 5 KV blocks gives exactly the single-process tokens in every graph (so aggregated
+    and disaggregated graphs agree token for token); in a disaggregated graph its KV moves from the
+    prefill to the decode worker block for block: the bytes are exactly n_blocks x one block's."""
+    m = served.h.model_name
+    block = served.h.settings.engine.block_size
+    decode = {wid: w[3] for wid, w in served.workers.items() if w[1] == "decode"}
+
+    def moved(body: dict) -> tuple[dict, float]:
+        before = {wid: metric_total(u, "dwdp_kv_transfer_bytes_total") for wid, u in decode.items()}
+        resp = _ok(served, "/v1/completions", body)
+        wid = resp["nvext"]["worker_id"]["decode_worker_id"]
+        return resp, (metric_total(decode[wid], "dwdp_kv_transfer_bytes_total") - before[wid]) if decode else 0.0
+
+    one, one_bytes = moved(completion_body(m, prompt="one block of kv", max_tokens=2))
+    assert one["usage"]["prompt_tokens"] <= block
+    resp, long_bytes = moved(completion_body(m, prompt=LONG_PROMPT))
+    n_tokens = resp["usage"]["prompt_tokens"]
+    assert n_tokens >= 5 * block, n_tokens
+    assert _text(resp) == refs["long"]["text"]
+    assert resp["usage"]["completion_tokens"] == MAX_TOKENS == len(refs["long"]["token_ids"])
+    if served.disagg:
+        assert one_bytes > 0
+        assert long_bytes == one_bytes * -(-n_tokens // block), (long_bytes, one_bytes, n_tokens)
+
+
+def test_seeded_sampling_equals_generate(served, refs):
+    """temperature > 0 with a seed: the same tokens as the single-process engine, whatever the strategy."""
+    resp = _ok(served, "/v1/completions", completion_body(served.h.model_name, **SEEDED))
+    assert _text(resp) == refs["seeded"]["text"]
+    greedy = refs["completion"]["text"]
+    assert refs["seeded"]["text"] != greedy            # sampling really happened
+
+
+def test_eos_ends_the_request(served, refs, eos_at):
+    """The model's EOS token (made one in generation_config.json) ends the request through the server."""
+    body = completion_body(served.h.model_name)
+    body.pop("ignore_eos")
+    resp = _ok(served, "/v1/completions", body)
+    assert resp["choices"][0]["finish_reason"] == "stop", resp
+    assert resp["usage"]["completion_tokens"] in (eos_at, eos_at + 1), (resp["usage"], eos_at)
+    text = _text(resp)
+    assert text and refs["completion"]["text"].startswith(text) and len(text) < len(refs["completion"]["text"])
+
+
+def _stop_string(text: str) -> tuple[str, int]:
+    """A 2-character stop string first occurring at k >= 1 of `text` (past its middle when it can), and k."""
+    for k in [*range(len(text) // 2, len(text) - 1), *range(1, len(text) // 2)]:
+        if text.find(text[k:k + 2]) == k and "\ufffd" not in text[k:k + 2]:
+            return text[k:k + 2], k
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def test_stop_strings_are_honoured(served, refs):
+    """A stop string ends the request before it, streaming or not. (Dynamo 1.6.1's frontend drops stop
+    strings from a request with ignore_eos=true before any worker sees it, so the test leaves EOS on.)"""
+    m = served.h.model_name
+    body = completion_body(m)
+    body.pop("ignore_eos")
+    until_eos = _text(_ok(served, "/v1/completions", body))       # the text up to the model's EOS
+    stop, k = _stop_string(until_eos)
+    assert refs["completion"]["text"].startswith(until_eos)
+    resp = _ok(served, "/v1/completions", dict(body, stop=[stop]))
+    assert resp["choices"][0]["finish_reason"] == "stop" and _text(resp) == until_eos[:k], (stop, resp)
+    res = stream(served.h.url + "/v1/completions", dict(body, stop=[stop]))
+    assert res["status"] == 200 and res["done"] and not res["errors"], res
+    assert stream_text(res) == until_eos[:k] and stream_finish(res) == "stop"
+
+
+def test_no_max_tokens_and_max_tokens_exactly_filling_the_context(served):
+    m, url = served.h.model_name, served.h.url + "/v1/completions"
+    prompt = [(37 * i) % 250 + 5 for i in range(1000)]
+    body = {"model": m, "prompt": prompt, "temperature": 0, "ignore_eos": True}
+    unbounded = _ok(served, "/v1/completions", body)               # no max_tokens: up to the context
+    n_prompt = unbounded["usage"]["prompt_tokens"]
+    assert n_prompt >= 1000
+    room = CONTEXT - n_prompt
+    assert unbounded["choices"][0]["finish_reason"] == "length"
+    assert unbounded["usage"]["completion_tokens"] == room
+    exact = _ok(served, "/v1/completions", dict(body, max_tokens=room))
+    assert exact["usage"]["completion_tokens"] == room and _text(exact) == _text(unbounded)
+    status, err = post(url, dict(body, max_tokens=room + 1))
+    assert status == 400 and f"max_tokens={room + 1}" in err["message"] and "context length" in err["message"], err
+
+
+def test_streaming_over_the_context_is_an_error(served):
+    """Not an empty 200 stream: an HTTP 400, or an SSE error event with code 400 and the reason."""
+    m = served.h.model_name
+    for path, body in (("/v1/completions", {"model": m, "prompt": "x " * 1500, "max_tokens": 4}),
+                       ("/v1/chat/completions", {"model": m, "max_tokens": 4,
+                                                 "messages": [{"role": "user", "content": "x " * 1500}]})):
+        res = stream(served.h.url + path, body, timeout=30)
+        assert res["exception"] is None, res
+        assert res["errors"], f"{path}: no error for a prompt over the context: {res}"
+        err = res["errors"][0]
+        if res["status"] == 200:
+            assert err.get("code") == 400 and "context length is 1024" in err.get("message", ""), res
+        else:
+            assert res["status"] == 400, res
+        assert not [c for c in res["chunks"] if any(ch.get("text") or (ch.get("delta") or {}).get("content")
+                                                    for ch in c.get("choices") or [])], res
+
+
+def test_multibyte_text_split_across_streamed_chunks(served, refs):
+    """Characters whose UTF-8 bytes come in several tokens stream intact: the chunks joined equal the
+    non-streaming text and `dynamo-dwdp generate`'s one-shot decode."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(served.h.settings.model.path, "tokenizer.json"))
+    ids = refs["multibyte"]["token_ids"]
+    split = [j for j in range(len(ids) - 1) if "\ufffd" in tok.decode(ids[j:j + 1]) and any(
+        ord(c) > 127 and c != "\ufffd" for c in tok.decode(ids[j:j + 3]))]
+    assert split, "the reference output has no multi-token character: pick another MULTIBYTE_PROMPT"
+    body = completion_body(served.h.model_name, prompt=MULTIBYTE_PROMPT, max_tokens=MULTIBYTE_TOKENS)
+    whole = _text(_ok(served, "/v1/completions", body))
+    res = stream(served.h.url + "/v1/completions", body)
+    assert res["status"] == 200 and res["done"] and not res["errors"], res
+    assert len(res["chunks"]) > 10                      # really streamed in pieces
+    assert stream_text(res) == whole == refs["multibyte"]["text"]
+
+
+def test_client_disconnect_frees_kv_blocks(served):
+    """A client that drops its stream: the request is cancelled and every worker's KV gauge returns
+    to idle (0 blocks), prefill holds included; the graph answers the next request."""
+    import http.client
+
+    h = served.h
+    urls = [w[3] for w in served.workers.values()]
+    assert wait_for(lambda: all(metric_total(u, "dwdp_kv_blocks_used") == 0 for u in urls), 10)
+    generated0 = sum(metric_total(u, "dwdp_generated_tokens_total") for u in urls)
+    conn = http.client.HTTPConnection(h.url.split("//")[1], timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps(
+        {"model": h.model_name, "prompt": LONG_PROMPT + " disconnect", "max_tokens": 900, "temperature": 0,
+         "ignore_eos": True, "stream": True}), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    chunks = 0
+    for line in resp:
+        chunks += line.startswith(b"data:")
+        if chunks >= 3:
+            break
+    # the gauges refresh every 50 ms of engine steps: wait for them (the request runs for 900 tokens)
+    in_use = wait_for(lambda: sum(metric_total(u, "dwdp_kv_blocks_used") for u in urls), 10, 0.05)
+    conn.sock.close()
+    conn.close()
+    assert in_use > 0                                   # the request held blocks while it streamed
+    assert wait_for(lambda: all(metric_total(u, "dwdp_kv_blocks_used") == 0 and
+                                metric_total(u, "dwdp_running_requests") == 0 for u in urls), 20, 0.2), \
+        {u: metric_total(u, "dwdp_kv_blocks_used") for u in urls}
+    assert sum(metric_total(u, "dwdp_generated_tokens_total") for u in urls) - generated0 < 900   # cut short
+    status, body = post(h.url + "/v1/completions", completion_body(h.model_name))
+    assert status == 200 and _text(body) == _completion(served)["choices"][0]["text"]
+
+
+def test_a_killed_dep_or_tp_rank_restarts_its_group_and_serving_resumes(served):
+    """Last test of each graph (it replaces the decode group's processes). DEP and TP need all their
+    ranks: a killed rank (the TP follower, a DEP peer) ends the requests in flight with an error, no
+    hang; the group supervisor restarts the whole group, which re-forms through the rendezvous, and
+    requests succeed again within 60 s; the new ranks report the time to recovery."""
+    pool = next((p for p in served.h.graph.pools if p.role == "decode"), None)
+    if pool is None or pool.strategy not in ("dep", "tp"):
+        pytest.skip("no DEP/TP group in this graph (DWDP groups: tests/launch/test_serve_recovery.py)")
+    h = served.h
+    comp = h.component("decode-g0")
+    out = subprocess.run(["pgrep", "-P", str(comp.proc.pid)], capture_output=True, text=True, timeout=10).stdout
+    victim = next(pid for pid in map(int, out.split())
+                  if open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[-3:-1] == [b"--group-rank", b"1"])
+    res: dict = {}
+    started = threading.Event()
+    body = completion_body(h.model_name, max_tokens=900)
+    t = threading.Thread(target=lambda: res.update(stream(h.url + "/v1/completions", body, timeout=60,
+                                                          on_chunk=lambda c: started.set())), daemon=True)
+    t.start()
+    assert started.wait(60)
+    os.kill(victim, signal.SIGKILL)
+    t_kill = time.monotonic()
+    t.join(90)
+    assert not t.is_alive(), "the in-flight request hung"
+    assert res["errors"] or res["exception"] or stream_finish(res) != "length", res
+
+    def serves() -> bool:
+        status, body = post(h.url + "/v1/completions", completion_body(h.model_name), timeout=30)
+        return status == 200 and body["choices"][0]["text"] == _completion(served)["choices"][0]["text"]
+
+    assert wait_for(lambda: all(serves() for _ in range(3)), 60, 0.5), "no recovery within 60 s"
+    assert time.monotonic() - t_kill < 70
+    assert comp.alive and not h.dead_components()
+    log = Path(comp.log_path).read_text(errors="replace")
+    assert "restarting all 2 ranks" in log
+    rank0 = f"http://{h.infra.host}:{comp.system_ports[0]}/metrics"
+    seconds = metric_samples(rank0, "dwdp_group_recovery_seconds")
+    assert seconds and 0 < seconds[0][1] < 60, seconds

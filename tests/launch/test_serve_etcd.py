@@ -6,20 +6,25 @@ this module's `served`): outputs equal `dynamo-dwdp generate`, prefill and decod
 of the right pools, KV bytes over NIXL, worker-side 400s, loopback-only listeners. On top: the workers
 really registered in etcd (its own v3 API lists their instances) and really talk to NATS (its monitor
 counts the connections), and after the graph stops etcd and nats-server are gone, ports closed.
+Last, NATS killed and etcd stopped mid-serve: serving goes on or fails fast, and recovers by itself.
 """
 from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
 import socket
+import threading
+import time
 import urllib.request
 
 import pytest
 
 from tests.conftest import REPO
 from tests.launch.test_serve_e2e import (CONFIG, TEST_WORKER_ENV, References, Served, assert_nothing_left, make_model,
-                            served_pids)
+                            metric_total, post, served_pids, wait_for)
 from tests.launch.test_serve_e2e import (  # noqa: F401  (collected here, with this module's fixtures)
     test_chat_matches_generate_on_templated_ids, test_chat_streaming_equals_non_streaming,
     test_completions_match_generate, test_completions_streaming_matches_generate,
@@ -100,3 +105,54 @@ def test_real_etcd_and_nats_run_the_graph(served):
     monitor = int(_flag(list(procs["nats"].args), "-m"))
     with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/connz", timeout=10) as r:
         assert json.loads(r.read())["num_connections"] >= 3
+
+
+def test_nats_and_etcd_lost_mid_serve_then_back(served):
+    """Last test here (it disturbs the infra). NATS killed: the launcher starts it again on the same
+    port; serving never stops (requests succeed at once) and the clients reconnect. etcd stopped for
+    8 s (longer than the 5 s membership leases): requests sent meanwhile succeed or fail fast (never
+    hang); once etcd is back, membership and discovery recover by themselves: requests succeed again
+    within 60 s, every decode rank healthy with no peer down, and no graph restart by hand."""
+    h = served.h
+
+    def ok() -> bool:
+        status, body = post(h.url + "/v1/completions", {"model": h.model_name, "prompt": "still serving?",
+                                                         "max_tokens": 3, "temperature": 0}, timeout=30)
+        return status == 200 and body["usage"]["completion_tokens"] == 3
+
+    def nats_connections() -> int:
+        monitor = int(_flag(list(dict(h.infra.procs)["nats"].args), "-m"))
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/connz", timeout=2) as r:
+                return json.loads(r.read())["num_connections"]
+        except OSError:
+            return 0
+
+    connected = nats_connections()
+    assert connected >= 3
+    nats = dict(h.infra.procs)["nats"]
+    os.kill(nats.pid, signal.SIGKILL)
+    assert ok() and ok(), "serving stopped when NATS went away"
+    assert wait_for(lambda: dict(h.infra.procs)["nats"].pid != nats.pid, 10, 0.2), "NATS not restarted"
+    assert wait_for(lambda: nats_connections() >= connected, 30, 0.5), (nats_connections(), connected)
+    assert ok()
+
+    etcd = dict(h.infra.procs)["etcd"]
+    os.kill(etcd.pid, signal.SIGSTOP)
+    outcomes: list[bool] = []
+    try:
+        t_end = time.monotonic() + 8
+        while time.monotonic() < t_end:
+            t = threading.Thread(target=lambda: outcomes.append(ok()), daemon=True)
+            t.start()
+            t.join(max(0.5, t_end - time.monotonic()) + 30)
+            assert not t.is_alive(), "a request hung while etcd was away"
+            time.sleep(1)
+    finally:
+        os.kill(etcd.pid, signal.SIGCONT)
+    assert outcomes
+    decode = [f"http://127.0.0.1:{p}/metrics" for c in h.components if c.role == "decode" for p in c.system_ports]
+    assert wait_for(lambda: all(ok() for _ in range(3)), 60, 1.0), "no recovery within 60 s of etcd's return"
+    assert wait_for(lambda: all(metric_total(u, "dwdp_group_healthy") == 1 and
+                                metric_total(u, "dwdp_group_peers_down") == 0 for u in decode), 30, 0.5), \
+        {u: (metric_total(u, "dwdp_group_healthy"), metric_total(u, "dwdp_group_peers_down")) for u in decode}
