@@ -43,7 +43,7 @@ def register(sub) -> None:
 
 
 def status_line(handle, started: float) -> str:
-    from dynamo_dwdp.ab.server_metrics import scrape_total
+    from dynamo_dwdp.ab.server_metrics import scrape_total  # local import: keeps `serve --help` fast
 
     up = int(time.monotonic() - started)
     parts = [f"up {up // 3600:02d}:{up % 3600 // 60:02d}:{up % 60:02d}"]
@@ -57,7 +57,7 @@ def status_line(handle, started: float) -> str:
 
 
 def run(args) -> int:
-    from dynamo_dwdp.launch.launcher import serve_graph
+    from dynamo_dwdp.launch.launcher import serve_graph  # local import: keeps `serve --help` fast
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.drain_timeout < 0:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dynamo_dwdp.errors import UserError
+from dynamo_dwdp.group.events import GroupEvents
 from dynamo_dwdp.group.membership import Membership
 from dynamo_dwdp.group.rendezvous import GroupStore, open_group_store
 from dynamo_dwdp.strategies import STRATEGIES, get_strategy
@@ -119,8 +120,6 @@ class GroupContext:
         membership = Membership(store, timeout=spec.liveness_timeout).start()
         events = None
         if nats_url:
-            from dynamo_dwdp.group.events import GroupEvents
-
             events = GroupEvents(nats_url, spec.name, spec.rank, membership).start()
             events.publish("rank_up")
         log.info("group %s: rank %d/%d joined (%s%s)", spec.name, spec.rank, spec.size, spec.strategy,

@@ -36,6 +36,7 @@ import threading
 import time
 import urllib.request
 
+from dynamo_dwdp.group.events import publish_once
 from dynamo_dwdp.strategies import get_strategy
 
 log = logging.getLogger("dynamo_dwdp.group")
@@ -116,8 +117,6 @@ class Supervisor:
 
     def _announce(self, rank: int, code: int) -> None:
         if self.nats:
-            from dynamo_dwdp.group.events import publish_once
-
             publish_once(self.nats, self.group, "rank_down", rank, reason=f"exit code {code}")
 
     def forward(self, signum: int, _frame=None) -> None:

@@ -125,6 +125,7 @@ def _ensure_model(settings: Settings) -> None:
     make = settings.model.make
     if make is None:
         raise UserError(f"model directory {path!r} has no config.json and the settings have no model.make")
+    # local import: loads torch, which the launcher needs only to make a missing model
     from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
 
     log.info("creating model %s (preset %s, seed %d)", path, make.preset, make.seed)

@@ -26,6 +26,9 @@ from dynamo.llm.exceptions import EngineShutdown, InvalidArgument
 
 from dynamo_dwdp.engine.async_engine import AsyncEngine, EngineBroken
 from dynamo_dwdp.engine.sequence import RequestOutput
+from dynamo_dwdp.rank.build import build_rank_engine
+from dynamo_dwdp.worker.discovery_guard import DiscoveryGuard
+from dynamo_dwdp.worker.kv_transfer import KvTransferError, NixlKvTransfer
 from dynamo_dwdp.errors import RequestError, UserError
 from dynamo_dwdp.worker.args import WorkerArgs, parse_worker_args
 from dynamo_dwdp.worker.handlers import chunk_from_output, prefill_params, sampling_from_request
@@ -65,15 +68,11 @@ class DwdpWorkerEngine(LLMEngine):
         return engine, cfg
 
     async def start(self, worker_id: int) -> EngineConfig:
-        from dynamo_dwdp.rank.build import build_rank_engine
-
         a = self.args
         self.rank_engine = await asyncio.to_thread(build_rank_engine, a.model_path, a.engine, a.group, a.dwdp,
                                                    a.nats_url, a.expert_skew)
         engine = self.rank_engine.engine
         if a.kv_transfer == "nixl" and self.mode != "agg":
-            from dynamo_dwdp.worker.kv_transfer import NixlKvTransfer
-
             self.kv = NixlKvTransfer(self.rank_engine.runner.kv_pool, name=f"dwdp-{a.group.name}-r{a.group.rank}-"
                                      f"{worker_id:x}", hold_timeout=a.kv_hold_timeout)
         elif self.mode != "agg":
@@ -84,8 +83,6 @@ class DwdpWorkerEngine(LLMEngine):
         self.ae.on_recovered.append(self._on_recovered)
         self.ae.start()
         self.metrics.set_health(True)
-        from dynamo_dwdp.worker.discovery_guard import DiscoveryGuard
-
         self.guard = DiscoveryGuard.for_env(worker_id)
         if self.guard is not None:
             self.guard.start()
@@ -266,8 +263,6 @@ class DwdpWorkerEngine(LLMEngine):
             yield chunk
 
     async def _decode(self, rid: str, request: dict, prompt: list[int], params):
-        from dynamo_dwdp.worker.kv_transfer import KvTransferError
-
         ae = self.ae
         dp = prefill_params(request)
         if int(dp.get("num_tokens", -1)) != len(prompt):

@@ -26,7 +26,7 @@ def _configure() -> None:
 
 
 def _run_tp_follower(args) -> int:
-    from dynamo_dwdp.rank.build import build_rank_engine   # here: torch loads after _configure() set its threads
+    from dynamo_dwdp.rank.build import build_rank_engine  # local import: torch loads after _configure() set its threads
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     re = build_rank_engine(args.model_path, args.engine, args.group, args.dwdp, args.nats_url, args.expert_skew)
@@ -44,7 +44,7 @@ def _run_tp_follower(args) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     _configure()
-    from dynamo_dwdp.worker.args import parse_worker_args   # after _configure(), like everything below
+    from dynamo_dwdp.worker.args import parse_worker_args  # local import: after _configure(), like everything below
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_run_tp_follower(args))
     from dynamo.common.backend.run import run
 
-    from dynamo_dwdp.worker.backend import DwdpWorkerEngine   # rank > 0 of tp never loads Dynamo's backend SDK
+    from dynamo_dwdp.worker.backend import DwdpWorkerEngine  # local import: TP followers never load Dynamo's backend SDK
 
     run(DwdpWorkerEngine, argv)
     # The Worker has drained, unregistered and run cleanup() (engine stopped, group left, KV and shards
