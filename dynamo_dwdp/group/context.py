@@ -79,7 +79,7 @@ class GroupContext:
     def heals_in_place(self) -> bool:
         """DWDP/DP ranks share no process group: once every peer is back, serving resumes in this
         process. DEP/TP ranks must re-form their process group: the rank supervisor restarts the group."""
-        return self.spec.strategy not in COLLECTIVE_STRATEGIES
+        return not get_strategy(self.spec.strategy).collectives
 
     @property
     def rank(self) -> int:
