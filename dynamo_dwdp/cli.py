@@ -29,7 +29,7 @@ typical session:
   dynamo-dwdp make-model models/tiny --preset tiny
   dynamo-dwdp generate --model models/tiny --prompt "Hello" --strategy dwdp --ranks 2
   dynamo-dwdp serve graphs/disagg_dwdp_decode.yaml
-  dynamo-dwdp ab graphs/disagg_dep.yaml graphs/disagg_dwdp_decode.yaml --workload configs/workloads/cv20.yaml --out out/ab
+  dynamo-dwdp ab graphs/disagg_dep.yaml graphs/disagg_dwdp_decode.yaml --workload configs/workloads/tiny-cv20.yaml --out out/ab
 """
 
 

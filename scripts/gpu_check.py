@@ -1,13 +1,16 @@
 """GPU correctness checks for the CUDA path (one command; no network, installs nothing).
 
-  PYTHONPATH=. python3 scripts/gpu_check.py --out $OUT
+  PYTHONPATH=. python3 scripts/gpu_check.py --out OUT [--baselines-only]
 
 1. the engine on CUDA (fp32) gives the same greedy tokens as on CPU (tiny model);
 2. DWDP with the CUDA IPC transport (N ranks, one per visible GPU, or all on GPU 0 when there is
    one) gives the same greedy tokens as a single rank, all-remote and routed-only;
 3. bf16 on CUDA (grouped-GEMM expert path) stays close to fp32 (v2-lite-shape, few layers);
-4. DEP and TP over NCCL agree with single (only with >= 2 GPUs: NCCL refuses two ranks on one GPU).
-Prints a table; writes $OUT/gpu_check.json.
+4. DEP and TP over the peer-memory collectives (N ranks, sharing GPU 0 when there is one): fp32 eager
+   greedy tokens against single, bf16 decode from CUDA graphs against the same strategy eager and
+   against single bf16; DWDP from CUDA graphs, and with the ring-wrapped prefetch on a 5-layer model
+   (`--baselines-only` runs this part alone; NCCL over >= 2 GPUs stays the library fallback).
+Prints a table; writes OUT/gpu_check.json.
 """
 from __future__ import annotations
 

@@ -501,8 +501,10 @@ def bench_rank(rank_engine, payload) -> list[dict]:
     setup, points = payload
     runner = rank_engine.runner
     probe = _Probe(runner)
-    if runner.graphs is not None and not runner.graphs.started:
-        runner.graphs.capture_all()        # the start-up capture, after the probe: its device ops are in the graphs
+    # the start-up capture, after the probe (its device ops are in the graphs); lock-step strategies (DEP)
+    # capture lazily, after the first step's agreement, as in serving
+    if runner.graphs is not None and not runner.graphs.started and not get_strategy(setup.strategy).lock_step:
+        runner.graphs.capture_all()
     if setup.expert_skew:
         k, bias = setup.expert_skew
         runner.set_expert_skew(list(range(k)), bias)
@@ -765,7 +767,7 @@ def check_environment(setup: BenchSetup) -> None:
     if not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible (use --device cpu)")
     # dep/tp with more ranks than GPUs: the ranks share GPUs, gloo replaces NCCL and the peer-memory
-    # collectives (CUDA IPC) carry the decode steps (collectives/peer_setup.py)
+    # collectives (CUDA IPC) carry the decode steps (collectives/build.py)
 
 
 def run_points(setup: BenchSetup, points: list[Point], model: dict | None = None) -> list[dict]:

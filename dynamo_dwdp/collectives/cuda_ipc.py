@@ -1,4 +1,4 @@
-"""`CudaIpcPeerMemory`: the peer-memory protocol (`peer_protocol.PeerCollectives`) on GPUs of one host.
+"""`CudaIpcPeerMemory`: the peer-memory protocol (`collectives/protocol.PeerCollectives`) on GPUs of one host.
 
 - Arenas: one device allocation per rank, exported once at start-up as a CUDA IPC handle (torch's own
   reduction, the same as the DWDP weight transport) and mapped by every peer: ranks on different
@@ -110,7 +110,7 @@ def _padded(sources: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def triton_reduce(sources, out, residual=None, weight=None, eps=0.0, norm_out=None) -> None:
-    """The GPU reduction (same contract as `peer_protocol.reduce_reference`)."""
+    """The GPU reduction (same contract as `collectives/protocol.reduce_reference`)."""
     import triton
 
     _, _, reduce_flat, reduce_add_norm = _kernels()

@@ -6,8 +6,8 @@ ranks order themselves through int32 flags inside those arenas. The backend supp
 two primitives; the protocol here is the same on every backend:
 
   backend                            memory                       wait / signal
-  `ShmPeerMemory` (shm_collectives)  POSIX shared memory (CPU)    host spin with a timeout / store
-  `CudaIpcPeerMemory` (ipc_colls.)   device memory over CUDA IPC  stream memory ops (no host sync,
+  `ShmPeerMemory` (collectives/shm)  POSIX shared memory (CPU)    host spin with a timeout / store
+  `CudaIpcPeerMemory` (cuda_ipc)     device memory over CUDA IPC  stream memory ops (no host sync,
                                                                   capturable in CUDA graphs)
 
 Channels. Every transfer is a *channel* from a producer rank P to a consumer rank C over one region,

@@ -1,5 +1,5 @@
 """`ShmPeerMemory`: the CPU twin of the CUDA IPC arenas (shared memory), so that CI runs the
-peer-memory protocol (`peer_protocol.PeerCollectives`: channels, flags, capacity) with real processes.
+peer-memory protocol (`collectives/protocol.PeerCollectives`: channels, flags, capacity) with real processes.
 
 Each rank creates one shared file (its arena, under $DWDP_SHM_DIR or /dev/shm, mapped with
 `torch.from_file(shared=True)`, like the DWDP shm transport), publishes its path through the

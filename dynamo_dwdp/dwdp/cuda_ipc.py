@@ -18,7 +18,6 @@ copies use `copy_`.
 """
 from __future__ import annotations
 
-import ctypes
 
 import torch
 

@@ -66,7 +66,7 @@ class DWDPExecutor(MoEExecutor):
         self.slots: list[PrefetchSlot] = []
         self.capturing = False
         self._captured_pulls: list[tuple[int, int]] = []      # (peer, bytes) pulled by one captured step
-        self.graph_wrap = os.environ.get("DWDP_GRAPH_WRAP", "0") == "1"     # opt-in: not yet run on a GPU
+        self.graph_wrap = os.environ.get("DWDP_GRAPH_WRAP", "0") == "1"     # opt-in: run on a GPU on a toy model only
         self.wrap = None                                       # WrappedPrefetch, made at the first capture
 
     # ------------------------------------------------------------------ loading

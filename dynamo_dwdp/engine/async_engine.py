@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Callable
 
 from dynamo_dwdp.engine.sampling import SamplingParams
 from dynamo_dwdp.engine.sequence import RequestOutput
-from dynamo_dwdp.errors import PeerError, RequestError, UserError
+from dynamo_dwdp.errors import PeerError, UserError
 
 log = logging.getLogger(__name__)
 

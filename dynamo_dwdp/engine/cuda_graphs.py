@@ -15,9 +15,10 @@ Invariants:
 - padded rows write their KV into a scratch block that the block manager never hands out (the last
   block of the pool) and see no context (context_len 0: their attention output is 0);
 - the forward must be free of host syncs (the sync-free expert path, no `.item()`/`.tolist()`), and
-  the executor must say it can be captured (`graph_safe`): LocalExecutor (bf16) and DWDP in
-  all-remote mode over CUDA IPC (bf16) do; DEP and TP run their decode steps eagerly (lock-step
-  agreement and variable all-to-all sizes, TP's host broadcast);
+  the executor must say it can be captured (`graph_safe`): LocalExecutor (bf16), DWDP in
+  all-remote mode over CUDA IPC (bf16), and DEP and TP (bf16) when their collectives run on the
+  peer-memory protocol (`collectives/`); DEP agrees on the batch bucket once per step on the host
+  (`agree_step`, `graph_batch`) and captures lazily, after that agreement;
 - the executor's graph protocol brackets every capture (`prepare_capture`/`end_capture`) and replay
   (`before_replay`/`after_replay`); when its `graph_epoch()` changes (a DWDP peer died) every graph
   is dropped and the next steps capture afresh (or run eagerly, if capture fails).

@@ -29,6 +29,7 @@ from dynamo_dwdp.dwdp.placement import Placement
 from dynamo_dwdp.engine.llm_engine import LLMEngine
 from dynamo_dwdp.engine.model_runner import ModelRunner
 from dynamo_dwdp.engine.sequence import RequestOutput
+from dynamo_dwdp.errors import UserError
 from dynamo_dwdp.group.context import GroupContext, GroupSpec
 from dynamo_dwdp.model.config import ModelConfig, load_model_config
 from dynamo_dwdp.model.memory_fit import check_memory_fit
@@ -165,6 +166,9 @@ def build_rank_engine(model_dir: str, engine: EngineSettings, spec: GroupSpec, d
     `expert_skew` (hot expert ids, bias) is a benchmark hook: the A/B harness skews the random router."""
     spec.validate()
     strategy = get_strategy(spec.strategy)
+    if engine.weight_format == "fp8-block" and strategy.name not in ("single", "dp"):
+        raise UserError(f"engine weight_format=fp8-block runs with strategy single or dp (local experts), "
+                        f"not {spec.strategy}")
     dwdp = dwdp or DwdpSettings()
     device = rank_device(engine.device, spec.rank)
     if device.type == "cuda":

@@ -25,7 +25,6 @@ from dynamo.common.constants import DisaggregationMode
 from dynamo.llm.exceptions import EngineShutdown, InvalidArgument
 
 from dynamo_dwdp.engine.async_engine import AsyncEngine, EngineBroken
-from dynamo_dwdp.engine.sequence import RequestOutput
 from dynamo_dwdp.rank.build import build_rank_engine
 from dynamo_dwdp.worker.discovery_guard import DiscoveryGuard
 from dynamo_dwdp.worker.kv_transfer import KvTransferError, NixlKvTransfer

@@ -1,6 +1,6 @@
 """Routed experts for small M, and FP8-resident dense linears, as Triton kernels.
 
-`routed_experts_fused(x, ids, weights, banks)` computes what `parallel/experts.routed_experts`
+`routed_experts_fused(x, ids, weights, banks)` computes what `model/experts.routed_experts`
 computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose expert is in no bank give
 0) in 4 + 2 x banks launches, with no sort, no gather copy and no host sync:
 1. `align_kernel` (one program per expert): a counting sort of the (token, k) pairs by expert id
@@ -176,7 +176,7 @@ def _launch(a, order, offs, w, ws, out, first, groups, dense_rows, n, k, topk, s
 
 def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, banks: list,
                          out: torch.Tensor | None = None) -> torch.Tensor:
-    """See the module docstring. banks: `parallel.experts.ExpertBank`s (bf16, or FP8 with scales)."""
+    """See the module docstring. banks: `model.experts.ExpertBank`s (bf16, or FP8 with scales)."""
     T, k = topk_ids.shape
     if T == 0 or not banks:
         return torch.zeros_like(x) if out is None else out
