@@ -146,7 +146,7 @@ def check_decode_kernel(rows: list) -> None:
 
 def check_attention_and_graphs(rows: list, tmp: str) -> None:
     from dynamo_dwdp.config.engine import EngineSettings
-    from dynamo_dwdp.engine.llm_engine import LLMEngine
+    from dynamo_dwdp.engine.engine_core import EngineCore
     from dynamo_dwdp.engine.model_runner import ModelRunner
     from dynamo_dwdp.engine.sampling import SamplingParams
     from dynamo_dwdp.synthetic.checkpoint import write_checkpoint

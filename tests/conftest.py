@@ -130,15 +130,15 @@ def strategy_ckpt(checkpoints):
 
 # ------------------------------------------------------------------ in-process engine helpers
 def make_engine(model_dir, **engine_kw):
-    """A single-process LLMEngine (LocalExecutor: all experts local)."""
+    """A single-process EngineCore (LocalExecutor: all experts local)."""
     from dynamo_dwdp.config.engine import EngineSettings
-    from dynamo_dwdp.engine.llm_engine import LLMEngine
+    from dynamo_dwdp.engine.engine_core import EngineCore
     from dynamo_dwdp.engine.model_runner import ModelRunner
     from dynamo_dwdp.model.moe_executor import LocalExecutor
 
     kw = dict(block_size=4, num_kv_blocks=64, max_num_batched_tokens=16)
     kw.update(engine_kw)
-    return LLMEngine(ModelRunner(str(model_dir), EngineSettings(**kw), LocalExecutor))
+    return EngineCore(ModelRunner(str(model_dir), EngineSettings(**kw), LocalExecutor))
 
 
 class LogitRecorder:
@@ -216,15 +216,15 @@ def cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess
 
 
 class SampleRecorder:
-    """Records, per request, the logits rows the engine samples from (wraps llm_engine.sample).
+    """Records, per request, the logits rows the engine samples from (wraps engine_core.sample).
     Requests are identified by their SamplingParams object: give each request its own instance."""
 
     def __init__(self, monkeypatch):
-        import dynamo_dwdp.engine.llm_engine as llm_engine
+        import dynamo_dwdp.engine.engine_core as engine_core
 
         self.by_params: dict[int, list[torch.Tensor]] = {}
         self._alive: list = []
-        inner = llm_engine.sample
+        inner = engine_core.sample
 
         def sample(logits, params, generators):
             for i, p in enumerate(params):
@@ -232,7 +232,7 @@ class SampleRecorder:
                 self.by_params.setdefault(id(p), []).append(logits[i].detach().clone())
             return inner(logits, params, generators)
 
-        monkeypatch.setattr(llm_engine, "sample", sample)
+        monkeypatch.setattr(engine_core, "sample", sample)
 
     def rows(self, params) -> torch.Tensor:
         return torch.stack(self.by_params[id(params)])

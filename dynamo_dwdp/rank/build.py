@@ -26,7 +26,7 @@ from dynamo_dwdp.config.dwdp import DwdpSettings
 from dynamo_dwdp.config.engine import EngineSettings
 from dynamo_dwdp.dwdp.executor import DWDPExecutor
 from dynamo_dwdp.dwdp.placement import Placement
-from dynamo_dwdp.engine.llm_engine import LLMEngine
+from dynamo_dwdp.engine.engine_core import EngineCore
 from dynamo_dwdp.engine.model_runner import ModelRunner
 from dynamo_dwdp.engine.sequence import RequestOutput
 from dynamo_dwdp.errors import UserError
@@ -107,7 +107,7 @@ def rank_device(device: str, rank: int) -> torch.device:
 class RankEngine:
     """One rank: its runner, its engine (None on TP followers) and the strategy's stepping rule."""
 
-    def __init__(self, runner: ModelRunner, group: GroupContext, engine: LLMEngine | None, coordinator=None):
+    def __init__(self, runner: ModelRunner, group: GroupContext, engine: EngineCore | None, coordinator=None):
         self.runner, self.group, self.engine, self.coordinator = runner, group, engine, coordinator
         self.strategy = group.spec.strategy
         self.leader_only = get_strategy(self.strategy).leader_only
@@ -184,7 +184,7 @@ def build_rank_engine(model_dir: str, engine: EngineSettings, spec: GroupSpec, d
                                  **plan.runner_kwargs)
         if expert_skew is not None:
             runner.set_expert_skew(*expert_skew)
-        llm = None if (strategy.leader_only and spec.rank != 0) else LLMEngine(runner)
+        llm = None if (strategy.leader_only and spec.rank != 0) else EngineCore(runner)
         coordinator = StepCoordinator(group, runner.executor.stats, device) if strategy.lock_step else None
         return RankEngine(runner, group, llm, coordinator)
     except BaseException:

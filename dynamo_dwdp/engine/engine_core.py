@@ -1,4 +1,4 @@
-"""`LLMEngine`: requests in, tokens out, one `step()` at a time (single-threaded; see async_engine
+"""`EngineCore`: requests in, tokens out, one `step()` at a time (single-threaded; see async_engine
 for the serving wrapper).
 
 Disaggregation hooks:
@@ -26,7 +26,7 @@ from dynamo_dwdp.errors import RequestError
 log = logging.getLogger(__name__)
 
 
-class LLMEngine:
+class EngineCore:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         cfg = runner.config
