@@ -285,3 +285,23 @@ def single_reference(model_dir, prompts, params_kw, **engine_kw):
     rec = LogitRecorder(eng)
     res = run_requests(eng, [(f"p{i}", p, SamplingParams(**params_kw)) for i, p in enumerate(prompts)])
     return [res[f"p{i}"][0] for i in range(len(prompts))], rec.steps
+
+
+def rank_pid(supervisor_pid: int, rank: int) -> int:
+    """The rank process (a child of the group supervisor) started with `--group-rank <rank>`."""
+    out = subprocess.run(["pgrep", "-P", str(supervisor_pid)], capture_output=True, text=True, timeout=10).stdout
+    for pid in map(int, out.split()):
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        if b"--group-rank" in argv and argv[argv.index(b"--group-rank") + 1] == str(rank).encode():
+            return pid
+    raise AssertionError(f"no rank {rank} under supervisor {supervisor_pid}: children {out.split()}")
+
+
+def run_under_triton_interpreter(script: Path | str, timeout: float = 600) -> str:
+    """Run a check script in a fresh process with TRITON_INTERPRET=1 (it must be set before triton is
+    first imported) and this checkout on the path; its stdout, after asserting it exited 0."""
+    pytest.importorskip("triton", reason="Triton kernels are tested under Triton's CPU interpreter")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout

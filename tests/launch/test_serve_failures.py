@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, rank_pid
 from tests.launch.test_serve_e2e import (CONFIG, TEST_WORKER_ENV, Served, assert_nothing_left, make_model, metric_samples,
                             metric_total, post, served_pids, stream, stream_finish, stream_worker_ids, wait_for)
 
@@ -154,16 +153,6 @@ N_STREAMS = 8
 KILL_MAX_TOKENS = 800
 
 
-def _rank_pid(supervisor_pid: int, rank: int) -> int:
-    """The rank process (a child of the group supervisor) started with `--group-rank <rank>`."""
-    out = subprocess.run(["pgrep", "-P", str(supervisor_pid)], capture_output=True, text=True, timeout=10).stdout
-    for pid in map(int, out.split()):
-        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        if b"--group-rank" in argv and argv[argv.index(b"--group-rank") + 1] == str(rank).encode():
-            return pid
-    raise AssertionError(f"no rank {rank} under supervisor {supervisor_pid}: children {out.split()}")
-
-
 def test_decode_rank_killed_mid_stream(served):
     h = served.h
     by_worker = served.workers                                  # worker id -> (component, role, rank, url)
@@ -190,7 +179,7 @@ def test_decode_rank_killed_mid_stream(served):
     on_g1 = [i for i, w in where.items() if w[0] == "decode-g1"]
     assert on_victim and on_g1, f"round-robin did not spread the streams: {where}"
 
-    pid = _rank_pid(h.component("decode-g0").proc.pid, 0)
+    pid = rank_pid(h.component("decode-g0").proc.pid, 0)
     on_victim = [i for i in on_victim if i not in results]    # still streaming when the rank dies
     os.kill(pid, signal.SIGKILL)
     t_kill = time.monotonic()
@@ -260,7 +249,7 @@ def test_prefill_frees_held_kv_by_the_hold_timeout_when_its_decode_died(served):
         if c.role == "decode" and c.alive:
             for rank in range(c.ranks):
                 try:
-                    os.kill(_rank_pid(c.proc.pid, rank), signal.SIGKILL)
+                    os.kill(rank_pid(c.proc.pid, rank), signal.SIGKILL)
                 except (AssertionError, ProcessLookupError):
                     pass                                       # already gone with its group
     t0 = time.monotonic()

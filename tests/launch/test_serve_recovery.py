@@ -19,14 +19,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, rank_pid
 from tests.launch.test_serve_e2e import (CONFIG, TEST_WORKER_ENV, Served, assert_nothing_left, make_model, metric_samples,
                             metric_total, post, served_pids, stream, wait_for, worker_map)
 
@@ -90,15 +89,6 @@ def _whole(s: Served, timeout: float) -> bool:
     return bool(wait_for(check, timeout, 0.5))
 
 
-def _rank_pid(supervisor_pid: int, rank: int) -> int:
-    out = subprocess.run(["pgrep", "-P", str(supervisor_pid)], capture_output=True, text=True, timeout=10).stdout
-    for pid in map(int, out.split()):
-        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        if b"--group-rank" in argv and argv[argv.index(b"--group-rank") + 1] == str(rank).encode():
-            return pid
-    raise AssertionError(f"no rank {rank} under supervisor {supervisor_pid}: children {out.split()}")
-
-
 def _health_ready(url: str) -> bool:
     import json
     import urllib.request
@@ -119,7 +109,7 @@ def test_paused_decode_rank_rejoins_and_the_group_serves_again(served):
     assert _whole(served, 90)
     h = served.h
     sup = h.component("decode-g0").proc.pid
-    victim, survivor_url = _rank_pid(sup, 1), _decode_urls(served)[0]
+    victim, survivor_url = rank_pid(sup, 1), _decode_urls(served)[0]
     epoch0 = _gauge(survivor_url, "dwdp_group_membership_epoch") or 0
     recoveries0 = metric_total(survivor_url, "dwdp_group_recoveries_total")
     os.kill(victim, signal.SIGSTOP)
@@ -159,7 +149,7 @@ def test_paused_decode_rank_rejoins_and_the_group_serves_again(served):
     # back: same processes, new membership epoch (down + up), survivor's engine serves again
     assert _whole(served, RECOVERY_BOUND_S), "requests do not succeed within 60 s of the resume"
     assert time.monotonic() - t_cont < RECOVERY_BOUND_S
-    assert _rank_pid(sup, 1) == victim                    # not restarted: it rejoined
+    assert rank_pid(sup, 1) == victim                    # not restarted: it rejoined
     assert _gauge(survivor_url, "dwdp_group_membership_epoch") == epoch0 + 2
     assert _gauge(survivor_url, "dwdp_group_peers_down") == 0
     assert metric_total(survivor_url, "dwdp_group_recoveries_total") == recoveries0 + 1
@@ -177,13 +167,13 @@ def test_killed_decode_rank_restarts_its_group(served):
     h = served.h
     comp = h.component("decode-g0")
     sup = comp.proc.pid
-    old = {_rank_pid(sup, 0), _rank_pid(sup, 1)}
-    os.kill(_rank_pid(sup, 0), signal.SIGKILL)              # rank 0: the rendezvous store host
+    old = {rank_pid(sup, 0), rank_pid(sup, 1)}
+    os.kill(rank_pid(sup, 0), signal.SIGKILL)              # rank 0: the rendezvous store host
     t_kill = time.monotonic()
     assert _whole(served, RECOVERY_BOUND_S), "requests do not succeed within 60 s of the kill"
     assert time.monotonic() - t_kill < RECOVERY_BOUND_S
     assert comp.proc.pid == sup and comp.alive                # the supervisor healed it, not the launcher
-    new = {_rank_pid(sup, 0), _rank_pid(sup, 1)}
+    new = {rank_pid(sup, 0), rank_pid(sup, 1)}
     assert not new & old                                      # the whole group restarted
     for url in _decode_urls(served):
         seconds = _gauge(url, "dwdp_group_recovery_seconds")

@@ -2,28 +2,22 @@
 graph capture's key set, and the FP8-resident weight setting's contracts."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from dynamo_dwdp.config.engine import EngineSettings
 from dynamo_dwdp.errors import UserError
+from tests.conftest import run_under_triton_interpreter
 
 
 def test_fused_kernels_under_the_interpreter():
     """tests/model/fused_kernel_checks.py in a fresh process: router, norm/rope/cache-write, the counting
     sort, bf16-path and FP8 experts, FP8 linear, the decode kernel's separate q_pe, each against
     the torch reference on fresh random inputs."""
-    pytest.importorskip("triton", reason="the fused kernels are tested under Triton's CPU interpreter")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(here))}
-    res = subprocess.run([sys.executable, os.path.join(here, "fused_kernel_checks.py")], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.strip().endswith("ok 7 checks"), res.stdout
+    out = run_under_triton_interpreter(Path(__file__).with_name("fused_kernel_checks.py"))
+    assert out.strip().endswith("ok 7 checks"), out
 
 
 def test_start_up_capture_covers_every_key():

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from dynamo_dwdp.engine.cuda_graphs import MIN_BLOCKS, batch_bucket, block_bucke
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model import experts
 from dynamo_dwdp.model.experts import ExpertBank, routed_experts, routed_experts_grouped
+from tests.conftest import run_under_triton_interpreter
 
 
 def _banks(gen, E: int, H: int, I: int, cuts: list[tuple[int, int]]) -> list[ExpertBank]:
@@ -189,17 +192,8 @@ def test_graph_static_inputs_reproduce_the_eager_decode_step(tmp_path):
 def test_triton_mla_decode_kernel_under_the_interpreter():
     """tests/model/triton_interpreter_checks.py in a fresh process (TRITON_INTERPRET must be set before
     triton is first imported): the kernel against an fp64 reference and against the torch path."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton", reason="the Triton decode kernel is tested under Triton's CPU interpreter")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(here))}
-    res = subprocess.run([sys.executable, os.path.join(here, "triton_interpreter_checks.py")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.strip().endswith("ok 2 checks"), res.stdout
+    out = run_under_triton_interpreter(Path(__file__).with_name("triton_interpreter_checks.py"), timeout=300)
+    assert out.strip().endswith("ok 2 checks"), out
 
 
 def test_decode_split_count():
