@@ -43,6 +43,23 @@ def cudart():
     return None
 
 
+CUDA_MEMCPY_DEFAULT = 4
+
+
+def copy_async(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> None:
+    """dst <- src on `stream`: raw cudaMemcpyAsync for contiguous tensors (capturable in a CUDA graph
+    also between GPUs), torch's `copy_` otherwise. The host never waits."""
+    rt = cudart()
+    if rt is None or not (dst.is_contiguous() and src.is_contiguous()):
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        return
+    rc = rt.cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size(), CUDA_MEMCPY_DEFAULT,
+                            stream.cuda_stream)
+    if rc != 0:
+        raise RuntimeError(f"cudaMemcpyAsync failed with CUDA error {rc}")
+
+
 @functools.cache
 def libcuda_memops() -> dict:
     """{"cuStreamWaitValue32": fn, "cuStreamWriteValue32": fn} from the driver (the _v2 entry points

@@ -25,12 +25,11 @@ import functools
 
 import torch
 
-from dynamo_dwdp.cuda_peer_memory import CudaIpcMemory, cudart, libcuda_memops
+from dynamo_dwdp.cuda_peer_memory import CudaIpcMemory, copy_async, cudart, libcuda_memops
 from dynamo_dwdp.collectives.protocol import EMPTY, N_CHANNELS, ArenaLayout, PeerMemory, _store_get, exchange_ready
 
 CU_STREAM_WAIT_VALUE_EQ = 0x1
 CU_STREAM_WRITE_VALUE_DEFAULT = 0x0
-CUDA_MEMCPY_DEFAULT = 4
 
 
 @functools.cache
@@ -135,7 +134,7 @@ class CudaIpcPeerMemory(PeerMemory):
             raise ValueError(f"signals {signals!r} is not one of memops, triton")
         self.rank, self.size, self.layout, self.device, self.signals = rank, size, layout, device, signals
         self._ipc = CudaIpcMemory(device)
-        self._rt = cudart()
+        cudart()                                  # find the runtime now, not inside a graph capture
         own = self._ipc.allocate((layout.total_bytes,), torch.uint8)
         own.zero_()
         flags = own[:layout.flag_count * 4].view(torch.int32)
@@ -177,13 +176,7 @@ class CudaIpcPeerMemory(PeerMemory):
             raise RuntimeError(f"cuStreamWriteValue32 failed with CUDA error {rc}")
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        if self._rt is None or not (dst.is_contiguous() and src.is_contiguous()):
-            dst.copy_(src, non_blocking=True)
-            return
-        rc = self._rt.cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size(),
-                                      CUDA_MEMCPY_DEFAULT, self._stream().cuda_stream)
-        if rc != 0:
-            raise RuntimeError(f"cudaMemcpyAsync failed with CUDA error {rc}")
+        copy_async(dst, src, self._stream())
 
     def reduce(self, sources, out, residual=None, weight=None, eps=0.0, norm_out=None) -> None:
         triton_reduce(sources, out, residual, weight, eps, norm_out)

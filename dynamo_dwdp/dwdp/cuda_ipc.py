@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from dynamo_dwdp.cuda_peer_memory import CudaIpcMemory, cudart as _cudart
+from dynamo_dwdp.cuda_peer_memory import CudaIpcMemory, copy_async, cudart
 from dynamo_dwdp.dwdp.transport import CopyEngine, CopyEvent, WeightTransport
-
-
-CUDA_MEMCPY_DEFAULT = 4
 
 
 class _CudaEvent(CopyEvent):
@@ -43,7 +40,7 @@ class CudaCopyEngine(CopyEngine):
         self.timing = timing
         self.capturing = False                 # set by the executor while a CUDA graph is captured
         self._pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._rt = _cudart()
+        cudart()                                  # find the runtime now, not inside a graph capture
 
     def record_compute(self):
         ev = torch.cuda.Event()
@@ -54,15 +51,8 @@ class CudaCopyEngine(CopyEngine):
         with torch.cuda.stream(self.stream):
             if after is not None:
                 self.stream.wait_event(after)
-            handle = self.stream.cuda_stream
             for dst, src in copies:
-                if self._rt is not None and dst.is_contiguous() and src.is_contiguous():
-                    rc = self._rt.cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size(),
-                                                  CUDA_MEMCPY_DEFAULT, handle)
-                    if rc != 0:
-                        raise RuntimeError(f"cudaMemcpyAsync failed with CUDA error {rc}")
-                else:
-                    dst.copy_(src, non_blocking=True)
+                copy_async(dst, src, self.stream)
             done = torch.cuda.Event()
             done.record(self.stream)
         return _CudaEvent(done)
