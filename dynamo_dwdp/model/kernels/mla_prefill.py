@@ -36,15 +36,16 @@ except ImportError:                    # no Triton: available() is False and not
 if triton is not None:
     @triton.jit
     def attend_block(acc, m_i, l_i, q_n, q_p, KN, KP, V, start_n, S, offset, offs_m, offs_n, offs_d, offs_r, offs_v,
-                     head, qk_scale, s_kn_s, s_kn_h, s_kp_s, s_v_s, s_v_h, MASK: tl.constexpr, IEEE: tl.constexpr):
-        """One key block of the online softmax; MASK: the block crosses the diagonal or the end."""
-        keys = (start_n + offs_n).to(tl.int64)
+                     qk_scale, s_kn_s, s_kp_s, s_v_s, MASK: tl.constexpr, IEEE: tl.constexpr):
+        """One key block of the online softmax (KN, V: this head's base pointers); MASK: the block
+        crosses the diagonal or the end of the keys."""
+        keys = start_n + offs_n                 # int32 offsets (S * stride < 2**31, checked by the wrapper)
         if MASK:
             key_ok = (start_n + offs_n) < S
-            k_n = tl.load(KN + keys[None, :] * s_kn_s + head * s_kn_h + offs_d[:, None], mask=key_ok[None, :], other=0.0)
+            k_n = tl.load(KN + keys[None, :] * s_kn_s + offs_d[:, None], mask=key_ok[None, :], other=0.0)
             k_p = tl.load(KP + keys[None, :] * s_kp_s + offs_r[:, None], mask=key_ok[None, :], other=0.0)
         else:
-            k_n = tl.load(KN + keys[None, :] * s_kn_s + head * s_kn_h + offs_d[:, None])
+            k_n = tl.load(KN + keys[None, :] * s_kn_s + offs_d[:, None])
             k_p = tl.load(KP + keys[None, :] * s_kp_s + offs_r[:, None])
         if IEEE:
             s = tl.dot(q_n, k_n, input_precision="ieee") + tl.dot(q_p, k_p, input_precision="ieee")
@@ -59,9 +60,9 @@ if triton is not None:
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK:
-            v = tl.load(V + keys[:, None] * s_v_s + head * s_v_h + offs_v[None, :], mask=key_ok[:, None], other=0.0)
+            v = tl.load(V + keys[:, None] * s_v_s + offs_v[None, :], mask=key_ok[:, None], other=0.0)
         else:
-            v = tl.load(V + keys[:, None] * s_v_s + head * s_v_h + offs_v[None, :])
+            v = tl.load(V + keys[:, None] * s_v_s + offs_v[None, :])
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -87,6 +88,8 @@ if triton is not None:
         row_ok = offs_m < T
         q_n = tl.load(QN + rows[:, None] * s_qn_t + head * s_qn_h + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         q_p = tl.load(QP + rows[:, None] * s_qp_t + head * s_qp_h + offs_r[None, :], mask=row_ok[:, None], other=0.0)
+        KN_h = KN + head.to(tl.int64) * s_kn_h
+        V_h = V + head.to(tl.int64) * s_v_h
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, DV], tl.float32)
@@ -95,14 +98,12 @@ if triton is not None:
         hi = tl.minimum(S, first_pos + BLOCK_M)
         for start_n in range(0, full_end, BLOCK_N):        # below the diagonal: no masks
             start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, m_i, l_i = attend_block(acc, m_i, l_i, q_n, q_p, KN, KP, V, start_n, S, offset, offs_m, offs_n,
-                                         offs_d, offs_r, offs_v, head, qk_scale, s_kn_s, s_kn_h, s_kp_s, s_v_s,
-                                         s_v_h, False, IEEE)
+            acc, m_i, l_i = attend_block(acc, m_i, l_i, q_n, q_p, KN_h, KP, V_h, start_n, S, offset, offs_m, offs_n,
+                                         offs_d, offs_r, offs_v, qk_scale, s_kn_s, s_kp_s, s_v_s, False, IEEE)
         for start_n in range(full_end, hi, BLOCK_N):       # the diagonal (and the last, partial) blocks
             start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, m_i, l_i = attend_block(acc, m_i, l_i, q_n, q_p, KN, KP, V, start_n, S, offset, offs_m, offs_n,
-                                         offs_d, offs_r, offs_v, head, qk_scale, s_kn_s, s_kn_h, s_kp_s, s_v_s,
-                                         s_v_h, True, IEEE)
+            acc, m_i, l_i = attend_block(acc, m_i, l_i, q_n, q_p, KN_h, KP, V_h, start_n, S, offset, offs_m, offs_n,
+                                         offs_d, offs_r, offs_v, qk_scale, s_kn_s, s_kp_s, s_v_s, True, IEEE)
         out = acc / l_i[:, None]
         tl.store(O + rows[:, None] * s_o_t + head * s_o_h + offs_v[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None])
