@@ -14,9 +14,9 @@ Installs nothing, needs no network. Steps:
    counts the causal (query, key) pairs, 2 * h * (192 + 128) FLOPs each;
 4. the fastest implementation that passed (smallest summed time at 8K and 16K) is the one the engine
    runs next (DWDP_PREFILL_ATTENTION);
-5. a kernel-time profile of one 8K-token prefill of the 3-layer v2-lite-shape model with it;
-6. `bench engine` prefill 2K/8K/16K (v2-lite-shape, --layers deep, one rank) with it, and, while the
-   time budget allows, with the former path (sdpa) in the same run.
+5. `bench engine` prefill 2K/8K/16K (v2-lite-shape, --layers deep, one rank) with it;
+6. while the time budget allows: a kernel-time profile of one 8K-token prefill of the 3-layer
+   v2-lite-shape model with it, and the engine bench with the former path (sdpa).
 Writes $OUT/gpu_prefill.json, $OUT/gpu_prefill.md (the tables), $OUT/bench.jsonl, $OUT/profile_prefill.txt.
 """
 from __future__ import annotations
@@ -155,7 +155,8 @@ def main() -> int:
     p.add_argument("--prefill", default="2048,8192,16000")
     p.add_argument("--hw", default="h200-measured")
     p.add_argument("--budget-s", type=float, default=150.0,
-                   help="skip the former-path engine bench when this many seconds have passed before it")
+                   help="after the engine bench: the profile runs only before this many seconds, the former "
+                        "path's bench only before budget - 40")
     p.add_argument("--impl", default="", help="skip the choice: run the engine with this implementation")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -179,7 +180,7 @@ def main() -> int:
     times = time_impls(rows, ok)
     score = {impl: times[(impl, 8192, 8192)] + times[(impl, 16000, 16000)] for impl in ok
              if (impl, 8192, 8192) in times and (impl, 16000, 16000) in times}
-    chosen = a.impl or min(score, key=score.get)
+    chosen = a.impl or (min(score, key=score.get) if score else "sdpa")
     say(f"fastest passing implementation (8K + 16K): {chosen} ({', '.join(f'{k} {v:.1f} ms' for k, v in score.items())})")
     os.environ["DWDP_PREFILL_ATTENTION"] = chosen
     tmp = tempfile.mkdtemp()
@@ -190,15 +191,28 @@ def main() -> int:
             json.dump({"info": info, "ceilings": ceil, "checks": rows, "bench": list(table), **extra}, f, indent=1)
 
     dump()
-    try:
-        text = profile_prefill(tmp, 8192)
-        with open(os.path.join(a.out, "profile_prefill.txt"), "w") as f:
-            f.write(f"one 8192-token prefill, v2-lite-shape 3 layers, bf16, DWDP_PREFILL_ATTENTION={chosen}\n{text}")
-        print(text, flush=True)
-    except Exception:
-        import traceback
 
-        traceback.print_exc()
+    def report(results) -> list[dict]:
+        table = roofline_rows(results, ceil)
+        for row, r in zip(table, results):
+            row["mode"] = r["env"]["DWDP_PREFILL_ATTENTION"]
+            row["flop_components"] = r["flops"]["by_component"]
+        dump(table)
+        lines = [f"# gpu_prefill {info['date']}: {info['name']}, torch {info['torch']}, triton {info['triton']}",
+                 f"command: {' '.join(info['argv'])}",
+                 f"ceilings: HBM copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM "
+                 f"{ceil['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s; engine ran prefill attention = {chosen}", "",
+                 "| check / timing | result | status |", "|---|---|---|"]
+        lines += [f"| {c[0]} | {c[1]} | {c[2]} |" for c in rows]
+        lines += ["", "| tokens | attention | step ms | tok/s | % GEMM peak | planner ms (MoE layers) | measured/planner |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['tokens']} | {r['mode']} | {r['step_ms']:.2f} | {r['tok_s']:,.0f} | "
+                  f"{100 * r['flop_frac']:.1f} | {r['planner_moe_ms'] or 0:.2f} | {r['measured_over_planner'] or 0:.2f} |"
+                  for r in table]
+        with open(os.path.join(a.out, "gpu_prefill.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return lines
+
     model = os.path.join(tmp, "v2-lite")
     t = time.perf_counter()
     write_checkpoint(model, "v2-lite-shape", seed=0, dtype="bf16", num_layers=a.layers, quiet=True, device="cuda",
@@ -207,28 +221,24 @@ def main() -> int:
     points = [Point("prefill", n, 1, 0, 0.0, 3, 1) for n in (int(x) for x in a.prefill.split(",") if x)]
     jsonl = os.path.join(a.out, "bench.jsonl")
     results = bench(model, jsonl, [({}, points, {"DWDP_PREFILL_ATTENTION": chosen})], a.hw)
-    if chosen != "sdpa" and time.perf_counter() - t0 < a.budget_s:
+    report(results)
+    if time.perf_counter() - t0 < a.budget_s:
+        try:
+            text = profile_prefill(tmp, 8192)
+            with open(os.path.join(a.out, "profile_prefill.txt"), "w") as f:
+                f.write(f"one 8192-token prefill, v2-lite-shape 3 layers, bf16, DWDP_PREFILL_ATTENTION={chosen}\n{text}")
+            print(text, flush=True)
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
+    else:
+        say("profile skipped: time budget")
+    if chosen != "sdpa" and time.perf_counter() - t0 < a.budget_s - 40:
         results += bench(model, jsonl, [({}, points, {"DWDP_PREFILL_ATTENTION": "sdpa"})], a.hw)
     else:
         say("former path (sdpa) engine bench skipped: time budget")
-    table = roofline_rows(results, ceil)
-    for row, r in zip(table, results):
-        row["mode"] = r["env"]["DWDP_PREFILL_ATTENTION"]
-        row["flop_components"] = r["flops"]["by_component"]
-    dump(table)
-    lines = [f"# gpu_prefill {info['date']}: {info['name']}, torch {info['torch']}, triton {info['triton']}",
-             f"command: {' '.join(info['argv'])}",
-             f"ceilings: HBM copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM "
-             f"{ceil['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s; engine ran prefill attention = {chosen}", "",
-             "| check / timing | result | status |", "|---|---|---|"]
-    lines += [f"| {c[0]} | {c[1]} | {c[2]} |" for c in rows]
-    lines += ["", "| tokens | attention | step ms | tok/s | % GEMM peak | planner ms (MoE layers) | measured/planner |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['tokens']} | {r['mode']} | {r['step_ms']:.2f} | {r['tok_s']:,.0f} | {100 * r['flop_frac']:.1f} | "
-              f"{r['planner_moe_ms'] or 0:.2f} | {r['measured_over_planner'] or 0:.2f} |" for r in table]
-    with open(os.path.join(a.out, "gpu_prefill.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    print("\n".join(report(results)), flush=True)
     say("done")
     return 0 if all(c[2] in ("ok", "info", "n/a") for c in rows) else 1
 

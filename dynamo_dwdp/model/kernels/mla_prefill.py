@@ -136,6 +136,8 @@ def _check(q_nope, q_pe, k_nope, k_pe, v) -> None:
     for name, d in (("nope dim", N), ("rope dim", R), ("v dim", DV)):
         if d < 16 or d & (d - 1):
             raise ValueError(f"mla_prefill: {name} {d} must be a power of two >= 16")
+    if max((S - 1) * t.stride(0) + (h - 1) * t.stride(1) for t in (k_nope, v)) >= 2 ** 31:
+        raise ValueError(f"mla_prefill: {S} keys exceed the kernel's 32-bit key offsets")
     if T > S:
         raise ValueError(f"mla_prefill: {T} queries but only {S} keys (the queries are the last T positions)")
 
