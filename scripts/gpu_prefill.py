@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -71,6 +72,7 @@ def check_impls(rows: list) -> dict:
                 except Exception as exc:                       # e.g. a backend that refuses fp32
                     rows.append((name, f"not run: {str(exc).splitlines()[0][:120]}",
                                  "n/a" if dtype == torch.float32 else "FAIL"))
+                    say(f"check: {rows[-1]}")
                     if dtype != torch.float32:
                         ok[impl] = False
                     continue
@@ -78,6 +80,7 @@ def check_impls(rows: list) -> dict:
                 good = bool(torch.isfinite(out).all()) and e < tol
                 ok[impl] &= good
                 rows.append((name, f"rel err {e:.2e} (tol {tol:g})", "ok" if good else "FAIL"))
+                say(f"check: {rows[-1]}")
     return ok
 
 
@@ -113,6 +116,7 @@ def time_impls(rows: list, ok: dict) -> dict:
                 tf = causal_flops(T, S) / (ms / 1e3) / 1e12
                 rows.append((f"triton tile (BM, BN, warps, stages) = {tile}, {T} causal", f"{ms:.3f} ms, {tf:.0f} TFLOP/s",
                              "info"))
+                say(f"triton tile {tile} {T}: {ms:.3f} ms {tf:.0f} TFLOP/s")
         del args
         torch.cuda.empty_cache()
     return times
@@ -174,9 +178,8 @@ def main() -> int:
     say(f"ceilings: HBM copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM "
         f"{ceil['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s")
     rows: list = []
+    warnings.filterwarnings("ignore", message=".*(kernel not used because|has been runtime disabled|Expected query).*")
     ok = check_impls(rows)
-    for r in rows:
-        say(f"check: {r}")
     times = time_impls(rows, ok)
     score = {impl: times[(impl, 8192, 8192)] + times[(impl, 16000, 16000)] for impl in ok
              if (impl, 8192, 8192) in times and (impl, 16000, 16000) in times}

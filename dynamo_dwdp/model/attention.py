@@ -13,7 +13,8 @@ Two implementations share one contract (query rows in, output rows out, the cach
   scaled_dot_product_attention (flash-style memory-efficient or cuDNN kernels on GPU: no S x S
   score matrix), with a bottom-right causal mask for chunks that follow cached tokens. The prefill
   path on CUDA (`backend="auto"`) runs the implementation `prefill_attention.impl_for` picks: by
-  default the Triton flash-attention kernel (`kernels/mla_prefill.py`), this function under "sdpa";
+  default this function ("sdpa"); the Triton flash-attention kernel (`kernels/mla_prefill.py`),
+  cuDNN or flash with v padded on request (`DWDP_PREFILL_ATTENTION`);
 On CUDA (unless backend "reference") the kv_a norm, both rotations and the cache write run as one
 kernel (`kernels/mla_prep.py`).
 - `mla_decode.mla_decode_attention`: a Triton split-K kernel for decode steps that reads the cache

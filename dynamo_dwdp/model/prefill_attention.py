@@ -14,8 +14,9 @@ context), the rotated shared key k_pe joins every head, and query position c - q
 The SDPA ones fall back to the memory-efficient kernel for chunks after cached tokens (bottom-right
 causal), which only that kernel takes without a materialised mask.
 
-`DWDP_PREFILL_ATTENTION` (read per call) picks one on CUDA; default "triton" where Triton is there.
-scripts/gpu_prefill.py checks all four against a float64 reference and times them.
+`DWDP_PREFILL_ATTENTION` (read per call) picks one on CUDA; the default stays "sdpa", the path
+measured on the GPU so far, until scripts/gpu_prefill.py (which checks all four against a float64
+reference, times them and re-runs the engine's prefill with the fastest) has measured the others.
 """
 from __future__ import annotations
 
@@ -37,15 +38,15 @@ ENV = "DWDP_PREFILL_ATTENTION"
 
 def impl_for(x: torch.Tensor) -> str:
     """The implementation a prefill chunk on x's device runs: $DWDP_PREFILL_ATTENTION on CUDA
-    (default "triton" when Triton is importable, else "sdpa"); "sdpa" off CUDA."""
+    (default "sdpa"; "triton" needs Triton); "sdpa" off CUDA."""
     want = os.environ.get(ENV, "")
     if want and want not in IMPLS:
         raise UserError(f"{ENV}={want!r} is not one of {', '.join(IMPLS)}")
     if not x.is_cuda:
         return "sdpa"
-    if not want:
-        return "triton" if fused_kernels.available() else "sdpa"
-    return want
+    if want == "triton" and not fused_kernels.available():
+        raise UserError(f"{ENV}=triton needs Triton (not importable here, or DWDP_FUSED_KERNELS=0)")
+    return want or "sdpa"
 
 
 def attend(impl: str, q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,

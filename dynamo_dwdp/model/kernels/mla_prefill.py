@@ -21,9 +21,12 @@ import functools
 import torch
 
 LOG2E = 1.4426950408889634
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on the GPU, once per head-dim set
-# and context-length bucket; scripts/gpu_prefill.py times each of them
-GPU_TILES = ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on the GPU for 16-bit inputs, once
+# per head-dim set and context-length bucket (each compiles in seconds for sm_90)
+GPU_TILES = ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3))
+# fp32 inputs (the correctness path) take one small tile: fp32 operands in large tiles spill so much
+# that ptxas needs minutes per variant
+FP32_TILE = (32, 32, 4, 1)
 INTERPRETER_TILE = (16, 16, 4, 1)
 
 
@@ -149,7 +152,8 @@ def supported(nope: int, rope: int, v_dim: int) -> bool:
 def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
                           v: torch.Tensor, scale: float, tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """out [T, h, V] (see the module docstring). tile = (BLOCK_M, BLOCK_N, warps, stages) fixes the
-    tiles; None autotunes over GPU_TILES on CUDA and uses small tiles under the interpreter."""
+    tiles; None autotunes over GPU_TILES on CUDA for 16-bit inputs, and takes FP32_TILE for fp32 and
+    INTERPRETER_TILE under the interpreter."""
     _check(q_nope, q_pe, k_nope, k_pe, v)
     T, h, N = q_nope.shape
     S = k_nope.shape[0]
@@ -161,11 +165,11 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torc
     args = (q_nope, q_pe, k_nope, k_pe, v, out, T, S, float(scale) * LOG2E,
             q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), k_nope.stride(0), k_nope.stride(1),
             k_pe.stride(0), v.stride(0), v.stride(1), out.stride(0), out.stride(1))
-    if tile is None and q_nope.is_cuda:
+    if tile is None and q_nope.is_cuda and not ieee:
         grid = lambda meta: (triton_cdiv(T, meta["BLOCK_M"]), h)  # noqa: E731
         _tuned()[grid](*args, bucket, N=N, R=q_pe.shape[-1], DV=v.shape[-1], IEEE=ieee)
         return out
-    bm, bn, warps, stages = tile or INTERPRETER_TILE
+    bm, bn, warps, stages = tile or (FP32_TILE if q_nope.is_cuda else INTERPRETER_TILE)
     _kernel()[(triton_cdiv(T, bm), h)](*args, bucket, N=N, R=q_pe.shape[-1], DV=v.shape[-1], BLOCK_M=bm, BLOCK_N=bn,
                                        IEEE=ieee, num_warps=warps, num_stages=stages)
     return out
