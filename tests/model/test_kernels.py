@@ -30,8 +30,8 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("sync_free", [True, False])
-@pytest.mark.parametrize("cuts", [[(0, 12)], [(0, 4), (4, 8)], [(8, 4), (0, 3)], [(2, 5), (9, 2)]],
-                         ids=["one-bank", "two-banks", "unordered", "partial"])
+@pytest.mark.parametrize("cuts", [[(0, 12)], [(0, 4), (4, 8)], [(8, 4), (0, 3)], [(2, 5), (9, 2)], [(0, 7)]],
+                         ids=["one-bank", "two-banks", "unordered", "partial", "one-bank-subset"])
 def test_grouped_experts_match_loop(monkeypatch, sync_free, cuts):
     gen = torch.Generator().manual_seed(len(cuts) * 7 + sync_free)
     E, H, I, T, k = 12, 32, 16, 37, 3
@@ -57,6 +57,28 @@ def test_grouped_experts_match_loop(monkeypatch, sync_free, cuts):
             full.w2[b.first:b.first + b.count] = b.w2.bfloat16()
         ref2 = routed_experts(x.float(), ids, w_masked, [ExpertBank(0, full.w13.float(), full.w2.float())])
         assert _rel(got, ref2) < 2e-2
+
+
+@pytest.mark.parametrize("count", [12, 7])
+def test_one_bank_from_expert_0_needs_no_host_sync(monkeypatch, count):
+    """Prefill sizes with one bank from expert 0 (all 12 experts, or a DEP-like first 7): no
+    `.tolist()` host sync, same result as the per-expert fp32 loop (pairs past the bank give 0)."""
+    gen = torch.Generator().manual_seed(count)
+    banks = _banks(gen, 12, 32, 16, [(0, count)])
+    x = torch.randn(40, 32, generator=gen).bfloat16()
+    ids = torch.stack([torch.randperm(12, generator=gen)[:3] for _ in range(40)])
+    w = torch.rand(40, 3, generator=gen)
+    monkeypatch.setattr(experts, "SYNC_FREE_MAX_ROWS", 0)
+
+    def no_sync(self):
+        raise AssertionError("host sync on the one-bank prefill path")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "tolist", no_sync)
+        got = routed_experts_grouped(x, ids, w, banks)
+    ref = routed_experts(x.float(), ids, w, [ExpertBank(0, banks[0].w13.float(), banks[0].w2.float())])
+    assert ref.abs().sum() > 0
+    assert _rel(got, ref) < 2e-2
 
 
 def test_grouped_experts_accumulate_into_out():
