@@ -7,8 +7,8 @@ dtype. The T queries are the last T of the S positions: query i sits at S - T + 
 scale * (q_nope . k_nope + q_pe . k_pe); the softmax is online (running max and sum in fp32, exp2),
 so no S x S score matrix exists. N, R and V must be powers of two (DeepSeek: 128, 64, 128).
 
-Why hand-written: PyTorch's flash backend refuses the MLA head dims (qk 192, v 128), its
-memory-efficient kernel is an Ampere-era design, and no flash_attn package is installed. This kernel
+Why hand-written: PyTorch's flash backend refuses the MLA head dims (qk 192, v 128), so SDPA falls
+back to its memory-efficient kernel, and no flash_attn package is installed. This kernel
 also reads the query as its two parts and k_pe once for all heads, so neither the query
 concatenation nor a per-head copy of k_pe is built. Key blocks wholly below a query block's
 diagonal run without masks; only the diagonal blocks are masked. fp32 inputs use IEEE fp32 dots
@@ -25,7 +25,7 @@ LOG2E = 1.4426950408889634
 # per head-dim set and context-length bucket (each compiles in seconds for sm_90)
 GPU_TILES = ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3))
 # fp32 inputs (the correctness path) take one small tile: fp32 operands in large tiles spill so much
-# that ptxas needs minutes per variant
+# that ptxas needs tens of seconds or more per variant
 FP32_TILE = (32, 32, 4, 1)
 INTERPRETER_TILE = (16, 16, 4, 1)
 
@@ -119,8 +119,6 @@ def _kernel():
 @functools.cache
 def _tuned():
     """The kernel under triton.autotune over GPU_TILES, keyed on the head dims and the length bucket."""
-    import triton
-
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in GPU_TILES]
     return triton.autotune(configs=configs, key=["N", "R", "DV", "IEEE", "bucket"])(_kernel())
 
@@ -143,10 +141,6 @@ def _check(q_nope, q_pe, k_nope, k_pe, v) -> None:
         raise ValueError(f"mla_prefill: {S} keys exceed the kernel's 32-bit key offsets")
     if T > S:
         raise ValueError(f"mla_prefill: {T} queries but only {S} keys (the queries are the last T positions)")
-
-
-def supported(nope: int, rope: int, v_dim: int) -> bool:
-    return all(d >= 16 and d & (d - 1) == 0 for d in (nope, rope, v_dim))
 
 
 def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
