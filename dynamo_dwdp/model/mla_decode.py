@@ -19,11 +19,29 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
-BLOCK_N = 32          # cached tokens per tile
 MIN_BLOCK_H = 16      # tl.dot needs >= 16 rows
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tunables of the split kernel: cached tokens per tile, warps (0: 4 for 16-head groups, 8 for
+    32), software-pipeline stages (0: Triton's default) and `waves`, the programs per multiprocessor
+    the context split aims at (more splits: more loads in flight, a larger merge), with at least
+    `min_tiles` tiles per split."""
+    block_n: int = 32
+    warps: int = 0
+    stages: int = 0
+    waves: int = 2
+    min_tiles: int = 4
+
+
+DEFAULT_CONFIG = DecodeConfig()
+# Benchmark hook (scripts/gpu_kernels.py): a DecodeConfig that replaces DEFAULT_CONFIG.
+DECODE_OVERRIDE: DecodeConfig | None = None
 
 
 @functools.cache
@@ -126,10 +144,11 @@ def _kernels():
     return split_kernel, combine_kernel
 
 
-def num_splits(batch: int, head_groups: int, max_context: int, sms: int = 132) -> int:
-    """Context splits per sequence: enough programs to fill ~2 waves of SMs, each split >= 4 tiles."""
-    want = max(1, math.ceil(2 * sms / max(1, batch * head_groups)))
-    most = max(1, max_context // (4 * BLOCK_N))
+def num_splits(batch: int, head_groups: int, max_context: int, sms: int = 132, waves: int = 2,
+               block_n: int = 32, min_tiles: int = 4) -> int:
+    """Context splits per sequence: enough programs for `waves` per SM, each split >= min_tiles tiles."""
+    want = max(1, math.ceil(waves * sms / max(1, batch * head_groups)))
+    most = max(1, max_context // (min_tiles * block_n))
     return 1 << (min(want, most).bit_length() - 1)          # a power of two <= both
 
 
@@ -152,13 +171,14 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
     # heads per program: the fp32 accumulator is block_h x C (16 x 512 = 32 KiB at 4 warps, as measured on
     # the H100 for 16 heads); wider head counts (DeepSeek-V3: 128) use 32-head groups at 8 warps (not yet
     # measured on a GPU)
+    cfg = DECODE_OVERRIDE or DEFAULT_CONFIG
     block_h = max(MIN_BLOCK_H, min(32, 1 << (H - 1).bit_length()))
-    warps = 8 if block_h > 16 else 4
+    warps = cfg.warps or (8 if block_h > 16 else 4)
     groups = -(-H // block_h)
     sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 8
-    splits = num_splits(B, groups, max_context, sms)
+    splits = num_splits(B, groups, max_context, sms, cfg.waves, cfg.block_n, cfg.min_tiles)
     per_split = -(-max_context // splits)                # ceil: the longest context's share of one split
-    tiles = max(1, -(-per_split // BLOCK_N))
+    tiles = max(1, -(-per_split // cfg.block_n))
     tiles = 1 << (tiles - 1).bit_length()               # a power of two: few compiled variants as contexts grow
     q = query.to(kv_layer.dtype)
     q_pe = q_pe.to(kv_layer.dtype)
@@ -170,8 +190,8 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
         q, q_pe, kv_layer, tables, context_lens, acc, ml,
         q.stride(0), q.stride(1), q_pe.stride(0), q_pe.stride(1), kv_layer.stride(0), kv_layer.stride(1), tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
-        H, scale, C=C, R=R, BS=bs, BLOCK_N=BLOCK_N, BLOCK_H=block_h, SPLITS=splits, TILES=tiles,
-        IEEE=kv_layer.dtype == torch.float32, num_warps=warps)
+        H, scale, C=C, R=R, BS=bs, BLOCK_N=cfg.block_n, BLOCK_H=block_h, SPLITS=splits, TILES=tiles,
+        IEEE=kv_layer.dtype == torch.float32, num_warps=warps, **({"num_stages": cfg.stages} if cfg.stages else {}))
     combine_kernel[(B, groups)](
         acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
         out.stride(0), out.stride(1), H, C=C, BLOCK_H=block_h, SPLITS=splits, num_warps=warps)

@@ -14,10 +14,10 @@ from tests.conftest import run_under_triton_interpreter
 
 def test_fused_kernels_under_the_interpreter():
     """tests/model/fused_kernel_checks.py in a fresh process: router, norm/rope/cache-write, the counting
-    sort, bf16-path and FP8 experts, FP8 linear, the decode kernel's separate q_pe, each against
-    the torch reference on fresh random inputs."""
+    sort, bf16-path and FP8 experts, FP8 linear, the decode kernel's separate q_pe, and every tile
+    configuration the GPU sweep chooses among, each against the torch reference on fresh random inputs."""
     out = run_under_triton_interpreter(Path(__file__).with_name("fused_kernel_checks.py"))
-    assert out.strip().endswith("ok 7 checks"), out
+    assert out.strip().endswith("ok 8 checks"), out
 
 
 def test_start_up_capture_covers_every_key():

@@ -31,6 +31,7 @@ no block-scaled FP8 form in the installed torch; Inductor does not generate grou
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -74,7 +75,8 @@ def _kernels():
     def grouped_kernel(A, ORDER, OFFS, W, WS, OUT, first, dense_rows, N, K, topk,
                        stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
                        SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DENSE: tl.constexpr,
-                       FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SWAP: tl.constexpr, FAST_CVT: tl.constexpr, CVT_ASM: tl.constexpr):
         pn = tl.program_id(0)
         el = tl.program_id(1)
         if DENSE:                                   # axis 1 tiles the rows of a dense GEMM
@@ -94,8 +96,12 @@ def _kernels():
                 arow = tl.load(ORDER + offs_m, mask=mmask, other=0) // topk
             else:
                 arow = offs_m
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            if SWAP:                               # acc^T = W x^T: the weight rows fill the MMA's M side
+                acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                acc2 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            else:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 kmask = offs_k < K
@@ -105,20 +111,46 @@ def _kernels():
                 w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
                 if FP8:      # e4m3 is exact in bf16; the block scale (one per output row in this K tile) after the dot
                     sc = tl.load(s_base + (offs_n // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
-                    acc += tl.dot(a, tl.trans(w.to(A.dtype.element_ty))) * sc[None, :]
+                    if FAST_CVT:
+                        w = tl.inline_asm_elementwise(CVT_ASM, "=r,=r,r", [w.to(tl.uint8, bitcast=True)],
+                                                      dtype=tl.bfloat16, is_pure=True, pack=4)
+                    else:
+                        w = w.to(tl.bfloat16)
+                    w = w.to(A.dtype.element_ty)
+                if SWAP:
+                    part = tl.dot(w, tl.trans(a))
+                    if FP8:
+                        part = part * sc[:, None]
                 else:
-                    acc += tl.dot(a, tl.trans(w))
+                    part = tl.dot(a, tl.trans(w))
+                    if FP8:
+                        part = part * sc[None, :]
+                acc += part
                 if SWIGLU:
                     w2 = tl.load(w_base + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
                     if FP8:
                         sc2 = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
-                        acc2 += tl.dot(a, tl.trans(w2.to(A.dtype.element_ty))) * sc2[None, :]
+                        if FAST_CVT:
+                            w2 = tl.inline_asm_elementwise(CVT_ASM, "=r,=r,r", [w2.to(tl.uint8, bitcast=True)],
+                                                           dtype=tl.bfloat16, is_pure=True, pack=4)
+                        else:
+                            w2 = w2.to(tl.bfloat16)
+                        w2 = w2.to(A.dtype.element_ty)
+                    if SWAP:
+                        part2 = tl.dot(w2, tl.trans(a))
+                        if FP8:
+                            part2 = part2 * sc2[:, None]
                     else:
-                        acc2 += tl.dot(a, tl.trans(w2))
+                        part2 = tl.dot(a, tl.trans(w2))
+                        if FP8:
+                            part2 = part2 * sc2[None, :]
+                    acc2 += part2
             if SWIGLU:
                 y = acc / (1.0 + tl.exp(-acc)) * acc2
             else:
                 y = acc
+            if SWAP:
+                y = tl.trans(y)
             if SCATTER:
                 orow = tl.load(ORDER + offs_m, mask=mmask, other=0)
             else:
@@ -140,38 +172,80 @@ def align(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
     return order, offs
 
 
-def _tiles(rows_per_group: float, active_groups: int, n: int, elem_bytes: int, sms: int
-           ) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages). M by the expected rows per group; N 64 when that still
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch's tiling: rows (tokens) per tile, weight rows per tile, K per step, warps, pipeline
+    stages (0: as deep as shared memory allows, at most 4) and `swap` (compute W x^T, so that the
+    weight rows are the MMA's M side: the better orientation when a tile holds few tokens)."""
+    block_m: int
+    block_n: int
+    block_k: int = 128
+    warps: int = 4
+    stages: int = 0
+    swap: bool = False
+
+
+# Benchmark hooks (scripts/gpu_kernels.py): {"swiglu" | "down" | "dense": TileConfig} replaces choose_tiles;
+# FAST_FP8_CONVERT = False falls back to Triton's own e4m3 -> bf16 conversion.
+TILE_OVERRIDE: dict[str, TileConfig] = {}
+FAST_FP8_CONVERT = True
+
+# FP8 e4m3 -> bf16 for 4 packed bytes with full-rate integer ops (the converter's cvt pair runs at a
+# quarter rate and bounded the FP8 kernels, docs/performance.md): sign to bit 15, the 7 exponent |
+# mantissa bits shifted into bf16's fields (an e4m3 value times 2^-120, exact, subnormals included),
+# then one bf16x2 multiply by 2^120 (0x7B80) restores the exponent bias.
+FP8_TO_BF16_ASM = """{
+.reg .b32 z, s0, s1, m0, m1, k, nz;
+mov.b32 z, 0;
+mov.b32 k, 0x7B807B80;
+mov.b32 nz, 0x80008000;
+prmt.b32 s0, $2, z, 0x1404;
+prmt.b32 s1, $2, z, 0x3424;
+shr.b32 m0, s0, 4;
+shr.b32 m1, s1, 4;
+and.b32 m0, m0, 0x07F007F0;
+and.b32 m1, m1, 0x07F007F0;
+and.b32 s0, s0, 0x80008000;
+and.b32 s1, s1, 0x80008000;
+or.b32 s0, s0, m0;
+or.b32 s1, s1, m1;
+fma.rn.bf16x2 $0, s0, k, nz;
+fma.rn.bf16x2 $1, s1, k, nz;
+}"""
+
+
+def choose_tiles(rows_per_group: float, active_groups: int, n: int, fp8: bool, sms: int) -> TileConfig:
+    """The tiling of one grouped/dense launch. M by the expected rows per group; N 64 when that still
     gives >= 4 programs per SM over the groups that have rows, else 32 (decode streams weights:
-    parallelism is bandwidth); stages as deep as shared memory allows."""
+    parallelism is bandwidth)."""
     block_m = 16 if rows_per_group <= 16 else 32 if rows_per_group <= 32 else 64
     block_n = 64 if active_groups * -(-n // 64) >= 4 * sms else 32   # 16-row tiles measured slower at T=1
     block_n = min(block_n, max(16, next_pow2(n)))
-    block_k = 128 if elem_bytes <= 2 else 64
-    per_stage = (block_m + 2 * block_n) * block_k * max(2, elem_bytes)
-    stages = max(1, min(4, 160 * 1024 // per_stage))
-    return block_m, block_n, block_k, stages
+    return TileConfig(block_m, block_n)
 
 
-def _launch(a, order, offs, w, ws, out, first, groups, dense_rows, n, k, topk, swiglu, gather, scatter,
+def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, topk, swiglu, gather, scatter,
             rows_per_group, active_groups):
     _, grouped_kernel = _kernels()
     fp8 = ws is not None
-    block_m, block_n, block_k, stages = _tiles(rows_per_group, active_groups, n, a.element_size(), sm_count(a.device))
+    cfg = TILE_OVERRIDE.get(kind) or choose_tiles(rows_per_group, active_groups, n, fp8, sm_count(a.device))
+    per_stage = (cfg.block_m * 2 + (2 if swiglu else 1) * cfg.block_n * w.element_size()) * cfg.block_k
+    stages = cfg.stages or max(1, min(4, 160 * 1024 // per_stage))
     if not a.is_cuda:
         stages = 1
     dense = offs is None
     if dense:
-        groups = -(-dense_rows // block_m)
+        groups = -(-dense_rows // cfg.block_m)
     dummy = out
-    grouped_kernel[(-(-n // block_n), groups)](
+    fast_cvt = FAST_FP8_CONVERT and fp8 and a.is_cuda and not _interpreting()      # inline PTX: not in Triton's CPU interpreter
+    grouped_kernel[(-(-n // cfg.block_n), groups)](
         a, order if order is not None else dummy, offs if offs is not None else dummy, w,
         ws if fp8 else dummy, out, first, dense_rows, n, k, topk,
         a.stride(0), w.stride(0) if w.dim() == 3 else 0, w.stride(-2),
         (ws.stride(0) if ws.dim() == 3 else 0) if fp8 else 0, ws.stride(-2) if fp8 else 0, out.stride(0),
         SWIGLU=swiglu, GATHER=gather, SCATTER=scatter, DENSE=dense, FP8=fp8,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP=cfg.swap, FAST_CVT=fast_cvt,
+        CVT_ASM=FP8_TO_BF16_ASM if fast_cvt else "", num_warps=cfg.warps, num_stages=stages)
 
 
 def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, banks: list,
@@ -192,10 +266,10 @@ def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     per_group = rows / max(1, E)
     active = min(rows, E)                                   # experts that can have rows
     for b in banks:
-        _launch(x, order, offs, b.w13, b.w13_scale, h, b.first, b.count, 0, I, Hd, k, True, True, False, per_group,
+        _launch("swiglu", x, order, offs, b.w13, b.w13_scale, h, b.first, b.count, 0, I, Hd, k, True, True, False, per_group,
                 min(active, b.count))
     for b in banks:
-        _launch(h, order, offs, b.w2, b.w2_scale, y, b.first, b.count, 0, Hd, I, k, False, False, True, per_group,
+        _launch("down", h, order, offs, b.w2, b.w2_scale, y, b.first, b.count, 0, Hd, I, k, False, False, True, per_group,
                 min(active, b.count))
     combined = torch.bmm(topk_weights.to(x.dtype).view(T, 1, k), y.view(T, k, Hd)).view(T, Hd)
     return combined if out is None else out.add_(combined)
@@ -213,7 +287,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -
         x2 = x2.contiguous()
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M:
-        _launch(x2, None, None, weight, scale_inv, out, 0, 1, M, N, K, 1, False, False, False, M, -(-M // 64))
+        _launch("dense", x2, None, None, weight, scale_inv, out, 0, 1, M, N, K, 1, False, False, False, M, -(-M // 64))
     return out.view(*shape[:-1], N)
 
 
@@ -225,7 +299,7 @@ def dense_swiglu(x: torch.Tensor, w13: torch.Tensor, scale: torch.Tensor | None 
     inter = w13.shape[0] // 2
     out = torch.empty(M, inter, dtype=x.dtype, device=x.device)
     if M:
-        _launch(x2, None, None, w13, scale, out, 0, 1, M, inter, x2.shape[1], 1, True, False, False, M, -(-M // 64))
+        _launch("dense", x2, None, None, w13, scale, out, 0, 1, M, inter, x2.shape[1], 1, True, False, False, M, -(-M // 64))
     return out
 
 
