@@ -49,24 +49,32 @@ def rel(a, b) -> float:
 
 
 # ------------------------------------------------------------------------------------------ variants
-def expert_variants(fp8: bool, tokens: int) -> list:
-    """(label, fast_cvt, TileConfig or None = choose_tiles). block_m follows the rows per expert."""
+def previous_tiles(tokens: int, fp8: bool) -> TileConfig:
+    """The rule before this sweep (2026-12-01 session): plain orientation, N 32 below 4 programs per SM."""
     bm = 16 if tokens * TOPK / E <= 16 else 32
-    out = [("default", False, None)] if fp8 else [("default", True, None)]
+    active = min(tokens * TOPK, E)
+    return TileConfig(bm, 64 if active * -(-I // 64) >= 4 * 132 else 32, prefetch_scales=False)
+
+
+def expert_variants(fp8: bool, tokens: int, short: bool = False) -> list:
+    """(label, fast_cvt, TileConfig or None = the library's choice, moe_gemm.choose_tiles)."""
+    bm = 16 if tokens * TOPK / E <= 16 else 32
+    prev = previous_tiles(tokens, fp8)
+    out = [("chosen", True, None), ("previous", False, prev)]
     if fp8:
-        out += [("default+fastcvt", True, None),
-                ("n128", True, TileConfig(bm, 128)),
-                ("n128 w8", True, TileConfig(bm, 128, warps=8)),
-                ("swap n64", True, TileConfig(bm, 64, swap=True)),
-                ("swap n128", True, TileConfig(bm, 128, swap=True)),
-                ("swap n128 w8", True, TileConfig(bm, 128, warps=8, swap=True)),
-                ("swap n64 s6", True, TileConfig(bm, 64, stages=6, swap=True)),
-                ("n64 s6", True, TileConfig(bm, 64, stages=6))]
-    else:
-        out += [("swap n64", True, TileConfig(bm, 64, swap=True)),
-                ("swap n128 w8", True, TileConfig(bm, 128, warps=8, swap=True)),
+        out += [("previous+fastcvt", True, prev),
+                ("n128 prefetch", True, TileConfig(bm, 128)),
+                ("n64 s6 prefetch", True, TileConfig(bm, 64, stages=6))]
+        if not short:
+            out += [("n128 w8", True, TileConfig(bm, 128, warps=8, prefetch_scales=False)),
+                    ("swap n64", True, TileConfig(bm, 64, swap=True, prefetch_scales=False)),
+                    ("swap n128", True, TileConfig(bm, 128, swap=True, prefetch_scales=False)),
+                    ("swap n128 w8", True, TileConfig(bm, 128, warps=8, swap=True, prefetch_scales=False)),
+                    ("swap n64 s6", True, TileConfig(bm, 64, stages=6, swap=True, prefetch_scales=False))]
+    elif not short:
+        out += [("swap n128 w8", True, TileConfig(bm, 128, warps=8, swap=True)),
                 ("n128 w8", True, TileConfig(bm, 128, warps=8))]
-    if tokens >= 256:
+    if tokens >= 256 and not short:
         out += [("m64 n64", True, TileConfig(64, 64)), ("swap m64 n64", True, TileConfig(64, 64, swap=True))]
     return out
 
@@ -77,13 +85,13 @@ DENSE_SHAPES = [("q_proj 3072x2048", 3072, 2048), ("o_proj 2048x2048", 2048, 204
 
 def dense_variants(M: int) -> list:
     bm = 16 if M <= 16 else 64
-    return [("default", True, None), ("m16 n32", True, TileConfig(16, 32)), ("m16 n16", True, TileConfig(16, 16)),
+    return [("chosen", True, None), ("previous", True, TileConfig(bm, 32, prefetch_scales=False)), ("m16 n32", True, TileConfig(16, 32)), ("m16 n16", True, TileConfig(16, 16)),
             ("swap n64", True, TileConfig(bm, 64, swap=True)), ("swap m16 n64", True, TileConfig(16, 64, swap=True)),
             ("m16 n32 w2", True, TileConfig(16, 32, warps=2))]
 
 
 def mla_variants() -> list:
-    return [("default", DecodeConfig()),
+    return [("chosen", None), ("default", DecodeConfig()),
             ("n32 s2 waves4 min2", DecodeConfig(32, 4, 2, 4, 2)),
             ("n32 s3 waves4 min2", DecodeConfig(32, 4, 3, 4, 2)),
             ("n32 w8 s2 waves4 min2", DecodeConfig(32, 8, 2, 4, 2)),
@@ -99,18 +107,18 @@ EXPERT_TOKENS = (1, 8, 64, 256)
 DENSE_M = (1, 64)
 
 
-def all_cases() -> list:
+def all_cases(short: bool = False) -> list:
     cases = []
     for fp8 in (True, False):
         for T in EXPERT_TOKENS:
-            for label, fast, cfg in expert_variants(fp8, T):
+            for label, fast, cfg in expert_variants(fp8, T, short):
                 cases.append(("experts", {"fp8": fp8, "tokens": T, "label": label, "fast": fast, "cfg": cfg}))
     for name, N, K in DENSE_SHAPES:
         for M in DENSE_M:
-            for label, fast, cfg in dense_variants(M):
+            for label, fast, cfg in dense_variants(M)[:2 if short else None]:
                 cases.append(("dense", {"shape": name, "N": N, "K": K, "M": M, "label": label, "fast": fast, "cfg": cfg}))
     for B in MLA_BATCHES:
-        for label, cfg in mla_variants():
+        for label, cfg in mla_variants()[:2 if short else None]:
             cases.append(("mla", {"batch": B, "label": label, "cfg": cfg, "dtype": "bf16"}))
     return cases
 
@@ -363,10 +371,11 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--jobs", type=int, default=12, help="compile worker processes (0: compile in the timing pass)")
     ap.add_argument("--only", default="experts,dense,mla")
+    ap.add_argument("--short", action="store_true", help="the chosen configurations and the previous ones only")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     only = set(a.only.split(","))
-    cases = [c for c in all_cases() if c[0] in only]
+    cases = [c for c in all_cases(a.short) if c[0] in only]
     say(f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}; {len(cases)} variants")
     if a.jobs:
         chunks = [cases[i::a.jobs] for i in range(a.jobs)]
@@ -394,9 +403,9 @@ def main() -> int:
             best_mla.setdefault(r["label"], []).append(r["us"])
     fp32 = []
     if "mla" in only:
-        picks = sorted(best_mla, key=lambda k: sum(best_mla[k]))[:2]
         lookup = dict(mla_variants())
-        fp32 = mla_fp32_checks([(k, lookup[k]) for k in picks] + [("default", DecodeConfig())])
+        picks = [k for k in sorted(best_mla, key=lambda k: sum(best_mla[k])) if lookup[k] is not None][:2]
+        fp32 = mla_fp32_checks([(k, lookup[k]) for k in picks] + [("chosen", None)])
     with open(os.path.join(a.out, "gpu_kernels.json"), "w") as f:
         json.dump({"hbm_copy_bytes_per_s": bw, "device": torch.cuda.get_device_name(0), "results": results,
                    "mla_fp32_checks": fp32}, f, indent=1, default=str)

@@ -39,9 +39,19 @@ class DecodeConfig:
     min_tiles: int = 4
 
 
-DEFAULT_CONFIG = DecodeConfig()
-# Benchmark hook (scripts/gpu_kernels.py): a DecodeConfig that replaces DEFAULT_CONFIG.
+# Benchmark hook (scripts/gpu_kernels.py): a DecodeConfig that replaces decode_config's choice.
 DECODE_OVERRIDE: DecodeConfig | None = None
+
+
+def decode_config(batch: int, head_groups: int) -> DecodeConfig:
+    """Chosen from `scripts/gpu_kernels.py` on one H200 (16 heads, context 1000, bf16 cache,
+    docs/performance.md): up to 32 sequences x head groups, twice the splits (4 waves, >= 2 tiles per
+    split) at 2 stages (28.5 vs 33.7 us at batch 32); from 64 on the defaults were fastest."""
+    if DECODE_OVERRIDE is not None:
+        return DECODE_OVERRIDE
+    if batch * head_groups <= 32:
+        return DecodeConfig(32, 4, 2, 4, 2)
+    return DecodeConfig()
 
 
 @functools.cache
@@ -171,10 +181,10 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
     # heads per program: the fp32 accumulator is block_h x C (16 x 512 = 32 KiB at 4 warps, as measured on
     # the H100 for 16 heads); wider head counts (DeepSeek-V3: 128) use 32-head groups at 8 warps (not yet
     # measured on a GPU)
-    cfg = DECODE_OVERRIDE or DEFAULT_CONFIG
     block_h = max(MIN_BLOCK_H, min(32, 1 << (H - 1).bit_length()))
-    warps = cfg.warps or (8 if block_h > 16 else 4)
     groups = -(-H // block_h)
+    cfg = decode_config(B, groups)
+    warps = cfg.warps or (8 if block_h > 16 else 4)
     sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 8
     splits = num_splits(B, groups, max_context, sms, cfg.waves, cfg.block_n, cfg.min_tiles)
     per_split = -(-max_context // splits)                # ceil: the longest context's share of one split

@@ -76,7 +76,8 @@ def _kernels():
                        stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
                        SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DENSE: tl.constexpr,
                        FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SWAP: tl.constexpr, FAST_CVT: tl.constexpr, CVT_ASM: tl.constexpr):
+                       SWAP: tl.constexpr, FAST_CVT: tl.constexpr, CVT_ASM: tl.constexpr,
+                       PREFETCH_SCALES: tl.constexpr):
         pn = tl.program_id(0)
         el = tl.program_id(1)
         if DENSE:                                   # axis 1 tiles the rows of a dense GEMM
@@ -102,15 +103,31 @@ def _kernels():
             else:
                 acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            if FP8:
+                if PREFETCH_SCALES:                # this K tile's block scales, loaded one step ahead
+                    sc_next = tl.load(s_base + (offs_n // 128) * stride_sn, mask=nmask, other=0.0)
+                    if SWIGLU:
+                        sc2_next = tl.load(s_base + ((N + offs_n) // 128) * stride_sn, mask=nmask, other=0.0)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
+                if FP8:
+                    if PREFETCH_SCALES:
+                        more = nmask & (k0 + BLOCK_K < K)
+                        sc = sc_next
+                        sc_next = tl.load(s_base + (offs_n // 128) * stride_sn + (k0 + BLOCK_K) // 128, mask=more,
+                                          other=0.0)
+                        if SWIGLU:
+                            sc2 = sc2_next
+                            sc2_next = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + (k0 + BLOCK_K) // 128,
+                                               mask=more, other=0.0)
                 kmask = offs_k < K
                 a = tl.load(A + arow[:, None].to(tl.int64) * stride_am + offs_k[None, :],
                             mask=mmask[:, None] & kmask[None, :], other=0.0)
                 wmask = nmask[:, None] & kmask[None, :]
                 w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
                 if FP8:      # e4m3 is exact in bf16; the block scale (one per output row in this K tile) after the dot
-                    sc = tl.load(s_base + (offs_n // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
+                    if not PREFETCH_SCALES:
+                        sc = tl.load(s_base + (offs_n // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
                     if FAST_CVT:
                         w = tl.inline_asm_elementwise(CVT_ASM, "=r,=r,r", [w.to(tl.uint8, bitcast=True)],
                                                       dtype=tl.bfloat16, is_pure=True, pack=4)
@@ -129,7 +146,9 @@ def _kernels():
                 if SWIGLU:
                     w2 = tl.load(w_base + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
                     if FP8:
-                        sc2 = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
+                        if not PREFETCH_SCALES:
+                            sc2 = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + k0 // 128, mask=nmask,
+                                          other=0.0)
                         if FAST_CVT:
                             w2 = tl.inline_asm_elementwise(CVT_ASM, "=r,=r,r", [w2.to(tl.uint8, bitcast=True)],
                                                            dtype=tl.bfloat16, is_pure=True, pack=4)
@@ -175,14 +194,16 @@ def align(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
 @dataclass(frozen=True)
 class TileConfig:
     """One launch's tiling: rows (tokens) per tile, weight rows per tile, K per step, warps, pipeline
-    stages (0: as deep as shared memory allows, at most 4) and `swap` (compute W x^T, so that the
-    weight rows are the MMA's M side: the better orientation when a tile holds few tokens)."""
+    stages (0: as deep as shared memory allows, at most 4), `swap` (compute W x^T, so that the
+    weight rows are the MMA's M side) and, for FP8 weights, `prefetch_scales` (load the next K tile's
+    block scales one step ahead: they are plain loads, outside the pipelined dot operands)."""
     block_m: int
     block_n: int
     block_k: int = 128
     warps: int = 4
     stages: int = 0
     swap: bool = False
+    prefetch_scales: bool = True
 
 
 # Benchmark hooks (scripts/gpu_kernels.py): {"swiglu" | "down" | "dense": TileConfig} replaces choose_tiles;
@@ -214,11 +235,22 @@ fma.rn.bf16x2 $1, s1, k, nz;
 }"""
 
 
-def choose_tiles(rows_per_group: float, active_groups: int, n: int, fp8: bool, sms: int) -> TileConfig:
-    """The tiling of one grouped/dense launch. M by the expected rows per group; N 64 when that still
-    gives >= 4 programs per SM over the groups that have rows, else 32 (decode streams weights:
-    parallelism is bandwidth)."""
+def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, fp8: bool, sms: int) -> TileConfig:
+    """The tiling of one launch (kind "swiglu" / "down": routed experts, "dense": one weight matrix),
+    chosen from `scripts/gpu_kernels.py` on one H200 at the v2-lite shapes (docs/performance.md):
+    - bf16 experts: the swapped orientation with 64-row weight tiles (Hopper's warpgroup MMA), best at
+      1-256 tokens;
+    - FP8 experts: the plain orientation (the swapped one feeds the converted weights through
+      registers and was 1.1-1.9x slower); N 64 when that gives >= 4 programs per SM over the experts
+      that have rows, else 32;
+    - dense at <= 64 rows: 16-row x 32-column tiles (more programs in flight; rows re-read from L2);
+      more rows: the expert rule.
+    M always by the expected rows per group."""
     block_m = 16 if rows_per_group <= 16 else 32 if rows_per_group <= 32 else 64
+    if kind == "dense" and rows_per_group <= 64:
+        return TileConfig(16, min(32, max(16, next_pow2(n))))
+    if kind != "dense" and not fp8 and n >= 64:
+        return TileConfig(block_m, 64, swap=True)
     block_n = 64 if active_groups * -(-n // 64) >= 4 * sms else 32   # 16-row tiles measured slower at T=1
     block_n = min(block_n, max(16, next_pow2(n)))
     return TileConfig(block_m, block_n)
@@ -228,7 +260,7 @@ def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, t
             rows_per_group, active_groups):
     _, grouped_kernel = _kernels()
     fp8 = ws is not None
-    cfg = TILE_OVERRIDE.get(kind) or choose_tiles(rows_per_group, active_groups, n, fp8, sm_count(a.device))
+    cfg = TILE_OVERRIDE.get(kind) or choose_tiles(kind, rows_per_group, active_groups, n, fp8, sm_count(a.device))
     per_stage = (cfg.block_m * 2 + (2 if swiglu else 1) * cfg.block_n * w.element_size()) * cfg.block_k
     stages = cfg.stages or max(1, min(4, 160 * 1024 // per_stage))
     if not a.is_cuda:
@@ -245,7 +277,8 @@ def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, t
         (ws.stride(0) if ws.dim() == 3 else 0) if fp8 else 0, ws.stride(-2) if fp8 else 0, out.stride(0),
         SWIGLU=swiglu, GATHER=gather, SCATTER=scatter, DENSE=dense, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP=cfg.swap, FAST_CVT=fast_cvt,
-        CVT_ASM=FP8_TO_BF16_ASM if fast_cvt else "", num_warps=cfg.warps, num_stages=stages)
+        CVT_ASM=FP8_TO_BF16_ASM if fast_cvt else "", PREFETCH_SCALES=cfg.prefetch_scales,
+        num_warps=cfg.warps, num_stages=stages)
 
 
 def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, banks: list,
