@@ -15,6 +15,8 @@ Each variant is a tile configuration set through the kernels' override hooks (`m
 --jobs worker processes (same shapes, so the workers fill Triton's on-disk cache), then one process
 checks and times them in turn (one call = 10 launches captured in a CUDA graph, weights rotated over
 3 sets so that nothing is served from L2). Prints a table per kernel; writes $OUT/gpu_kernels.json.
+--short: the chosen configurations, the previous ones and a few candidates; --ncu-once: one launch of
+each chosen kernel, for `ncu --clock-control none -k regex:'split_kernel|grouped_kernel' -c 4 ...`.
 """
 from __future__ import annotations
 
@@ -64,7 +66,9 @@ def expert_variants(fp8: bool, tokens: int, short: bool = False) -> list:
     if fp8:
         out += [("previous+fastcvt", True, prev),
                 ("n128 prefetch", True, TileConfig(bm, 128)),
-                ("n64 s6 prefetch", True, TileConfig(bm, 64, stages=6))]
+                ("n64 s6 prefetch", True, TileConfig(bm, 64, stages=6)),
+                ("n64 w8 prefetch", True, TileConfig(bm, 64, warps=8)),
+                ("n32 prefetch", True, TileConfig(bm, 32))]
         if not short:
             out += [("n128 w8", True, TileConfig(bm, 128, warps=8, prefetch_scales=False)),
                     ("swap n64", True, TileConfig(bm, 64, swap=True, prefetch_scales=False)),
@@ -90,8 +94,13 @@ def dense_variants(M: int) -> list:
             ("m16 n32 w2", True, TileConfig(16, 32, warps=2))]
 
 
-def mla_variants() -> list:
-    return [("chosen", None), ("default", DecodeConfig()),
+def mla_variants(short: bool = False) -> list:
+    new = [("chosen", None), ("default", DecodeConfig()), ("waves1", DecodeConfig(waves=1)),
+           ("half partials", DecodeConfig(half_partials=True)),
+           ("waves1 half partials", DecodeConfig(waves=1, half_partials=True))]
+    if short:
+        return new
+    return new + [
             ("n32 s2 waves4 min2", DecodeConfig(32, 4, 2, 4, 2)),
             ("n32 s3 waves4 min2", DecodeConfig(32, 4, 3, 4, 2)),
             ("n32 w8 s2 waves4 min2", DecodeConfig(32, 8, 2, 4, 2)),
@@ -118,7 +127,7 @@ def all_cases(short: bool = False) -> list:
             for label, fast, cfg in dense_variants(M)[:2 if short else None]:
                 cases.append(("dense", {"shape": name, "N": N, "K": K, "M": M, "label": label, "fast": fast, "cfg": cfg}))
     for B in MLA_BATCHES:
-        for label, cfg in mla_variants()[:2 if short else None]:
+        for label, cfg in mla_variants(short):
             cases.append(("mla", {"batch": B, "label": label, "cfg": cfg, "dtype": "bf16"}))
     return cases
 
@@ -372,7 +381,17 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=12, help="compile worker processes (0: compile in the timing pass)")
     ap.add_argument("--only", default="experts,dense,mla")
     ap.add_argument("--short", action="store_true", help="the chosen configurations and the previous ones only")
+    ap.add_argument("--ncu-once", action="store_true",
+                    help="for a profiler: the chosen MLA kernel at batch 64 and 256, then the chosen FP8 experts at "
+                         "64 tokens, one launch each (split_kernel x2, grouped_kernel x2), nothing else")
     a = ap.parse_args()
+    if a.ncu_once:
+        for B in (64, 256):
+            case_fn("mla", {"batch": B}, 1)()
+        set_expert_overrides(True, None)
+        case_fn("experts", {"fp8": True, "tokens": 64}, 1)()
+        torch.cuda.synchronize()
+        return 0
     os.makedirs(a.out, exist_ok=True)
     only = set(a.only.split(","))
     cases = [c for c in all_cases(a.short) if c[0] in only]
@@ -403,7 +422,7 @@ def main() -> int:
             best_mla.setdefault(r["label"], []).append(r["us"])
     fp32 = []
     if "mla" in only:
-        lookup = dict(mla_variants())
+        lookup = dict(mla_variants(a.short))
         picks = [k for k in sorted(best_mla, key=lambda k: sum(best_mla[k])) if lookup[k] is not None][:2]
         fp32 = mla_fp32_checks([(k, lookup[k]) for k in picks] + [("chosen", None)])
     with open(os.path.join(a.out, "gpu_kernels.json"), "w") as f:

@@ -31,12 +31,15 @@ class DecodeConfig:
     """Tunables of the split kernel: cached tokens per tile, warps (0: 4 for 16-head groups, 8 for
     32), software-pipeline stages (0: Triton's default) and `waves`, the programs per multiprocessor
     the context split aims at (more splits: more loads in flight, a larger merge), with at least
-    `min_tiles` tiles per split."""
+    `min_tiles` tiles per split; `half_partials` keeps the splits' unnormalised partial outputs in the
+    cache's dtype when that is 16-bit (half the merge traffic, one more rounding) instead of fp32. One
+    split writes the output directly (no merge kernel)."""
     block_n: int = 32
     warps: int = 0
     stages: int = 0
     waves: int = 2
     min_tiles: int = 4
+    half_partials: bool = False
 
 
 # Benchmark hook (scripts/gpu_kernels.py): a DecodeConfig that replaces decode_config's choice.
@@ -69,9 +72,9 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def split_kernel(Q, QPE, KV, TABLES, CTX, ACC, ML,
+    def split_kernel(Q, QPE, KV, TABLES, CTX, ACC, ML, OUT,
                      stride_qb, stride_qh, stride_pb, stride_ph, stride_kv_blk, stride_kv_tok, stride_tb,
-                     stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
+                     stride_ab, stride_as, stride_ah, stride_mb, stride_ms, stride_ob, stride_oh,
                      H, scale,
                      C: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_H: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr):
@@ -118,10 +121,15 @@ def _kernels():
                 pv = tl.dot(p.to(k_lat.dtype), k_lat)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        a_ptr = ACC + b * stride_ab + s * stride_as + offs_h[:, None] * stride_ah + offs_c[None, :]
-        tl.store(a_ptr, acc, mask=hmask[:, None])
-        tl.store(ML + b * stride_mb + s * stride_ms + offs_h, m_i, mask=hmask)
-        tl.store(ML + b * stride_mb + s * stride_ms + H + offs_h, l_i, mask=hmask)
+        if SPLITS == 1:                                     # one split: the output itself, no merge
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]   # no context: 0
+            o_ptr = OUT + b * stride_ob + offs_h[:, None] * stride_oh + offs_c[None, :]
+            tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=hmask[:, None])
+        else:
+            a_ptr = ACC + b * stride_ab + s * stride_as + offs_h[:, None] * stride_ah + offs_c[None, :]
+            tl.store(a_ptr, acc.to(ACC.dtype.element_ty), mask=hmask[:, None])
+            tl.store(ML + b * stride_mb + s * stride_ms + offs_h, m_i, mask=hmask)
+            tl.store(ML + b * stride_mb + s * stride_ms + H + offs_h, l_i, mask=hmask)
 
     @triton.jit
     def combine_kernel(ACC, ML, OUT,
@@ -146,7 +154,7 @@ def _kernels():
             total += w * l_s
             a = tl.load(ACC + b * stride_ab + s * stride_as + offs_h[:, None] * stride_ah + offs_c[None, :],
                         mask=hmask[:, None], other=0.0)
-            out += w[:, None] * a
+            out += w[:, None] * a.to(tl.float32)
         out = out / tl.where(total > 0, total, 1.0)[:, None]   # no context: 0
         o_ptr = OUT + b * stride_ob + offs_h[:, None] * stride_oh + offs_c[None, :]
         tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=hmask[:, None])
@@ -192,16 +200,22 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
     tiles = 1 << (tiles - 1).bit_length()               # a power of two: few compiled variants as contexts grow
     q = query.to(kv_layer.dtype)
     q_pe = q_pe.to(kv_layer.dtype)
-    acc = torch.empty(B, splits, H, C, device=query.device, dtype=torch.float32)
-    ml = torch.empty(B, splits, 2, H, device=query.device, dtype=torch.float32)
     out = torch.empty(B, H, C, device=query.device, dtype=query.dtype)
+    if splits > 1:
+        half = cfg.half_partials and kv_layer.element_size() == 2
+        acc = torch.empty(B, splits, H, C, device=query.device, dtype=kv_layer.dtype if half else torch.float32)
+        ml = torch.empty(B, splits, 2, H, device=query.device, dtype=torch.float32)
+    else:
+        acc = ml = out.new_empty(1, 1, 1, dtype=torch.float32)       # unused: the kernel writes `out`
     tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     split_kernel[(B, groups, splits)](
-        q, q_pe, kv_layer, tables, context_lens, acc, ml,
+        q, q_pe, kv_layer, tables, context_lens, acc, ml, out,
         q.stride(0), q.stride(1), q_pe.stride(0), q_pe.stride(1), kv_layer.stride(0), kv_layer.stride(1), tables.stride(0),
-        acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
+        acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1), out.stride(0), out.stride(1),
         H, scale, C=C, R=R, BS=bs, BLOCK_N=cfg.block_n, BLOCK_H=block_h, SPLITS=splits, TILES=tiles,
         IEEE=kv_layer.dtype == torch.float32, num_warps=warps, **({"num_stages": cfg.stages} if cfg.stages else {}))
+    if splits == 1:
+        return out
     combine_kernel[(B, groups)](
         acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
         out.stride(0), out.stride(1), H, C=C, BLOCK_H=block_h, SPLITS=splits, num_warps=warps)

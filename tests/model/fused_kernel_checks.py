@@ -178,7 +178,8 @@ def every_tiling_matches() -> None:
     """The tile configurations the GPU sweep (scripts/gpu_kernels.py) chooses among, forced through
     moe_gemm.TILE_OVERRIDE: the swapped orientation (W x^T), wide N tiles, 2-row and 64-row M tiles,
     on the expert, FP8 expert and dense FP8 checks above; then the MLA decode kernel's DecodeConfig
-    variants (tile 16 / 64, more splits, batch 1, contexts that are no multiple of tile or block)."""
+    variants (tile 16 / 64, more splits, one split written without the merge kernel, batch 1, contexts
+    that are no multiple of tile or block)."""
     TC = moe_gemm.TileConfig
     for cfg in (TC(16, 64, swap=True), TC(32, 128, swap=True, warps=8), TC(16, 128), TC(64, 32, swap=True),
                 TC(16, 16, warps=2)):
@@ -191,7 +192,8 @@ def every_tiling_matches() -> None:
     C, R, h, bs = 32, 16, 5, 4
     pool = torch.randn(90, 1, bs, C + R, generator=GEN)[:, 0]
     DC = mla_decode.DecodeConfig
-    for cfg in (DC(16, 4, 2, 8, 1), DC(64, 8, 3, 4, 1), DC(32, 4, 1, 4, 2)):
+    assert mla_decode.num_splits(4, 1, 130, sms=8, waves=2, block_n=32, min_tiles=64) == 1
+    for cfg in (DC(16, 4, 2, 8, 1), DC(64, 8, 3, 4, 1), DC(32, 4, 1, 4, 2), DC(32, 4, 2, 2, 64)):  # last: 1 split
         for ctxs in ([1], [5, 70, 33, 0], [130]):
             width = max(1, -(-max(ctxs) // bs))
             tables = torch.stack([torch.randperm(90, generator=GEN)[:width] for _ in ctxs])

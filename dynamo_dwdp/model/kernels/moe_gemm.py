@@ -112,14 +112,13 @@ def _kernels():
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 if FP8:
                     if PREFETCH_SCALES:
-                        more = nmask & (k0 + BLOCK_K < K)
+                        kb_next = tl.minimum(k0 + BLOCK_K, K - 1) // 128      # past the end: reload the last
                         sc = sc_next
-                        sc_next = tl.load(s_base + (offs_n // 128) * stride_sn + (k0 + BLOCK_K) // 128, mask=more,
-                                          other=0.0)
+                        sc_next = tl.load(s_base + (offs_n // 128) * stride_sn + kb_next, mask=nmask, other=0.0)
                         if SWIGLU:
                             sc2 = sc2_next
-                            sc2_next = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + (k0 + BLOCK_K) // 128,
-                                               mask=more, other=0.0)
+                            sc2_next = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + kb_next, mask=nmask,
+                                               other=0.0)
                 kmask = offs_k < K
                 a = tl.load(A + arow[:, None].to(tl.int64) * stride_am + offs_k[None, :],
                             mask=mmask[:, None] & kmask[None, :], other=0.0)
@@ -243,11 +242,11 @@ def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, f
     - FP8 experts: the plain orientation (the swapped one feeds the converted weights through
       registers and was 1.1-1.9x slower); N 64 when that gives >= 4 programs per SM over the experts
       that have rows, else 32;
-    - dense at <= 64 rows: 16-row x 32-column tiles (more programs in flight; rows re-read from L2);
-      more rows: the expert rule.
+    - FP8 dense at <= 64 rows: 16-row x 32-column tiles (more programs in flight; rows re-read from
+      L2); bf16 dense and more rows: the FP8 expert rule.
     M always by the expected rows per group."""
     block_m = 16 if rows_per_group <= 16 else 32 if rows_per_group <= 32 else 64
-    if kind == "dense" and rows_per_group <= 64:
+    if kind == "dense" and fp8 and rows_per_group <= 64:
         return TileConfig(16, min(32, max(16, next_pow2(n))))
     if kind != "dense" and not fp8 and n >= 64:
         return TileConfig(block_m, 64, swap=True)
