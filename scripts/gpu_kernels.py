@@ -83,15 +83,17 @@ def expert_variants(fp8: bool, tokens: int, short: bool = False) -> list:
     return out
 
 
-DENSE_SHAPES = [("q_proj 3072x2048", 3072, 2048), ("o_proj 2048x2048", 2048, 2048),
+DENSE_SHAPES = [("q_proj 3072x2048", 3072, 2048), ("kv_a 576x2048", 576, 2048), ("o_proj 2048x2048", 2048, 2048),
                 ("shared down 2048x2816", 2048, 2816)]
 
 
 def dense_variants(M: int) -> list:
     bm = 16 if M <= 16 else 64
-    return [("chosen", True, None), ("previous", True, TileConfig(bm, 32, prefetch_scales=False)), ("m16 n32", True, TileConfig(16, 32)), ("m16 n16", True, TileConfig(16, 16)),
-            ("swap n64", True, TileConfig(bm, 64, swap=True)), ("swap m16 n64", True, TileConfig(16, 64, swap=True)),
-            ("m16 n32 w2", True, TileConfig(16, 32, warps=2))]
+    return [("chosen", True, None), ("previous", True, TileConfig(bm, 32, prefetch_scales=False)),
+            ("m16 n32", True, TileConfig(16, 32)), ("m16 n32 split2", True, TileConfig(16, 32, split_k=2)),
+            ("m16 n32 split4", True, TileConfig(16, 32, split_k=4)),
+            ("m16 n32 split8", True, TileConfig(16, 32, split_k=8)),
+            ("m16 n16 split4", True, TileConfig(16, 16, split_k=4)), ("cublas bf16", True, None)]
 
 
 def mla_variants(short: bool = False) -> list:
@@ -124,7 +126,7 @@ def all_cases(short: bool = False) -> list:
                 cases.append(("experts", {"fp8": fp8, "tokens": T, "label": label, "fast": fast, "cfg": cfg}))
     for name, N, K in DENSE_SHAPES:
         for M in DENSE_M:
-            for label, fast, cfg in dense_variants(M)[:2 if short else None]:
+            for label, fast, cfg in dense_variants(M):
                 cases.append(("dense", {"shape": name, "N": N, "K": K, "M": M, "label": label, "fast": fast, "cfg": cfg}))
     for B in MLA_BATCHES:
         for label, cfg in mla_variants(short):
@@ -230,6 +232,16 @@ def case_fn(kind: str, p: dict, sets: int):
         ws = _CACHE[key]
         xm = torch.randn(p["M"], p["K"], device="cuda").bfloat16()
         i = [0]
+        if p["label"] == "cublas bf16":                       # the bf16 model's matrix through cuBLAS
+            from dynamo_dwdp.model.fp8 import dequantize_block_fp8
+
+            wb = [dequantize_block_fp8(q, sc, dtype=torch.bfloat16) for q, sc in ws]
+
+            def run():
+                i[0] = (i[0] + 1) % len(wb)
+                return torch.nn.functional.linear(xm, wb[i[0]])
+            run.x, run.ws = xm, ws
+            return run
 
         def run():
             i[0] = (i[0] + 1) % len(ws)
@@ -306,9 +318,12 @@ def check_and_time(kind: str, p: dict) -> dict:
         from dynamo_dwdp.model.fp8 import dequantize_block_fp8
 
         q, s = fn.ws[0]
-        got = moe_gemm.fp8_linear(fn.x, q, s)
+        if p["label"] == "cublas bf16":
+            got = torch.nn.functional.linear(fn.x, dequantize_block_fp8(q, s, dtype=torch.bfloat16))
+        else:
+            got = moe_gemm.fp8_linear(fn.x, q, s)
         rec["rel_err"] = rel(got, fn.x.float() @ dequantize_block_fp8(q, s).T)
-        nbytes = p["N"] * p["K"]
+        nbytes = p["N"] * p["K"] * (2 if p["label"] == "cublas bf16" else 1)
         rec["tol"] = 1e-2
     else:
         layers, tables, ctx, q = mla_inputs(p["batch"], sets=3)

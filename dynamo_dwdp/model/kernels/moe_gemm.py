@@ -72,14 +72,18 @@ def _kernels():
             tl.store(OFFS + E + 1, rows)
 
     @triton.jit
-    def grouped_kernel(A, ORDER, OFFS, W, WS, OUT, first, dense_rows, N, K, topk,
-                       stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+    def grouped_kernel(A, ORDER, OFFS, W, WS, OUT, PART, first, dense_rows, N, K, topk,
+                       stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om, stride_ps, stride_pm,
                        SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DENSE: tl.constexpr,
                        FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SWAP: tl.constexpr, FAST_CVT: tl.constexpr, CVT_ASM: tl.constexpr,
-                       PREFETCH_SCALES: tl.constexpr):
+                       PREFETCH_SCALES: tl.constexpr, SPLIT_K: tl.constexpr):
         pn = tl.program_id(0)
         el = tl.program_id(1)
+        ks = tl.program_id(2)                       # split-K (dense only): this program's K range
+        k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_lo = ks * k_per
+        k_hi = tl.minimum(K, k_lo + k_per)
         if DENSE:                                   # axis 1 tiles the rows of a dense GEMM
             lo = el * BLOCK_M
             hi = tl.minimum(lo + BLOCK_M, dense_rows)
@@ -105,10 +109,11 @@ def _kernels():
                 acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             if FP8:
                 if PREFETCH_SCALES:                # this K tile's block scales, loaded one step ahead
-                    sc_next = tl.load(s_base + (offs_n // 128) * stride_sn, mask=nmask, other=0.0)
+                    sc_next = tl.load(s_base + (offs_n // 128) * stride_sn + k_lo // 128, mask=nmask, other=0.0)
                     if SWIGLU:
-                        sc2_next = tl.load(s_base + ((N + offs_n) // 128) * stride_sn, mask=nmask, other=0.0)
-            for k0 in range(0, K, BLOCK_K):
+                        sc2_next = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + k_lo // 128, mask=nmask,
+                                           other=0.0)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 if FP8:
                     if PREFETCH_SCALES:
@@ -163,25 +168,51 @@ def _kernels():
                         if FP8:
                             part2 = part2 * sc2[None, :]
                     acc2 += part2
-            if SWIGLU:
-                y = acc / (1.0 + tl.exp(-acc)) * acc2
-            else:
-                y = acc
             if SWAP:
-                y = tl.trans(y)
+                acc = tl.trans(acc)
+                acc2 = tl.trans(acc2)
             if SCATTER:
                 orow = tl.load(ORDER + offs_m, mask=mmask, other=0)
             else:
                 orow = offs_m
-            tl.store(OUT + orow[:, None].to(tl.int64) * stride_om + offs_n[None, :], y.to(OUT.dtype.element_ty),
-                     mask=mmask[:, None] & nmask[None, :])
+            omask = mmask[:, None] & nmask[None, :]
+            if SPLIT_K > 1:                         # fp32 partial sums; splitk_reduce_kernel finishes
+                p_ptr = PART + ks * stride_ps + orow[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
+                tl.store(p_ptr, acc, mask=omask)
+                if SWIGLU:
+                    tl.store(p_ptr + N, acc2, mask=omask)
+            else:
+                if SWIGLU:
+                    y = acc / (1.0 + tl.exp(-acc)) * acc2
+                else:
+                    y = acc
+                tl.store(OUT + orow[:, None].to(tl.int64) * stride_om + offs_n[None, :], y.to(OUT.dtype.element_ty),
+                         mask=omask)
 
-    return align_kernel, grouped_kernel
+    @triton.jit
+    def splitk_reduce_kernel(PART, OUT, N, stride_ps, stride_pm, stride_om,
+                             SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+        # out[row] = sum over the splits (then silu(gate) * up for SWIGLU), in a fixed order: deterministic
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        base = PART + row.to(tl.int64) * stride_pm + offs
+        acc = tl.zeros([BLOCK], tl.float32)
+        acc2 = tl.zeros([BLOCK], tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(base + s * stride_ps, mask=mask, other=0.0)
+            if SWIGLU:
+                acc2 += tl.load(base + s * stride_ps + N, mask=mask, other=0.0)
+        if SWIGLU:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc2
+        tl.store(OUT + row.to(tl.int64) * stride_om + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+    return align_kernel, grouped_kernel, splitk_reduce_kernel
 
 
 def align(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Counting sort of pair expert ids: (order [rows] int32, offs [num_experts + 2] int32), see step 1."""
-    align_kernel, _ = _kernels()
+    align_kernel = _kernels()[0]
     rows = flat_ids.numel()
     order = torch.empty(rows, dtype=torch.int32, device=flat_ids.device)
     offs = torch.empty(num_experts + 2, dtype=torch.int32, device=flat_ids.device)
@@ -194,8 +225,10 @@ def align(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
 class TileConfig:
     """One launch's tiling: rows (tokens) per tile, weight rows per tile, K per step, warps, pipeline
     stages (0: as deep as shared memory allows, at most 4), `swap` (compute W x^T, so that the
-    weight rows are the MMA's M side) and, for FP8 weights, `prefetch_scales` (load the next K tile's
-    block scales one step ahead: they are plain loads, outside the pipelined dot operands)."""
+    weight rows are the MMA's M side), for FP8 weights `prefetch_scales` (load the next K tile's
+    block scales one step ahead: they are plain loads, outside the pipelined dot operands), and for a
+    dense launch `split_k` (K split over that many programs, fp32 partials summed by a second kernel:
+    more programs in flight when a small matrix gives too few N x M tiles)."""
     block_m: int
     block_n: int
     block_k: int = 128
@@ -203,6 +236,7 @@ class TileConfig:
     stages: int = 0
     swap: bool = False
     prefetch_scales: bool = True
+    split_k: int = 1
 
 
 # Benchmark hooks (scripts/gpu_kernels.py): {"swiglu" | "down" | "dense": TileConfig} replaces choose_tiles;
@@ -234,20 +268,29 @@ fma.rn.bf16x2 $1, s1, k, nz;
 }"""
 
 
-def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, fp8: bool, sms: int) -> TileConfig:
-    """The tiling of one launch (kind "swiglu" / "down": routed experts, "dense": one weight matrix),
-    chosen from `scripts/gpu_kernels.py` on one H200 at the v2-lite shapes (docs/performance.md):
+def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, fp8: bool, sms: int,
+                 k: int = 0, rows: int = 0) -> TileConfig:
+    """The tiling of one launch (kind "swiglu" / "down": routed experts, "dense": one weight matrix of
+    n x k over `rows` rows), chosen from `scripts/gpu_kernels.py` on one H200 at the v2-lite shapes
+    (docs/performance.md):
     - bf16 experts: the swapped orientation with 64-row weight tiles (Hopper's warpgroup MMA), best at
       1-256 tokens;
     - FP8 experts: the plain orientation (the swapped one feeds the converted weights through
       registers and was 1.1-1.9x slower); N 64 when that gives >= 4 programs per SM over the experts
       that have rows, else 32;
     - FP8 dense at <= 64 rows: 16-row x 32-column tiles (more programs in flight; rows re-read from
-      L2); bf16 dense and more rows: the FP8 expert rule.
+      L2), K split in two, four or eight while that keeps <= 4 programs per SM and >= 2 K steps per
+      split (a 3072 x 2048 matrix at one row otherwise runs 96 programs on 132 SMs); bf16 dense and
+      more rows: the FP8 expert rule.
     M always by the expected rows per group."""
     block_m = 16 if rows_per_group <= 16 else 32 if rows_per_group <= 32 else 64
     if kind == "dense" and fp8 and rows_per_group <= 64:
-        return TileConfig(16, min(32, max(16, next_pow2(n))))
+        block_n = min(32, max(16, next_pow2(n)))
+        programs = -(-n // block_n) * -(-max(rows, 1) // 16)
+        split = 1
+        while split < 8 and 2 * split * programs <= 4 * sms and k >= 2 * split * 2 * 128:
+            split *= 2
+        return TileConfig(16, block_n, split_k=split)
     if kind != "dense" and not fp8 and n >= 64:
         return TileConfig(block_m, 64, swap=True)
     block_n = 64 if active_groups * -(-n // 64) >= 4 * sms else 32   # 16-row tiles measured slower at T=1
@@ -257,9 +300,10 @@ def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, f
 
 def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, topk, swiglu, gather, scatter,
             rows_per_group, active_groups):
-    _, grouped_kernel = _kernels()
+    _, grouped_kernel, splitk_reduce_kernel = _kernels()
     fp8 = ws is not None
-    cfg = TILE_OVERRIDE.get(kind) or choose_tiles(kind, rows_per_group, active_groups, n, fp8, sm_count(a.device))
+    cfg = TILE_OVERRIDE.get(kind) or choose_tiles(kind, rows_per_group, active_groups, n, fp8, sm_count(a.device),
+                                                  k, dense_rows)
     per_stage = (cfg.block_m * 2 + (2 if swiglu else 1) * cfg.block_n * w.element_size()) * cfg.block_k
     stages = cfg.stages or max(1, min(4, 160 * 1024 // per_stage))
     if not a.is_cuda:
@@ -267,17 +311,25 @@ def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, t
     dense = offs is None
     if dense:
         groups = -(-dense_rows // cfg.block_m)
+    split = cfg.split_k if dense and not scatter else 1
+    part = (torch.empty(split, dense_rows, (2 if swiglu else 1) * n, dtype=torch.float32, device=a.device)
+            if split > 1 else out)
     dummy = out
-    fast_cvt = FAST_FP8_CONVERT and fp8 and a.is_cuda and not _interpreting()      # inline PTX: not in Triton's CPU interpreter
-    grouped_kernel[(-(-n // cfg.block_n), groups)](
+    fast_cvt = FAST_FP8_CONVERT and fp8 and a.is_cuda and not _interpreting()   # inline PTX: not in the interpreter
+    grouped_kernel[(-(-n // cfg.block_n), groups, split)](
         a, order if order is not None else dummy, offs if offs is not None else dummy, w,
-        ws if fp8 else dummy, out, first, dense_rows, n, k, topk,
+        ws if fp8 else dummy, out, part, first, dense_rows, n, k, topk,
         a.stride(0), w.stride(0) if w.dim() == 3 else 0, w.stride(-2),
         (ws.stride(0) if ws.dim() == 3 else 0) if fp8 else 0, ws.stride(-2) if fp8 else 0, out.stride(0),
+        part.stride(0) if split > 1 else 0, part.stride(1) if split > 1 else 0,
         SWIGLU=swiglu, GATHER=gather, SCATTER=scatter, DENSE=dense, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP=cfg.swap, FAST_CVT=fast_cvt,
-        CVT_ASM=FP8_TO_BF16_ASM if fast_cvt else "", PREFETCH_SCALES=cfg.prefetch_scales,
+        CVT_ASM=FP8_TO_BF16_ASM if fast_cvt else "", PREFETCH_SCALES=cfg.prefetch_scales, SPLIT_K=split,
         num_warps=cfg.warps, num_stages=stages)
+    if split > 1:
+        block = min(1024, max(16, next_pow2(n)))
+        splitk_reduce_kernel[(dense_rows, -(-n // block))](part, out, n, part.stride(0), part.stride(1), out.stride(0),
+                                                            SPLIT_K=split, SWIGLU=swiglu, BLOCK=block, num_warps=4)
 
 
 def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, banks: list,
