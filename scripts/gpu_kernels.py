@@ -52,29 +52,26 @@ def rel(a, b) -> float:
 
 # ------------------------------------------------------------------------------------------ variants
 def previous_tiles(tokens: int, fp8: bool) -> TileConfig:
-    """The rule before this sweep (2026-12-01 session): plain orientation, N 32 below 4 programs per SM."""
+    """The rule before this sweep (2026-12-01): plain orientation, N 32 below 4 programs per SM."""
     bm = 16 if tokens * TOPK / E <= 16 else 32
     active = min(tokens * TOPK, E)
-    return TileConfig(bm, 64 if active * -(-I // 64) >= 4 * 132 else 32, prefetch_scales=False)
+    return TileConfig(bm, 64 if active * -(-I // 64) >= 4 * 132 else 32)
 
 
 def expert_variants(fp8: bool, tokens: int, short: bool = False) -> list:
-    """(label, fast_cvt, TileConfig or None = the library's choice, moe_gemm.choose_tiles)."""
+    """(label, fast e4m3 conversion, TileConfig or None = the library's choice, moe_gemm.choose_tiles).
+    "previous" is the kernel as it was before this sweep (for FP8: Triton's own e4m3 conversion)."""
     bm = 16 if tokens * TOPK / E <= 16 else 32
-    prev = previous_tiles(tokens, fp8)
-    out = [("chosen", True, None), ("previous", False, prev)]
+    out = [("chosen", True, None), ("previous", False, previous_tiles(tokens, fp8))]
     if fp8:
-        out += [("previous+fastcvt", True, prev),
-                ("n128 prefetch", True, TileConfig(bm, 128)),
-                ("n64 s6 prefetch", True, TileConfig(bm, 64, stages=6)),
-                ("n64 w8 prefetch", True, TileConfig(bm, 64, warps=8)),
-                ("n32 prefetch", True, TileConfig(bm, 32))]
+        out += [("n128", True, TileConfig(bm, 128)), ("n64 s6", True, TileConfig(bm, 64, stages=6)),
+                ("n64 w8", True, TileConfig(bm, 64, warps=8)), ("n32", True, TileConfig(bm, 32))]
         if not short:
-            out += [("n128 w8", True, TileConfig(bm, 128, warps=8, prefetch_scales=False)),
-                    ("swap n64", True, TileConfig(bm, 64, swap=True, prefetch_scales=False)),
-                    ("swap n128", True, TileConfig(bm, 128, swap=True, prefetch_scales=False)),
-                    ("swap n128 w8", True, TileConfig(bm, 128, warps=8, swap=True, prefetch_scales=False)),
-                    ("swap n64 s6", True, TileConfig(bm, 64, stages=6, swap=True, prefetch_scales=False))]
+            out += [("n128 w8", True, TileConfig(bm, 128, warps=8)),
+                    ("swap n64", True, TileConfig(bm, 64, swap=True)),
+                    ("swap n128", True, TileConfig(bm, 128, swap=True)),
+                    ("swap n128 w8", True, TileConfig(bm, 128, warps=8, swap=True)),
+                    ("swap n64 s6", True, TileConfig(bm, 64, stages=6, swap=True))]
     elif not short:
         out += [("swap n128 w8", True, TileConfig(bm, 128, warps=8, swap=True)),
                 ("n128 w8", True, TileConfig(bm, 128, warps=8))]
@@ -89,7 +86,7 @@ DENSE_SHAPES = [("q_proj 3072x2048", 3072, 2048), ("kv_a 576x2048", 576, 2048), 
 
 def dense_variants(M: int) -> list:
     bm = 16 if M <= 16 else 64
-    return [("chosen", True, None), ("previous", True, TileConfig(bm, 32, prefetch_scales=False)),
+    return [("chosen", True, None), ("previous", True, TileConfig(bm, 32)),
             ("m16 n32", True, TileConfig(16, 32)), ("m16 n32 split2", True, TileConfig(16, 32, split_k=2)),
             ("m16 n32 split4", True, TileConfig(16, 32, split_k=4)),
             ("m16 n32 split8", True, TileConfig(16, 32, split_k=8)),
@@ -97,9 +94,7 @@ def dense_variants(M: int) -> list:
 
 
 def mla_variants(short: bool = False) -> list:
-    new = [("chosen", None), ("default", DecodeConfig()), ("waves1", DecodeConfig(waves=1)),
-           ("half partials", DecodeConfig(half_partials=True)),
-           ("waves1 half partials", DecodeConfig(waves=1, half_partials=True))]
+    new = [("chosen", None), ("default", DecodeConfig()), ("waves1", DecodeConfig(waves=1))]
     if short:
         return new
     return new + [

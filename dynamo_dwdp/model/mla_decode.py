@@ -31,15 +31,12 @@ class DecodeConfig:
     """Tunables of the split kernel: cached tokens per tile, warps (0: 4 for 16-head groups, 8 for
     32), software-pipeline stages (0: Triton's default) and `waves`, the programs per multiprocessor
     the context split aims at (more splits: more loads in flight, a larger merge), with at least
-    `min_tiles` tiles per split; `half_partials` keeps the splits' unnormalised partial outputs in the
-    cache's dtype when that is 16-bit (half the merge traffic, one more rounding) instead of fp32. One
-    split writes the output directly (no merge kernel)."""
+    `min_tiles` tiles per split. One split writes the output directly (no merge kernel)."""
     block_n: int = 32
     warps: int = 0
     stages: int = 0
     waves: int = 2
     min_tiles: int = 4
-    half_partials: bool = False
 
 
 # Benchmark hook (scripts/gpu_kernels.py): a DecodeConfig that replaces decode_config's choice.
@@ -127,7 +124,7 @@ def _kernels():
             tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=hmask[:, None])
         else:
             a_ptr = ACC + b * stride_ab + s * stride_as + offs_h[:, None] * stride_ah + offs_c[None, :]
-            tl.store(a_ptr, acc.to(ACC.dtype.element_ty), mask=hmask[:, None])
+            tl.store(a_ptr, acc, mask=hmask[:, None])
             tl.store(ML + b * stride_mb + s * stride_ms + offs_h, m_i, mask=hmask)
             tl.store(ML + b * stride_mb + s * stride_ms + H + offs_h, l_i, mask=hmask)
 
@@ -154,7 +151,7 @@ def _kernels():
             total += w * l_s
             a = tl.load(ACC + b * stride_ab + s * stride_as + offs_h[:, None] * stride_ah + offs_c[None, :],
                         mask=hmask[:, None], other=0.0)
-            out += w[:, None] * a.to(tl.float32)
+            out += w[:, None] * a
         out = out / tl.where(total > 0, total, 1.0)[:, None]   # no context: 0
         o_ptr = OUT + b * stride_ob + offs_h[:, None] * stride_oh + offs_c[None, :]
         tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=hmask[:, None])
@@ -202,8 +199,7 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
     q_pe = q_pe.to(kv_layer.dtype)
     out = torch.empty(B, H, C, device=query.device, dtype=query.dtype)
     if splits > 1:
-        half = cfg.half_partials and kv_layer.element_size() == 2
-        acc = torch.empty(B, splits, H, C, device=query.device, dtype=kv_layer.dtype if half else torch.float32)
+        acc = torch.empty(B, splits, H, C, device=query.device, dtype=torch.float32)
         ml = torch.empty(B, splits, 2, H, device=query.device, dtype=torch.float32)
     else:
         acc = ml = out.new_empty(1, 1, 1, dtype=torch.float32)       # unused: the kernel writes `out`

@@ -177,13 +177,13 @@ def dense_swiglu_matches_mlp() -> None:
 def every_tiling_matches() -> None:
     """The tile configurations the GPU sweep (scripts/gpu_kernels.py) chooses among, forced through
     moe_gemm.TILE_OVERRIDE: the swapped orientation (W x^T), wide N tiles, 16-row and 64-row M tiles,
-    split-K in 2 and 3 (a last split shorter than the others; the scales loaded in place), on the
+    split-K in 2 and 3 (a last split shorter than the others), on the
     expert, FP8 expert, dense FP8 and dense SwiGLU checks above; then the MLA decode kernel's DecodeConfig
     variants (tile 16 / 64, more splits, one split written without the merge kernel, batch 1, contexts
     that are no multiple of tile or block)."""
     TC = moe_gemm.TileConfig
     for cfg in (TC(16, 64, swap=True), TC(32, 128, swap=True, warps=8), TC(16, 128), TC(64, 32, swap=True),
-                TC(16, 16, warps=2), TC(16, 32, split_k=2), TC(16, 32, split_k=3, prefetch_scales=False)):
+                TC(16, 16, warps=2), TC(16, 32, split_k=2), TC(16, 32, split_k=3)):
         moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg, dense=cfg)
         try:
             fused_experts_match_reference()

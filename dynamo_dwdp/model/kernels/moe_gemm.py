@@ -18,11 +18,13 @@ computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose exp
 Experts that received no pair cost one program launch that returns at once: no weight bytes read.
 
 Weights are bf16 or FP8 e4m3 with the official 128x128 block scales (`model/fp8.py`); FP8 tiles are
-converted to bf16 in registers (exact: e4m3 is a subset of bf16) and each K tile's partial product
+converted to bf16 in registers (exact: e4m3 is a subset of bf16; on the GPU with integer operations,
+`FP8_TO_BF16_ASM`, since the hardware converter's rate bounded the kernel) and each K tile's partial product
 is multiplied by its block scale in fp32 (K tiles never straddle a 128-wide scale block), so results
 equal the dequantized model up to rounding (it rounds q * scale to bf16 per weight; this does not)
 and accumulation order. W8A16: decode reads half the weight bytes; the activations stay bf16. `fp8_linear` is the same kernel with one
-"expert" and no gather, for the dense layers; above FP8_LINEAR_MAX_ROWS rows (prefill) it
+"expert" and no gather (K split over several programs when the matrix gives too few tiles), for
+the dense layers; above FP8_LINEAR_MAX_ROWS rows (prefill) it
 dequantizes the weight and uses cuBLAS instead, where the GEMM is compute-bound.
 
 Why hand-written: torch._grouped_mm needs the rows physically sorted (a sort and a gather) and has
@@ -77,7 +79,7 @@ def _kernels():
                        SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DENSE: tl.constexpr,
                        FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SWAP: tl.constexpr, FAST_CVT: tl.constexpr, CVT_ASM: tl.constexpr,
-                       PREFETCH_SCALES: tl.constexpr, SPLIT_K: tl.constexpr):
+                       SPLIT_K: tl.constexpr):
         pn = tl.program_id(0)
         el = tl.program_id(1)
         ks = tl.program_id(2)                       # split-K (dense only): this program's K range
@@ -107,31 +109,15 @@ def _kernels():
             else:
                 acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            if FP8:
-                if PREFETCH_SCALES:                # this K tile's block scales, loaded one step ahead
-                    sc_next = tl.load(s_base + (offs_n // 128) * stride_sn + k_lo // 128, mask=nmask, other=0.0)
-                    if SWIGLU:
-                        sc2_next = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + k_lo // 128, mask=nmask,
-                                           other=0.0)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                if FP8:
-                    if PREFETCH_SCALES:
-                        kb_next = tl.minimum(k0 + BLOCK_K, K - 1) // 128      # past the end: reload the last
-                        sc = sc_next
-                        sc_next = tl.load(s_base + (offs_n // 128) * stride_sn + kb_next, mask=nmask, other=0.0)
-                        if SWIGLU:
-                            sc2 = sc2_next
-                            sc2_next = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + kb_next, mask=nmask,
-                                               other=0.0)
                 kmask = offs_k < K
                 a = tl.load(A + arow[:, None].to(tl.int64) * stride_am + offs_k[None, :],
                             mask=mmask[:, None] & kmask[None, :], other=0.0)
                 wmask = nmask[:, None] & kmask[None, :]
                 w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
                 if FP8:      # e4m3 is exact in bf16; the block scale (one per output row in this K tile) after the dot
-                    if not PREFETCH_SCALES:
-                        sc = tl.load(s_base + (offs_n // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
+                    sc = tl.load(s_base + (offs_n // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
                     if FAST_CVT:
                         w = tl.inline_asm_elementwise(CVT_ASM, "=r,=r,r", [w.to(tl.uint8, bitcast=True)],
                                                       dtype=tl.bfloat16, is_pure=True, pack=4)
@@ -150,9 +136,7 @@ def _kernels():
                 if SWIGLU:
                     w2 = tl.load(w_base + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
                     if FP8:
-                        if not PREFETCH_SCALES:
-                            sc2 = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + k0 // 128, mask=nmask,
-                                          other=0.0)
+                        sc2 = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
                         if FAST_CVT:
                             w2 = tl.inline_asm_elementwise(CVT_ASM, "=r,=r,r", [w2.to(tl.uint8, bitcast=True)],
                                                            dtype=tl.bfloat16, is_pure=True, pack=4)
@@ -225,17 +209,15 @@ def align(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
 class TileConfig:
     """One launch's tiling: rows (tokens) per tile, weight rows per tile, K per step, warps, pipeline
     stages (0: as deep as shared memory allows, at most 4), `swap` (compute W x^T, so that the
-    weight rows are the MMA's M side), for FP8 weights `prefetch_scales` (load the next K tile's
-    block scales one step ahead: they are plain loads, outside the pipelined dot operands), and for a
-    dense launch `split_k` (K split over that many programs, fp32 partials summed by a second kernel:
-    more programs in flight when a small matrix gives too few N x M tiles)."""
+    weight rows are the MMA's M side) and, for a dense launch, `split_k` (K split over that many
+    programs, fp32 partials summed by a second kernel: more programs in flight when a small matrix
+    gives too few N x M tiles)."""
     block_m: int
     block_n: int
     block_k: int = 128
     warps: int = 4
     stages: int = 0
     swap: bool = False
-    prefetch_scales: bool = True
     split_k: int = 1
 
 
@@ -279,16 +261,16 @@ def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, f
       registers and was 1.1-1.9x slower); N 64 when that gives >= 4 programs per SM over the experts
       that have rows, else 32;
     - FP8 dense at <= 64 rows: 16-row x 32-column tiles (more programs in flight; rows re-read from
-      L2), K split in two, four or eight while that keeps <= 4 programs per SM and >= 2 K steps per
-      split (a 3072 x 2048 matrix at one row otherwise runs 96 programs on 132 SMs); bf16 dense and
-      more rows: the FP8 expert rule.
+      L2), K split in two or four while that keeps <= 2 programs per SM and >= 2 K steps per split
+      (one row of a 2048 x 2048 matrix otherwise runs 64 programs on 132 SMs: 6.9 -> 5.7 us; eight
+      splits and splits at 64 rows measured slower); bf16 dense and more rows: the FP8 expert rule.
     M always by the expected rows per group."""
     block_m = 16 if rows_per_group <= 16 else 32 if rows_per_group <= 32 else 64
     if kind == "dense" and fp8 and rows_per_group <= 64:
         block_n = min(32, max(16, next_pow2(n)))
         programs = -(-n // block_n) * -(-max(rows, 1) // 16)
         split = 1
-        while split < 8 and 2 * split * programs <= 4 * sms and k >= 2 * split * 2 * 128:
+        while split < 4 and 2 * split * programs <= 2 * sms and k >= 2 * split * 2 * 128:
             split *= 2
         return TileConfig(16, block_n, split_k=split)
     if kind != "dense" and not fp8 and n >= 64:
@@ -324,7 +306,7 @@ def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, t
         part.stride(0) if split > 1 else 0, part.stride(1) if split > 1 else 0,
         SWIGLU=swiglu, GATHER=gather, SCATTER=scatter, DENSE=dense, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP=cfg.swap, FAST_CVT=fast_cvt,
-        CVT_ASM=FP8_TO_BF16_ASM if fast_cvt else "", PREFETCH_SCALES=cfg.prefetch_scales, SPLIT_K=split,
+        CVT_ASM=FP8_TO_BF16_ASM if fast_cvt else "", SPLIT_K=split,
         num_warps=cfg.warps, num_stages=stages)
     if split > 1:
         block = min(1024, max(16, next_pow2(n)))
