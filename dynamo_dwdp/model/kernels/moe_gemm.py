@@ -226,10 +226,10 @@ class TileConfig:
 TILE_OVERRIDE: dict[str, TileConfig] = {}
 FAST_FP8_CONVERT = True
 
-# FP8 e4m3 -> bf16 for 4 packed bytes with full-rate integer ops (the converter's cvt pair runs at a
-# quarter rate and bounded the FP8 kernels, docs/performance.md): sign to bit 15, the 7 exponent |
-# mantissa bits shifted into bf16's fields (an e4m3 value times 2^-120, exact, subnormals included),
-# then one bf16x2 multiply by 2^120 (0x7B80) restores the exponent bias.
+# FP8 e4m3 -> bf16 for 4 packed bytes with full-rate integer ops (Triton's own conversion compiles to
+# conversion-unit instructions, F2FP + F2F, which bounded the FP8 kernels: docs/performance.md):
+# sign to bit 15, the 7 exponent | mantissa bits shifted into bf16's fields (an e4m3 value times
+# 2^-120, exact, subnormals included), then one bf16x2 multiply by 2^120 (0x7B80) restores the bias.
 FP8_TO_BF16_ASM = """{
 .reg .b32 z, s0, s1, m0, m1, k, nz;
 mov.b32 z, 0;
@@ -286,7 +286,8 @@ def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, t
     fp8 = ws is not None
     cfg = TILE_OVERRIDE.get(kind) or choose_tiles(kind, rows_per_group, active_groups, n, fp8, sm_count(a.device),
                                                   k, dense_rows)
-    per_stage = (cfg.block_m * 2 + (2 if swiglu else 1) * cfg.block_n * w.element_size()) * cfg.block_k
+    block_k = cfg.block_k if a.element_size() <= 2 else min(cfg.block_k, 64)      # fp32 models: half the K step
+    per_stage = (cfg.block_m * a.element_size() + (2 if swiglu else 1) * cfg.block_n * w.element_size()) * block_k
     stages = cfg.stages or max(1, min(4, 160 * 1024 // per_stage))
     if not a.is_cuda:
         stages = 1
@@ -305,7 +306,7 @@ def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, t
         (ws.stride(0) if ws.dim() == 3 else 0) if fp8 else 0, ws.stride(-2) if fp8 else 0, out.stride(0),
         part.stride(0) if split > 1 else 0, part.stride(1) if split > 1 else 0,
         SWIGLU=swiglu, GATHER=gather, SCATTER=scatter, DENSE=dense, FP8=fp8,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP=cfg.swap, FAST_CVT=fast_cvt,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SWAP=cfg.swap, FAST_CVT=fast_cvt,
         CVT_ASM=FP8_TO_BF16_ASM if fast_cvt else "", SPLIT_K=split,
         num_warps=cfg.warps, num_stages=stages)
     if split > 1:
