@@ -122,7 +122,8 @@ def all_cases(short: bool = False) -> list:
     for name, N, K in DENSE_SHAPES:
         for M in DENSE_M:
             for label, fast, cfg in dense_variants(M):
-                cases.append(("dense", {"shape": name, "N": N, "K": K, "M": M, "label": label, "fast": fast, "cfg": cfg}))
+                cases.append(("dense", {"shape": name, "N": N, "K": K, "M": M, "label": label, "fast": fast,
+                                        "cfg": cfg}))
     for B in MLA_BATCHES:
         for label, cfg in mla_variants(short):
             cases.append(("mla", {"batch": B, "label": label, "cfg": cfg, "dtype": "bf16"}))

@@ -9,7 +9,8 @@ Why: the torch path gathers each sequence's cache into a padded copy and runs tw
 (about 9x the cache bytes of one read on an H100 at batch 32, docs/performance.md); this reads
 every cached latent once, straight through the block table. Grid (sequence, head group, context
 split); each program keeps an online-softmax state for its split in fp32; a second kernel merges
-the splits. No host sync, fixed grid per (batch, splits): CUDA-graph capturable. The tile loop has
+the splits (with one split the first writes the output). Tile, warps, stages and split count:
+`decode_config`, chosen on an H200 with `scripts/gpu_kernels.py`. No host sync, fixed grid per (batch, splits): CUDA-graph capturable. The tile loop has
 a compile-time trip count (a power of two sized by the batch's longest context; tiles past a
 sequence's own split are masked), which also keeps Triton's CPU interpreter happy.
 
@@ -46,11 +47,12 @@ DECODE_OVERRIDE: DecodeConfig | None = None
 def decode_config(batch: int, head_groups: int) -> DecodeConfig:
     """Chosen from `scripts/gpu_kernels.py` on one H200 (16 heads, context 1000, bf16 cache,
     docs/performance.md): up to 32 sequences x head groups, twice the splits (4 waves, >= 2 tiles per
-    split) at 2 stages (28.5 vs 33.7 us at batch 32); from 64 on the defaults were fastest."""
+    split) at 2 stages (28.4 vs 33.7 us at batch 32); from 64 on the defaults were fastest. Warps stay
+    automatic (32-head groups, DeepSeek-V3, were not measured)."""
     if DECODE_OVERRIDE is not None:
         return DECODE_OVERRIDE
     if batch * head_groups <= 32:
-        return DecodeConfig(32, 4, 2, 4, 2)
+        return DecodeConfig(32, 0, 2, 4, 2)
     return DecodeConfig()
 
 
@@ -206,8 +208,9 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
     tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     split_kernel[(B, groups, splits)](
         q, q_pe, kv_layer, tables, context_lens, acc, ml, out,
-        q.stride(0), q.stride(1), q_pe.stride(0), q_pe.stride(1), kv_layer.stride(0), kv_layer.stride(1), tables.stride(0),
-        acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), q_pe.stride(0), q_pe.stride(1), kv_layer.stride(0), kv_layer.stride(1),
+        tables.stride(0), acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
+        out.stride(0), out.stride(1),
         H, scale, C=C, R=R, BS=bs, BLOCK_N=cfg.block_n, BLOCK_H=block_h, SPLITS=splits, TILES=tiles,
         IEEE=kv_layer.dtype == torch.float32, num_warps=warps, **({"num_stages": cfg.stages} if cfg.stages else {}))
     if splits == 1:

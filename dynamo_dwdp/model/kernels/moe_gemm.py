@@ -333,11 +333,11 @@ def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     per_group = rows / max(1, E)
     active = min(rows, E)                                   # experts that can have rows
     for b in banks:
-        _launch("swiglu", x, order, offs, b.w13, b.w13_scale, h, b.first, b.count, 0, I, Hd, k, True, True, False, per_group,
-                min(active, b.count))
+        _launch("swiglu", x, order, offs, b.w13, b.w13_scale, h, b.first, b.count, 0, I, Hd, k, True, True, False,
+                per_group, min(active, b.count))
     for b in banks:
-        _launch("down", h, order, offs, b.w2, b.w2_scale, y, b.first, b.count, 0, Hd, I, k, False, False, True, per_group,
-                min(active, b.count))
+        _launch("down", h, order, offs, b.w2, b.w2_scale, y, b.first, b.count, 0, Hd, I, k, False, False, True,
+                per_group, min(active, b.count))
     combined = torch.bmm(topk_weights.to(x.dtype).view(T, 1, k), y.view(T, k, Hd)).view(T, Hd)
     return combined if out is None else out.add_(combined)
 
@@ -366,7 +366,8 @@ def dense_swiglu(x: torch.Tensor, w13: torch.Tensor, scale: torch.Tensor | None 
     inter = w13.shape[0] // 2
     out = torch.empty(M, inter, dtype=x.dtype, device=x.device)
     if M:
-        _launch("dense", x2, None, None, w13, scale, out, 0, 1, M, inter, x2.shape[1], 1, True, False, False, M, -(-M // 64))
+        _launch("dense", x2, None, None, w13, scale, out, 0, 1, M, inter, x2.shape[1], 1, True, False, False, M,
+                -(-M // 64))
     return out
 
 
