@@ -230,6 +230,8 @@ FAST_FP8_CONVERT = True
 # conversion-unit instructions, F2FP + F2F, which bounded the FP8 kernels: docs/performance.md):
 # sign to bit 15, the 7 exponent | mantissa bits shifted into bf16's fields (an e4m3 value times
 # 2^-120, exact, subnormals included), then one bf16x2 multiply by 2^120 (0x7B80) restores the bias.
+# The two NaN codes (0x7F, 0xFF) come out as +-480; quantized weights never hold them. CI executes
+# these instructions by their PTX definitions (tests/model/test_fused_kernels.py).
 FP8_TO_BF16_ASM = """{
 .reg .b32 z, s0, s1, m0, m1, k, nz;
 mov.b32 z, 0;
