@@ -219,11 +219,15 @@ def test_triton_mla_decode_kernel_under_the_interpreter():
 
 
 def test_decode_split_count():
-    from dynamo_dwdp.model.mla_decode import BLOCK_N, num_splits
+    from dynamo_dwdp.model.mla_decode import DecodeConfig, decode_config, num_splits
 
+    BLOCK_N = DecodeConfig().block_n
     assert num_splits(1, 1, 100_000, sms=132) == 256          # one sequence: fill the GPU
     assert num_splits(512, 1, 4096, sms=132) == 1             # many sequences: no split
     assert num_splits(8, 1, 2 * BLOCK_N, sms=132) == 1        # short contexts: >= 4 tiles per split
+    assert num_splits(8, 1, 2 * BLOCK_N, sms=132, min_tiles=1) == 2
+    # small batches get twice the programs per SM (the H200 sweep), large ones the default
+    assert decode_config(32, 1).waves > decode_config(64, 1).waves == DecodeConfig().waves
     for b in (1, 3, 32, 100):
         s = num_splits(b, 2, 5000, sms=132)
         assert s & (s - 1) == 0 and s >= 1
