@@ -74,7 +74,8 @@ def _kernels():
     def grouped_kernel(A, ORDER, OFFS, W, WS, OUT, first, dense_rows, N, K, topk,
                        stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
                        SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DENSE: tl.constexpr,
-                       FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       FP8: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pn = tl.program_id(0)
         el = tl.program_id(1)
         if DENSE:                                   # axis 1 tiles the rows of a dense GEMM
@@ -103,18 +104,27 @@ def _kernels():
                             mask=mmask[:, None] & kmask[None, :], other=0.0)
                 wmask = nmask[:, None] & kmask[None, :]
                 w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
-                if FP8:      # e4m3 is exact in bf16; the block scale (one per output row in this K tile) after the dot
-                    sc = tl.load(s_base + (offs_n // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
-                    acc += tl.dot(a, tl.trans(w.to(A.dtype.element_ty))) * sc[None, :]
+                if FP8:      # e4m3 is exact in bf16
+                    w = w.to(A.dtype.element_ty)
+                if IEEE:     # fp32 operands: exact products (Triton's default for fp32 is TF32, 10-bit mantissas)
+                    p = tl.dot(a, tl.trans(w), input_precision="ieee")
                 else:
-                    acc += tl.dot(a, tl.trans(w))
+                    p = tl.dot(a, tl.trans(w))
+                if FP8:      # the block scale (one per output row in this K tile) after the dot
+                    p = p * tl.load(s_base + (offs_n // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)[None, :]
+                acc += p
                 if SWIGLU:
                     w2 = tl.load(w_base + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
                     if FP8:
-                        sc2 = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
-                        acc2 += tl.dot(a, tl.trans(w2.to(A.dtype.element_ty))) * sc2[None, :]
+                        w2 = w2.to(A.dtype.element_ty)
+                    if IEEE:
+                        p2 = tl.dot(a, tl.trans(w2), input_precision="ieee")
                     else:
-                        acc2 += tl.dot(a, tl.trans(w2))
+                        p2 = tl.dot(a, tl.trans(w2))
+                    if FP8:
+                        p2 = p2 * tl.load(s_base + ((N + offs_n) // 128) * stride_sn + k0 // 128, mask=nmask,
+                                          other=0.0)[None, :]
+                    acc2 += p2
             if SWIGLU:
                 y = acc / (1.0 + tl.exp(-acc)) * acc2
             else:
@@ -170,7 +180,7 @@ def _launch(a, order, offs, w, ws, out, first, groups, dense_rows, n, k, topk, s
         ws if fp8 else dummy, out, first, dense_rows, n, k, topk,
         a.stride(0), w.stride(0) if w.dim() == 3 else 0, w.stride(-2),
         (ws.stride(0) if ws.dim() == 3 else 0) if fp8 else 0, ws.stride(-2) if fp8 else 0, out.stride(0),
-        SWIGLU=swiglu, GATHER=gather, SCATTER=scatter, DENSE=dense, FP8=fp8,
+        SWIGLU=swiglu, GATHER=gather, SCATTER=scatter, DENSE=dense, FP8=fp8, IEEE=a.dtype == torch.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
 
 
