@@ -1,8 +1,10 @@
 """Run by tests/model/test_fused_kernels.py in a fresh process with TRITON_INTERPRET=1 (the interpreter must
 be chosen before triton is first imported). Each check compares one Triton kernel of
-dynamo_dwdp/model/kernels/ with the torch reference path on small shapes, fresh random inputs, in
-float32 (the interpreter's bf16 dot is not trustworthy; bf16 runs are checked by scripts/gpu_perf.py
-on the GPU). Prints "ok <n> checks" when all pass."""
+dynamo_dwdp/model/kernels/ with the torch reference path on small shapes, fresh random inputs. The
+interpreter computes as the GPU does (tests/model/interpreter_numerics.py): an fp32 dot left at
+Triton's default TF32 precision shows the GPU's ~1e-3 error here, and bf16 dots and roundings are
+the GPU's, so bf16 runs (the TP-sharded shapes of the tiny preset) are checked too. Prints
+"ok <n> checks" when all pass."""
 from __future__ import annotations
 
 import os
@@ -13,6 +15,10 @@ import torch
 import torch.nn.functional as F
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+from tests.model import interpreter_numerics  # noqa: E402
+
+interpreter_numerics.install()
 
 from dynamo_dwdp.model import mla_decode  # noqa: E402
 from dynamo_dwdp.model.fp8 import dequantize_block_fp8, quantize_block_fp8  # noqa: E402
@@ -174,8 +180,32 @@ def dense_swiglu_matches_mlp() -> None:
         assert rel(got, ref) < 1e-5, (fp8, rel(got, ref))
 
 
+def fp32_dots_are_ieee() -> None:
+    """Every kernel with a dot, given fp32 operands, asks for IEEE precision: no fp32 dot runs at
+    Triton's default TF32 (10-bit mantissas on the GPU's tensor cores; an fp32 engine would part from
+    the CPU reference). The experts, the dense SwiGLU and the FP8 linear share the grouped kernel."""
+    from dynamo_dwdp.model.kernels import moe_gemm
+
+    interpreter_numerics.TF32_DOTS.clear()
+    H, I, T = 64, 32, 5
+    bank = ExpertBank(0, torch.randn(4, 2 * I, H, generator=GEN), torch.randn(4, H, I, generator=GEN))
+    x = torch.randn(T, H, generator=GEN)
+    moe_gemm.routed_experts_fused(x, torch.randint(0, 4, (T, 2), generator=GEN), torch.rand(T, 2, generator=GEN),
+                                  [bank])
+    moe_gemm.dense_swiglu(x, bank.w13[0])
+    q, sc = quantize_block_fp8(torch.randn(128, H, generator=GEN))
+    moe_gemm.fp8_linear(x, q, sc)
+    router.noaux_tc_route(x, torch.randn(16, H, generator=GEN), torch.zeros(16), torch.zeros(16), 4, 4, 2, True, 2.5)
+    pool = torch.randn(4, 1, 16, 48, generator=GEN)
+    mla_decode.mla_decode_attention(torch.randn(2, 4, 48, generator=GEN), pool[:, 0], torch.tensor([[0, 1], [2, 3]]),
+                                    torch.tensor([20, 9]), 32, 0.2, 20)
+    assert not interpreter_numerics.TF32_DOTS, \
+        f"{len(interpreter_numerics.TF32_DOTS)} fp32 dots ran at TF32 precision (operand shapes " \
+        f"{sorted(set(interpreter_numerics.TF32_DOTS))}): pass input_precision='ieee' for fp32 operands"
+
+
 if __name__ == "__main__":
-    checks = [router_matches_reference, mla_prep_matches_torch_path, decode_kernel_takes_q_pe_apart,
+    checks = [fp32_dots_are_ieee, router_matches_reference, mla_prep_matches_torch_path, decode_kernel_takes_q_pe_apart,
               align_is_a_stable_sort, fused_experts_match_reference, fp8_linear_matches_dequantized,
               dense_swiglu_matches_mlp]
     for c in checks:
