@@ -17,7 +17,7 @@ def test_fused_kernels_under_the_interpreter():
     sort, bf16-path and FP8 experts, FP8 linear, the decode kernel's separate q_pe, each against
     the torch reference on fresh random inputs."""
     out = run_under_triton_interpreter(Path(__file__).with_name("fused_kernel_checks.py"))
-    assert out.strip().endswith("ok 8 checks"), out
+    assert out.strip().endswith("ok 9 checks"), out
 
 
 def test_start_up_capture_covers_every_key():
