@@ -20,6 +20,8 @@ from tests.model import interpreter_numerics  # noqa: E402
 
 interpreter_numerics.install()
 
+from dynamo_dwdp.collectives.cuda_ipc import triton_reduce  # noqa: E402
+from dynamo_dwdp.collectives.protocol import reduce_reference  # noqa: E402
 from dynamo_dwdp.model import mla_decode  # noqa: E402
 from dynamo_dwdp.model.fp8 import dequantize_block_fp8, quantize_block_fp8  # noqa: E402
 from dynamo_dwdp.model.kernels import mla_prep, moe_gemm, router  # noqa: E402
@@ -184,8 +186,6 @@ def fp32_dots_are_ieee() -> None:
     """Every kernel with a dot, given fp32 operands, asks for IEEE precision: no fp32 dot runs at
     Triton's default TF32 (10-bit mantissas on the GPU's tensor cores; an fp32 engine would part from
     the CPU reference). The experts, the dense SwiGLU and the FP8 linear share the grouped kernel."""
-    from dynamo_dwdp.model.kernels import moe_gemm
-
     interpreter_numerics.TF32_DOTS.clear()
     H, I, T = 64, 32, 5
     bank = ExpertBank(0, torch.randn(4, 2 * I, H, generator=GEN), torch.randn(4, H, I, generator=GEN))
@@ -209,9 +209,6 @@ def tp_sharded_shapes_in_bf16() -> None:
     shared expert 16 of 32 wide, dense MLP 64 of 128) and unsharded, in bf16: each within bf16
     rounding of an fp64 reference (no worse than twice the torch path's error plus 2e-3), and the peer
     collectives' fused all-reduce + add + RMSNorm bitwise equal to the plain sequence of torch ops."""
-    from dynamo_dwdp.collectives.cuda_ipc import triton_reduce
-    from dynamo_dwdp.collectives.protocol import reduce_reference
-
     bf = torch.bfloat16
     H, C, R, N, bs, T = 64, 32, 16, 16, 16, 3
 
