@@ -18,13 +18,38 @@ import torch.nn.functional as F
 ROUTES: list = []          # per router call: [T, k] expert ids, sorted per token
 
 
-def install_gpu_paths() -> None:
+def install(fused_kernels: bool = True) -> None:
+    """Forced sampling and the router record always; with `fused_kernels` the GPU decode path too
+    (else the model's own CPU paths: the torch reference)."""
     from tests.model import interpreter_numerics
     from dynamo_dwdp.engine import engine_core
     from dynamo_dwdp.model import attention, experts, layers, moe
     from dynamo_dwdp.model.kernels import mla_prep, moe_gemm
     from dynamo_dwdp.model.kernels import router as fused_router
 
+    calls = [0]
+
+    def forced(logits, params, generators):
+        calls[0] += 1
+        return [(1000003 * calls[0] + 7919 * i) % (logits.shape[1] - 8) + 5 for i in range(logits.shape[0])]
+
+    engine_core.sample = forced
+    torch_route = moe.Router.forward
+
+    def route(self, x):
+        if fused_kernels:
+            c = self.cfg
+            ids, w = fused_router.noaux_tc_route(x, self.weight, self.e_score_correction_bias, self.selection_skew,
+                                                 c.num_experts_per_tok, c.n_group, c.topk_group, c.norm_topk_prob,
+                                                 c.routed_scaling_factor)
+        else:
+            ids, w = torch_route(self, x)
+        ROUTES.append(ids.sort(1).values.numpy().copy())
+        return ids, w
+
+    moe.Router.forward = route
+    if not fused_kernels:
+        return
     interpreter_numerics.install()
     attention.MLAttention.use_fused_prep = lambda self, x: mla_prep.supported(self.kv_lora, self.rope_dim)
     attention.MLAttention.use_decode_kernel = lambda self, q, b: b.max_q == 1 and q.shape[0] == b.num_seqs
@@ -40,30 +65,16 @@ def install_gpu_paths() -> None:
             return self.down_proj(moe_gemm.dense_swiglu(x, self.gate_up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def route(self, x):
-        c = self.cfg
-        ids, w = fused_router.noaux_tc_route(x, self.weight, self.e_score_correction_bias, self.selection_skew,
-                                             c.num_experts_per_tok, c.n_group, c.topk_group, c.norm_topk_prob,
-                                             c.routed_scaling_factor)
-        ROUTES.append(ids.sort(1).values.numpy().copy())
-        return ids, w
-
-    calls = [0]
-
-    def forced(logits, params, generators):
-        calls[0] += 1
-        return [(1000003 * calls[0] + 7919 * i) % (logits.shape[1] - 8) + 5 for i in range(logits.shape[0])]
-
     layers.DenseMLP.forward = dense_mlp
-    moe.Router.forward = route
-    engine_core.sample = forced
 
 
 def forced_tokens_and_routes(rank_engine, payload):
-    """run_local_group target: (tokens, per-step float32 logits, router decisions) of this rank."""
+    """run_local_group target, payload (prompts, SamplingParams, fused_kernels): (tokens, per-step
+    float32 logits, router decisions) of this rank."""
     from dynamo_dwdp.rank.local_group import generate_rank
 
-    install_gpu_paths()
+    prompts, params, fused_kernels = payload
+    install(fused_kernels)
     steps = []
     runner = rank_engine.runner
     inner = runner.execute
@@ -75,4 +86,4 @@ def forced_tokens_and_routes(rank_engine, payload):
         return logits
 
     runner.execute = execute
-    return generate_rank(rank_engine, payload), steps, ROUTES
+    return generate_rank(rank_engine, (prompts, params)), steps, ROUTES
