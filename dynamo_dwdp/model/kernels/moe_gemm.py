@@ -21,7 +21,8 @@ Weights are bf16 or FP8 e4m3 with the official 128x128 block scales (`model/fp8.
 converted to bf16 in registers (exact: e4m3 is a subset of bf16) and each K tile's partial product
 is multiplied by its block scale in fp32 (K tiles never straddle a 128-wide scale block), so results
 equal the dequantized model up to rounding (it rounds q * scale to bf16 per weight; this does not)
-and accumulation order. W8A16: decode reads half the weight bytes; the activations stay bf16. `fp8_linear` is the same kernel with one
+and accumulation order; fp32 activations (an fp32 engine) take IEEE dots, never Triton's TF32
+default. W8A16: decode reads half the weight bytes; the activations stay bf16. `fp8_linear` is the same kernel with one
 "expert" and no gather, for the dense layers; above FP8_LINEAR_MAX_ROWS rows (prefill) it
 dequantizes the weight and uses cuBLAS instead, where the GEMM is compute-bound.
 
