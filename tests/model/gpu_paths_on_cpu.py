@@ -18,9 +18,10 @@ import torch.nn.functional as F
 ROUTES: list = []          # per router call: [T, k] expert ids, sorted per token
 
 
-def install(fused_kernels: bool = True) -> None:
-    """Forced sampling and the router record always; with `fused_kernels` the GPU decode path too
-    (else the model's own CPU paths: the torch reference)."""
+def install(fused_kernels: bool = True, forced: bool = True, without: frozenset = frozenset()) -> None:
+    """The router record always; `forced` sampling; with `fused_kernels` the GPU decode path too (else
+    the model's own CPU paths: the torch reference), less the hooks named in `without` (router,
+    mla_prep, decode, sdpa, experts, rms_norm, dense_swiglu)."""
     from tests.model import interpreter_numerics
     from dynamo_dwdp.engine import engine_core
     from dynamo_dwdp.model import attention, experts, layers, moe
@@ -29,15 +30,16 @@ def install(fused_kernels: bool = True) -> None:
 
     calls = [0]
 
-    def forced(logits, params, generators):
+    def forced_sample(logits, params, generators):
         calls[0] += 1
         return [(1000003 * calls[0] + 7919 * i) % (logits.shape[1] - 8) + 5 for i in range(logits.shape[0])]
 
-    engine_core.sample = forced
+    if forced:
+        engine_core.sample = forced_sample
     torch_route = moe.Router.forward
 
     def route(self, x):
-        if fused_kernels:
+        if fused_kernels and "router" not in without:
             c = self.cfg
             ids, w = fused_router.noaux_tc_route(x, self.weight, self.e_score_correction_bias, self.selection_skew,
                                                  c.num_experts_per_tok, c.n_group, c.topk_group, c.norm_topk_prob,
@@ -51,12 +53,19 @@ def install(fused_kernels: bool = True) -> None:
     if not fused_kernels:
         return
     interpreter_numerics.install()
-    attention.MLAttention.use_fused_prep = lambda self, x: mla_prep.supported(self.kv_lora, self.rope_dim)
-    attention.MLAttention.use_decode_kernel = lambda self, q, b: b.max_q == 1 and q.shape[0] == b.num_seqs
-    attention.MLAttention.use_sdpa = lambda self, x, b: b.max_q > 1
-    experts.use_fused_experts = lambda x, ids, banks: ids.numel() <= experts.SYNC_FREE_MAX_ROWS and \
-        x.dtype == torch.bfloat16
-    layers.RMSNorm.forward = lambda self, x: F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
+    if "mla_prep" not in without:
+        attention.MLAttention.use_fused_prep = lambda self, x: mla_prep.supported(self.kv_lora, self.rope_dim)
+    if "decode" not in without:
+        attention.MLAttention.use_decode_kernel = lambda self, q, b: b.max_q == 1 and q.shape[0] == b.num_seqs
+    if "sdpa" not in without:
+        attention.MLAttention.use_sdpa = lambda self, x, b: b.max_q > 1
+    if "experts" not in without:                       # as on CUDA: bf16 only (fp32 takes the torch loop)
+        experts.use_fused_experts = lambda x, ids, banks: ids.numel() <= experts.SYNC_FREE_MAX_ROWS and \
+            x.dtype == torch.bfloat16
+    if "rms_norm" not in without:
+        layers.RMSNorm.forward = lambda self, x: F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
+    if "dense_swiglu" in without:
+        return
 
     def dense_mlp(self, x):
         if self.gate_up is None:
@@ -69,12 +78,12 @@ def install(fused_kernels: bool = True) -> None:
 
 
 def forced_tokens_and_routes(rank_engine, payload):
-    """run_local_group target, payload (prompts, SamplingParams, fused_kernels): (tokens, per-step
-    float32 logits, router decisions) of this rank."""
+    """run_local_group target, payload (prompts, SamplingParams, fused_kernels[, forced, without]):
+    (tokens, per-step float32 logits, router decisions) of this rank."""
     from dynamo_dwdp.rank.local_group import generate_rank
 
-    prompts, params, fused_kernels = payload
-    install(fused_kernels)
+    prompts, params, fused_kernels, *rest = payload
+    install(fused_kernels, *rest)
     steps = []
     runner = rank_engine.runner
     inner = runner.execute
