@@ -6,10 +6,12 @@
 2. DWDP with the CUDA IPC transport (N ranks, one per visible GPU, or all on GPU 0 when there is
    one) gives the same greedy tokens as a single rank, all-remote and routed-only;
 3. bf16 on CUDA (grouped-GEMM expert path) stays close to fp32 (v2-lite-shape, few layers);
-4. DEP and TP over the peer-memory collectives (N ranks, sharing GPU 0 when there is one): fp32 eager
-   greedy tokens against single, bf16 decode from CUDA graphs against the same strategy eager and
-   against single bf16; DWDP from CUDA graphs, and with the ring-wrapped prefetch on a 5-layer model
-   (`--baselines-only` runs this part alone; NCCL over >= 2 GPUs stays the library fallback).
+4. TP, DEP (peer-memory collectives) and DWDP (N ranks, sharing GPU 0 when there is one): fp32 eager
+   greedy tokens against single fp32 on the same GPU and on the CPU (the fp32 path uses no TF32),
+   bf16 decode from CUDA graphs against the same strategy eager and against single bf16 (per-step
+   logits errors), TP bf16 also on the torch paths and over the library collectives; DWDP with the
+   ring-wrapped prefetch on a 5-layer model. These groups run concurrently (`--baselines-only` runs
+   this part alone, in about a minute; NCCL over >= 2 GPUs stays the library fallback).
 Prints a table; writes OUT/gpu_check.json.
 """
 from __future__ import annotations
@@ -59,87 +61,166 @@ def tokens_logits_replays(rank_engine, payload):
     return tokens, steps, (graphs.replays if graphs is not None else 0), 1e3 * decode_s[len(decode_s) // 2]
 
 
-def logits_rel_err(a_steps, b_steps) -> float:
-    """Largest per-step relative error over the steps before the first greedy disagreement (after it
-    the two runs decode different tokens and their logits need not agree)."""
-    worst = 0.0
+def step_errors(a_steps, b_steps) -> list[str]:
+    """Per-step relative error of a's logits against b's ("*": the greedy choice differs in that
+    step), over the steps up to and including the first disagreement (after it the two runs decode
+    different tokens and their logits need not agree)."""
+    out = []
     for a, b in zip(a_steps, b_steps):
         if a.shape != b.shape:
+            out.append(f"shape {a.shape} vs {b.shape}")
             break
         ta, tb = torch.from_numpy(a).double(), torch.from_numpy(b).double()
-        worst = max(worst, ((ta - tb).norm() / tb.norm()).item())
-        if not torch.equal(ta.argmax(-1), tb.argmax(-1)):
+        same = torch.equal(ta.argmax(-1), tb.argmax(-1))
+        out.append(f"{((ta - tb).norm() / tb.norm()).item():.1e}{'' if same else '*'}")
+        if not same:
             break
-    return worst
+    return out
 
 
-def check_baselines(rows, tiny, prompts, params, ref_fp32, ranks, ngpu) -> None:
-    """DEP and TP over the peer-memory collectives: fp32 eager greedy tokens identical to single;
-    bf16 decode from CUDA graphs equal to the same strategy eager, logits close to single bf16."""
+def logits_rel_err(a_steps, b_steps) -> float:
+    """Largest per-step relative error of `step_errors`."""
+    errs = [float(e.rstrip("*")) for e in step_errors(a_steps, b_steps) if not e.startswith("shape")]
+    return max(errs, default=0.0)
+
+
+def first_diff(out, ref) -> str:
+    """'MATCH', or where two runs' greedy tokens part (prompt, token index) and both continuations."""
+    for i, (a, b) in enumerate(zip(out, ref)):
+        if a != b:
+            j = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y) if any(x != y for x, y in zip(a, b)) \
+                else min(len(a), len(b))
+            return f"DIFF prompt {i} token {j}: {a[j:]} vs {b[j:]}"
+    return "MATCH" if len(out) == len(ref) else f"DIFF {len(out)} vs {len(ref)} prompts"
+
+
+def concurrently(jobs: dict, env: dict | None = None) -> dict:
+    """Run independent groups at once (name -> zero-argument callable); `env` is set for the rank
+    processes they spawn. The GPU is shared by all of them: step times measured here are not timings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            futures = {}
+            for name, job in jobs.items():
+                futures[name] = pool.submit(job)
+                time.sleep(0.5)                      # each group picks its own free rendezvous port
+            return {name: f.result() for name, f in futures.items()}
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_baselines(rows, tiny, prompts, params, ref_cpu, ranks, ngpu) -> None:
+    """TP, DEP (peer-memory collectives) and DWDP (CUDA IPC): fp32 eager greedy tokens identical to
+    `single` fp32 on the same GPU and on the CPU (a strategy divergence is told apart from a device
+    divergence); bf16 decode from CUDA graphs equal to the same strategy eager, logits close to
+    single bf16 (per-step errors printed); TP bf16 against single bf16 also with the torch paths
+    (fused kernels off) and with the library collectives, to place any drift. The groups run
+    concurrently on the GPU (the check fits a short device lease), so no step times are reported."""
     from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.rank.local_group import run_local_group
-
-    where = f"{ranks} ranks on {min(ngpu, ranks)} GPU(s)" + (" (shared GPU)" if ngpu < ranks else "")
-
-    def go(strategy, n, dtype, graphs, model=tiny):
-        cfg = EngineSettings(block_size=16, num_kv_blocks=256, device="cuda", dtype=dtype, max_num_batched_tokens=256,
-                           cuda_graphs=graphs)
-        t0 = time.perf_counter()
-        res = run_local_group(model, cfg, strategy, n, tokens_logits_replays, [(prompts, params)] * n, timeout=120,
-                              spec_overrides={"collectives": "peer"} if n > 1 else None)
-        errs = [r.error for r in res if r.error]
-        if errs:
-            return None, errs[0][:300], time.perf_counter() - t0
-        return [r.value for r in res], None, time.perf_counter() - t0
-
-    single_bf16, err, _ = go("single", 1, "bfloat16", False)
-    for strategy in ("tp", "dep", "dwdp"):
-        if strategy != "dwdp":
-            out, err, dt = go(strategy, ranks, "float32", False)
-            status = f"ERR {err}" if err else ("MATCH" if out[0][0] == ref_fp32 else f"DIFF {out[0][0]} vs {ref_fp32}")
-            rows.append((f"tiny {strategy}{ranks} peer collectives fp32 eager vs single fp32 [{where}]", status,
-                         f"{dt:.1f}s"))
-            print(rows[-1], flush=True)
-        eager, err1, dt1 = go(strategy, ranks, "bfloat16", False)
-        graphs, err2, dt2 = go(strategy, ranks, "bfloat16", True)
-        if err1 or err2 or single_bf16 is None:
-            status = f"ERR {err1 or err2 or 'no single bf16 reference'}"
-        else:
-            replays = [v[2] for v in graphs]
-            same = graphs[0][0] == eager[0][0]
-            rel = logits_rel_err(graphs[0][1], single_bf16[0][1])
-            agree = sum(x == y for a, b in zip(graphs[0][0], single_bf16[0][0]) for x, y in zip(a, b))
-            total = sum(len(b) for b in single_bf16[0][0])
-            status = (f"{'MATCH' if same else 'DIFF'} captured vs eager; replays {replays}; vs single bf16: "
-                      f"{agree}/{total} tokens, logits rel err {rel:.1e}; median decode step (rank 0) "
-                      f"eager {eager[0][3]:.2f} ms, graphs {graphs[0][3]:.2f} ms")
-            if same and not all(r > 0 for r in replays):
-                status = "NO-REPLAY " + status
-        rows.append((f"tiny {strategy}{ranks} bf16 CUDA graphs [{where}]", status, f"{dt1 + dt2:.1f}s"))
-        print(rows[-1], flush=True)
-    # DWDP's ring-wrapped prefetch between captured steps (DWDP_GRAPH_WRAP=1; needs >= 4 MoE layers:
-    # tiny with 5 layers) against the same model eager and captured self-contained
     from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
 
-    tiny5 = tiny + "5"
+    where = f"{ranks} ranks on {min(ngpu, ranks)} GPU(s)" + (" (shared GPU)" if ngpu < ranks else "")
+    tiny5 = tiny + "5"          # DWDP's ring-wrapped prefetch needs >= 4 MoE layers
     write_checkpoint(tiny5, "tiny", seed=0, dtype="fp32", quiet=True, num_layers=5)
-    eager5, err1, dt1 = go("dwdp", ranks, "bfloat16", False, tiny5)
-    plain5, err2, dt2 = go("dwdp", ranks, "bfloat16", True, tiny5)
-    os.environ["DWDP_GRAPH_WRAP"] = "1"
-    try:
-        wrap5, err3, dt3 = go("dwdp", ranks, "bfloat16", True, tiny5)
-    finally:
-        os.environ.pop("DWDP_GRAPH_WRAP", None)
-    if err1 or err2 or err3:
-        status = f"ERR {err1 or err2 or err3}"
+
+    def go(strategy, n, dtype, graphs, model=tiny, collectives="peer"):
+        def job():
+            cfg = EngineSettings(block_size=16, num_kv_blocks=256, device="cuda", dtype=dtype,
+                                 max_num_batched_tokens=256, cuda_graphs=graphs)
+            t0 = time.perf_counter()
+            res = run_local_group(model, cfg, strategy, n, tokens_logits_replays, [(prompts, params)] * n,
+                                  timeout=150, spec_overrides={"collectives": collectives} if n > 1 else None)
+            errs = [r.error for r in res if r.error]
+            if errs:
+                return None, errs[0][:300], time.perf_counter() - t0
+            return [r.value for r in res], None, time.perf_counter() - t0
+        return job
+
+    # first the runs that compile every kernel variant (single's and TP's shapes, both dtypes), then the rest
+    got = concurrently({"single fp32": go("single", 1, "float32", False),
+                        "single bf16": go("single", 1, "bfloat16", False),
+                        "tp fp32": go("tp", ranks, "float32", False),
+                        "tp bf16 eager": go("tp", ranks, "bfloat16", False)})
+    jobs = {"tp bf16 graphs": go("tp", ranks, "bfloat16", True),
+            "tp bf16 library": go("tp", ranks, "bfloat16", False, collectives="library")}
+    for s in ("dep", "dwdp"):
+        jobs[f"{s} fp32"] = go(s, ranks, "float32", False)
+        jobs[f"{s} bf16 eager"] = go(s, ranks, "bfloat16", False)
+        jobs[f"{s} bf16 graphs"] = go(s, ranks, "bfloat16", True)
+    jobs["dwdp5 eager"] = go("dwdp", ranks, "bfloat16", False, tiny5)
+    jobs["dwdp5 graphs"] = go("dwdp", ranks, "bfloat16", True, tiny5)
+    got.update(concurrently(jobs))
+    got.update(concurrently({"dwdp5 wrapped": go("dwdp", ranks, "bfloat16", True, tiny5)}, {"DWDP_GRAPH_WRAP": "1"}))
+    got.update(concurrently({"single bf16 torch": go("single", 1, "bfloat16", False),
+                             "tp bf16 torch": go("tp", ranks, "bfloat16", False)}, {"DWDP_FUSED_KERNELS": "0"}))
+
+    def add(name, status, *keys):
+        rows.append((name, status, f"{sum(got[k][2] for k in keys):.1f}s"))
+        print(rows[-1], flush=True)
+
+    single32 = got["single fp32"]
+    status = (f"ERR {single32[1]}" if single32[1] else
+              first_diff(single32[0][0][0], ref_cpu).replace("MATCH", "MATCH single cpu fp32"))
+    add("tiny single cuda fp32 vs single cpu fp32", status, "single fp32")
+    gpu32 = single32[0][0][0] if not single32[1] else None
+    for s in ("tp", "dep", "dwdp"):
+        out, err, _ = got[f"{s} fp32"]
+        if err:
+            status = f"ERR {err}"
+        else:
+            vs_gpu = first_diff(out[0][0], gpu32) if gpu32 is not None else "no single cuda fp32"
+            vs_cpu = first_diff(out[0][0], ref_cpu)
+            status = f"vs single cuda fp32: {vs_gpu}; vs single cpu fp32: {vs_cpu}"
+        add(f"tiny {s}{ranks} fp32 eager vs single fp32 [{where}]", status, f"{s} fp32")
+
+    single16 = got["single bf16"]
+    for s in ("tp", "dep", "dwdp"):
+        (eager, err1, _), (graphs, err2, _) = got[f"{s} bf16 eager"], got[f"{s} bf16 graphs"]
+        if err1 or err2 or single16[1]:
+            status = f"ERR {err1 or err2 or single16[1]}"
+        else:
+            ref = single16[0][0]
+            replays = [v[2] for v in graphs]
+            same = graphs[0][0] == eager[0][0]
+            agree = sum(x == y for a, b in zip(graphs[0][0], ref[0]) for x, y in zip(a, b))
+            total = sum(len(b) for b in ref[0])
+            status = (f"{'MATCH' if same else 'DIFF'} captured vs eager; replays {replays}; vs single bf16: "
+                      f"{agree}/{total} tokens, logits rel err {logits_rel_err(graphs[0][1], ref[1]):.1e} "
+                      f"(per step, captured: {' '.join(step_errors(graphs[0][1], ref[1]))}; "
+                      f"eager: {' '.join(step_errors(eager[0][1], ref[1]))})")
+            if same and not all(r > 0 for r in replays):
+                status = "NO-REPLAY " + status
+        add(f"tiny {s}{ranks} bf16 CUDA graphs [{where}]", status, f"{s} bf16 eager", f"{s} bf16 graphs")
+
+    # where a TP bf16 drift comes from: the fused kernels (torch paths on both sides) or the peer protocol
+    for name, key, ref_key in (("torch paths (DWDP_FUSED_KERNELS=0) vs single bf16 on the torch paths",
+                                "tp bf16 torch", "single bf16 torch"),
+                               ("library collectives vs single bf16", "tp bf16 library", "single bf16")):
+        (out, err, _), (ref, rerr, _) = got[key], got[ref_key]
+        if err or rerr:
+            status = f"ERR {err or rerr}"
+        else:
+            agree = sum(x == y for a, b in zip(out[0][0], ref[0][0]) for x, y in zip(a, b))
+            status = (f"{agree}/{sum(len(b) for b in ref[0][0])} tokens, per-step logits rel err "
+                      f"{' '.join(step_errors(out[0][1], ref[0][1]))}")
+        add(f"tiny tp{ranks} bf16 eager, {name} [{where}]", status, key)
+
+    (eager5, e1, _), (plain5, e2, _), (wrap5, e3, _) = got["dwdp5 eager"], got["dwdp5 graphs"], got["dwdp5 wrapped"]
+    if e1 or e2 or e3:
+        status = f"ERR {e1 or e2 or e3}"
     else:
         same = wrap5[0][0] == eager5[0][0] == plain5[0][0]
-        status = (f"{'MATCH' if same else 'DIFF'} wrapped / self-contained graphs / eager; replays "
-                  f"{[v[2] for v in wrap5]}; median decode step (rank 0) eager {eager5[0][3]:.2f} ms, "
-                  f"self-contained {plain5[0][3]:.2f} ms, wrapped {wrap5[0][3]:.2f} ms")
-    rows.append((f"tiny(5 layers) dwdp{ranks} bf16 CUDA graphs, wrapped prefetch [{where}]", status,
-                 f"{dt1 + dt2 + dt3:.1f}s"))
-    print(rows[-1], flush=True)
+        status = f"{'MATCH' if same else 'DIFF'} wrapped / self-contained graphs / eager; replays {[v[2] for v in wrap5]}"
+    add(f"tiny(5 layers) dwdp{ranks} bf16 CUDA graphs, wrapped prefetch [{where}]", status,
+        "dwdp5 eager", "dwdp5 graphs", "dwdp5 wrapped")
 
 
 def main() -> int:

@@ -28,6 +28,16 @@ from dynamo_dwdp.model.tensor_parallel import TensorParallel
 log = logging.getLogger(__name__)
 
 
+def exact_fp32() -> None:
+    """An fp32 engine computes in fp32: TF32 (10-bit mantissas in the tensor cores) off for cuBLAS and
+    cuDNN in this process (torch's default leaves cuDNN's on). The Triton kernels ask for IEEE dots
+    themselves for fp32 operands."""
+    if torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32:
+        log.info("fp32 engine: TF32 turned off for this process")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 class ModelRunner:
     def __init__(self, model_dir: str, config: EngineSettings, executor_factory, tp: TensorParallel | None = None,
                  model_config: ModelConfig | None = None):
@@ -37,6 +47,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         dtype = config.torch_dtype
         torch.manual_seed(config.seed)
+        if self.device.type == "cuda" and dtype == torch.float32:
+            exact_fp32()
         executor = executor_factory(self.model_config, self.device, dtype)
         t0 = time.perf_counter()
         with torch.device(self.device):

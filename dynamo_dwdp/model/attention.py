@@ -22,9 +22,12 @@ kernel (`kernels/mla_prep.py`).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from dynamo_dwdp.model import kernels as fused_kernels
@@ -188,6 +191,8 @@ def sdpa_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, batch: Forw
     C = w_uk.shape[-1]
     bs = kv_layer.shape[1]
     out = q_nope.new_empty(T, h, w_uv.shape[1])
+    # fp32 on CUDA: the math backend (plain fp32 GEMMs); the memory-efficient kernel computes fp32 as 3xTF32
+    math_only = q_nope.is_cuda and q_nope.dtype == torch.float32
     start = 0
     for b, q_len in enumerate(batch.query_lens):
         ctx = batch.context_lens_list[b]
@@ -203,9 +208,10 @@ def sdpa_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, batch: Forw
         v = torch.einsum("sc,hvc->hsv", latent, w_uv)
         q = torch.cat([q_nope[rows], q_pe[rows]], dim=-1).transpose(0, 1)     # [h, q, N+R]
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)              # 4-D: the fused kernels' layout
-        if q_len == ctx:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q_len, ctx), scale=scale)
+        with sdpa_kernel(SDPBackend.MATH) if math_only else nullcontext():
+            if q_len == ctx:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q_len, ctx), scale=scale)
         out[rows] = o[0].transpose(0, 1)
     return out

@@ -273,3 +273,17 @@ def test_waiting_request_does_not_pin_cached_blocks(ckpt):
     assert toks["B"] == ref.generate([b], greedy(2))[0]
     assert last["B"].num_cached_tokens + last["B"].num_computed_prompt_tokens == len(b)
     assert eng.blocks.num_free == 6
+
+
+def test_exact_fp32_turns_tf32_off():
+    """What an fp32 engine on CUDA does first: cuBLAS and cuDNN may not use TF32 (torch turns cuDNN's on
+    by default)."""
+    from dynamo_dwdp.engine.model_runner import exact_fp32
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        exact_fp32()
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -13,11 +13,20 @@ from tests.conftest import run_under_triton_interpreter
 
 
 def test_fused_kernels_under_the_interpreter():
-    """tests/model/fused_kernel_checks.py in a fresh process: router, norm/rope/cache-write, the counting
-    sort, bf16-path and FP8 experts, FP8 linear, the decode kernel's separate q_pe, and every tile
-    configuration the GPU sweep chooses among, each against the torch reference on fresh random inputs."""
+    """tests/model/fused_kernel_checks.py in a fresh process: no fp32 dot at TF32, the kernels at TP2's
+    sharded shapes in bf16, router, norm/rope/cache-write, the counting sort, bf16-path and FP8
+    experts, FP8 linear, the decode kernel's separate q_pe, and every tile configuration the GPU sweep
+    chooses among, each against the torch reference on fresh random inputs."""
     out = run_under_triton_interpreter(Path(__file__).with_name("fused_kernel_checks.py"))
-    assert out.strip().endswith("ok 8 checks"), out
+    assert out.strip().endswith("ok 10 checks"), out
+
+
+def test_tp2_bf16_on_the_gpu_decode_path_under_the_interpreter():
+    """tests/model/tp_bf16_checks.py in a fresh process: TP2 vs single in bf16 with every fused kernel
+    at TP's sharded shapes and the peer collectives, forced tokens; logits apart by more than 5e-2 only
+    in steps where a token's expert selection differs, median step under 3e-2."""
+    out = run_under_triton_interpreter(Path(__file__).with_name("tp_bf16_checks.py"), timeout=900)
+    assert out.strip().endswith("ok tp2 bf16"), out
 
 
 def test_start_up_capture_covers_every_key():

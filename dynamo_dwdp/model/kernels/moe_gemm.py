@@ -22,7 +22,8 @@ converted to bf16 in registers (exact: e4m3 is a subset of bf16; on the GPU with
 `FP8_TO_BF16_ASM`, since the hardware converter's rate bounded the kernel) and each K tile's partial product
 is multiplied by its block scale in fp32 (K tiles never straddle a 128-wide scale block), so results
 equal the dequantized model up to rounding (it rounds q * scale to bf16 per weight; this does not)
-and accumulation order. W8A16: decode reads half the weight bytes; the activations stay bf16. `fp8_linear` is the same kernel with one
+and accumulation order; fp32 activations (an fp32 engine) take IEEE dots, never Triton's TF32
+default. W8A16: decode reads half the weight bytes; the activations stay bf16. `fp8_linear` is the same kernel with one
 "expert" and no gather (K split over several programs when the matrix gives too few tiles), for
 the dense layers; above FP8_LINEAR_MAX_ROWS rows (prefill) it
 dequantizes the weight and uses cuBLAS instead, where the GEMM is compute-bound.
@@ -79,7 +80,7 @@ def _kernels():
                        SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DENSE: tl.constexpr,
                        FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SWAP: tl.constexpr, FAST_CVT: tl.constexpr, CVT_ASM: tl.constexpr,
-                       SPLIT_K: tl.constexpr):
+                       SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
         pn = tl.program_id(0)
         el = tl.program_id(1)
         ks = tl.program_id(2)                       # split-K (dense only): this program's K range
@@ -125,11 +126,17 @@ def _kernels():
                         w = w.to(tl.bfloat16)
                     w = w.to(A.dtype.element_ty)
                 if SWAP:
-                    part = tl.dot(w, tl.trans(a))
+                    if IEEE:     # fp32 operands: exact products (Triton's default for fp32 is TF32, 10-bit mantissas)
+                        part = tl.dot(w, tl.trans(a), input_precision="ieee")
+                    else:
+                        part = tl.dot(w, tl.trans(a))
                     if FP8:
                         part = part * sc[:, None]
                 else:
-                    part = tl.dot(a, tl.trans(w))
+                    if IEEE:
+                        part = tl.dot(a, tl.trans(w), input_precision="ieee")
+                    else:
+                        part = tl.dot(a, tl.trans(w))
                     if FP8:
                         part = part * sc[None, :]
                 acc += part
@@ -144,11 +151,17 @@ def _kernels():
                             w2 = w2.to(tl.bfloat16)
                         w2 = w2.to(A.dtype.element_ty)
                     if SWAP:
-                        part2 = tl.dot(w2, tl.trans(a))
+                        if IEEE:
+                            part2 = tl.dot(w2, tl.trans(a), input_precision="ieee")
+                        else:
+                            part2 = tl.dot(w2, tl.trans(a))
                         if FP8:
                             part2 = part2 * sc2[:, None]
                     else:
-                        part2 = tl.dot(a, tl.trans(w2))
+                        if IEEE:
+                            part2 = tl.dot(a, tl.trans(w2), input_precision="ieee")
+                        else:
+                            part2 = tl.dot(a, tl.trans(w2))
                         if FP8:
                             part2 = part2 * sc2[None, :]
                     acc2 += part2
@@ -310,6 +323,7 @@ def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, t
         SWIGLU=swiglu, GATHER=gather, SCATTER=scatter, DENSE=dense, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SWAP=cfg.swap, FAST_CVT=fast_cvt,
         CVT_ASM=FP8_TO_BF16_ASM if fast_cvt else "", SPLIT_K=split,
+        IEEE=a.dtype == torch.float32,
         num_warps=cfg.warps, num_stages=stages)
     if split > 1:
         block = min(1024, max(16, next_pow2(n)))
