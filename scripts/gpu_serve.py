@@ -1,0 +1,266 @@
+"""Serving through Dynamo on one GPU, measured end to end, in one command.
+
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 scripts/gpu_serve.py --out $OUT [--pack DIR] [--layers 8]
+    PYTHONPATH=. python3 scripts/gpu_serve.py --device cpu --out out/serve-cpu     # the same flow, tiny model
+
+Steps (each printed with its wall time; a step that fails is reported and the next one still runs):
+1. `--pack DIR`: install the carried Dynamo pack (`pack-dynamo-for-gpu.sh` output: wheels, the runtime
+   without its extension, the xz-compressed extension) into a folder outside the checkout and put it on
+   PYTHONPATH for this process and every process it starts.
+2. Make the model: v2-lite-shape (DeepSeek-V2-Lite shapes, random bf16 weights) with `--layers` layers,
+   written on the GPU (cpu: the `tiny` preset).
+3. For each graph (`--graphs`, default graphs/agg.yaml and graphs/disagg_single.yaml): launch it with
+   configs/h200-v2lite.yaml plus an overlay (this model, logs, `kv_transfer.backend`, default `local`),
+   drive it with `dynamo-dwdp ab`'s client over the workload below, tear it down.
+4. `bench engine` (single rank, decode, CUDA graphs) at the batch of the largest concurrency and the
+   mean context of that point, the same model, for the serving-vs-engine comparison.
+5. Write under --out: serve.md (TTFT, ITL, TPS/user, TPS/GPU per graph and point; the comparison),
+   serve.json, pareto.png, report.md, results.json, logs.tar.xz.
+
+TPS/GPU divides by the physical GPUs the graph ran on (`--gpus`, default 1: prefill and decode of a
+disaggregated graph share the one GPU), not by its rank processes as `ab` does for multi-GPU graphs.
+NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 are set for every process.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    print(f"[gpu_serve {time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+
+def install_pack(pack: str, site: str) -> None:
+    """The pack script's install recipe (its header), into `site`; idempotent per machine."""
+    if os.path.isfile(os.path.join(site, "dynamo", "_core.abi3.so")):
+        say(f"pack already installed in {site}")
+    else:
+        wheels = sorted(glob.glob(os.path.join(pack, "*.whl")))
+        if not wheels:
+            raise SystemExit(f"error: --pack {pack}: no wheels there (allowed: a pack-dynamo-for-gpu.sh output folder)")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--target", site, *wheels], check=True)
+        subprocess.run([sys.executable, "-m", "zipfile", "-e", os.path.join(pack, "runtime_noso.zip"), site],
+                       check=True)
+        with open(os.path.join(site, "dynamo", "_core.abi3.so"), "wb") as f:
+            subprocess.run(["xz", "-dc", os.path.join(pack, "core.xz")], stdout=f, check=True)
+        say(f"pack installed in {site}")
+    sys.path.insert(0, site)
+    os.environ["PYTHONPATH"] = os.pathsep.join([site, ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(
+        os.pathsep) if p])
+
+
+def workload_doc(a) -> dict:
+    conc = [int(c) for c in a.concurrency.split(",") if c]
+    if a.device == "cpu":
+        isl = {"mean": 32, "cv": 0.0}
+        osl = {"mean": 8, "cv": 0.0}
+    else:
+        isl = {"mean": a.isl_mean, "cv": 0.6, "dist": "lognormal", "min": 1024, "max": 8192}
+        osl = {"mean": a.osl, "cv": 0.0}
+    return {"name": "gpu-serve" if a.device != "cpu" else "cpu-serve",
+            "description": "one-GPU serving: ISL 1K-8K (lognormal), fixed OSL, concurrency sweep",
+            "endpoint": "completions", "prompt_format": "tokens", "isl": isl, "osl": osl,
+            "load": {"concurrency": conc}, "requests_per_point": a.requests_per_point,
+            "requests_per_concurrency": a.requests_per_concurrency, "warmup_requests": a.warmup,
+            "slo": {"ttft_ms": 5000, "tpot_ms": 50}, "seed": 0, "ignore_eos": True,
+            "request_timeout_s": a.point_timeout, "point_timeout_s": a.point_timeout, "plan_gpu": None}
+
+
+def overlay_doc(a, model_dir: str, log_dir: str) -> dict:
+    doc = {"model": {"path": model_dir, "served_name": "v2-lite-shape" if a.device != "cpu" else "tiny", "make": None},
+           "kv_transfer": {"backend": a.kv},
+           "infra": {"log_dir": log_dir, "health_timeout_s": a.health_timeout}}
+    if a.kv == "nixl" and a.device == "cpu":
+        doc["kv_transfer"].update({"ucx_tls": "tcp,sm,self", "ucx_net_devices": "lo"})
+    return doc
+
+
+def make_model(a, model_dir: str) -> None:
+    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint   # torch: after the pack is on the path
+
+    if a.device == "cpu":
+        write_checkpoint(model_dir, "tiny", seed=0, quiet=True, force=True)
+    else:
+        import torch
+
+        write_checkpoint(model_dir, "v2-lite-shape", seed=0, dtype=torch.bfloat16, num_layers=a.layers, quiet=True,
+                         device="cuda", force=True)
+
+
+def run_graphs(a, graphs: list[str], configs: list[str], workload: str, ab_dir: str) -> dict:
+    from dynamo_dwdp.ab.harness import run_ab
+
+    return run_ab(graphs, workload_path=workload, out_dir=ab_dir, config_paths=configs, progress=False,
+                  overwrite=True)
+
+
+def bench_engine(a, model_dir: str, batch: int, context: int, out_jsonl: str) -> dict | None:
+    argv = [sys.executable, "-m", "dynamo_dwdp.cli", "bench", "engine", "--model", model_dir, "--strategy", "single",
+            "--ranks", "1", "--phase", "decode", "--batch", str(batch), "--context", str(context),
+            "--device", a.device, "--block-size", str(a.block_size), "--steps", "20", "--warmup", "5",
+            "--out", out_jsonl, "--json", "--timeout", str(a.point_timeout)]
+    if a.device != "cpu":
+        argv += ["--dtype", "bfloat16", "--cuda-graphs"]
+    say("$ " + " ".join(argv))
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=a.point_timeout + 60)
+    if p.returncode != 0:
+        say(f"bench engine failed ({p.returncode}): {p.stderr[-2000:]}")
+        return None
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def fmt(v, nd=1) -> str:
+    return "—" if v is None else f"{v:,.{nd}f}"
+
+
+def table(res: dict | None, gpus: int, bench: dict | None, bench_batch: int, bench_ctx: int) -> tuple[str, dict]:
+    rows = ["| graph | concurrency | requests ok/sent | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
+            "TPS/user | output TPS | TPS/GPU |", "|" + "---|" * 10]
+    summary: dict = {"points": []}
+    for g in (res or {}).get("graphs", []):
+        for p in g["points"]:
+            s = p["summary"]
+            tps_gpu = s["output_tps"] / gpus if s.get("output_tps") is not None else None
+            rows.append(f"| {g['name']} | {p['concurrency']} | {s['ok']}/{s['sent']} | {fmt(s['ttft_ms_p50'])} | "
+                        f"{fmt(s['ttft_ms_p99'])} | {fmt(s['itl_ms_p50'], 2)} | {fmt(s['itl_ms_p99'], 2)} | "
+                        f"{fmt(s['tps_user'])} | {fmt(s['output_tps'])} | {fmt(tps_gpu)} |")
+            summary["points"].append({"graph": g["name"], "concurrency": p["concurrency"], "tps_gpu": tps_gpu,
+                                      "isl_mean": s.get("isl_mean"), **{k: s.get(k) for k in (
+                                          "ok", "sent", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99",
+                                          "tps_user", "output_tps", "first_error")}})
+        if g.get("status", "ok") != "ok":
+            rows.append(f"| {g['name']} | — | {g['status'][:120]} | | | | | | | |")
+    lines = rows
+    if bench:
+        step = (bench.get("step_ms") or {}).get("mean")
+        tps = bench.get("tokens_per_s_per_gpu")
+        summary["bench"] = {"batch": bench_batch, "tokens_per_s_per_gpu": tps, "step_ms": bench.get("step_ms")}
+        lines += ["", f"bench engine, decode batch {bench_batch}, context {bench_ctx}: "
+                      f"{fmt(tps)} tokens/s per GPU" + (f", step {step:.2f} ms" if step else "")]
+        summary["bench"]["context"] = bench_ctx
+        for g in (res or {}).get("graphs", []):
+            top = max(g["points"], key=lambda p: p["concurrency"] or 0, default=None)
+            if top and top["summary"].get("output_tps") and tps:
+                r = top["summary"]["output_tps"] / gpus / tps
+                summary.setdefault("ratio", {})[g["name"]] = r
+                lines.append(f"{g['name']} at concurrency {top['concurrency']}: serving TPS/GPU / bench engine "
+                             f"= {r:.3f}")
+    return "\n".join(lines) + "\n", summary
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="results folder ($OUT on the GPU machine)")
+    p.add_argument("--work", default=None, help="model, ab points and logs (default: a temporary folder)")
+    p.add_argument("--pack", default=None, help="Dynamo pack folder to install first (GPU machine)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--layers", type=int, default=8, help="v2-lite-shape depth (27 = full; default 8)")
+    p.add_argument("--config", action="append", default=None, help="settings files (default: the device's)")
+    p.add_argument("--graphs", default="graphs/agg.yaml,graphs/disagg_single.yaml")
+    p.add_argument("--kv", default="local", choices=("local", "nixl"), help="kv_transfer.backend of disagg graphs")
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--isl-mean", type=int, default=3072)
+    p.add_argument("--osl", type=int, default=256)
+    p.add_argument("--requests-per-point", type=int, default=8)
+    p.add_argument("--requests-per-concurrency", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--point-timeout", type=float, default=120.0)
+    p.add_argument("--health-timeout", type=float, default=300.0)
+    p.add_argument("--gpus", type=int, default=1, help="physical GPUs the graphs share (TPS/GPU divides by it)")
+    p.add_argument("--skip-bench", action="store_true")
+    a = p.parse_args()
+    os.environ.update(NO_MULTICAST)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["PYTHONUNBUFFERED"] = "1"
+    os.chdir(ROOT)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                         if x and x != ROOT])
+    os.makedirs(a.out, exist_ok=True)
+    work = a.work or tempfile.mkdtemp(prefix="gpu-serve-")
+    os.makedirs(work, exist_ok=True)
+    if a.pack:
+        install_pack(os.path.abspath(a.pack), os.path.join(tempfile.gettempdir(), "dwdp-dynamo-site"))
+    if a.device == "cpu":
+        a.block_size = 16
+    else:
+        a.block_size = 64
+    import yaml
+
+    model_dir = os.path.join(work, "model")
+    t = time.monotonic()
+    make_model(a, model_dir)
+    say(f"model {'tiny' if a.device == 'cpu' else f'v2-lite-shape {a.layers} layers'} written in "
+        f"{time.monotonic() - t:.1f}s")
+    configs = list(a.config or (["configs/tiny-cpu.yaml"] if a.device == "cpu" else ["configs/h200-v2lite.yaml"]))
+    overlay = os.path.join(work, "overlay.yaml")
+    with open(overlay, "w") as f:
+        yaml.safe_dump(overlay_doc(a, model_dir, os.path.join(work, "logs")), f)
+    workload = os.path.join(work, "workload.yaml")
+    wl = workload_doc(a)
+    with open(workload, "w") as f:
+        yaml.safe_dump(wl, f)
+    graphs = [g for g in a.graphs.split(",") if g]
+    ab_dir = os.path.join(work, "ab")
+    res = None
+    t = time.monotonic()
+    try:
+        res = run_graphs(a, graphs, configs + [overlay], workload, ab_dir)
+    except Exception:
+        traceback.print_exc()
+    say(f"graphs served and measured in {time.monotonic() - t:.1f}s")
+    top = max(wl["load"]["concurrency"])
+    bench = None
+    ctx = a.isl_mean + a.osl // 2 if a.device != "cpu" else 36
+    if not a.skip_bench:
+        ctx = a.isl_mean + a.osl // 2 if a.device != "cpu" else 32 + 4
+        for g in (res or {}).get("graphs", []):
+            for pt in g["points"]:
+                if pt["concurrency"] == top and pt["summary"].get("isl_mean"):
+                    ctx = int(pt["summary"]["isl_mean"] + a.osl // 2)
+        t = time.monotonic()
+        try:
+            bench = bench_engine(a, model_dir, top, ctx, os.path.join(work, "bench.jsonl"))
+        except Exception:
+            traceback.print_exc()
+        say(f"bench engine in {time.monotonic() - t:.1f}s")
+    text, summary = table(res, a.gpus, bench, top, ctx)
+    head = (f"serving on one {'GPU' if a.device != 'cpu' else 'CPU'}: model "
+            f"{'v2-lite-shape ' + str(a.layers) + ' layers, bf16' if a.device != 'cpu' else 'tiny'}; configs "
+            f"{', '.join(configs)} + overlay (model, logs, kv_transfer.backend {a.kv}); workload {json.dumps(wl)}\n\n")
+    with open(os.path.join(a.out, "serve.md"), "w") as f:
+        f.write(head + text)
+    with open(os.path.join(a.out, "serve.json"), "w") as f:
+        json.dump({"args": vars(a), "workload": wl, "summary": summary, "bench": bench}, f, indent=2, default=str)
+    for name in ("pareto.png", "report.md", "results.json"):
+        src = os.path.join(ab_dir, name)
+        if os.path.isfile(src):
+            shutil.copy(src, os.path.join(a.out, name))
+    with tarfile.open(os.path.join(a.out, "logs.tar.xz"), "w:xz") as tar:
+        for sub in ("logs", os.path.join("ab", "logs"), os.path.join("ab", "points")):
+            if os.path.isdir(os.path.join(work, sub)):
+                tar.add(os.path.join(work, sub), arcname=sub)
+    print(head + text, flush=True)
+    ok = bool(res) and all(g.get("status", "ok") == "ok" and g["points"] for g in res["graphs"])
+    say("done" if ok else "done, with failures (see above)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
