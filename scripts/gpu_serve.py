@@ -96,17 +96,76 @@ def make_model(a, model_dir: str) -> None:
     if a.device == "cpu":
         write_checkpoint(model_dir, "tiny", seed=0, quiet=True, force=True)
     else:
-        import torch
-
-        write_checkpoint(model_dir, "v2-lite-shape", seed=0, dtype=torch.bfloat16, num_layers=a.layers, quiet=True,
+        write_checkpoint(model_dir, "v2-lite-shape", seed=0, dtype="bf16", num_layers=a.layers, quiet=True,
                          device="cuda", force=True)
 
 
-def run_graphs(a, graphs: list[str], configs: list[str], workload: str, ab_dir: str) -> dict:
+PROBE_PROMPTS = ["Mixture of experts models send every token to a few experts",
+                 "Disaggregated serving moves the prompt's KV cache from the prefill worker to the decode worker, "
+                 "which then generates every output token itself; on one host the copy stays on the device."]
+PROBE_TOKENS = 24
+
+
+def greedy_probe(url: str, model: str) -> list[str]:
+    """Greedy completions of PROBE_PROMPTS (fixed length): agg and disagg must agree when the KV arrived intact."""
+    import urllib.request
+
+    out = []
+    for prompt in PROBE_PROMPTS:
+        body = {"model": model, "prompt": prompt, "max_tokens": PROBE_TOKENS, "temperature": 0.0,
+                "ignore_eos": True, "min_tokens": PROBE_TOKENS}
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out.append(json.loads(r.read())["choices"][0]["text"])
+    return out
+
+
+def run_graphs(a, graphs: list[str], configs: list[str], workload: str, ab_dir: str, probes: dict) -> dict:
+    """`dynamo-dwdp ab` over the graphs (its launcher and client), with a greedy probe after each launch."""
+    import contextlib
+
     from dynamo_dwdp.ab.harness import run_ab
+    from dynamo_dwdp.launch.launcher import serve_graph
+
+    @contextlib.contextmanager
+    def serve_and_probe(path, config_paths, **kw):
+        t = time.monotonic()
+        with serve_graph(path, config_paths, **kw) as handle:
+            say(f"{path}: serving after {time.monotonic() - t:.1f}s (launch, load, capture)")
+            try:
+                probes[handle.graph.name] = greedy_probe(handle.url, handle.model_name)
+            except Exception as exc:       # the sweep still runs; the table says the probe failed
+                probes[handle.graph.name] = f"failed: {exc}"
+            yield handle
 
     return run_ab(graphs, workload_path=workload, out_dir=ab_dir, config_paths=configs, progress=False,
-                  overwrite=True)
+                  overwrite=True, serve=serve_and_probe)
+
+
+def merge_reports(ab_dirs: list[tuple[str, str]], graphs: list[str], configs: list[str], workload: str, out: str,
+                  statuses: dict) -> dict | None:
+    """One report (results.json, pareto.png, report.md) over the graphs measured in separate `ab` runs:
+    each run's points are filed under the graph's label in the combined run (A, B, ...)."""
+    from dynamo_dwdp.ab.harness import _graph_entries, report_only
+
+    done = {g: d for g, d in ab_dirs}
+    entries = _graph_entries(graphs)
+    os.makedirs(os.path.join(out, "points"), exist_ok=True)
+    for e in entries:
+        src = done.get(e.path)
+        if src is None:
+            continue
+        for key in os.listdir(os.path.join(src, "points")) if os.path.isdir(os.path.join(src, "points")) else []:
+            shutil.copytree(os.path.join(src, "points", key), os.path.join(out, "points", e.key), dirs_exist_ok=True)
+    try:
+        res = report_only(graphs, workload_path=workload, out_dir=out, config_paths=configs)
+    except Exception:
+        traceback.print_exc()
+        return None
+    for g, e in zip(res["graphs"], entries):
+        g["status"] = statuses.get(e.path, "not run")
+    return res
 
 
 def bench_engine(a, model_dir: str, batch: int, context: int, out_jsonl: str) -> dict | None:
@@ -130,21 +189,24 @@ def fmt(v, nd=1) -> str:
 
 def table(res: dict | None, gpus: int, bench: dict | None, bench_batch: int, bench_ctx: int) -> tuple[str, dict]:
     rows = ["| graph | concurrency | requests ok/sent | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
-            "TPS/user | output TPS | TPS/GPU |", "|" + "---|" * 10]
+            "TPS/user | output TPS | TPS/GPU | KV hand-offs, mean ms |", "|" + "---|" * 11]
     summary: dict = {"points": []}
     for g in (res or {}).get("graphs", []):
         for p in g["points"]:
             s = p["summary"]
             tps_gpu = s["output_tps"] / gpus if s.get("output_tps") is not None else None
+            kv = [ev for ev in (p.get("server") or {}).values() if ev.get("kv_transfers")]
+            kv_text = f"{kv[0]['kv_transfers']:.0f}, {fmt(kv[0].get('kv_transfer_ms_mean'), 2)}" if kv else "—"
             rows.append(f"| {g['name']} | {p['concurrency']} | {s['ok']}/{s['sent']} | {fmt(s['ttft_ms_p50'])} | "
                         f"{fmt(s['ttft_ms_p99'])} | {fmt(s['itl_ms_p50'], 2)} | {fmt(s['itl_ms_p99'], 2)} | "
-                        f"{fmt(s['tps_user'])} | {fmt(s['output_tps'])} | {fmt(tps_gpu)} |")
+                        f"{fmt(s['tps_user'])} | {fmt(s['output_tps'])} | {fmt(tps_gpu)} | {kv_text} |")
             summary["points"].append({"graph": g["name"], "concurrency": p["concurrency"], "tps_gpu": tps_gpu,
+                                      "kv": kv[0] if kv else None,
                                       "isl_mean": s.get("isl_mean"), **{k: s.get(k) for k in (
                                           "ok", "sent", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99",
                                           "tps_user", "output_tps", "first_error")}})
-        if g.get("status", "ok") != "ok":
-            rows.append(f"| {g['name']} | — | {g['status'][:120]} | | | | | | | |")
+        if not str(g.get("status", "ok")).startswith("ok"):
+            rows.append(f"| {g['name']} | — | {g['status'][:120]} | | | | | | | | |")
     lines = rows
     if bench:
         step = (bench.get("step_ms") or {}).get("mean")
@@ -161,6 +223,20 @@ def table(res: dict | None, gpus: int, bench: dict | None, bench_batch: int, ben
                 lines.append(f"{g['name']} at concurrency {top['concurrency']}: serving TPS/GPU / bench engine "
                              f"= {r:.3f}")
     return "\n".join(lines) + "\n", summary
+
+
+def probe_text(probes: dict) -> str:
+    lines = [f"\ngreedy probe ({len(PROBE_PROMPTS)} prompts x {PROBE_TOKENS} tokens, temperature 0):"]
+    names = list(probes)
+    for n in names:
+        lines.append(f"  {n}: {probes[n] if isinstance(probes[n], str) else 'ok'}")
+    ok = {n: v for n, v in probes.items() if isinstance(v, list)}
+    if len(ok) >= 2:
+        base, *rest = list(ok)
+        for n in rest:
+            same = sum(x == y for x, y in zip(ok[base], ok[n]))
+            lines.append(f"  {n} vs {base}: {same}/{len(PROBE_PROMPTS)} completions identical")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -183,6 +259,8 @@ def main() -> int:
     p.add_argument("--health-timeout", type=float, default=300.0)
     p.add_argument("--gpus", type=int, default=1, help="physical GPUs the graphs share (TPS/GPU divides by it)")
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--deadline", type=float, default=1e9, help="seconds after start past which no graph starts")
+    p.add_argument("--graph-min-s", type=float, default=120.0, help="a graph starts only with this much time left")
     a = p.parse_args()
     os.environ.update(NO_MULTICAST)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -198,7 +276,7 @@ def main() -> int:
     if a.pack:
         install_pack(os.path.abspath(a.pack), os.path.join(tempfile.gettempdir(), "dwdp-dynamo-site"))
     if a.device == "cpu":
-        a.block_size = 16
+        a.block_size, a.osl = 16, 8
     else:
         a.block_size = 64
     import yaml
@@ -217,47 +295,73 @@ def main() -> int:
     with open(workload, "w") as f:
         yaml.safe_dump(wl, f)
     graphs = [g for g in a.graphs.split(",") if g]
-    ab_dir = os.path.join(work, "ab")
-    res = None
-    t = time.monotonic()
-    try:
-        res = run_graphs(a, graphs, configs + [overlay], workload, ab_dir)
-    except Exception:
-        traceback.print_exc()
-    say(f"graphs served and measured in {time.monotonic() - t:.1f}s")
+    probes: dict = {}
+    statuses: dict = {}
     top = max(wl["load"]["concurrency"])
+    ctx = a.isl_mean + a.osl // 2
     bench = None
-    ctx = a.isl_mean + a.osl // 2 if a.device != "cpu" else 36
-    if not a.skip_bench:
-        ctx = a.isl_mean + a.osl // 2 if a.device != "cpu" else 32 + 4
-        for g in (res or {}).get("graphs", []):
-            for pt in g["points"]:
-                if pt["concurrency"] == top and pt["summary"].get("isl_mean"):
-                    ctx = int(pt["summary"]["isl_mean"] + a.osl // 2)
+    ab_dirs = []
+    # order: the first graph, then bench engine (the comparison), then the other graphs, each graph in
+    # its own `ab` run so that a graph that fails or runs out of time costs only itself
+    steps = graphs[:1] + (["bench"] if not a.skip_bench else []) + graphs[1:]
+
+    def write_outputs(final: bool = False) -> dict | None:
+        """Everything measured so far into --out (after every step: a run cut short still reports)."""
+        res = merge_reports(ab_dirs, graphs, configs + [overlay], workload, os.path.join(work, "ab"), statuses)
+        ab_dir = os.path.join(work, "ab")
+        text, summary = table(res, a.gpus, bench, top, ctx)
+        text += probe_text(probes)
+        summary["probes"] = probes
+        head = (f"serving on one {'GPU' if a.device != 'cpu' else 'CPU'}: model "
+                f"{'v2-lite-shape ' + str(a.layers) + ' layers, bf16' if a.device != 'cpu' else 'tiny'}; configs "
+                f"{', '.join(configs)} + overlay (model, logs, kv_transfer.backend {a.kv}); workload {json.dumps(wl)}\n\n")
+        with open(os.path.join(a.out, "serve.md"), "w") as f:
+            f.write(head + text)
+        with open(os.path.join(a.out, "serve.json"), "w") as f:
+            json.dump({"args": vars(a), "workload": wl, "summary": summary, "bench": bench}, f, indent=2, default=str)
+        for name in ("pareto.png", "report.md", "results.json"):
+            src = os.path.join(ab_dir, name)
+            if os.path.isfile(src):
+                shutil.copy(src, os.path.join(a.out, name))
+        with tarfile.open(os.path.join(a.out, "logs.tar.xz"), "w:xz") as tar:
+            for _graph, d in ab_dirs:
+                for sub in ("logs", "points"):
+                    if os.path.isdir(os.path.join(d, sub)):
+                        tar.add(os.path.join(d, sub), arcname=os.path.join(os.path.basename(d), sub))
+        print(head + text if final else text, flush=True)
+        return res
+
+    for step in steps:
+        left = a.deadline - (time.monotonic() - T0)
+        if step != "bench" and left < a.graph_min_s:
+            statuses[step] = f"skipped: {left:.0f}s left of --deadline {a.deadline:.0f}s"
+            say(f"{step}: {statuses[step]}")
+            continue
         t = time.monotonic()
+        if step == "bench":
+            try:
+                bench = bench_engine(a, model_dir, top, ctx, os.path.join(work, "bench.jsonl"))
+            except Exception:
+                traceback.print_exc()
+            say(f"bench engine in {time.monotonic() - t:.1f}s")
+            write_outputs()
+            continue
+        ab_dir = os.path.join(work, f"ab-{len(ab_dirs)}")
+        ab_dirs.append((step, ab_dir))
         try:
-            bench = bench_engine(a, model_dir, top, ctx, os.path.join(work, "bench.jsonl"))
-        except Exception:
+            r = run_graphs(a, [step], configs + [overlay], workload, ab_dir, probes)
+            g = r["graphs"][0]
+            statuses[step] = g.get("status", "ok")
+            for pt in g["points"]:         # bench engine's context: the mean ISL the largest point really sent
+                if pt["concurrency"] == top and pt["summary"].get("isl_mean") and step == graphs[0]:
+                    ctx = int(pt["summary"]["isl_mean"] + a.osl // 2)
+        except Exception as exc:
             traceback.print_exc()
-        say(f"bench engine in {time.monotonic() - t:.1f}s")
-    text, summary = table(res, a.gpus, bench, top, ctx)
-    head = (f"serving on one {'GPU' if a.device != 'cpu' else 'CPU'}: model "
-            f"{'v2-lite-shape ' + str(a.layers) + ' layers, bf16' if a.device != 'cpu' else 'tiny'}; configs "
-            f"{', '.join(configs)} + overlay (model, logs, kv_transfer.backend {a.kv}); workload {json.dumps(wl)}\n\n")
-    with open(os.path.join(a.out, "serve.md"), "w") as f:
-        f.write(head + text)
-    with open(os.path.join(a.out, "serve.json"), "w") as f:
-        json.dump({"args": vars(a), "workload": wl, "summary": summary, "bench": bench}, f, indent=2, default=str)
-    for name in ("pareto.png", "report.md", "results.json"):
-        src = os.path.join(ab_dir, name)
-        if os.path.isfile(src):
-            shutil.copy(src, os.path.join(a.out, name))
-    with tarfile.open(os.path.join(a.out, "logs.tar.xz"), "w:xz") as tar:
-        for sub in ("logs", os.path.join("ab", "logs"), os.path.join("ab", "points")):
-            if os.path.isdir(os.path.join(work, sub)):
-                tar.add(os.path.join(work, sub), arcname=sub)
-    print(head + text, flush=True)
-    ok = bool(res) and all(g.get("status", "ok") == "ok" and g["points"] for g in res["graphs"])
+            statuses[step] = f"failed: {exc}"
+        say(f"{step}: served and measured in {time.monotonic() - t:.1f}s ({statuses[step]})")
+        write_outputs()
+    res = write_outputs(final=True)
+    ok = bool(res) and all(st == "ok" for st in statuses.values()) and all(g["points"] for g in res["graphs"])
     say("done" if ok else "done, with failures (see above)")
     return 0 if ok else 1
 
