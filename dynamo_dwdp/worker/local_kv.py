@@ -115,8 +115,9 @@ class _Holds:
             self._held = {n: e for n, e in self._held.items() if e[0] != rid}
 
     def __len__(self) -> int:
+        """Requests whose blocks the engine has not freed yet: held, or released and not yet polled."""
         with self._lock:
-            return len(self._held)
+            return len(self._held) + len(self._released)
 
 
 class _Channel(socketserver.ThreadingTCPServer):

@@ -119,7 +119,7 @@ BAD_SETTINGS = [
     ("bad-transport", "dwdp: {transport: rdma}\n", "dwdp.transport", ["auto, shm, cuda_ipc"]),
     ("ipc-on-cpu", "dwdp: {transport: cuda_ipc}\n", "dwdp.transport", ["needs engine.device cuda"]),
     ("bool-as-string", "dwdp: {contention_opt: 'yes'}\n", "dwdp.contention_opt", ["expected true or false"]),
-    ("bad-kv-backend", "kv_transfer: {backend: ucx}\n", "kv_transfer.backend", ["nixl, none"]),
+    ("bad-kv-backend", "kv_transfer: {backend: ucx}\n", "kv_transfer.backend", ["nixl, local, none"]),
     ("bad-infra-mode", "infra: {mode: k8s}\n", "infra.mode", ["embedded, etcd"]),
     ("port-range", "infra: {http_port: 70000}\n", "infra.http_port", ["0..65535"]),
     ("namespace-not-dns", "infra: {namespace: My_NS}\n", "infra.namespace", ["not a DNS label"]),

@@ -69,6 +69,7 @@ def test_pull_copies_the_held_blocks_and_frees_them(pair):
     assert prefill.num_held == 1 and prefill.poll_done() == ([], [])
     moved = asyncio.run(decode.pull(params, [0, 1, 7, 8]))
     assert moved == 4 * ref[0].numel() * 4
+    assert prefill.num_held == 1          # released, but the engine frees the blocks only at its next poll
     for r, l in zip([3, 4, 5, 9], [0, 1, 7, 8]):
         assert torch.equal(decode.pool[l], ref[r])
     untouched = [b for b in range(SHAPE[0]) if b not in (0, 1, 7, 8)]
@@ -87,6 +88,7 @@ def test_decline_frees_at_once(pair):
     prefill, decode, _ = pair()
     params = prefill.describe("req-2", [1, 2], 8)
     decode.decline(params)
+    assert prefill.num_held == 1
     assert prefill.poll_done() == (["req-2"], []) and prefill.num_held == 0
 
 
