@@ -85,6 +85,9 @@ def overlay_doc(a, model_dir: str, log_dir: str) -> dict:
     doc = {"model": {"path": model_dir, "served_name": "v2-lite-shape" if a.device != "cpu" else "tiny", "make": None},
            "kv_transfer": {"backend": a.kv},
            "infra": {"log_dir": log_dir, "health_timeout_s": a.health_timeout}}
+    engine = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("max_model_len", a.max_model_len)) if v}
+    if engine:
+        doc["engine"] = engine
     if a.kv == "nixl" and a.device == "cpu":
         doc["kv_transfer"].update({"ucx_tls": "tcp,sm,self", "ucx_net_devices": "lo"})
     return doc
@@ -258,11 +261,19 @@ def main() -> int:
     p.add_argument("--point-timeout", type=float, default=120.0)
     p.add_argument("--health-timeout", type=float, default=300.0)
     p.add_argument("--gpus", type=int, default=1, help="physical GPUs the graphs share (TPS/GPU divides by it)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="engine.max_num_seqs (default: the config's); "
+                   "fewer decode batch buckets to capture at start-up")
+    p.add_argument("--max-model-len", type=int, default=None, help="engine.max_model_len (default: the config's)")
+    p.add_argument("--no-fused-kernels", action="store_true",
+                   help="DWDP_FUSED_KERNELS=0 for every process (the torch paths: no Triton compiles of the fused "
+                        "decode kernels at start-up)")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--deadline", type=float, default=1e9, help="seconds after start past which no graph starts")
     p.add_argument("--graph-min-s", type=float, default=120.0, help="a graph starts only with this much time left")
     a = p.parse_args()
     os.environ.update(NO_MULTICAST)
+    if a.no_fused_kernels:
+        os.environ["DWDP_FUSED_KERNELS"] = "0"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ["PYTHONUNBUFFERED"] = "1"
     os.chdir(ROOT)
@@ -314,7 +325,8 @@ def main() -> int:
         summary["probes"] = probes
         head = (f"serving on one {'GPU' if a.device != 'cpu' else 'CPU'}: model "
                 f"{'v2-lite-shape ' + str(a.layers) + ' layers, bf16' if a.device != 'cpu' else 'tiny'}; configs "
-                f"{', '.join(configs)} + overlay (model, logs, kv_transfer.backend {a.kv}); workload {json.dumps(wl)}\n\n")
+                f"{', '.join(configs)} + overlay {json.dumps(overlay_doc(a, 'MODEL', 'LOGS'))}"
+                f"{'; DWDP_FUSED_KERNELS=0' if a.no_fused_kernels else ''}; workload {json.dumps(wl)}\n\n")
         with open(os.path.join(a.out, "serve.md"), "w") as f:
             f.write(head + text)
         with open(os.path.join(a.out, "serve.json"), "w") as f:
