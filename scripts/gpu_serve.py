@@ -9,13 +9,17 @@ Steps (each printed with its wall time; a step that fails is reported and the ne
    PYTHONPATH for this process and every process it starts.
 2. Make the model: v2-lite-shape (DeepSeek-V2-Lite shapes, random bf16 weights) with `--layers` layers,
    written on the GPU (cpu: the `tiny` preset).
-3. For each graph (`--graphs`, default graphs/agg.yaml and graphs/disagg_single.yaml): launch it with
-   configs/h200-v2lite.yaml plus an overlay (this model, logs, `kv_transfer.backend`, default `local`),
-   drive it with `dynamo-dwdp ab`'s client over the workload below, tear it down.
+3. Serve the first graph (`--graphs`, default graphs/agg.yaml then graphs/disagg_single.yaml) with
+   configs/h200-v2lite.yaml plus an overlay (this model, logs, `kv_transfer.backend`, default `local`;
+   optionally `--max-num-seqs` / `--max-model-len`): launch, a greedy probe (fixed prompts, temperature
+   0: an agg and a disagg graph must agree when the KV arrived intact), `dynamo-dwdp ab`'s client over
+   the workload (ISL 1K-8K lognormal, fixed OSL, `--concurrency` sweep), tear down.
 4. `bench engine` (single rank, decode, CUDA graphs) at the batch of the largest concurrency and the
-   mean context of that point, the same model, for the serving-vs-engine comparison.
-5. Write under --out: serve.md (TTFT, ITL, TPS/user, TPS/GPU per graph and point; the comparison),
-   serve.json, pareto.png, report.md, results.json, logs.tar.xz.
+   mean context of that point, the same model: the serving-vs-engine comparison.
+5. The other graphs as in 3, each only if `--graph-min-s` is left before `--deadline`.
+6. After every step, write under --out: serve.md (TTFT, ITL, TPS/user, TPS/GPU, KV hand-offs per graph
+   and point; the comparison; the probe), serve.json, pareto.png, report.md, results.json (all graphs
+   in one `ab` report), logs.tar.xz. A run cut short still brings back what it measured.
 
 TPS/GPU divides by the physical GPUs the graph ran on (`--gpus`, default 1: prefill and decode of a
 disaggregated graph share the one GPU), not by its rank processes as `ab` does for multi-GPU graphs.
