@@ -246,6 +246,16 @@ def probe_text(probes: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _concurrency_list(text: str) -> str:
+    try:
+        values = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} (allowed: a comma list of integers >= 1, e.g. 1,8,64)")
+    return ",".join(str(v) for v in values)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="results folder ($OUT on the GPU machine)")
@@ -256,7 +266,8 @@ def main() -> int:
     p.add_argument("--config", action="append", default=None, help="settings files (default: the device's)")
     p.add_argument("--graphs", default="graphs/agg.yaml,graphs/disagg_single.yaml")
     p.add_argument("--kv", default="local", choices=("local", "nixl"), help="kv_transfer.backend of disagg graphs")
-    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--concurrency", default="1,4,16,64", type=_concurrency_list,
+                   help="comma list of concurrencies >= 1 (default 1,4,16,64)")
     p.add_argument("--isl-mean", type=int, default=3072)
     p.add_argument("--osl", type=int, default=256)
     p.add_argument("--requests-per-point", type=int, default=8)
