@@ -684,6 +684,10 @@ def run_matrices(model: str, ngpu: int, a) -> None:
         say(f"matrix {name} finished rc={rc}")
 
 
+STEPS = ("decode_kernel", "grouped_experts", "fused_kernels", "graphs", "fp8_engine", "expert_gemms", "op_count",
+         "profile", "bench_decode", "bench_fp8", "bench_eager", "bench_unfused", "matrix")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
@@ -704,7 +708,12 @@ def main() -> int:
                    help="one GPU: decode batches of the two-ranks-on-one-GPU matrix (default 8,32)")
     p.add_argument("--matrix-only", action="store_true",
                    help="build the model and run the strategy matrix only (no ceilings' checks, no single bench)")
+    p.add_argument("--only", default="",
+                   help="comma list of steps to run (default: all): " + ",".join(STEPS))
     a = p.parse_args()
+    only = set(a.only.split(",")) - {""} or set(STEPS)
+    if only - set(STEPS):
+        p.error(f"--only: unknown step(s) {sorted(only - set(STEPS))}; choose from {','.join(STEPS)}")
     os.makedirs(a.out, exist_ok=True)
     from dynamo_dwdp.bench.engine_bench import Point
     from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
@@ -726,13 +735,17 @@ def main() -> int:
     checks: list = []
     extra: dict = {}
     if not a.skip_checks:
-        for check in (check_decode_kernel, check_grouped_experts, check_fused_kernels,
-                      lambda rows: check_attention_and_graphs(rows, tmp), lambda rows: check_fp8_engine(rows, tmp),
-                      lambda rows: extra.update(experts=bench_expert_gemms(rows)),
-                      lambda rows: rows.append(("GPU operations in one eager decode step, 3-layer model, batch 32: "
-                                                "torch paths / fused kernels",
-                                                f"{count_kernels(tmp, 32, a.context, False)} / "
-                                                f"{count_kernels(tmp, 32, a.context, True)}", "info"))):
+        for name, check in (("decode_kernel", check_decode_kernel), ("grouped_experts", check_grouped_experts),
+                            ("fused_kernels", check_fused_kernels),
+                            ("graphs", lambda rows: check_attention_and_graphs(rows, tmp)),
+                            ("fp8_engine", lambda rows: check_fp8_engine(rows, tmp)),
+                            ("expert_gemms", lambda rows: extra.update(experts=bench_expert_gemms(rows))),
+                            ("op_count", lambda rows: rows.append((
+                                "GPU operations in one eager decode step, 3-layer model, batch 32: torch paths / "
+                                "fused kernels", f"{count_kernels(tmp, 32, a.context, False)} / "
+                                f"{count_kernels(tmp, 32, a.context, True)}", "info")))):
+            if name not in only:
+                continue
             try:
                 check(checks)
             except Exception as exc:                       # a broken check is a row, the benchmarks still run
@@ -743,7 +756,7 @@ def main() -> int:
         for c in checks:
             say(f"check: {c}")
         write_tables(a.out, info, ceil, checks, [], extra)
-    if a.profile_batch and not a.skip_checks:       # the profile uses the 3-layer model the checks build
+    if a.profile_batch and not a.skip_checks and "profile" in only and os.path.isdir(os.path.join(tmp, "lite3")):
         try:
             text = profile_decode(tmp, a.profile_batch, a.context)
             with open(os.path.join(a.out, "profile_decode.txt"), "w") as f:
@@ -774,10 +787,10 @@ def main() -> int:
     ref_decode = [pt for pt in decode if pt.batch in (32, 128)]
     fp8_decode = [pt for pt in decode if pt.batch in (1, 64, 256)]
     before = [pt for pt in decode if pt.batch in (1, 64)]
-    setups = [({"cuda_graphs": True}, decode, {}),                               # fused kernels, bf16
-              ({"cuda_graphs": True, "weights": "fp8-block"}, fp8_decode, {}),   # FP8-resident weights
-              ({}, eager_decode + prefill, {}),
-              ({"cuda_graphs": True}, before, {"DWDP_FUSED_KERNELS": "0"})]      # the torch paths (before)
+    setups = [({"cuda_graphs": True}, decode if "bench_decode" in only else [], {}),   # fused kernels, bf16
+              ({"cuda_graphs": True, "weights": "fp8-block"}, fp8_decode if "bench_fp8" in only else [], {}),
+              ({}, eager_decode + prefill if "bench_eager" in only else [], {}),
+              ({"cuda_graphs": True}, before if "bench_unfused" in only else [], {"DWDP_FUSED_KERNELS": "0"})]
     if a.more:
         setups += [({"cuda_graphs": True}, [pt for pt in decode if pt.batch == 64], {"DWDP_EXPERT_GEMM": "grouped_mm"}),
                    ({"cuda_graphs": True, "attention": "reference"}, ref_decode + ref_prefill, {})]
@@ -790,7 +803,7 @@ def main() -> int:
 
     results = bench(model, jsonl, setups, a.hw, on_done=write)
     table = write(results)
-    if not a.skip_matrix:
+    if not a.skip_matrix and "matrix" in only:
         run_matrices(model, ngpu, a)
     print(open(os.path.join(a.out, "gpu_perf.md")).read())
     say("done")

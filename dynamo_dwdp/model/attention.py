@@ -12,7 +12,9 @@ Two implementations share one contract (query rows in, output rows out, the cach
 - `sdpa_prefill_attention`: expand-then-attend per sequence through torch's fused
   scaled_dot_product_attention (flash-style memory-efficient or cuDNN kernels on GPU: no S x S
   score matrix), with a bottom-right causal mask for chunks that follow cached tokens. The prefill
-  path on CUDA (`backend="auto"`);
+  path on CUDA (`backend="auto"`) runs the implementation `prefill_attention.impl_for` picks: by
+  default this function ("sdpa"); the Triton flash-attention kernel (`kernels/mla_prefill.py`),
+  cuDNN or flash with v padded on request (`DWDP_PREFILL_ATTENTION`);
 On CUDA (unless backend "reference") the kv_a norm, both rotations and the cache write run as one
 kernel (`kernels/mla_prep.py`).
 - `mla_decode.mla_decode_attention`: a Triton split-K kernel for decode steps that reads the cache
@@ -26,7 +28,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from dynamo_dwdp.model import kernels as fused_kernels
-from dynamo_dwdp.model import mla_decode
+from dynamo_dwdp.model import mla_decode, prefill_attention
 from dynamo_dwdp.model.kernels import mla_prep
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig
@@ -110,7 +112,11 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, self.kv_lora)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
         if self.use_sdpa(x, batch):
-            out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, self.scale)
+            impl = prefill_attention.impl_for(x)
+            if impl == "sdpa":
+                out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, self.scale)
+            else:                                  # triton / cudnn / flash_pad (model/prefill_attention.py)
+                out = prefill_attention.expanded_prefill_attention(impl, q_nope, q_pe, batch, kv_layer, w, self.scale)
             return self.o_proj(out.reshape(T, h * self.v_dim))
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
         if self.use_decode_kernel(q_latent, batch):                        # q_pe read in place: no concatenation

@@ -110,8 +110,10 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     Small batches (<= SYNC_FREE_MAX_ROWS pairs, i.e. decode) take the sync-free form that CUDA graphs
     can capture: every bank runs over all sorted pairs, pairs below the bank's first expert fall into
     its first group and pairs above into its last, and only the bank's own rows are kept (wasted
-    rows, no wasted weight bytes: decode is bound by reading the weights). Larger batches sync the
-    host once for the per-bank row ranges and compute only their own rows.
+    rows, no wasted weight bytes: decode is bound by reading the weights). Larger batches with one
+    bank that starts at expert 0 run it over the sorted pairs with no host sync (pairs past the
+    bank are zeroed); with several banks they sync the host once for the per-bank row ranges and
+    compute only their own rows.
 
     Combine: the expert outputs go back to (token, k) order (a permutation: no atomics) and one
     batched product per token sums its k outputs with their weights (fp32 accumulation), so the
@@ -128,8 +130,15 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     # ends[e] = number of pairs with expert id <= e (searchsorted, unlike bincount, never syncs)
     ends = torch.searchsorted(sorted_ids, torch.arange(E, device=x.device, dtype=sorted_ids.dtype),
                               right=True).to(torch.int32)
-    y_sorted = torch.zeros_like(xs)
-    if rows <= SYNC_FREE_MAX_ROWS:
+    if rows > SYNC_FREE_MAX_ROWS and len(banks) == 1 and banks[0].first == 0:
+        # one bank from expert 0 (single rank, DP, DEP's first rank): its groups are the sorted pairs
+        # as they are; the pairs past its last expert (none unless it holds a subset) are left out by
+        # the grouped GEMM and zeroed here. No host sync, so the host keeps launching ahead
+        bank = banks[0]
+        y_sorted = _expert_ffn_grouped(xs, bank, ends)
+        y_sorted = torch.where((sorted_ids < bank.count).unsqueeze(1), y_sorted, 0.0)
+    elif rows <= SYNC_FREE_MAX_ROWS:
+        y_sorted = torch.zeros_like(xs)
         for bank in banks:
             lo_id, hi_id = bank.first, bank.first + bank.count
             offs = torch.cat([ends[lo_id:hi_id - 1], ends.new_full((1,), rows)])
@@ -137,7 +146,8 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
             mine = ((sorted_ids >= lo_id) & (sorted_ids < hi_id)).unsqueeze(1)
             y_sorted = torch.where(mine, y, y_sorted)
     else:
-        bounds = [0] + ends.tolist()                   # the one host sync (prefill sizes)
+        y_sorted = torch.zeros_like(xs)
+        bounds = [0] + ends.tolist()                   # the one host sync (prefill sizes, several banks)
         for bank in banks:
             lo, hi = bounds[bank.first], bounds[bank.first + bank.count]
             if hi > lo:

@@ -9,7 +9,8 @@ Why: the torch path gathers each sequence's cache into a padded copy and runs tw
 (about 9x the cache bytes of one read on an H100 at batch 32, docs/performance.md); this reads
 every cached latent once, straight through the block table. Grid (sequence, head group, context
 split); each program keeps an online-softmax state for its split in fp32; a second kernel merges
-the splits. No host sync, fixed grid per (batch, splits): CUDA-graph capturable. The tile loop has
+the splits (with one split the first writes the output). Tile, warps, stages and split count:
+`decode_config`, chosen on an H200 with `scripts/gpu_kernels.py`. No host sync, fixed grid per (batch, splits): CUDA-graph capturable. The tile loop has
 a compile-time trip count (a power of two sized by the batch's longest context; tiles past a
 sequence's own split are masked), which also keeps Triton's CPU interpreter happy.
 
@@ -19,11 +20,40 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
-BLOCK_N = 32          # cached tokens per tile
 MIN_BLOCK_H = 16      # tl.dot needs >= 16 rows
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tunables of the split kernel: cached tokens per tile, warps (0: 4 for 16-head groups, 8 for
+    32), software-pipeline stages (0: Triton's default) and `waves`, the programs per multiprocessor
+    the context split aims at (more splits: more loads in flight, a larger merge), with at least
+    `min_tiles` tiles per split. One split writes the output directly (no merge kernel)."""
+    block_n: int = 32
+    warps: int = 0
+    stages: int = 0
+    waves: int = 2
+    min_tiles: int = 4
+
+
+# Benchmark hook (scripts/gpu_kernels.py): a DecodeConfig that replaces decode_config's choice.
+DECODE_OVERRIDE: DecodeConfig | None = None
+
+
+def decode_config(batch: int, head_groups: int) -> DecodeConfig:
+    """Chosen from `scripts/gpu_kernels.py` on one H200 (16 heads, context 1000, bf16 cache,
+    docs/performance.md): up to 32 sequences x head groups, twice the splits (4 waves, >= 2 tiles per
+    split) at 2 stages (28.4 vs 33.7 us at batch 32); from 64 on the defaults were fastest. Warps stay
+    automatic (32-head groups, DeepSeek-V3, were not measured)."""
+    if DECODE_OVERRIDE is not None:
+        return DECODE_OVERRIDE
+    if batch * head_groups <= 32:
+        return DecodeConfig(32, 0, 2, 4, 2)
+    return DecodeConfig()
 
 
 @functools.cache
@@ -41,9 +71,9 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def split_kernel(Q, QPE, KV, TABLES, CTX, ACC, ML,
+    def split_kernel(Q, QPE, KV, TABLES, CTX, ACC, ML, OUT,
                      stride_qb, stride_qh, stride_pb, stride_ph, stride_kv_blk, stride_kv_tok, stride_tb,
-                     stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
+                     stride_ab, stride_as, stride_ah, stride_mb, stride_ms, stride_ob, stride_oh,
                      H, scale,
                      C: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_H: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr):
@@ -90,10 +120,15 @@ def _kernels():
                 pv = tl.dot(p.to(k_lat.dtype), k_lat)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        a_ptr = ACC + b * stride_ab + s * stride_as + offs_h[:, None] * stride_ah + offs_c[None, :]
-        tl.store(a_ptr, acc, mask=hmask[:, None])
-        tl.store(ML + b * stride_mb + s * stride_ms + offs_h, m_i, mask=hmask)
-        tl.store(ML + b * stride_mb + s * stride_ms + H + offs_h, l_i, mask=hmask)
+        if SPLITS == 1:                                     # one split: the output itself, no merge
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]   # no context: 0
+            o_ptr = OUT + b * stride_ob + offs_h[:, None] * stride_oh + offs_c[None, :]
+            tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=hmask[:, None])
+        else:
+            a_ptr = ACC + b * stride_ab + s * stride_as + offs_h[:, None] * stride_ah + offs_c[None, :]
+            tl.store(a_ptr, acc, mask=hmask[:, None])
+            tl.store(ML + b * stride_mb + s * stride_ms + offs_h, m_i, mask=hmask)
+            tl.store(ML + b * stride_mb + s * stride_ms + H + offs_h, l_i, mask=hmask)
 
     @triton.jit
     def combine_kernel(ACC, ML, OUT,
@@ -128,10 +163,11 @@ def _kernels():
     return split_kernel, combine_kernel
 
 
-def num_splits(batch: int, head_groups: int, max_context: int, sms: int = 132) -> int:
-    """Context splits per sequence: enough programs to fill ~2 waves of SMs, each split >= 4 tiles."""
-    want = max(1, math.ceil(2 * sms / max(1, batch * head_groups)))
-    most = max(1, max_context // (4 * BLOCK_N))
+def num_splits(batch: int, head_groups: int, max_context: int, sms: int = 132, waves: int = 2,
+               block_n: int = 32, min_tiles: int = 4) -> int:
+    """Context splits per sequence: enough programs for `waves` per SM, each split >= min_tiles tiles."""
+    want = max(1, math.ceil(waves * sms / max(1, batch * head_groups)))
+    most = max(1, max_context // (min_tiles * block_n))
     return 1 << (min(want, most).bit_length() - 1)          # a power of two <= both
 
 
@@ -155,25 +191,32 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
     # the H100 for 16 heads); wider head counts (DeepSeek-V3: 128) use 32-head groups at 8 warps (not yet
     # measured on a GPU)
     block_h = max(MIN_BLOCK_H, min(32, 1 << (H - 1).bit_length()))
-    warps = 8 if block_h > 16 else 4
     groups = -(-H // block_h)
+    cfg = decode_config(B, groups)
+    warps = cfg.warps or (8 if block_h > 16 else 4)
     sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 8
-    splits = num_splits(B, groups, max_context, sms)
+    splits = num_splits(B, groups, max_context, sms, cfg.waves, cfg.block_n, cfg.min_tiles)
     per_split = -(-max_context // splits)                # ceil: the longest context's share of one split
-    tiles = max(1, -(-per_split // BLOCK_N))
+    tiles = max(1, -(-per_split // cfg.block_n))
     tiles = 1 << (tiles - 1).bit_length()               # a power of two: few compiled variants as contexts grow
     q = query.to(kv_layer.dtype)
     q_pe = q_pe.to(kv_layer.dtype)
-    acc = torch.empty(B, splits, H, C, device=query.device, dtype=torch.float32)
-    ml = torch.empty(B, splits, 2, H, device=query.device, dtype=torch.float32)
     out = torch.empty(B, H, C, device=query.device, dtype=query.dtype)
+    if splits > 1:
+        acc = torch.empty(B, splits, H, C, device=query.device, dtype=torch.float32)
+        ml = torch.empty(B, splits, 2, H, device=query.device, dtype=torch.float32)
+    else:
+        acc = ml = out.new_empty(1, 1, 1, dtype=torch.float32)       # unused: the kernel writes `out`
     tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     split_kernel[(B, groups, splits)](
-        q, q_pe, kv_layer, tables, context_lens, acc, ml,
-        q.stride(0), q.stride(1), q_pe.stride(0), q_pe.stride(1), kv_layer.stride(0), kv_layer.stride(1), tables.stride(0),
-        acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
-        H, scale, C=C, R=R, BS=bs, BLOCK_N=BLOCK_N, BLOCK_H=block_h, SPLITS=splits, TILES=tiles,
-        IEEE=kv_layer.dtype == torch.float32, num_warps=warps)
+        q, q_pe, kv_layer, tables, context_lens, acc, ml, out,
+        q.stride(0), q.stride(1), q_pe.stride(0), q_pe.stride(1), kv_layer.stride(0), kv_layer.stride(1),
+        tables.stride(0), acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
+        out.stride(0), out.stride(1),
+        H, scale, C=C, R=R, BS=bs, BLOCK_N=cfg.block_n, BLOCK_H=block_h, SPLITS=splits, TILES=tiles,
+        IEEE=kv_layer.dtype == torch.float32, num_warps=warps, **({"num_stages": cfg.stages} if cfg.stages else {}))
+    if splits == 1:
+        return out
     combine_kernel[(B, groups)](
         acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
         out.stride(0), out.stride(1), H, C=C, BLOCK_H=block_h, SPLITS=splits, num_warps=warps)

@@ -174,10 +174,50 @@ def dense_swiglu_matches_mlp() -> None:
         assert rel(got, ref) < 1e-5, (fp8, rel(got, ref))
 
 
+def every_tiling_matches() -> None:
+    """The tile configurations the GPU sweep (scripts/gpu_kernels.py) chooses among, forced through
+    moe_gemm.TILE_OVERRIDE: the swapped orientation (W x^T), wide N tiles, 16-row and 64-row M tiles,
+    split-K in 2 and 3 (a last split shorter than the others), on the
+    expert, FP8 expert, dense FP8 and dense SwiGLU checks above; then the MLA decode kernel's DecodeConfig
+    variants (tile 16 / 64, more splits, one split written without the merge kernel, batch 1, contexts
+    that are no multiple of tile or block)."""
+    TC = moe_gemm.TileConfig
+    for cfg in (TC(16, 64, swap=True), TC(32, 128, swap=True, warps=8), TC(16, 128), TC(64, 32, swap=True),
+                TC(16, 16, warps=2), TC(16, 32, split_k=2), TC(16, 32, split_k=3)):
+        moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg, dense=cfg)
+        try:
+            fused_experts_match_reference()
+            fp8_linear_matches_dequantized()
+            dense_swiglu_matches_mlp()
+        finally:
+            moe_gemm.TILE_OVERRIDE.clear()
+    C, R, h, bs = 32, 16, 5, 4
+    pool = torch.randn(90, 1, bs, C + R, generator=GEN)[:, 0]
+    DC = mla_decode.DecodeConfig
+    assert mla_decode.num_splits(4, 1, 130, sms=8, waves=2, block_n=32, min_tiles=64) == 1
+    for cfg in (DC(16, 4, 2, 8, 1), DC(64, 8, 3, 4, 1), DC(32, 4, 1, 4, 2), DC(32, 4, 2, 2, 64)):  # last: 1 split
+        for ctxs in ([1], [5, 70, 33, 0], [130]):
+            width = max(1, -(-max(ctxs) // bs))
+            tables = torch.stack([torch.randperm(90, generator=GEN)[:width] for _ in ctxs])
+            q = torch.randn(len(ctxs), h, C + R, generator=GEN)
+            mla_decode.DECODE_OVERRIDE = cfg
+            try:
+                out = mla_decode.mla_decode_attention(q, pool, tables, torch.tensor(ctxs), C, 0.2, max(ctxs))
+            finally:
+                mla_decode.DECODE_OVERRIDE = None
+            for b, c in enumerate(ctxs):
+                if c == 0:
+                    assert torch.equal(out[b], torch.zeros(h, C))
+                    continue
+                keys = pool[tables[b]].reshape(-1, C + R)[:c].double()
+                ref = torch.softmax(q[b].double() @ keys.T * 0.2, -1) @ keys[:, :C]
+                assert rel(out[b], ref) < 1e-5, (cfg, ctxs, b, rel(out[b], ref))
+
+
 if __name__ == "__main__":
     checks = [router_matches_reference, mla_prep_matches_torch_path, decode_kernel_takes_q_pe_apart,
               align_is_a_stable_sort, fused_experts_match_reference, fp8_linear_matches_dequantized,
-              dense_swiglu_matches_mlp]
+              dense_swiglu_matches_mlp, every_tiling_matches]
     for c in checks:
         c()
         print("passed", c.__name__, flush=True)

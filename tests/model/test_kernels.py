@@ -30,8 +30,8 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("sync_free", [True, False])
-@pytest.mark.parametrize("cuts", [[(0, 12)], [(0, 4), (4, 8)], [(8, 4), (0, 3)], [(2, 5), (9, 2)]],
-                         ids=["one-bank", "two-banks", "unordered", "partial"])
+@pytest.mark.parametrize("cuts", [[(0, 12)], [(0, 4), (4, 8)], [(8, 4), (0, 3)], [(2, 5), (9, 2)], [(0, 7)]],
+                         ids=["one-bank", "two-banks", "unordered", "partial", "one-bank-subset"])
 def test_grouped_experts_match_loop(monkeypatch, sync_free, cuts):
     gen = torch.Generator().manual_seed(len(cuts) * 7 + sync_free)
     E, H, I, T, k = 12, 32, 16, 37, 3
@@ -57,6 +57,28 @@ def test_grouped_experts_match_loop(monkeypatch, sync_free, cuts):
             full.w2[b.first:b.first + b.count] = b.w2.bfloat16()
         ref2 = routed_experts(x.float(), ids, w_masked, [ExpertBank(0, full.w13.float(), full.w2.float())])
         assert _rel(got, ref2) < 2e-2
+
+
+@pytest.mark.parametrize("count", [12, 7])
+def test_one_bank_from_expert_0_needs_no_host_sync(monkeypatch, count):
+    """Prefill sizes with one bank from expert 0 (all 12 experts, or a DEP-like first 7): no
+    `.tolist()` host sync, same result as the per-expert fp32 loop (pairs past the bank give 0)."""
+    gen = torch.Generator().manual_seed(count)
+    banks = _banks(gen, 12, 32, 16, [(0, count)])
+    x = torch.randn(40, 32, generator=gen).bfloat16()
+    ids = torch.stack([torch.randperm(12, generator=gen)[:3] for _ in range(40)])
+    w = torch.rand(40, 3, generator=gen)
+    monkeypatch.setattr(experts, "SYNC_FREE_MAX_ROWS", 0)
+
+    def no_sync(self):
+        raise AssertionError("host sync on the one-bank prefill path")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "tolist", no_sync)
+        got = routed_experts_grouped(x, ids, w, banks)
+    ref = routed_experts(x.float(), ids, w, [ExpertBank(0, banks[0].w13.float(), banks[0].w2.float())])
+    assert ref.abs().sum() > 0
+    assert _rel(got, ref) < 2e-2
 
 
 def test_grouped_experts_accumulate_into_out():
@@ -197,11 +219,15 @@ def test_triton_mla_decode_kernel_under_the_interpreter():
 
 
 def test_decode_split_count():
-    from dynamo_dwdp.model.mla_decode import BLOCK_N, num_splits
+    from dynamo_dwdp.model.mla_decode import DecodeConfig, decode_config, num_splits
 
+    BLOCK_N = DecodeConfig().block_n
     assert num_splits(1, 1, 100_000, sms=132) == 256          # one sequence: fill the GPU
     assert num_splits(512, 1, 4096, sms=132) == 1             # many sequences: no split
     assert num_splits(8, 1, 2 * BLOCK_N, sms=132) == 1        # short contexts: >= 4 tiles per split
+    assert num_splits(8, 1, 2 * BLOCK_N, sms=132, min_tiles=1) == 2
+    # small batches get twice the programs per SM (the H200 sweep), large ones the default
+    assert decode_config(32, 1).waves > decode_config(64, 1).waves == DecodeConfig().waves
     for b in (1, 3, 32, 100):
         s = num_splits(b, 2, 5000, sms=132)
         assert s & (s - 1) == 0 and s >= 1

@@ -4,7 +4,9 @@
   weights) in two kernels;
 - `mla_prep`: kv_a RMSNorm + rope of q and k + latent-cache write in one kernel;
 - `moe_gemm`: expert sorting without a sort, grouped SwiGLU and down GEMMs for small M over bf16 or
-  FP8 block-scaled weights, and the same kernels as a dense linear for FP8-resident weights.
+  FP8 block-scaled weights, and the same kernels as a dense linear for FP8-resident weights
+  (split-K for small dense launches). Its tilings live in `moe_gemm.choose_tiles`, the MLA decode
+  kernel's in `mla_decode.decode_config`, both chosen with `scripts/gpu_kernels.py` on an H200.
 
 Why Triton and not torch.compile here: the router's group/top-k selection and the expert sort are
 data-dependent selections that Inductor lowers to several kernels (and a radix sort); the rest are

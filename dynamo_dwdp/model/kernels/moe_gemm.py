@@ -18,11 +18,13 @@ computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose exp
 Experts that received no pair cost one program launch that returns at once: no weight bytes read.
 
 Weights are bf16 or FP8 e4m3 with the official 128x128 block scales (`model/fp8.py`); FP8 tiles are
-converted to bf16 in registers (exact: e4m3 is a subset of bf16) and each K tile's partial product
+converted to bf16 in registers (exact: e4m3 is a subset of bf16; on the GPU with integer operations,
+`FP8_TO_BF16_ASM`, since the hardware converter's rate bounded the kernel) and each K tile's partial product
 is multiplied by its block scale in fp32 (K tiles never straddle a 128-wide scale block), so results
 equal the dequantized model up to rounding (it rounds q * scale to bf16 per weight; this does not)
 and accumulation order. W8A16: decode reads half the weight bytes; the activations stay bf16. `fp8_linear` is the same kernel with one
-"expert" and no gather, for the dense layers; above FP8_LINEAR_MAX_ROWS rows (prefill) it
+"expert" and no gather (K split over several programs when the matrix gives too few tiles), for
+the dense layers; above FP8_LINEAR_MAX_ROWS rows (prefill) it
 dequantizes the weight and uses cuBLAS instead, where the GEMM is compute-bound.
 
 Why hand-written: torch._grouped_mm needs the rows physically sorted (a sort and a gather) and has
@@ -31,6 +33,7 @@ no block-scaled FP8 form in the installed torch; Inductor does not generate grou
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -71,12 +74,18 @@ def _kernels():
             tl.store(OFFS + E + 1, rows)
 
     @triton.jit
-    def grouped_kernel(A, ORDER, OFFS, W, WS, OUT, first, dense_rows, N, K, topk,
-                       stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+    def grouped_kernel(A, ORDER, OFFS, W, WS, OUT, PART, first, dense_rows, N, K, topk,
+                       stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om, stride_ps, stride_pm,
                        SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DENSE: tl.constexpr,
-                       FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SWAP: tl.constexpr, FAST_CVT: tl.constexpr, CVT_ASM: tl.constexpr,
+                       SPLIT_K: tl.constexpr):
         pn = tl.program_id(0)
         el = tl.program_id(1)
+        ks = tl.program_id(2)                       # split-K (dense only): this program's K range
+        k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_lo = ks * k_per
+        k_hi = tl.minimum(K, k_lo + k_per)
         if DENSE:                                   # axis 1 tiles the rows of a dense GEMM
             lo = el * BLOCK_M
             hi = tl.minimum(lo + BLOCK_M, dense_rows)
@@ -94,9 +103,13 @@ def _kernels():
                 arow = tl.load(ORDER + offs_m, mask=mmask, other=0) // topk
             else:
                 arow = offs_m
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            if SWAP:                               # acc^T = W x^T: the weight rows fill the MMA's M side
+                acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                acc2 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            else:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 kmask = offs_k < K
                 a = tl.load(A + arow[:, None].to(tl.int64) * stride_am + offs_k[None, :],
@@ -105,33 +118,85 @@ def _kernels():
                 w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
                 if FP8:      # e4m3 is exact in bf16; the block scale (one per output row in this K tile) after the dot
                     sc = tl.load(s_base + (offs_n // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
-                    acc += tl.dot(a, tl.trans(w.to(A.dtype.element_ty))) * sc[None, :]
+                    if FAST_CVT:
+                        w = tl.inline_asm_elementwise(CVT_ASM, "=r,=r,r", [w.to(tl.uint8, bitcast=True)],
+                                                      dtype=tl.bfloat16, is_pure=True, pack=4)
+                    else:
+                        w = w.to(tl.bfloat16)
+                    w = w.to(A.dtype.element_ty)
+                if SWAP:
+                    part = tl.dot(w, tl.trans(a))
+                    if FP8:
+                        part = part * sc[:, None]
                 else:
-                    acc += tl.dot(a, tl.trans(w))
+                    part = tl.dot(a, tl.trans(w))
+                    if FP8:
+                        part = part * sc[None, :]
+                acc += part
                 if SWIGLU:
                     w2 = tl.load(w_base + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
                     if FP8:
                         sc2 = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
-                        acc2 += tl.dot(a, tl.trans(w2.to(A.dtype.element_ty))) * sc2[None, :]
+                        if FAST_CVT:
+                            w2 = tl.inline_asm_elementwise(CVT_ASM, "=r,=r,r", [w2.to(tl.uint8, bitcast=True)],
+                                                           dtype=tl.bfloat16, is_pure=True, pack=4)
+                        else:
+                            w2 = w2.to(tl.bfloat16)
+                        w2 = w2.to(A.dtype.element_ty)
+                    if SWAP:
+                        part2 = tl.dot(w2, tl.trans(a))
+                        if FP8:
+                            part2 = part2 * sc2[:, None]
                     else:
-                        acc2 += tl.dot(a, tl.trans(w2))
-            if SWIGLU:
-                y = acc / (1.0 + tl.exp(-acc)) * acc2
-            else:
-                y = acc
+                        part2 = tl.dot(a, tl.trans(w2))
+                        if FP8:
+                            part2 = part2 * sc2[None, :]
+                    acc2 += part2
+            if SWAP:
+                acc = tl.trans(acc)
+                acc2 = tl.trans(acc2)
             if SCATTER:
                 orow = tl.load(ORDER + offs_m, mask=mmask, other=0)
             else:
                 orow = offs_m
-            tl.store(OUT + orow[:, None].to(tl.int64) * stride_om + offs_n[None, :], y.to(OUT.dtype.element_ty),
-                     mask=mmask[:, None] & nmask[None, :])
+            omask = mmask[:, None] & nmask[None, :]
+            if SPLIT_K > 1:                         # fp32 partial sums; splitk_reduce_kernel finishes
+                p_ptr = PART + ks * stride_ps + orow[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
+                tl.store(p_ptr, acc, mask=omask)
+                if SWIGLU:
+                    tl.store(p_ptr + N, acc2, mask=omask)
+            else:
+                if SWIGLU:
+                    y = acc / (1.0 + tl.exp(-acc)) * acc2
+                else:
+                    y = acc
+                tl.store(OUT + orow[:, None].to(tl.int64) * stride_om + offs_n[None, :], y.to(OUT.dtype.element_ty),
+                         mask=omask)
 
-    return align_kernel, grouped_kernel
+    @triton.jit
+    def splitk_reduce_kernel(PART, OUT, N, stride_ps, stride_pm, stride_om,
+                             SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+        # out[row] = sum over the splits (then silu(gate) * up for SWIGLU), in a fixed order: deterministic
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        base = PART + row.to(tl.int64) * stride_pm + offs
+        acc = tl.zeros([BLOCK], tl.float32)
+        acc2 = tl.zeros([BLOCK], tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(base + s * stride_ps, mask=mask, other=0.0)
+            if SWIGLU:
+                acc2 += tl.load(base + s * stride_ps + N, mask=mask, other=0.0)
+        if SWIGLU:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc2
+        tl.store(OUT + row.to(tl.int64) * stride_om + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+    return align_kernel, grouped_kernel, splitk_reduce_kernel
 
 
 def align(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Counting sort of pair expert ids: (order [rows] int32, offs [num_experts + 2] int32), see step 1."""
-    align_kernel, _ = _kernels()
+    align_kernel = _kernels()[0]
     rows = flat_ids.numel()
     order = torch.empty(rows, dtype=torch.int32, device=flat_ids.device)
     offs = torch.empty(num_experts + 2, dtype=torch.int32, device=flat_ids.device)
@@ -140,38 +205,116 @@ def align(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
     return order, offs
 
 
-def _tiles(rows_per_group: float, active_groups: int, n: int, elem_bytes: int, sms: int
-           ) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages). M by the expected rows per group; N 64 when that still
-    gives >= 4 programs per SM over the groups that have rows, else 32 (decode streams weights:
-    parallelism is bandwidth); stages as deep as shared memory allows."""
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch's tiling: rows (tokens) per tile, weight rows per tile, K per step, warps, pipeline
+    stages (0: as deep as shared memory allows, at most 4), `swap` (compute W x^T, so that the
+    weight rows are the MMA's M side) and, for a dense launch, `split_k` (K split over that many
+    programs, fp32 partials summed by a second kernel: more programs in flight when a small matrix
+    gives too few N x M tiles)."""
+    block_m: int
+    block_n: int
+    block_k: int = 128
+    warps: int = 4
+    stages: int = 0
+    swap: bool = False
+    split_k: int = 1
+
+
+# Benchmark hooks (scripts/gpu_kernels.py): {"swiglu" | "down" | "dense": TileConfig} replaces choose_tiles;
+# FAST_FP8_CONVERT = False falls back to Triton's own e4m3 -> bf16 conversion.
+TILE_OVERRIDE: dict[str, TileConfig] = {}
+FAST_FP8_CONVERT = True
+
+# FP8 e4m3 -> bf16 for 4 packed bytes with full-rate integer ops (Triton's own conversion compiles to
+# conversion-unit instructions, F2FP + F2F, which bounded the FP8 kernels: docs/performance.md):
+# sign to bit 15, the 7 exponent | mantissa bits shifted into bf16's fields (an e4m3 value times
+# 2^-120, exact, subnormals included), then one bf16x2 multiply by 2^120 (0x7B80) restores the bias.
+# The two NaN codes (0x7F, 0xFF) come out as +-480; quantized weights never hold them. CI executes
+# these instructions by their PTX definitions (tests/model/test_fused_kernels.py).
+FP8_TO_BF16_ASM = """{
+.reg .b32 z, s0, s1, m0, m1, k, nz;
+mov.b32 z, 0;
+mov.b32 k, 0x7B807B80;
+mov.b32 nz, 0x80008000;
+prmt.b32 s0, $2, z, 0x1404;
+prmt.b32 s1, $2, z, 0x3424;
+shr.b32 m0, s0, 4;
+shr.b32 m1, s1, 4;
+and.b32 m0, m0, 0x07F007F0;
+and.b32 m1, m1, 0x07F007F0;
+and.b32 s0, s0, 0x80008000;
+and.b32 s1, s1, 0x80008000;
+or.b32 s0, s0, m0;
+or.b32 s1, s1, m1;
+fma.rn.bf16x2 $0, s0, k, nz;
+fma.rn.bf16x2 $1, s1, k, nz;
+}"""
+
+
+def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, fp8: bool, sms: int,
+                 k: int = 0, rows: int = 0) -> TileConfig:
+    """The tiling of one launch (kind "swiglu" / "down": routed experts, "dense": one weight matrix of
+    n x k over `rows` rows), chosen from `scripts/gpu_kernels.py` on one H200 at the v2-lite shapes
+    (docs/performance.md):
+    - bf16 experts: the swapped orientation with 64-row weight tiles (Hopper's warpgroup MMA), best at
+      1-256 tokens;
+    - FP8 experts: the plain orientation (the swapped one feeds the converted weights through
+      registers and was 1.1-1.9x slower); N 64 when that gives >= 4 programs per SM over the experts
+      that have rows, else 32;
+    - FP8 dense at <= 64 rows: 16-row x 32-column tiles (more programs in flight; rows re-read from
+      L2), K split in two or four while that keeps <= 2 programs per SM and >= 2 K steps per split
+      (one row of a 2048 x 2048 matrix otherwise runs 64 programs on 132 SMs: 6.9 -> 5.7 us; eight
+      splits and splits at 64 rows measured slower); bf16 dense and more rows: the FP8 expert rule.
+    M always by the expected rows per group."""
     block_m = 16 if rows_per_group <= 16 else 32 if rows_per_group <= 32 else 64
+    if kind == "dense" and fp8 and rows_per_group <= 64:
+        block_n = min(32, max(16, next_pow2(n)))
+        programs = -(-n // block_n) * -(-max(rows, 1) // 16)
+        split = 1
+        while split < 4 and 2 * split * programs <= 2 * sms and k >= 2 * split * 2 * 128:
+            split *= 2
+        return TileConfig(16, block_n, split_k=split)
+    if kind != "dense" and not fp8 and n >= 64:
+        return TileConfig(block_m, 64, swap=True)
     block_n = 64 if active_groups * -(-n // 64) >= 4 * sms else 32   # 16-row tiles measured slower at T=1
     block_n = min(block_n, max(16, next_pow2(n)))
-    block_k = 128 if elem_bytes <= 2 else 64
-    per_stage = (block_m + 2 * block_n) * block_k * max(2, elem_bytes)
-    stages = max(1, min(4, 160 * 1024 // per_stage))
-    return block_m, block_n, block_k, stages
+    return TileConfig(block_m, block_n)
 
 
-def _launch(a, order, offs, w, ws, out, first, groups, dense_rows, n, k, topk, swiglu, gather, scatter,
+def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, topk, swiglu, gather, scatter,
             rows_per_group, active_groups):
-    _, grouped_kernel = _kernels()
+    _, grouped_kernel, splitk_reduce_kernel = _kernels()
     fp8 = ws is not None
-    block_m, block_n, block_k, stages = _tiles(rows_per_group, active_groups, n, a.element_size(), sm_count(a.device))
+    cfg = TILE_OVERRIDE.get(kind) or choose_tiles(kind, rows_per_group, active_groups, n, fp8, sm_count(a.device),
+                                                  k, dense_rows)
+    block_k = cfg.block_k if a.element_size() <= 2 else min(cfg.block_k, 64)      # fp32 models: half the K step
+    per_stage = (cfg.block_m * a.element_size() + (2 if swiglu else 1) * cfg.block_n * w.element_size()) * block_k
+    stages = cfg.stages or max(1, min(4, 160 * 1024 // per_stage))
     if not a.is_cuda:
         stages = 1
     dense = offs is None
     if dense:
-        groups = -(-dense_rows // block_m)
+        groups = -(-dense_rows // cfg.block_m)
+    split = cfg.split_k if dense and not scatter else 1
+    part = (torch.empty(split, dense_rows, (2 if swiglu else 1) * n, dtype=torch.float32, device=a.device)
+            if split > 1 else out)
     dummy = out
-    grouped_kernel[(-(-n // block_n), groups)](
+    fast_cvt = FAST_FP8_CONVERT and fp8 and a.is_cuda and not _interpreting()   # inline PTX: not in the interpreter
+    grouped_kernel[(-(-n // cfg.block_n), groups, split)](
         a, order if order is not None else dummy, offs if offs is not None else dummy, w,
-        ws if fp8 else dummy, out, first, dense_rows, n, k, topk,
+        ws if fp8 else dummy, out, part, first, dense_rows, n, k, topk,
         a.stride(0), w.stride(0) if w.dim() == 3 else 0, w.stride(-2),
         (ws.stride(0) if ws.dim() == 3 else 0) if fp8 else 0, ws.stride(-2) if fp8 else 0, out.stride(0),
+        part.stride(0) if split > 1 else 0, part.stride(1) if split > 1 else 0,
         SWIGLU=swiglu, GATHER=gather, SCATTER=scatter, DENSE=dense, FP8=fp8,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SWAP=cfg.swap, FAST_CVT=fast_cvt,
+        CVT_ASM=FP8_TO_BF16_ASM if fast_cvt else "", SPLIT_K=split,
+        num_warps=cfg.warps, num_stages=stages)
+    if split > 1:
+        block = min(1024, max(16, next_pow2(n)))
+        splitk_reduce_kernel[(dense_rows, -(-n // block))](part, out, n, part.stride(0), part.stride(1), out.stride(0),
+                                                            SPLIT_K=split, SWIGLU=swiglu, BLOCK=block, num_warps=4)
 
 
 def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, banks: list,
@@ -192,11 +335,11 @@ def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     per_group = rows / max(1, E)
     active = min(rows, E)                                   # experts that can have rows
     for b in banks:
-        _launch(x, order, offs, b.w13, b.w13_scale, h, b.first, b.count, 0, I, Hd, k, True, True, False, per_group,
-                min(active, b.count))
+        _launch("swiglu", x, order, offs, b.w13, b.w13_scale, h, b.first, b.count, 0, I, Hd, k, True, True, False,
+                per_group, min(active, b.count))
     for b in banks:
-        _launch(h, order, offs, b.w2, b.w2_scale, y, b.first, b.count, 0, Hd, I, k, False, False, True, per_group,
-                min(active, b.count))
+        _launch("down", h, order, offs, b.w2, b.w2_scale, y, b.first, b.count, 0, Hd, I, k, False, False, True,
+                per_group, min(active, b.count))
     combined = torch.bmm(topk_weights.to(x.dtype).view(T, 1, k), y.view(T, k, Hd)).view(T, Hd)
     return combined if out is None else out.add_(combined)
 
@@ -213,7 +356,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -
         x2 = x2.contiguous()
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M:
-        _launch(x2, None, None, weight, scale_inv, out, 0, 1, M, N, K, 1, False, False, False, M, -(-M // 64))
+        _launch("dense", x2, None, None, weight, scale_inv, out, 0, 1, M, N, K, 1, False, False, False, M, -(-M // 64))
     return out.view(*shape[:-1], N)
 
 
@@ -225,7 +368,8 @@ def dense_swiglu(x: torch.Tensor, w13: torch.Tensor, scale: torch.Tensor | None 
     inter = w13.shape[0] // 2
     out = torch.empty(M, inter, dtype=x.dtype, device=x.device)
     if M:
-        _launch(x2, None, None, w13, scale, out, 0, 1, M, inter, x2.shape[1], 1, True, False, False, M, -(-M // 64))
+        _launch("dense", x2, None, None, w13, scale, out, 0, 1, M, inter, x2.shape[1], 1, True, False, False, M,
+                -(-M // 64))
     return out
 
 

@@ -1,0 +1,103 @@
+"""MLA prefill attention: which kernel runs a prefill chunk, and the expanded form they share.
+
+A prefill chunk of q new tokens after c - q cached ones attends in the *expanded* form: each cached
+latent is expanded through kv_b_proj into every head's k_nope and value (one GEMM over the chunk's
+context), the rotated shared key k_pe joins every head, and query position c - q + i sees keys
+0..c - q + i (bottom-right causal). Implementations of one sequence's attention (`attend`):
+
+- "triton": the flash-attention kernel of `kernels/mla_prefill.py` (q and k in their nope/rope
+  parts, k_pe read once for all heads, no concatenation or per-head copy);
+- "cudnn": torch SDPA with the cuDNN backend chosen explicitly (q/k 192, v 128);
+- "flash_pad": torch SDPA's flash backend with v zero-padded to the q/k head dim (flash needs equal
+  dims), the padding sliced off the output;
+- "sdpa": torch SDPA's own choice (the memory-efficient kernel for these dims).
+The SDPA ones fall back to the memory-efficient kernel for chunks after cached tokens (bottom-right
+causal), which only that kernel takes without a materialised mask.
+
+`DWDP_PREFILL_ATTENTION` (read per call) picks one on CUDA; the default stays "sdpa", the path
+measured on the GPU so far, until scripts/gpu_prefill.py (which checks all four against a float64
+reference, times them and re-runs the engine's prefill with the fastest) has measured the others.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from dynamo_dwdp.errors import UserError
+from dynamo_dwdp.model import kernels as fused_kernels
+from dynamo_dwdp.model.batch import ForwardBatch
+from dynamo_dwdp.model.kernels import mla_prefill
+
+IMPLS = ("triton", "cudnn", "flash_pad", "sdpa")
+ENV = "DWDP_PREFILL_ATTENTION"
+
+
+def impl_for(x: torch.Tensor) -> str:
+    """The implementation a prefill chunk on x's device runs: $DWDP_PREFILL_ATTENTION on CUDA
+    (default "sdpa"; "triton" needs Triton); "sdpa" off CUDA."""
+    want = os.environ.get(ENV, "")
+    if want and want not in IMPLS:
+        raise UserError(f"{ENV}={want!r} is not one of {', '.join(IMPLS)}")
+    if not x.is_cuda:
+        return "sdpa"
+    if want == "triton" and not fused_kernels.available():
+        raise UserError(f"{ENV}=triton needs Triton (not importable here, or DWDP_FUSED_KERNELS=0)")
+    return want or "sdpa"
+
+
+def attend(impl: str, q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
+           v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence: q_nope [T, h, N], q_pe [T, h, R], k_nope [S, h, N], k_pe [S, R], v [S, h, V]
+    -> [T, h, V]; the T queries are the last T of S positions (bottom-right causal)."""
+    if impl == "triton":
+        return mla_prefill.mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v, scale)
+    if impl not in IMPLS:
+        raise UserError(f"prefill attention {impl!r} is not one of {', '.join(IMPLS)}")
+    T, h, _ = q_nope.shape
+    S, v_dim = k_nope.shape[0], v.shape[-1]
+    q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1).unsqueeze(0)                      # [1, h, T, N+R]
+    k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(S, h, k_pe.shape[-1])], dim=-1).transpose(0, 1).unsqueeze(0)
+    vv = v.transpose(0, 1).unsqueeze(0)                                                      # [1, h, S, V]
+    causal = T == S
+    if impl == "flash_pad" and causal:
+        vv = F.pad(vv, (0, q.shape[-1] - v_dim))
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            o = F.scaled_dot_product_attention(q, k, vv, is_causal=True, scale=scale)[..., :v_dim]
+    elif impl == "cudnn" and causal:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            o = F.scaled_dot_product_attention(q, k, vv, is_causal=True, scale=scale)
+    elif causal:
+        o = F.scaled_dot_product_attention(q, k, vv, is_causal=True, scale=scale)
+    else:
+        o = F.scaled_dot_product_attention(q, k, vv, attn_mask=causal_lower_right(T, S), scale=scale)
+    return o[0].transpose(0, 1)
+
+
+def expanded_prefill_attention(impl: str, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
+                               kv_layer: torch.Tensor, w_kv_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Every sequence of the batch with new tokens, one at a time: gather its cached [latent | k_pe]
+    rows by block table, expand the latents through w_kv_b [h, N+V, C] in one GEMM (k_nope and v are
+    strided views of its output), attend with `impl`. q_nope [T, h, N], q_pe [T, h, R] -> [T, h, V]."""
+    T, h, N = q_nope.shape
+    C = w_kv_b.shape[-1]
+    v_dim = w_kv_b.shape[1] - N
+    bs = kv_layer.shape[1]
+    w = w_kv_b.reshape(h * (N + v_dim), C)
+    out = q_nope.new_empty(T, h, v_dim)
+    start = 0
+    for b, q_len in enumerate(batch.query_lens):
+        ctx = batch.context_lens_list[b]
+        rows = slice(start, start + q_len)
+        start += q_len
+        if q_len == 0:
+            continue
+        n_blocks = (ctx + bs - 1) // bs
+        lat = kv_layer[batch.block_tables[b, :n_blocks]].reshape(n_blocks * bs, -1)[:ctx]
+        latent, k_pe = lat[:, :C].to(q_nope.dtype), lat[:, C:].to(q_nope.dtype)
+        kv = (latent @ w.t()).view(ctx, h, N + v_dim)
+        out[rows] = attend(impl, q_nope[rows], q_pe[rows], kv[..., :N], k_pe, kv[..., N:], scale)
+    return out
