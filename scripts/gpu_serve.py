@@ -266,19 +266,21 @@ def main() -> int:
     p.add_argument("--config", action="append", default=None, help="settings files (default: the device's)")
     p.add_argument("--graphs", default="graphs/agg.yaml,graphs/disagg_single.yaml")
     p.add_argument("--kv", default="local", choices=("local", "nixl"), help="kv_transfer.backend of disagg graphs")
-    p.add_argument("--concurrency", default="1,4,16,64", type=_concurrency_list,
-                   help="comma list of concurrencies >= 1 (default 1,4,16,64)")
+    p.add_argument("--concurrency", default="1,8,64", type=_concurrency_list,
+                   help="comma list of concurrencies >= 1 (default 1,8,64)")
     p.add_argument("--isl-mean", type=int, default=3072)
     p.add_argument("--osl", type=int, default=256)
-    p.add_argument("--requests-per-point", type=int, default=8)
-    p.add_argument("--requests-per-concurrency", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--point-timeout", type=float, default=120.0)
+    p.add_argument("--requests-per-point", type=int, default=4)
+    p.add_argument("--requests-per-concurrency", type=int, default=1, help="a point sends max(requests per "
+                   "point, this x concurrency) requests (default 1: one wave)")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--point-timeout", type=float, default=60.0)
     p.add_argument("--health-timeout", type=float, default=300.0)
     p.add_argument("--gpus", type=int, default=1, help="physical GPUs the graphs share (TPS/GPU divides by it)")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="engine.max_num_seqs (default: the config's); "
-                   "fewer decode batch buckets to capture at start-up")
-    p.add_argument("--max-model-len", type=int, default=None, help="engine.max_model_len (default: the config's)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="engine.max_num_seqs (default cuda: 64, the "
+                   "largest concurrency, so fewer decode buckets to capture at start-up; cpu: the config's)")
+    p.add_argument("--max-model-len", type=int, default=None, help="engine.max_model_len (default cuda: 9216 "
+                   "= the longest ISL 8192 + OSL, rounded up; cpu: the config's)")
     p.add_argument("--no-fused-kernels", action="store_true",
                    help="DWDP_FUSED_KERNELS=0 for every process (the torch paths: no Triton compiles of the fused "
                         "decode kernels at start-up)")
@@ -305,6 +307,8 @@ def main() -> int:
         a.block_size, a.osl = 16, 8
     else:
         a.block_size = 64
+        a.max_num_seqs = a.max_num_seqs or 64
+        a.max_model_len = a.max_model_len or 9216
     import yaml
 
     model_dir = os.path.join(work, "model")
