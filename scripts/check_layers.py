@@ -42,7 +42,7 @@ LAYERS: dict[str, set[str]] = {
     "dwdp": {"errors", "config", "model", "collectives", "cuda_peer_memory"},
     "baselines": {"errors", "model", "engine", "collectives"},
     "rank": {"errors", "strategies", "config", "model", "engine", "group", "collectives", "dwdp", "baselines"},
-    "worker": {"errors", "strategies", "config", "engine", "group", "rank"},
+    "worker": {"errors", "strategies", "config", "engine", "group", "rank", "cuda_peer_memory"},
     "launch": {"errors", "strategies", "config", "group", "synthetic", "worker"},
     "deploy": {"errors", "strategies", "config", "launch"},
     "planner": {"errors", "strategies", "config", "model", "dwdp"},

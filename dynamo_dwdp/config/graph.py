@@ -192,3 +192,9 @@ def check_compatible(graph: Graph, settings: Settings) -> None:
                 raise ConfigError(f"{label}: {where}: trtllm DWDP needs dwdp.experts_per_rank and "
                                   "dwdp.prefetch_per_peer set (allowed: integers, e.g. 64 and 64 for 256 experts "
                                   "over 4 ranks)")
+    if settings.kv_transfer.backend == "local":
+        devices = {settings.for_pool(p).engine.device for p in graph.pools if p.role != "agg" and p.engine == "native"}
+        if len(devices) > 1:
+            raise ConfigError(f"{label}: kv_transfer.backend local copies between pools of one device kind; the "
+                              f"pools use {', '.join(sorted(devices))} (allowed: one engine.device for prefill "
+                              "and decode pools, or kv_transfer.backend nixl)")

@@ -77,12 +77,17 @@ class ModelSettings:
 # ---------------------------------------------------------------------------------- kv_transfer
 
 
+KV_BACKENDS = ("nixl", "local", "none")
+"""`kv_transfer.backend` values; the worker's `--kv-transfer` takes the same."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class KvTransferSettings:
     """How decode ranks read the prompt's KV blocks from the prefill rank."""
 
-    backend: str = spec("nixl", doc="nixl = NIXL (UCX) reads; none = no transfer (agg graphs)",
-                        choices=("nixl", "none"))
+    backend: str = spec("nixl", doc="nixl = NIXL (UCX) reads, any hosts; local = prefill and decode on one host "
+                                    "(CUDA IPC on GPU, shared memory on CPU; k8s renders nixl); none = no transfer "
+                                    "(agg graphs)", choices=KV_BACKENDS)
     ucx_tls: str | None = spec(None, doc="UCX_TLS for NIXL, e.g. 'tcp,sm,self' on CPU; null = UCX's choice")
     ucx_net_devices: str | None = spec(None, doc="UCX_NET_DEVICES, e.g. 'lo' to keep UCX on loopback; "
                                                  "null = UCX's choice")

@@ -60,6 +60,8 @@ def _k8s_settings(graph: Graph, settings: Settings, image: str | None, namespace
         # loopback-only UCX (a one-machine setting) cannot reach another pod: let UCX pick the pod network
         "kv_transfer.ucx_net_devices": (None if settings.kv_transfer.ucx_net_devices == "lo"
                                         else settings.kv_transfer.ucx_net_devices),
+        # pods of a graph may land on different nodes: the same-host KV path cannot reach across them
+        "kv_transfer.backend": "nixl" if settings.kv_transfer.backend == "local" else settings.kv_transfer.backend,
         "model.path": container_model_path(settings),
         "model.served_name": settings.model.name,
     }

@@ -5,6 +5,7 @@ args      parsed arguments: GroupSpec, EngineSettings, DwdpSettings, passed whol
 backend   the `dynamo.common.backend.LLMEngine` subclass: lifecycle, registration, KV events
 handlers  request <-> engine translation per role (agg / prefill / decode)
 kv_transfer  NIXL prefill -> decode hand-off
+local_kv  the same hand-off when both workers share a host (CUDA IPC / shared memory + a loopback channel)
 metrics   `dwdp_*` Prometheus families
 main      entry point (TP followers run without a Dynamo endpoint)
 """

@@ -28,6 +28,7 @@ from dynamo_dwdp.engine.async_engine import AsyncEngine, EngineBroken
 from dynamo_dwdp.rank.build import build_rank_engine
 from dynamo_dwdp.worker.discovery_guard import DiscoveryGuard
 from dynamo_dwdp.worker.kv_transfer import KvTransferError, NixlKvTransfer
+from dynamo_dwdp.worker.local_kv import LocalKvTransfer
 from dynamo_dwdp.errors import RequestError, UserError
 from dynamo_dwdp.worker.args import WorkerArgs, parse_worker_args
 from dynamo_dwdp.worker.handlers import chunk_from_output, prefill_params, sampling_from_request
@@ -71,11 +72,14 @@ class DwdpWorkerEngine(LLMEngine):
         self.rank_engine = await asyncio.to_thread(build_rank_engine, a.model_path, a.engine, a.group, a.dwdp,
                                                    a.nats_url, a.expert_skew)
         engine = self.rank_engine.engine
+        kv_name = f"dwdp-{a.group.name}-r{a.group.rank}-{worker_id:x}"
         if a.kv_transfer == "nixl" and self.mode != "agg":
-            self.kv = NixlKvTransfer(self.rank_engine.runner.kv_pool, name=f"dwdp-{a.group.name}-r{a.group.rank}-"
-                                     f"{worker_id:x}", hold_timeout=a.kv_hold_timeout)
+            self.kv = NixlKvTransfer(self.rank_engine.runner.kv_pool, name=kv_name, hold_timeout=a.kv_hold_timeout)
+        elif a.kv_transfer == "local" and self.mode != "agg":
+            self.kv = LocalKvTransfer(self.rank_engine.runner.kv_pool, name=kv_name, hold_timeout=a.kv_hold_timeout,
+                                      export=self.mode == "prefill")
         elif self.mode != "agg":
-            raise UserError(f"--disaggregation-mode {self.mode} needs --kv-transfer nixl")
+            raise UserError(f"--disaggregation-mode {self.mode} needs --kv-transfer nixl or local")
         self.ae = AsyncEngine(self.rank_engine)
         self.ae.on_step.append(self._after_step)
         self.ae.on_broken.append(self._on_broken)
@@ -292,7 +296,7 @@ class DwdpWorkerEngine(LLMEngine):
         if self.mode != "decode" or self.kv is None:
             return
         dp = (request.get("prefill_result") or {}).get("disaggregated_params")
-        if isinstance(dp, dict) and dp.get("kv") == "nixl":
+        if isinstance(dp, dict) and dp.get("kv") == self.kv.kind:
             self.kv.decline(dp)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 from dynamo_dwdp.config import schema
 from dynamo_dwdp.config.graph import ROLES
-from dynamo_dwdp.config.settings import Settings
+from dynamo_dwdp.config.settings import KV_BACKENDS, Settings
 from dynamo_dwdp.strategies import NAMES as STRATEGY_NAMES
 
 _FROM_SETTINGS = object()
@@ -123,8 +123,8 @@ WORKER_FLAGS: tuple[WorkerFlag, ...] = (
     WorkerFlag("--dwdp-contention-opt", "settings:dwdp.contention_opt", kind="switch", only="dwdp"),
     WorkerFlag("--dwdp-routed-only", "settings:dwdp.routed_only", kind="switch", only="dwdp"),
     WorkerFlag("--dwdp-transport", "settings:dwdp.transport", only="dwdp"),
-    WorkerFlag("--kv-transfer", "call:kv_transfer", default="nixl", choices=("nixl", "none"),
-               doc="nixl | none (always none for an agg pool)"),
+    WorkerFlag("--kv-transfer", "call:kv_transfer", default="nixl", choices=KV_BACKENDS,
+               doc="nixl | local (same host: CUDA IPC / shared memory) | none (always none for an agg pool)"),
     WorkerFlag("--cuda-graphs", "settings:engine.cuda_graphs", kind="switch"),
     WorkerFlag("--weight-format", "settings:engine.weight_format"),
 )

@@ -37,6 +37,8 @@ def _layout(pool: torch.Tensor) -> dict:
 
 
 class NixlKvTransfer:
+    kind = "nixl"                       # the `kv` value of the descriptors it writes and reads
+
     def __init__(self, kv_pool: torch.Tensor, name: str | None = None, hold_timeout: float = 60.0):
         from nixl._api import nixl_agent, nixl_agent_config
 

@@ -119,7 +119,7 @@ BAD_SETTINGS = [
     ("bad-transport", "dwdp: {transport: rdma}\n", "dwdp.transport", ["auto, shm, cuda_ipc"]),
     ("ipc-on-cpu", "dwdp: {transport: cuda_ipc}\n", "dwdp.transport", ["needs engine.device cuda"]),
     ("bool-as-string", "dwdp: {contention_opt: 'yes'}\n", "dwdp.contention_opt", ["expected true or false"]),
-    ("bad-kv-backend", "kv_transfer: {backend: ucx}\n", "kv_transfer.backend", ["nixl, none"]),
+    ("bad-kv-backend", "kv_transfer: {backend: ucx}\n", "kv_transfer.backend", ["nixl, local, none"]),
     ("bad-infra-mode", "infra: {mode: k8s}\n", "infra.mode", ["embedded, etcd"]),
     ("port-range", "infra: {http_port: 70000}\n", "infra.http_port", ["0..65535"]),
     ("namespace-not-dns", "infra: {namespace: My_NS}\n", "infra.namespace", ["not a DNS label"]),
@@ -214,3 +214,19 @@ def test_trtllm_dwdp_needs_cutedsl_and_L_P(tmp_path):
     with pytest.raises(ConfigError) as e:
         check_compatible(graph, load_settings([gb], {"trtllm.prefill.eplb_slots": 288}))
     assert "EPLB" in _one_line(e.value)
+
+
+def test_local_kv_needs_one_device_kind_for_prefill_and_decode(tmp_path):
+    """The same-host KV path copies pool to pool: a CPU prefill and a CUDA decode cannot use it."""
+    graph_file = tmp_path / "g.yaml"
+    graph_file.write_text((ROOT / "graphs" / "disagg_single.yaml").read_text().replace(
+        "    role: decode\n    strategy: single\n    ranks: 1\n    replicas: 1\n",
+        "    role: decode\n    strategy: single\n    ranks: 1\n    replicas: 1\n"
+        "    overrides: {engine: {device: cpu, cuda_graphs: false}, dwdp: {transport: auto}}\n"))
+    graph = load_graph(str(graph_file))
+    with pytest.raises(ConfigError, match=r"kv_transfer.backend local .* cpu, cuda") as e:
+        check_compatible(graph, load_settings([str(ROOT / "configs" / "h200-v2lite.yaml")],
+                                              {"kv_transfer.backend": "local", "k8s.gpus_per_rank": None}))
+    assert "\n" not in str(e.value)
+    check_compatible(graph, load_settings([str(ROOT / "configs" / "h200-v2lite.yaml")],
+                                          {"k8s.gpus_per_rank": None}))                 # nixl: allowed

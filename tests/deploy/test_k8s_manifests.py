@@ -202,3 +202,15 @@ def test_upstream_examples_pass_the_schema_layer(path, jsonschema_validator):
         else:
             assert doc["apiVersion"] == "nvidia.com/v1alpha1"
             assert problems == ["apiVersion: 'nvidia.com/v1alpha1' is the wrong version (allowed: nvidia.com/v1beta1)"]
+
+
+def test_same_host_kv_backend_renders_nixl_for_pods():
+    """`kv_transfer.backend: local` is a one-host setting: every k8s worker is rendered with NIXL, and
+    the other argv is the one the nixl setting gives."""
+    graph = load_graph(str(ROOT / "graphs" / "disagg_single.yaml"))
+    config = str(ROOT / "configs" / "h200-v2lite.yaml")
+    local = render_graph(graph, load_settings([config], {"kv_transfer.backend": "local"}))
+    nixl = render_graph(graph, load_settings([config], {"kv_transfer.backend": "nixl"}))
+    text = json.dumps(local)
+    assert "--kv-transfer" in text and '"local"' not in text
+    assert local == nixl

@@ -46,7 +46,7 @@ def worker_spec() -> argparse.ArgumentParser:
     p.add_argument("--dwdp-contention-opt", action="store_true")
     p.add_argument("--dwdp-routed-only", action="store_true")
     p.add_argument("--dwdp-transport", choices=["auto", "shm", "cuda_ipc"])
-    p.add_argument("--kv-transfer", required=True, choices=["nixl", "none"])
+    p.add_argument("--kv-transfer", required=True, choices=["nixl", "local", "none"])
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--weight-format", required=True, choices=["native", "fp8-block"])
     return p

@@ -5,7 +5,7 @@ length (temperature 0, ignore_eos), against independent references: `dynamo-dwdp
 same prompt (completions) and on the chat-templated token ids that transformers' AutoTokenizer
 builds from the model directory (chat). Disagg graphs: prefill and decode served by different
 workers, each one a worker of the right pool (ids matched against every rank's /metrics labels), and
-KV bytes moved by NIXL on the decode worker that served the request. Worker-side rejections come
+KV bytes moved (NIXL, or the same-host path for `disagg_single:local`) on the decode worker that served the request. Worker-side rejections come
 back as 400 with the engine's message and the graph keeps serving. Every TCP listener of the
 served process trees is on loopback (/proc/net/tcp{,6}). Nothing is left running afterwards.
 
@@ -31,7 +31,8 @@ import pytest
 from tests.conftest import PY, REPO
 
 CONFIG = str(REPO / "configs" / "tiny-cpu.yaml")
-GRAPHS = ["agg", "disagg_dwdp_decode", "disagg_dwdp_prefill", "disagg_dep", "disagg_tp"]
+# graph file[:kv_transfer.backend]: disagg_single also runs the same-host KV path (shared memory on CPU)
+GRAPHS = ["agg", "disagg_dwdp_decode", "disagg_dwdp_prefill", "disagg_dep", "disagg_tp", "disagg_single:local"]
 HTTP_TIMEOUT = 60.0               # every client call: seconds per socket operation
 TEST_WORKER_ENV = {
     "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS": "0",   # Dynamo's 5 s pre-drain sleep: nothing to drain here
@@ -393,9 +394,11 @@ def eos_at(model_dir, refs) -> int:
 def served(request, model_dir, refs, eos_at, tmp_path_factory):
     from dynamo_dwdp.launch.launcher import serve_graph
 
-    run_dir = tmp_path_factory.mktemp(f"run-{request.param}")
+    graph, _, kv = request.param.partition(":")
+    run_dir = tmp_path_factory.mktemp(f"run-{graph}-{kv or 'default'}")
     pids: set[int] = set()
-    with serve_graph(str(REPO / "graphs" / f"{request.param}.yaml"), [CONFIG], overrides={"model.path": model_dir},
+    overrides = {"model.path": model_dir, **({"kv_transfer.backend": kv} if kv else {})}
+    with serve_graph(str(REPO / "graphs" / f"{graph}.yaml"), [CONFIG], overrides=overrides,
                      log_dir=str(run_dir), http_port=0, worker_env=TEST_WORKER_ENV) as h:
         s = Served(h)
         pids = s.pids
