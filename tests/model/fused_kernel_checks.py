@@ -38,8 +38,9 @@ def rel(a, b) -> float:
 
 def router_matches_reference() -> None:
     """Two kernels vs the torch noaux_tc router: same expert sets, same weights (grouped and flat,
-    normalised or not, with correction bias and skew)."""
-    for E, G, TG, K, T, H, norm in ((64, 1, 1, 6, 5, 96, False), (32, 4, 2, 4, 19, 200, True), (16, 8, 3, 3, 3, 64, True)):
+    normalised or not, with correction bias and skew; prefill-sized batches with cuBLAS logits)."""
+    for E, G, TG, K, T, H, norm in ((64, 1, 1, 6, 5, 96, False), (32, 4, 2, 4, 19, 200, True), (16, 8, 3, 3, 3, 64, True),
+                                    (32, 4, 2, 4, router.LOGITS_KERNEL_MAX_ROWS + 3, 64, True)):
         cfg = SimpleNamespace(topk_method="noaux_tc", uses_correction_bias=True,
                               n_routed_experts=E, hidden_size=H, n_group=G, topk_group=TG, num_experts_per_tok=K,
                               norm_topk_prob=norm, routed_scaling_factor=2.5)

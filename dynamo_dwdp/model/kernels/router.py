@@ -14,6 +14,10 @@ the lower expert id.
 2. `select_kernel`: sums the partials in a fixed order and does the whole selection in registers.
 Replaces ~20 small torch kernels per layer (casts, sigmoid, adds, two top-k, scatter, masked_fill,
 gather, normalisation); Inductor fuses the elementwise part but not the selections.
+
+Above LOGITS_KERNEL_MAX_ROWS tokens (prefill) the logits come from cuBLAS instead (fp32, as one
+"partial" for `select_kernel`): the logits kernel's 16x16 tiles suit decode's few rows, and at 8192
+rows it took 647 us per layer on an H200 (profile of an 8K-token prefill, 2026-12-01), about 3 TFLOP/s.
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ import functools
 import torch
 
 from dynamo_dwdp.model.kernels import next_pow2, sm_count
+
+
+LOGITS_KERNEL_MAX_ROWS = 512      # decode's CUDA-graph batches (<= 256 rows) stay on the Triton logits kernel
 
 
 @functools.cache
@@ -135,16 +142,20 @@ def noaux_tc_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sk
     x = x if x.stride(1) == 1 else x.contiguous()
     # expert tile: 16 for <= 64 experts (more programs; v2-lite: 15.7 -> 11.9 us at 64 tokens on an H200),
     # 64 above (V3's 256 experts: 51.6 us at 64, 98.0 us at 16)
-    block_t, block_e, block_k = 16, 16 if E <= 64 else 64, 64
-    tiles = -(-T // block_t) * -(-E // block_e)
-    sms = sm_count(x.device)
-    splits = max(1, min(-(-H // (2 * block_k)), -(-2 * sms // tiles)))      # >= 2 K tiles per split
-    k_per = -(-(-(-H // splits)) // block_k) * block_k
-    splits = -(-H // k_per)
-    partial = torch.empty(splits, T, E, dtype=torch.float32, device=x.device)
-    logits_kernel[(-(-T // block_t), -(-E // block_e), splits)](
-        x, weight, partial, T, E, H, k_per, x.stride(0), weight.stride(0), partial.stride(0), partial.stride(1),
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4)
+    if T > LOGITS_KERNEL_MAX_ROWS:                                         # prefill: cuBLAS fp32 logits
+        partial = torch.nn.functional.linear(x.float(), weight.float()).unsqueeze(0)
+        splits = 1
+    else:
+        block_t, block_e, block_k = 16, 16 if E <= 64 else 64, 64
+        tiles = -(-T // block_t) * -(-E // block_e)
+        sms = sm_count(x.device)
+        splits = max(1, min(-(-H // (2 * block_k)), -(-2 * sms // tiles)))      # >= 2 K tiles per split
+        k_per = -(-(-(-H // splits)) // block_k) * block_k
+        splits = -(-H // k_per)
+        partial = torch.empty(splits, T, E, dtype=torch.float32, device=x.device)
+        logits_kernel[(-(-T // block_t), -(-E // block_e), splits)](
+            x, weight, partial, T, E, H, k_per, x.stride(0), weight.stride(0), partial.stride(0), partial.stride(1),
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4)
     ep = next_pow2(E)
     sel_t = max(1, min(16, 2048 // ep))
     select_kernel[(-(-T // sel_t),)](
