@@ -146,9 +146,7 @@ def check_decode_kernel(rows: list) -> None:
 
 def check_attention_and_graphs(rows: list, tmp: str) -> None:
     from dynamo_dwdp.config.engine import EngineSettings
-    from dynamo_dwdp.engine.engine_core import EngineCore
     from dynamo_dwdp.engine.model_runner import ModelRunner
-    from dynamo_dwdp.engine.sampling import SamplingParams
     from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
     from dynamo_dwdp.model.moe_executor import LocalExecutor
 
@@ -802,7 +800,7 @@ def main() -> int:
         return table
 
     results = bench(model, jsonl, setups, a.hw, on_done=write)
-    table = write(results)
+    write(results)
     if not a.skip_matrix and "matrix" in only:
         run_matrices(model, ngpu, a)
     print(open(os.path.join(a.out, "gpu_perf.md")).read())
