@@ -36,6 +36,7 @@ from dynamo_dwdp.model import mla_decode  # noqa: E402
 from dynamo_dwdp.model.kernels import moe_gemm  # noqa: E402
 from dynamo_dwdp.model.kernels.moe_gemm import TileConfig  # noqa: E402
 from dynamo_dwdp.model.mla_decode import DecodeConfig  # noqa: E402
+from gpu_perf import graph_us  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 T0 = time.perf_counter()
 E, H, I, TOPK = 64, 2048, 1408, 6
@@ -274,30 +275,6 @@ def compile_worker(cases: list) -> list:
     return errs
 
 
-def graph_us(fn, reps: int = 30) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(10):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2] * 1e3 / 10
-
-
 def check_and_time(kind: str, p: dict) -> dict:
     apply(kind, p)
     fn = case_fn(kind, p, 3)
@@ -332,7 +309,7 @@ def check_and_time(kind: str, p: dict) -> dict:
         rec["rel_err"] = worst
         rec["tol"] = 2e-2
         nbytes = p["batch"] * CTX * (C + R) * 2
-    rec["us"] = graph_us(fn)
+    rec["us"] = graph_us(fn, reps=30)
     rec["GBps"] = nbytes / rec["us"] / 1e3
     rec["ok"] = rec["rel_err"] < rec["tol"]
     return rec

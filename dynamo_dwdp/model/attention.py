@@ -189,20 +189,11 @@ def sdpa_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, batch: Forw
     """
     T, h, _ = q_nope.shape
     C = w_uk.shape[-1]
-    bs = kv_layer.shape[1]
     out = q_nope.new_empty(T, h, w_uv.shape[1])
     # fp32 on CUDA: the math backend (plain fp32 GEMMs); the memory-efficient kernel computes fp32 as 3xTF32
     math_only = q_nope.is_cuda and q_nope.dtype == torch.float32
-    start = 0
-    for b, q_len in enumerate(batch.query_lens):
-        ctx = batch.context_lens_list[b]
-        rows = slice(start, start + q_len)
-        start += q_len
-        if q_len == 0:
-            continue
-        n_blocks = (ctx + bs - 1) // bs
-        lat = kv_layer[batch.block_tables[b, :n_blocks]].reshape(n_blocks * bs, -1)[:ctx]
-        latent, k_pe = lat[:, :C].to(q_nope.dtype), lat[:, C:].to(q_nope.dtype)
+    for rows, latent, k_pe in prefill_attention.cached_sequences(batch, kv_layer, C, q_nope.dtype):
+        ctx, q_len = latent.shape[0], rows.stop - rows.start
         k_nope = torch.einsum("sc,hnc->hsn", latent, w_uk)
         k = torch.cat([k_nope, k_pe.unsqueeze(0).expand(h, ctx, k_pe.shape[-1])], dim=-1)
         v = torch.einsum("sc,hvc->hsv", latent, w_uv)

@@ -77,17 +77,11 @@ def attend(impl: str, q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Te
     return o[0].transpose(0, 1)
 
 
-def expanded_prefill_attention(impl: str, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
-                               kv_layer: torch.Tensor, w_kv_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """Every sequence of the batch with new tokens, one at a time: gather its cached [latent | k_pe]
-    rows by block table, expand the latents through w_kv_b [h, N+V, C] in one GEMM (k_nope and v are
-    strided views of its output), attend with `impl`. q_nope [T, h, N], q_pe [T, h, R] -> [T, h, V]."""
-    T, h, N = q_nope.shape
-    C = w_kv_b.shape[-1]
-    v_dim = w_kv_b.shape[1] - N
+def cached_sequences(batch: ForwardBatch, kv_layer: torch.Tensor, latent_dim: int, dtype: torch.dtype):
+    """Each sequence of the batch that has new tokens: (its rows of the batch's queries, its cached
+    latents [ctx, C], its rotated shared keys k_pe [ctx, R]), gathered by block table, in `dtype`.
+    ctx counts the cached and the new tokens (the new ones' cache rows are written before attention)."""
     bs = kv_layer.shape[1]
-    w = w_kv_b.reshape(h * (N + v_dim), C)
-    out = q_nope.new_empty(T, h, v_dim)
     start = 0
     for b, q_len in enumerate(batch.query_lens):
         ctx = batch.context_lens_list[b]
@@ -97,7 +91,20 @@ def expanded_prefill_attention(impl: str, q_nope: torch.Tensor, q_pe: torch.Tens
             continue
         n_blocks = (ctx + bs - 1) // bs
         lat = kv_layer[batch.block_tables[b, :n_blocks]].reshape(n_blocks * bs, -1)[:ctx]
-        latent, k_pe = lat[:, :C].to(q_nope.dtype), lat[:, C:].to(q_nope.dtype)
-        kv = (latent @ w.t()).view(ctx, h, N + v_dim)
+        yield rows, lat[:, :latent_dim].to(dtype), lat[:, latent_dim:].to(dtype)
+
+
+def expanded_prefill_attention(impl: str, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
+                               kv_layer: torch.Tensor, w_kv_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Every sequence of the batch with new tokens, one at a time: gather its cached [latent | k_pe]
+    rows by block table, expand the latents through w_kv_b [h, N+V, C] in one GEMM (k_nope and v are
+    strided views of its output), attend with `impl`. q_nope [T, h, N], q_pe [T, h, R] -> [T, h, V]."""
+    T, h, N = q_nope.shape
+    C = w_kv_b.shape[-1]
+    v_dim = w_kv_b.shape[1] - N
+    w = w_kv_b.reshape(h * (N + v_dim), C)
+    out = q_nope.new_empty(T, h, v_dim)
+    for rows, latent, k_pe in cached_sequences(batch, kv_layer, C, q_nope.dtype):
+        kv = (latent @ w.t()).view(latent.shape[0], h, N + v_dim)
         out[rows] = attend(impl, q_nope[rows], q_pe[rows], kv[..., :N], k_pe, kv[..., N:], scale)
     return out
