@@ -114,13 +114,18 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_set_result, fut, result)
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop per step (not one per
+        output: each `call_soon_threadsafe` takes a lock and writes to the loop's self-pipe)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outs:
             entry = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
             if entry is not None:
                 loop, q = entry
-                loop.call_soon_threadsafe(q.put_nowait, out)
+                batches.setdefault(loop, []).append((q, out))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     # ------------------------------------------------------------------ asyncio side
     async def call(self, fn: Callable[[Any], Any]) -> Any:
@@ -189,6 +194,11 @@ def _safe(fn, *args) -> None:
         fn(*args)
     except Exception:                  # a callback must never kill the engine thread
         log.exception("engine callback failed")
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
 
 
 def _set_result(fut: asyncio.Future, value) -> None:
