@@ -1,8 +1,9 @@
 """Host-path benchmark (`dynamo-dwdp bench host`): what a decode step costs outside the model forward.
 
-Everything is real except the forward: `FakeForwardRunner.execute` returns float32 logits of the right
-shape (rows of a seeded random buffer, copied) and its own time is measured and subtracted, exactly as
-the worker's `dwdp_step_seconds` counter is taken around the real forward. What is left is the host
+Everything is real except the forward: `FakeForwardRunner.execute` builds the step's `ForwardBatch`
+(host work of an eager step, outside the forward timer in `ModelRunner.execute` too) and returns
+float32 logits of the right shape (rows of a seeded random buffer, copied); that copy is timed and
+subtracted, as the worker's `dwdp_step_seconds` counter is taken around the real forward. What is left is the host
 path of one step at batch B: scheduling, block accounting, batch building, sampling, stop checks,
 output objects, and (at the upper levels) delivery to the streams.
 
@@ -36,6 +37,7 @@ from dynamo_dwdp.engine.async_engine import AsyncEngine
 from dynamo_dwdp.engine.engine_core import EngineCore
 from dynamo_dwdp.engine.sampling import SamplingParams
 from dynamo_dwdp.errors import UserError
+from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.step_stats import ExecutorStats
 
 LEVELS = ("core", "async", "worker")
@@ -75,6 +77,8 @@ class FakeForwardRunner:
         self._logits = torch.randn(self._rows, shape.vocab_size, generator=g) * 3.0
 
     def execute(self, token_chunks, start_positions, block_tables, want_logits) -> torch.Tensor:
+        # host work of an eager step, outside the worker's forward timer as in ModelRunner.execute
+        ForwardBatch.build(token_chunks, start_positions, block_tables, self.config.block_size, want_logits)
         t0 = time.perf_counter()
         n = sum(1 for w in want_logits if w)
         reps = -(-n // self._rows) if n else 0

@@ -145,7 +145,8 @@ class AsyncEngine:
                        hold_kv: bool = False, prefilled: bool = False,
                        cached_tokens: int = 0) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. With prefilled=True the request was `reserve`d and its KV
-        filled by a transfer; it starts decoding at once."""
+        filled by a transfer; it starts decoding at once. Outputs that queued up while the consumer
+        was busy come as one (their tokens concatenated, in order; the last one's state)."""
         if self.broken is not None:
             raise EngineBroken(self.broken)
         loop = asyncio.get_running_loop()
@@ -165,8 +166,16 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             raise
         try:
+            pending: RequestOutput | None = None
             while True:
-                out: RequestOutput = await q.get()
+                out: RequestOutput = pending or await q.get()
+                pending = None
+                while not out.finished and not q.empty():     # the consumer fell behind: one chunk
+                    nxt = q.get_nowait()                     # for everything queued, not one per token
+                    if nxt.error is not None:                # an error stays its own output
+                        pending = nxt
+                        break
+                    out = _merge(out, nxt)
                 yield out
                 if out.finished:
                     return
@@ -194,6 +203,13 @@ def _safe(fn, *args) -> None:
         fn(*args)
     except Exception:                  # a callback must never kill the engine thread
         log.exception("engine callback failed")
+
+
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """a then b (b is later) as one output: all new tokens, b's state and counts."""
+    return RequestOutput(b.request_id, a.new_token_ids + b.new_token_ids, b.finished, b.finish_reason,
+                         b.num_prompt_tokens, b.num_output_tokens, b.num_cached_tokens, b.num_computed_prompt_tokens,
+                         b.error)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -190,8 +190,8 @@ def test_async_engine_streams_match_the_engine_core_run():
 
     async def one(i):
         outs = [o async for o in ae.generate(f"r{i}", prompts[i], params[i])]
-        assert all(len(o.new_token_ids) == 1 for o in outs) and [o.finished for o in outs][-1]
-        assert not any(o.finished for o in outs[:-1])
+        assert all(o.new_token_ids for o in outs) and outs[-1].finished and not any(o.finished for o in outs[:-1])
+        assert outs[-1].num_output_tokens == 5 + i
         return [t for o in outs for t in o.new_token_ids], outs[-1].finish_reason
 
     async def main():
@@ -204,6 +204,31 @@ def test_async_engine_streams_match_the_engine_core_run():
     for i, (toks, reason) in enumerate(got):
         assert (toks, reason) == ref[f"r{i}"] == (expected_chain(prompts[i], 5 + i), "length")
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_consumer_that_falls_behind_gets_the_queued_tokens_as_one_output():
+    """Outputs queued while the consumer was away come as one: same tokens, in order, final state."""
+    engine = chain_engine()
+    ae = AsyncEngine(CoreOnlyRank(engine)).start()
+    prompt, n = [4, 8, 15], 9
+
+    async def main():
+        stream = ae.generate("slow", prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        first = await stream.__anext__()
+        while await ae.call(lambda e: "slow" in e.requests):      # the engine finishes meanwhile
+            await asyncio.sleep(0.01)
+        rest = [o async for o in stream]
+        return first, rest
+
+    try:
+        first, rest = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        ae.stop()
+    outs = [first] + rest                    # `first` may already hold several tokens on a slow machine
+    assert len(outs) <= 2, "queued outputs were not merged"
+    assert [t for o in outs for t in o.new_token_ids] == expected_chain(prompt, n)
+    assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == n
+    assert not any(o.finished for o in outs[:-1])
 
 
 def test_async_engine_abort_ends_the_stream_and_frees_blocks():
