@@ -12,7 +12,10 @@ Levels (each at every batch size):
 - async:  `AsyncEngine` (engine thread) + one asyncio consumer per request;
 - worker: the worker's `generate` async generator (Dynamo's request dict in, output chunk dicts out;
           metrics and its after-step hook included), consumed directly: no frontend, no Dynamo
-          runtime, so Dynamo's own per-chunk cost (Rust bridge, request plane) is not in the figure.
+          runtime, so Dynamo's own per-chunk cost (Rust bridge, request plane) is not in the figure;
+- dynamo: that cost alone: B streams of `steps` one-token chunks from an echo handler (no engine)
+          through Dynamo's runtime in this process (in-memory discovery, TCP request plane), server
+          and client both here; "host ms per step" = the time to move B chunks.
 
 The B requests are admitted and prefilled first (untimed); the timed window is `steps` pure decode
 steps with B running sequences. Requests are built as the A/B harness sends them by default
@@ -40,7 +43,7 @@ from dynamo_dwdp.errors import UserError
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.step_stats import ExecutorStats
 
-LEVELS = ("core", "async", "worker")
+LEVELS = ("core", "async", "worker", "dynamo")
 SCHEMA = "dynamo-dwdp/bench-host/1"
 
 
@@ -291,7 +294,10 @@ class HostResult:
 
 
 def run_point(point: HostPoint, level: str, worker_stream: StreamFactory | None = None,
-              worker_setup: Callable[[AsyncEngine], None] | None = None, profile: bool = False) -> HostResult:
+              worker_setup: Callable[[AsyncEngine], None] | None = None, profile: bool = False,
+              dynamo_chunks: Callable[[int, int], float] | None = None) -> HostResult:
+    """`dynamo_chunks(streams, chunks_per_stream) -> seconds` is the dynamo level's measurement
+    (worker/host_path.py: Dynamo's request plane alone, no engine)."""
     point.validate()
     if level == "core":
         w = run_core(point, profile)
@@ -301,6 +307,10 @@ def run_point(point: HostPoint, level: str, worker_stream: StreamFactory | None 
         if worker_stream is None:
             raise UserError("bench host: the worker level needs the worker's stream (run it from the CLI)")
         w = run_async(point, worker_stream, profile, worker_setup)
+    elif level == "dynamo":
+        if dynamo_chunks is None:
+            raise UserError("bench host: the dynamo level needs Dynamo's runtime (run it from the CLI)")
+        w = Window(point.steps, dynamo_chunks(point.batch, point.steps), 0.0)
     else:
         raise UserError(f"--levels: {level!r} is not one of {', '.join(LEVELS)}")
     return HostResult(point, level, w)

@@ -45,7 +45,7 @@ dynamo_dwdp/bench/engine_bench.py). Errors print "error: ..." and exit 2.
 
 HOST_EPILOG = """\
 examples:
-  # the default sweep: batch 1, 8, 64, 256 at the EngineCore, AsyncEngine and worker levels
+  # the default sweep: batch 1, 8, 64, 256 at the EngineCore, AsyncEngine, worker and Dynamo levels
   dynamo-dwdp bench host
 
   # per-sequence Python work only (tiny vocabulary: the sampling math is negligible), with a profile
@@ -121,7 +121,8 @@ def register(subparsers) -> None:
                        description=host_bench.__doc__, epilog=HOST_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     h.add_argument("--batch", default="1,8,64,256", help="running sequences, comma list (default 1,8,64,256)")
-    h.add_argument("--levels", default="core,async,worker", help="comma list of core, async, worker (default all)")
+    h.add_argument("--levels", default="core,async,worker,dynamo",
+                   help="comma list of core, async, worker, dynamo (default all)")
     h.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens per request (default 1024)")
     h.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
     h.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (default 4)")
@@ -243,15 +244,16 @@ def run_host(args) -> int:
         raise UserError(f"--levels {args.levels!r}: choose from {', '.join(host_bench.LEVELS)}")
     points = [host_bench.HostPoint(b, args.prompt_len, args.steps, args.warmup, args.vocab, args.temperature,
                                    args.top_p).validate() for b in _ints(args.batch, "--batch")]
-    setup = stream = None
-    if "worker" in levels:
-        from dynamo_dwdp.worker.host_path import worker_stream  # local import: needs Dynamo's Python package
+    setup = stream = chunks = None
+    if "worker" in levels or "dynamo" in levels:
+        from dynamo_dwdp.worker.host_path import dynamo_chunk_seconds, worker_stream  # local import: needs Dynamo
 
         setup, stream = worker_stream()
+        chunks = dynamo_chunk_seconds
     results = []
     for level in levels:
         for point in points:
-            r = host_bench.run_point(point, level, stream, setup, profile=args.profile)
+            r = host_bench.run_point(point, level, stream, setup, profile=args.profile, dynamo_chunks=chunks)
             results.append(r)
             if args.json:
                 print(json.dumps(r.as_dict(), sort_keys=True), flush=True)

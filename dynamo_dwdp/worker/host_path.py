@@ -1,4 +1,5 @@
-"""The worker's request path without a Dynamo runtime (for `dynamo-dwdp bench host`).
+"""The worker's request path for `dynamo-dwdp bench host`: without a Dynamo runtime (`worker_stream`),
+and Dynamo's request plane alone (`dynamo_chunk_seconds`).
 
 `worker_stream(args)` wraps a running `AsyncEngine` in a `DwdpWorkerEngine` (agg role) and returns
 (setup, stream): `setup(ae)` hooks the worker's after-step callback onto the engine, and
@@ -7,6 +8,9 @@ dict, with a minimal context (an id; never stopped). Everything the worker does 
 (request translation, metrics, chunk dicts); the frontend and Dynamo's Rust bridge do not.
 """
 from __future__ import annotations
+
+import asyncio
+import time
 
 from dynamo_dwdp.worker.args import parse_worker_args
 from dynamo_dwdp.worker.backend import DwdpWorkerEngine
@@ -34,3 +38,38 @@ def worker_stream(model_name: str = "host-bench"):
         return worker.generate(request, _Context(rid))
 
     return setup, stream
+
+
+async def _echo(request: dict, context):
+    for i in range(request["n"]):
+        yield {"token_ids": [i], "index": 0}
+
+
+def dynamo_chunk_seconds(streams: int, chunks: int) -> float:
+    """Seconds to stream `streams` x `chunks` one-token chunks through Dynamo's runtime (an echo
+    endpoint served and called in this process: in-memory discovery, TCP request plane)."""
+    from dynamo._core import DistributedRuntime  # local import: Dynamo's runtime only where measured
+
+    async def main() -> float:
+        runtime = DistributedRuntime(asyncio.get_running_loop(), "mem", "tcp")
+        endpoint = runtime.endpoint("hostbench.echo.generate")
+        serving = asyncio.ensure_future(endpoint.serve_endpoint(_echo))
+        try:
+            client = await endpoint.client()
+            await client.wait_for_instances()
+
+            async def one(n: int) -> int:
+                return sum([1 async for _ in await client.round_robin({"n": n})])
+
+            await one(4)                                   # connections up
+            t0 = time.perf_counter()
+            got = await asyncio.gather(*(one(chunks) for _ in range(streams)))
+            seconds = time.perf_counter() - t0
+            if sum(got) != streams * chunks:
+                raise RuntimeError(f"echo streams returned {sum(got)} chunks, expected {streams * chunks}")
+            return seconds
+        finally:
+            runtime.shutdown()
+            serving.cancel()
+
+    return asyncio.run(main())
