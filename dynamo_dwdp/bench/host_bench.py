@@ -17,6 +17,9 @@ Levels (each at every batch size):
           through Dynamo's runtime in this process (in-memory discovery, TCP request plane), server
           and client both here; "host ms per step" = the time to move B chunks.
 
+The core level also counts top-level tensor ops and `.item()` host syncs per decode step
+(torch.profiler, on steps after the timed window): on a GPU each op is a launch and each sync a stall.
+
 The B requests are admitted and prefilled first (untimed); the timed window is `steps` pure decode
 steps with B running sequences. Requests are built as the A/B harness sends them by default
 (temperature 1 unless --temperature, ignore_eos, min_tokens = max_tokens: exact output lengths).
@@ -45,6 +48,7 @@ from dynamo_dwdp.model.step_stats import ExecutorStats
 
 LEVELS = ("core", "async", "worker", "dynamo")
 SCHEMA = "dynamo-dwdp/bench-host/1"
+OP_COUNT_STEPS = 2            # core level: decode steps after the timed window, run under torch.profiler
 
 
 @dataclass
@@ -144,7 +148,7 @@ class HostPoint:
 
     @property
     def max_tokens(self) -> int:
-        return self.warmup + self.steps + 1          # + the token the prefill step samples
+        return self.warmup + self.steps + 1 + OP_COUNT_STEPS    # + the prefill step's token, + counted steps
 
     def engine_settings(self) -> EngineSettings:
         per_seq = -(-(self.prompt_len + self.max_tokens + 1) // self.block_size)
@@ -181,6 +185,8 @@ class Window:
     wall_s: float = 0.0
     forward_s: float = 0.0
     profile: str | None = None
+    ops_per_step: float | None = None        # core level only (count_ops)
+    syncs_per_step: float | None = None
 
     def host_ms(self) -> float:
         return (self.wall_s - self.forward_s) / max(1, self.steps) * 1e3
@@ -209,7 +215,21 @@ def run_core(point: HostPoint, profile: bool = False) -> Window:
     w = Window(n, time.perf_counter() - t0, stats.step_seconds - f0)
     if prof:
         w.profile = _profile_text(prof)
+    w.ops_per_step, w.syncs_per_step = count_ops(engine, OP_COUNT_STEPS)
     return w
+
+
+def count_ops(engine: EngineCore, steps: int) -> tuple[float, float]:
+    """Top-level tensor ops (on a GPU: kernel launches or host-side tensor work) and `.item()` host
+    syncs per decode step, counted with torch.profiler over `steps` untimed steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+    ops = [e.name for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+    syncs = sum(1 for n in ops if n in ("aten::item", "aten::_local_scalar_dense"))
+    return len(ops) / steps, syncs / steps
 
 
 StreamFactory = Callable[[AsyncEngine, str, dict, HostPoint], AsyncIterator]
@@ -245,16 +265,16 @@ def run_async(point: HostPoint, stream: StreamFactory | None = None, profile: bo
     prof = cProfile.Profile() if profile else None
 
     async def consume(i: int, prompt: list[int]) -> int:
-        n = 0
-        async for _ in open_streams(ae, f"r{i}", point.request(prompt), point):
-            n += 1
+        n = 0                                       # tokens (a chunk may carry several)
+        async for out in open_streams(ae, f"r{i}", point.request(prompt), point):
+            n += len(out["token_ids"] if isinstance(out, dict) else out.new_token_ids)
         return n
 
     async def main() -> None:
         counts = await asyncio.gather(*(consume(i, p) for i, p in enumerate(point.prompts())))
         mark["t1"] = time.perf_counter()
         if any(c < point.max_tokens for c in counts):
-            raise RuntimeError(f"streams ended early: {sorted(counts)[:4]}... chunks (expected {point.max_tokens})")
+            raise RuntimeError(f"streams ended early: {sorted(counts)[:4]}... tokens (expected {point.max_tokens})")
 
     try:
         if prof:
@@ -290,7 +310,8 @@ class HostResult:
                 "vocab": p.vocab, "temperature": p.temperature, "top_p": p.top_p, "steps": self.window.steps,
                 "host_ms_per_step": round(self.window.host_ms(), 4),
                 "host_us_per_seq_step": round(self.window.host_ms() * 1e3 / p.batch, 2),
-                "fake_forward_ms_per_step": round(self.window.forward_s / max(1, self.window.steps) * 1e3, 4)}
+                "fake_forward_ms_per_step": round(self.window.forward_s / max(1, self.window.steps) * 1e3, 4),
+                "tensor_ops_per_step": self.window.ops_per_step, "item_syncs_per_step": self.window.syncs_per_step}
 
 
 def run_point(point: HostPoint, level: str, worker_stream: StreamFactory | None = None,
@@ -317,9 +338,12 @@ def run_point(point: HostPoint, level: str, worker_stream: StreamFactory | None 
 
 
 def render(results: list[HostResult]) -> str:
-    lines = [f"{'level':<7} {'batch':>5} {'host ms/step':>13} {'us/seq/step':>12} {'fake fwd ms':>12}"]
+    lines = [f"{'level':<7} {'batch':>5} {'host ms/step':>13} {'us/seq/step':>12} {'fake fwd ms':>12} "
+             f"{'ops/step':>9} {'syncs/step':>10}"]
     for r in results:
         d = r.as_dict()
+        ops = "" if d["tensor_ops_per_step"] is None else f"{d['tensor_ops_per_step']:.0f}"
+        syncs = "" if d["item_syncs_per_step"] is None else f"{d['item_syncs_per_step']:.0f}"
         lines.append(f"{r.level:<7} {r.point.batch:>5} {d['host_ms_per_step']:>13.3f} {d['host_us_per_seq_step']:>12.1f} "
-                     f"{d['fake_forward_ms_per_step']:>12.3f}")
+                     f"{d['fake_forward_ms_per_step']:>12.3f} {ops:>9} {syncs:>10}")
     return "\n".join(lines)

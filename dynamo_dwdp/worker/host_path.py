@@ -46,8 +46,9 @@ async def _echo(request: dict, context):
 
 
 def dynamo_chunk_seconds(streams: int, chunks: int) -> float:
-    """Seconds to stream `streams` x `chunks` one-token chunks through Dynamo's runtime (an echo
-    endpoint served and called in this process: in-memory discovery, TCP request plane)."""
+    """Seconds that `streams` x `chunks` one-token chunks add to a wave of `streams` streams through
+    Dynamo's runtime (an echo endpoint served and called in this process: in-memory discovery, TCP
+    request plane): a wave of chunks + 1 less a wave of 1, so the per-stream set-up is left out."""
     from dynamo._core import DistributedRuntime  # local import: Dynamo's runtime only where measured
 
     async def main() -> float:
@@ -61,13 +62,15 @@ def dynamo_chunk_seconds(streams: int, chunks: int) -> float:
             async def one(n: int) -> int:
                 return sum([1 async for _ in await client.round_robin({"n": n})])
 
-            await one(4)                                   # connections up
-            t0 = time.perf_counter()
-            got = await asyncio.gather(*(one(chunks) for _ in range(streams)))
-            seconds = time.perf_counter() - t0
-            if sum(got) != streams * chunks:
-                raise RuntimeError(f"echo streams returned {sum(got)} chunks, expected {streams * chunks}")
-            return seconds
+            async def wave(n: int) -> float:
+                t0 = time.perf_counter()
+                got = await asyncio.gather(*(one(n) for _ in range(streams)))
+                if sum(got) != streams * n:
+                    raise RuntimeError(f"echo streams returned {sum(got)} chunks, expected {streams * n}")
+                return time.perf_counter() - t0
+
+            await wave(2)                                   # connections up
+            return max(0.0, await wave(chunks + 1) - await wave(1))    # less the per-stream set-up
         finally:
             runtime.shutdown()
             serving.cancel()
