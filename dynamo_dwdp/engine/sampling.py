@@ -65,7 +65,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         return []
     picks = logits.argmax(dim=-1)
     batched = [i for i, p in enumerate(params) if not p.greedy and generators[i] is None]
-    if batched:
+    if len(batched) == len(params):                  # the usual case: no row copy
+        picks = torch.multinomial(batched_probs(logits, params), 1).squeeze(1)
+    elif batched:
         rows = torch.tensor(batched, device=logits.device)
         probs = batched_probs(logits.index_select(0, rows), [params[i] for i in batched])
         picks.index_copy_(0, rows, torch.multinomial(probs, 1).squeeze(1))
