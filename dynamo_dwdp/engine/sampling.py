@@ -63,11 +63,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     per-row ops and per-row `.item()` syncs would cost ~0.1 ms per sequence per step."""
     if logits.shape[0] == 0:
         return []
-    picks = logits.argmax(dim=-1)
     batched = [i for i, p in enumerate(params) if not p.greedy and generators[i] is None]
-    if len(batched) == len(params):                  # the usual case: no row copy
-        picks = torch.multinomial(batched_probs(logits, params), 1).squeeze(1)
-    elif batched:
+    if len(batched) == len(params):                  # the usual case: no argmax, no row copy
+        return torch.multinomial(batched_probs(logits, params), 1).squeeze(1).tolist()
+    picks = logits.argmax(dim=-1)
+    if batched:
         rows = torch.tensor(batched, device=logits.device)
         probs = batched_probs(logits.index_select(0, rows), [params[i] for i in batched])
         picks.index_copy_(0, rows, torch.multinomial(probs, 1).squeeze(1))
