@@ -14,8 +14,9 @@ Levels (each at every batch size):
           metrics and its after-step hook included), consumed directly: no frontend, no Dynamo
           runtime, so Dynamo's own per-chunk cost (Rust bridge, request plane) is not in the figure;
 - dynamo: that cost alone: B streams of `steps` one-token chunks from an echo handler (no engine)
-          through Dynamo's runtime in this process (in-memory discovery, TCP request plane), server
-          and client both here; "host ms per step" = the time to move B chunks.
+          served by a child process through Dynamo's runtime (file discovery, TCP request plane) to
+          a client in this process; "host ms per step" = the wall time to move B chunks, and
+          "server cpu ms" = the CPU time (all threads) the serving process spent on them.
 
 The core level also counts top-level tensor ops and `.item()` host syncs per decode step
 (torch.profiler, on steps after the timed window): on a GPU each op is a launch and each sync a stall.
@@ -187,6 +188,7 @@ class Window:
     profile: str | None = None
     ops_per_step: float | None = None        # core level only (count_ops)
     syncs_per_step: float | None = None
+    server_cpu_s: float | None = None        # dynamo level: CPU seconds of the serving process
 
     def host_ms(self) -> float:
         return (self.wall_s - self.forward_s) / max(1, self.steps) * 1e3
@@ -311,14 +313,16 @@ class HostResult:
                 "host_ms_per_step": round(self.window.host_ms(), 4),
                 "host_us_per_seq_step": round(self.window.host_ms() * 1e3 / p.batch, 2),
                 "fake_forward_ms_per_step": round(self.window.forward_s / max(1, self.window.steps) * 1e3, 4),
-                "tensor_ops_per_step": self.window.ops_per_step, "item_syncs_per_step": self.window.syncs_per_step}
+                "tensor_ops_per_step": self.window.ops_per_step, "item_syncs_per_step": self.window.syncs_per_step,
+                "server_cpu_ms_per_step": None if self.window.server_cpu_s is None
+                else round(self.window.server_cpu_s / max(1, self.window.steps) * 1e3, 4)}
 
 
 def run_point(point: HostPoint, level: str, worker_stream: StreamFactory | None = None,
               worker_setup: Callable[[AsyncEngine], None] | None = None, profile: bool = False,
-              dynamo_chunks: Callable[[int, int], float] | None = None) -> HostResult:
-    """`dynamo_chunks(streams, chunks_per_stream) -> seconds` is the dynamo level's measurement
-    (worker/host_path.py: Dynamo's request plane alone, no engine)."""
+              dynamo_chunks: Callable[[int, int], tuple[float, float]] | None = None) -> HostResult:
+    """`dynamo_chunks(streams, chunks_per_stream) -> (wall s, serving process CPU s)` is the dynamo
+    level's measurement (worker/host_path.py: Dynamo's request plane alone, no engine)."""
     point.validate()
     if level == "core":
         w = run_core(point, profile)
@@ -331,7 +335,8 @@ def run_point(point: HostPoint, level: str, worker_stream: StreamFactory | None 
     elif level == "dynamo":
         if dynamo_chunks is None:
             raise UserError("bench host: the dynamo level needs Dynamo's runtime (run it from the CLI)")
-        w = Window(point.steps, dynamo_chunks(point.batch, point.steps), 0.0)
+        wall, cpu = dynamo_chunks(point.batch, point.steps)
+        w = Window(point.steps, wall, 0.0, server_cpu_s=cpu)
     else:
         raise UserError(f"--levels: {level!r} is not one of {', '.join(LEVELS)}")
     return HostResult(point, level, w)
@@ -339,11 +344,12 @@ def run_point(point: HostPoint, level: str, worker_stream: StreamFactory | None 
 
 def render(results: list[HostResult]) -> str:
     lines = [f"{'level':<7} {'batch':>5} {'host ms/step':>13} {'us/seq/step':>12} {'fake fwd ms':>12} "
-             f"{'ops/step':>9} {'syncs/step':>10}"]
+             f"{'ops/step':>9} {'syncs/step':>10} {'server cpu ms':>13}"]
     for r in results:
         d = r.as_dict()
         ops = "" if d["tensor_ops_per_step"] is None else f"{d['tensor_ops_per_step']:.0f}"
         syncs = "" if d["item_syncs_per_step"] is None else f"{d['item_syncs_per_step']:.0f}"
+        cpu = "" if d["server_cpu_ms_per_step"] is None else f"{d['server_cpu_ms_per_step']:.3f}"
         lines.append(f"{r.level:<7} {r.point.batch:>5} {d['host_ms_per_step']:>13.3f} {d['host_us_per_seq_step']:>12.1f} "
-                     f"{d['fake_forward_ms_per_step']:>12.3f} {ops:>9} {syncs:>10}")
+                     f"{d['fake_forward_ms_per_step']:>12.3f} {ops:>9} {syncs:>10} {cpu:>13}")
     return "\n".join(lines)

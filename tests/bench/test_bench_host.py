@@ -15,7 +15,12 @@ def test_bench_host_json_every_level():
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert [(r["level"], r["batch"]) for r in rows] == [(lv, b) for lv in ("core", "async", "worker", "dynamo") for b in (1, 3)]
     for r in rows:
-        assert r["schema"] == "dynamo-dwdp/bench-host/1" and r["steps"] >= 2 and r["host_ms_per_step"] > 0
+        assert r["schema"] == "dynamo-dwdp/bench-host/1" and r["steps"] >= 2
+        if r["level"] == "dynamo":        # a difference of two waves: may round to 0 at 2 chunks
+            assert r["host_ms_per_step"] >= 0 and r["server_cpu_ms_per_step"] >= 0
+            continue
+        assert r["host_ms_per_step"] > 0
+        assert (r["tensor_ops_per_step"] is not None) == (r["level"] == "core")
         assert abs(r["host_us_per_seq_step"] - r["host_ms_per_step"] * 1e3 / r["batch"]) < 0.01 + 1e-3 * r["host_us_per_seq_step"]
 
 
