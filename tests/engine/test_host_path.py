@@ -262,3 +262,36 @@ def test_host_bench_runs_and_reports_a_host_time(level):
 
     r = run_point(HostPoint(batch=3, prompt_len=8, steps=3, warmup=1, vocab=32), level).as_dict()
     assert r["steps"] >= 3 and r["host_ms_per_step"] > 0 and r["batch"] == 3
+
+
+class FailingRank(CoreOnlyRank):
+    """Its 5th iteration raises, like a step whose collective failed."""
+
+    def step(self):
+        if self.runner.executor.stats.steps >= 4:
+            raise RuntimeError("peer 1 is gone")
+        return super().step()
+
+
+def test_an_error_is_not_merged_into_the_queued_tokens():
+    """A consumer that fell behind gets its queued tokens as one output and the error as its own."""
+    engine = chain_engine()
+    ae = AsyncEngine(FailingRank(engine)).start()
+    prompt = [5, 6, 7]
+
+    async def main():
+        stream = ae.generate("f", prompt, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+        first = await stream.__anext__()
+        while ae.broken is None:
+            await asyncio.sleep(0.01)
+        return [first] + [o async for o in stream]
+
+    try:
+        outs = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        ae.stop()
+    assert outs[-1].error and "peer 1 is gone" in outs[-1].error and outs[-1].new_token_ids == []
+    assert outs[-1].finished and outs[-1].finish_reason == "error"
+    tokens = [t for o in outs[:-1] for t in o.new_token_ids]
+    assert len(outs) <= 3 and len(tokens) == 4 and tokens == expected_chain(prompt, 4)
+    assert not any(o.error or o.finished for o in outs[:-1])
