@@ -3,9 +3,9 @@
 Everything is real except the forward: `FakeForwardRunner.execute` builds the step's `ForwardBatch`
 (host work of an eager step, outside the forward timer in `ModelRunner.execute` too) and returns
 float32 logits of the right shape (rows of a seeded random buffer, copied); that copy is timed and
-subtracted, as the worker's `dwdp_step_seconds` counter is taken around the real forward. What is left is the host
-path of one step at batch B: scheduling, block accounting, batch building, sampling, stop checks,
-output objects, and (at the upper levels) delivery to the streams.
+subtracted, as the worker's `dwdp_step_seconds` counter is taken around the real forward. What is
+left is the host path of one step at batch B: scheduling, block accounting, batch building,
+sampling, stop checks, output objects, and (at the upper levels) delivery to the streams.
 
 Levels (each at every batch size):
 - core:   `EngineCore.step()` in a loop (one thread);
@@ -350,6 +350,7 @@ def render(results: list[HostResult]) -> str:
         ops = "" if d["tensor_ops_per_step"] is None else f"{d['tensor_ops_per_step']:.0f}"
         syncs = "" if d["item_syncs_per_step"] is None else f"{d['item_syncs_per_step']:.0f}"
         cpu = "" if d["server_cpu_ms_per_step"] is None else f"{d['server_cpu_ms_per_step']:.3f}"
-        lines.append(f"{r.level:<7} {r.point.batch:>5} {d['host_ms_per_step']:>13.3f} {d['host_us_per_seq_step']:>12.1f} "
-                     f"{d['fake_forward_ms_per_step']:>12.3f} {ops:>9} {syncs:>10} {cpu:>13}")
+        lines.append(f"{r.level:<7} {r.point.batch:>5} {d['host_ms_per_step']:>13.3f} "
+                     f"{d['host_us_per_seq_step']:>12.1f} {d['fake_forward_ms_per_step']:>12.3f} "
+                     f"{ops:>9} {syncs:>10} {cpu:>13}")
     return "\n".join(lines)

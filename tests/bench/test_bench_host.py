@@ -13,7 +13,8 @@ def test_bench_host_json_every_level():
     proc = cli("bench", "host", "--batch", "1,3", *SMALL, "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
-    assert [(r["level"], r["batch"]) for r in rows] == [(lv, b) for lv in ("core", "async", "worker", "dynamo") for b in (1, 3)]
+    levels = ("core", "async", "worker", "dynamo")
+    assert [(r["level"], r["batch"]) for r in rows] == [(lv, b) for lv in levels for b in (1, 3)]
     for r in rows:
         assert r["schema"] == "dynamo-dwdp/bench-host/1" and r["steps"] >= 2
         if r["level"] == "dynamo":        # a difference of two waves: may round to 0 at 2 chunks
@@ -21,7 +22,8 @@ def test_bench_host_json_every_level():
             continue
         assert r["host_ms_per_step"] > 0
         assert (r["tensor_ops_per_step"] is not None) == (r["level"] == "core")
-        assert abs(r["host_us_per_seq_step"] - r["host_ms_per_step"] * 1e3 / r["batch"]) < 0.01 + 1e-3 * r["host_us_per_seq_step"]
+        per_seq = r["host_ms_per_step"] * 1e3 / r["batch"]
+        assert abs(r["host_us_per_seq_step"] - per_seq) < 0.01 + 1e-3 * per_seq
 
 
 def _error_line(proc, *needles):
