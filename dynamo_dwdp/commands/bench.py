@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 
-from dynamo_dwdp.bench import matrix
+from dynamo_dwdp.bench import host_bench, matrix
 from dynamo_dwdp.bench.engine_bench import (DTYPES, PHASES, BenchSetup, Point, append_jsonl, parse_expert_skew,
                                             render_text, run_engine_bench)
 from dynamo_dwdp.config.dwdp import DwdpSettings
@@ -43,6 +43,15 @@ drives all ranks' tokens as one batch). --json prints one JSON object per run (l
 dynamo_dwdp/bench/engine_bench.py). Errors print "error: ..." and exit 2.
 """
 
+HOST_EPILOG = """\
+examples:
+  # the default sweep: batch 1, 8, 64, 256 at the EngineCore, AsyncEngine, worker and Dynamo levels
+  dynamo-dwdp bench host
+
+  # per-sequence Python work only (tiny vocabulary: the sampling math is negligible), with a profile
+  dynamo-dwdp bench host --batch 64 --vocab 1024 --levels core --profile
+"""
+
 TABLE_EPILOG = """\
 examples:
   dynamo-dwdp bench table out/bench/engine.jsonl            # aligned text
@@ -66,7 +75,7 @@ examples:
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="engine micro-benchmarks (step-time split, tokens/s per GPU)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="bench_command", metavar="{engine,table,matrix}")
+    sub = p.add_subparsers(dest="bench_command", metavar="{engine,host,table,matrix}")
     p.set_defaults(func=_missing)
 
     e = sub.add_parser("engine", help="measure one point (strategy x shape) on N local ranks",
@@ -108,6 +117,23 @@ def register(subparsers) -> None:
     e.add_argument("--out", metavar="FILE.jsonl", help="append the result as one JSON line")
     e.set_defaults(func=run_engine)
 
+    h = sub.add_parser("host", help="host ms per decode step at batch B (everything real but the forward)",
+                       description=host_bench.__doc__, epilog=HOST_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    h.add_argument("--batch", default="1,8,64,256", help="running sequences, comma list (default 1,8,64,256)")
+    h.add_argument("--levels", default="core,async,worker,dynamo",
+                   help="comma list of core, async, worker, dynamo (default all)")
+    h.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens per request (default 1024)")
+    h.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
+    h.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (default 4)")
+    h.add_argument("--vocab", type=int, default=102400, help="logits width (default 102400, DeepSeek-V2-Lite)")
+    h.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (default 1.0: what the frontend sends when a request names none)")
+    h.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
+    h.add_argument("--profile", action="store_true", help="print a cProfile (by own time) of each timed window")
+    h.add_argument("--json", action="store_true", help="print one JSON object per point (and nothing else)")
+    h.set_defaults(func=run_host)
+
     t = sub.add_parser("table", help="render results (JSONL) as a table", epilog=TABLE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("results", metavar="RESULTS.jsonl")
@@ -144,7 +170,7 @@ def register(subparsers) -> None:
 
 
 def _missing(args) -> int:
-    raise UserError("bench: choose a sub-command: engine, table or matrix (see `dynamo-dwdp bench --help`)")
+    raise UserError("bench: choose a sub-command: engine, host, table or matrix (see `dynamo-dwdp bench --help`)")
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -207,6 +233,34 @@ def run_engine(args) -> int:
         print(render_text(result))
         if args.out:
             print(f"  appended to {args.out}")
+    return 0
+
+
+def run_host(args) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    levels = [x.strip() for x in args.levels.split(",") if x.strip()]
+    bad = [x for x in levels if x not in host_bench.LEVELS]
+    if bad or not levels:
+        raise UserError(f"--levels {args.levels!r}: choose from {', '.join(host_bench.LEVELS)}")
+    points = [host_bench.HostPoint(b, args.prompt_len, args.steps, args.warmup, args.vocab, args.temperature,
+                                   args.top_p).validate() for b in _ints(args.batch, "--batch")]
+    setup = stream = chunks = None
+    if "worker" in levels or "dynamo" in levels:
+        from dynamo_dwdp.worker.host_path import dynamo_chunk_seconds, worker_stream  # local import: needs Dynamo
+
+        setup, stream = worker_stream()
+        chunks = dynamo_chunk_seconds
+    results = []
+    for level in levels:
+        for point in points:
+            r = host_bench.run_point(point, level, stream, setup, profile=args.profile, dynamo_chunks=chunks)
+            results.append(r)
+            if args.json:
+                print(json.dumps(r.as_dict(), sort_keys=True), flush=True)
+            elif args.profile:
+                print(f"--- {level} batch {point.batch}: {r.window.host_ms():.3f} host ms/step\n{r.window.profile}")
+    if not args.json:
+        print(host_bench.render(results))
     return 0
 
 

@@ -114,13 +114,18 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_set_result, fut, result)
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop per step (not one per
+        output: each `call_soon_threadsafe` takes a lock and writes to the loop's self-pipe)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outs:
             entry = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
             if entry is not None:
                 loop, q = entry
-                loop.call_soon_threadsafe(q.put_nowait, out)
+                batches.setdefault(loop, []).append((q, out))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     # ------------------------------------------------------------------ asyncio side
     async def call(self, fn: Callable[[Any], Any]) -> Any:
@@ -140,7 +145,8 @@ class AsyncEngine:
                        hold_kv: bool = False, prefilled: bool = False,
                        cached_tokens: int = 0) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. With prefilled=True the request was `reserve`d and its KV
-        filled by a transfer; it starts decoding at once."""
+        filled by a transfer; it starts decoding at once. Outputs that queued up while the consumer
+        was busy come as one (their tokens concatenated, in order; the last one's state)."""
         if self.broken is not None:
             raise EngineBroken(self.broken)
         loop = asyncio.get_running_loop()
@@ -160,8 +166,16 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             raise
         try:
+            pending: RequestOutput | None = None
             while True:
-                out: RequestOutput = await q.get()
+                out: RequestOutput = pending or await q.get()
+                pending = None
+                while not out.finished and not q.empty():     # the consumer fell behind: one chunk
+                    nxt = q.get_nowait()                     # for everything queued, not one per token
+                    if nxt.error is not None:                # an error stays its own output
+                        pending = nxt
+                        break
+                    out = _merge(out, nxt)
                 yield out
                 if out.finished:
                     return
@@ -189,6 +203,18 @@ def _safe(fn, *args) -> None:
         fn(*args)
     except Exception:                  # a callback must never kill the engine thread
         log.exception("engine callback failed")
+
+
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """a then b (b is later) as one output: all new tokens, b's state and counts."""
+    return RequestOutput(b.request_id, a.new_token_ids + b.new_token_ids, b.finished, b.finish_reason,
+                         b.num_prompt_tokens, b.num_output_tokens, b.num_cached_tokens, b.num_computed_prompt_tokens,
+                         b.error)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
 
 
 def _set_result(fut: asyncio.Future, value) -> None:

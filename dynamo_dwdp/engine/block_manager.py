@@ -118,11 +118,10 @@ class BlockManager:
         if not self.prefix_caching:
             return
         bs = self.block_size
-        tokens = seq.all_ids
         while len(seq.block_hashes) < seq.num_computed // bs:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            chunk = tokens[i * bs:(i + 1) * bs]
+            chunk = seq.token_slice(i * bs, (i + 1) * bs)
             h = chain_hash(parent, chunk)
             seq.block_hashes.append(h)
             block = seq.block_table[i]

@@ -151,7 +151,7 @@ class EngineCore:
         for c in chunks:
             if c.seq.first_scheduled is None:
                 c.seq.first_scheduled = now
-        token_chunks = [c.seq.all_ids[c.seq.num_computed:c.seq.num_computed + c.num_tokens] for c in chunks]
+        token_chunks = [c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens) for c in chunks]
         logits = self.runner.execute(token_chunks, [c.seq.num_computed for c in chunks],
                                      [c.seq.block_table for c in chunks], [c.completes for c in chunks])
         samplers = [c for c in chunks if c.completes]
@@ -163,13 +163,18 @@ class EngineCore:
             self.blocks.commit_computed(seq)
         outputs: list[RequestOutput] = []
         if samplers:
+            ban_rows: list[int] = []
+            ban_cols: list[int] = []
             for row, c in enumerate(samplers):
                 p = c.seq.params
                 if len(c.seq.output_ids) < p.min_tokens:
                     banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
-                    if banned:
-                        with torch.inference_mode():     # logits is an inference tensor (model forward)
-                            logits[row, banned] = float("-inf")
+                    ban_rows += [row] * len(banned)
+                    ban_cols += banned
+            if ban_rows:              # one scatter for the whole batch (not one indexed write per row)
+                with torch.inference_mode():     # logits is an inference tensor (model forward)
+                    logits[torch.tensor(ban_rows, device=logits.device),
+                           torch.tensor(ban_cols, device=logits.device)] = float("-inf")
             tokens = sample(logits, [c.seq.params for c in samplers], [c.seq.generator for c in samplers])
             now = time.monotonic()
             for c, tok in zip(samplers, tokens):

@@ -54,23 +54,64 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
-    """logits [S, V] float32 -> one token id per row."""
-    out: list[int] = []
-    greedy = logits.argmax(dim=-1).tolist()
+    """logits [S, V] float32 -> one token id per row.
+
+    Greedy rows take the argmax. Seeded rows sample row by row with their own generator (their
+    tokens must not depend on the batch). All other rows are sampled in one batched pass (temperature,
+    top-k and top-p per row, one multinomial over the default generator). A step therefore costs a
+    fixed number of tensor ops and one device-to-host copy whatever its batch size (row by row, a
+    GPU would see a few kernel launches and one `.item()` host sync per sequence per step)."""
+    if logits.shape[0] == 0:
+        return []
+    batched = [i for i, p in enumerate(params) if not p.greedy and generators[i] is None]
+    if len(batched) == len(params):                  # the usual case: no argmax, no row copy
+        return torch.multinomial(batched_probs(logits, params), 1).squeeze(1).tolist()
+    picks = logits.argmax(dim=-1)
+    if batched:
+        rows = torch.tensor(batched, device=logits.device)
+        probs = batched_probs(logits.index_select(0, rows), [params[i] for i in batched])
+        picks.index_copy_(0, rows, torch.multinomial(probs, 1).squeeze(1))
     for i, p in enumerate(params):
-        if p.greedy:
-            out.append(int(greedy[i]))
-            continue
-        row = logits[i] / p.temperature
-        if p.top_k > 0 and p.top_k < row.shape[-1]:
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sp, si = torch.sort(probs, descending=True)
-            cum = torch.cumsum(sp, dim=-1)
-            drop = cum - sp > p.top_p           # keep the smallest prefix whose mass reaches top_p
-            sp = sp.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, si, sp)
-        out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
-    return out
+        if not p.greedy and generators[i] is not None:
+            picks[i] = torch.multinomial(row_probs(logits[i], p), 1, generator=generators[i])[0]
+    return picks.tolist()
+
+
+def row_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Sampling distribution of one row [V] (temperature, then top-k on logits, then top-p on probs)."""
+    row = row / p.temperature
+    if 0 < p.top_k < row.shape[-1]:
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if p.top_p < 1.0:
+        sp, si = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sp, dim=-1)
+        drop = cum - sp > p.top_p           # keep the smallest prefix whose mass reaches top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, si, sp)
+    return probs
+
+
+def batched_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """`row_probs` for every row of logits [S, V] at once (same rules per row, vectorised)."""
+    dev, vocab = logits.device, logits.shape[-1]
+    temps = torch.tensor([float(p.temperature) for p in params], device=dev, dtype=logits.dtype)
+    x = logits / temps.unsqueeze(1)
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        k = torch.tensor(ks, device=dev)
+        top = torch.topk(x, max(ks), dim=-1).values
+        kth = top.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
+        kth = torch.where(k.unsqueeze(1) > 0, kth, torch.full_like(kth, float("-inf")))
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if nucleus:
+        rows = torch.tensor(nucleus, device=dev)
+        top_p = torch.tensor([float(params[i].top_p) for i in nucleus], device=dev, dtype=probs.dtype)
+        sp, si = torch.sort(probs.index_select(0, rows), dim=-1, descending=True)
+        cum = torch.cumsum(sp, dim=-1)
+        sp = sp.masked_fill(cum - sp > top_p.unsqueeze(1), 0.0)
+        probs = probs.index_copy(0, rows, torch.zeros_like(sp).scatter_(1, si, sp))
+    return probs

@@ -52,6 +52,7 @@ class DwdpWorkerEngine(LLMEngine):
         self._last_snapshot = 0.0
         self._last_refresh = 0.0
         self.metrics = WorkerMetrics(args.group.strategy, args.mode, args.group.name, args.group.rank)
+        self._generated = self.metrics.generated.labels(**self.metrics.labels)     # per chunk: no label lookup
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -229,7 +230,7 @@ class DwdpWorkerEngine(LLMEngine):
                 if out.error:
                     self.metrics.requests.labels(**self.metrics.labels, outcome="error").inc()
                     raise EngineShutdown(out.error)
-                self.metrics.generated.labels(**self.metrics.labels).inc(len(out.new_token_ids))
+                self._generated.inc(len(out.new_token_ids))
                 if out.finished:
                     self.metrics.requests.labels(**self.metrics.labels, outcome=out.finish_reason or "stop").inc()
                 yield chunk_from_output(out)
