@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -207,9 +208,7 @@ def _safe(fn, *args) -> None:
 
 def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """a then b (b is later) as one output: all new tokens, b's state and counts."""
-    return RequestOutput(b.request_id, a.new_token_ids + b.new_token_ids, b.finished, b.finish_reason,
-                         b.num_prompt_tokens, b.num_output_tokens, b.num_cached_tokens, b.num_computed_prompt_tokens,
-                         b.error)
+    return dataclasses.replace(b, new_token_ids=a.new_token_ids + b.new_token_ids)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -419,7 +419,7 @@ def test_bad_other_inputs(tmp_path):
     _error_line(cli("bench", "table", str(bad)), "bad.jsonl:2")
     _error_line(cli("bench", "matrix", "--quick", "--ranks", "1"), "--ranks")
     _error_line(cli("bench", "matrix", "--quick", "--decode-batches", "8,x"), "--decode-batches")
-    _error_line(cli("bench"), "engine, table or matrix")
+    _error_line(cli("bench"), "engine, host, table or matrix")
 
 
 @pytest.mark.parametrize("seqs", [[(7, 0), (3, 0)], [(5, 0), (2, 0), (9, 0)]])
