@@ -31,6 +31,15 @@ class PeerError(RuntimeError):
     """A peer of the group died or stopped answering; in-flight work on this rank is failed."""
 
 
+def require_min_ints(obj: Any, fields: tuple[tuple[str, int], ...]) -> None:
+    """Each named attribute of obj is an int (not a bool) >= its bound; else a UserError naming the
+    command-line flag (`--name-with-dashes`) and the value."""
+    for name, low in fields:
+        v = getattr(obj, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise UserError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+
+
 def run_with_clean_errors(func: Callable[[Any], int | None], args: Any) -> int:
     try:
         rc = func(args)

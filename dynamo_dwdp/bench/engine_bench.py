@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 from dynamo_dwdp.config.dwdp import DwdpSettings
 from dynamo_dwdp.config.engine import ATTENTION_BACKENDS, WEIGHT_FORMATS, EngineSettings
-from dynamo_dwdp.errors import PeerError, UserError
+from dynamo_dwdp.errors import PeerError, UserError, require_min_ints
 from dynamo_dwdp.model.config import load_model_config
 from dynamo_dwdp.planner import flops
 from dynamo_dwdp.planner.hardware import HARDWARE, get_hardware
@@ -96,10 +96,7 @@ class Point:
     def validate(self) -> "Point":
         if self.phase not in PHASES:
             raise UserError(f"--phase {self.phase!r} is not one of {', '.join(PHASES)}")
-        for name, low in (("tokens_per_iter", 1), ("batch", 1), ("steps", 1), ("warmup", 0), ("context", 0)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise UserError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+        require_min_ints(self, (("tokens_per_iter", 1), ("batch", 1), ("steps", 1), ("warmup", 0), ("context", 0)))
         if self.phase == "prefill" and self.batch > self.tokens_per_iter:
             raise UserError(f"--batch {self.batch} exceeds --tokens-per-iter {self.tokens_per_iter} "
                             f"(every prefill sequence needs >= 1 token)")

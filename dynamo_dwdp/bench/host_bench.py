@@ -43,7 +43,7 @@ from dynamo_dwdp.config.engine import EngineSettings
 from dynamo_dwdp.engine.async_engine import AsyncEngine
 from dynamo_dwdp.engine.engine_core import EngineCore
 from dynamo_dwdp.engine.sampling import SamplingParams
-from dynamo_dwdp.errors import UserError
+from dynamo_dwdp.errors import UserError, require_min_ints
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.step_stats import ExecutorStats
 
@@ -136,11 +136,8 @@ class HostPoint:
     block_size: int = 16
 
     def validate(self) -> "HostPoint":
-        for name, low in (("batch", 1), ("prompt_len", 1), ("steps", 1), ("warmup", 0), ("vocab", 2),
-                          ("block_size", 1)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise UserError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+        require_min_ints(self, (("batch", 1), ("prompt_len", 1), ("steps", 1), ("warmup", 0), ("vocab", 2),
+                          ("block_size", 1)))
         if not 0 <= self.temperature <= 100:
             raise UserError(f"--temperature must be in [0, 100], got {self.temperature!r}")
         if not 0 < self.top_p <= 1:

@@ -67,29 +67,29 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
         out: list[ScheduledChunk] = []
-        scheduled: set[int] = set()              # id() of the sequences in `out` (O(1) per lookup:
-        preempted: set[int] = set()              # this loop runs for every running sequence every step)
+        scheduled: set[Sequence] = set()         # the sequences in `out` (sets: O(1) per lookup; this loop
+        preempted: set[Sequence] = set()         # runs for every running sequence every step)
         for seq in list(self.running):
             if budget == 0:
                 break
-            if id(seq) in preempted:             # preempted by an earlier iteration
+            if seq in preempted:             # preempted by an earlier iteration
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             if n <= 0:
                 continue
             while not self.blocks.can_allocate(seq, seq.num_computed + n):
-                victim = next((s for s in reversed(self.running) if s is not seq and id(s) not in scheduled), None)
+                victim = next((s for s in reversed(self.running) if s is not seq and s not in scheduled), None)
                 if victim is None:
                     break
                 self._preempt(victim)
-                preempted.add(id(victim))
+                preempted.add(victim)
             if not self.blocks.can_allocate(seq, seq.num_computed + n):
                 self._preempt(seq)
-                preempted.add(id(seq))
+                preempted.add(seq)
                 continue
             self.blocks.allocate(seq, seq.num_computed + n)
             out.append(ScheduledChunk(seq, n))
-            scheduled.add(id(seq))
+            scheduled.add(seq)
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]

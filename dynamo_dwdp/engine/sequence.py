@@ -16,7 +16,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(eq=False)          # identity: two requests are never "equal" (and list lookups stay cheap)
+@dataclass(eq=False)          # identity: two requests are never "equal"; hashable, so sets of sequences work
 class Sequence:
     request_id: str
     prompt_ids: list[int]
