@@ -559,6 +559,18 @@ def profile_decode(tmp: str, batch: int, context: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------- benchmarks
+def write_v2lite(tmp: str, layers: int) -> str:
+    """The v2-lite-shape random model (bf16, `layers` deep), generated on the GPU, under tmp/v2-lite."""
+    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
+
+    model = os.path.join(tmp, "v2-lite")
+    t = time.perf_counter()
+    write_checkpoint(model, "v2-lite-shape", seed=0, dtype="bf16", num_layers=layers, quiet=True, device="cuda",
+                     with_tokenizer=False)
+    say(f"v2-lite-shape {layers} layers written in {time.perf_counter() - t:.1f}s")
+    return model
+
+
 def bench(model: str, out_jsonl: str, setups: list, hw: str, on_done=None) -> list[dict]:
     from dynamo_dwdp.bench.engine_bench import BenchSetup, append_jsonl, run_points
 
@@ -714,7 +726,6 @@ def main() -> int:
         p.error(f"--only: unknown step(s) {sorted(only - set(STEPS))}; choose from {','.join(STEPS)}")
     os.makedirs(a.out, exist_ok=True)
     from dynamo_dwdp.bench.engine_bench import Point
-    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
 
     ngpu = torch.cuda.device_count()
     info = {"gpus": ngpu, "name": torch.cuda.get_device_name(0), "torch": torch.__version__,
@@ -767,11 +778,7 @@ def main() -> int:
     if a.skip_bench:
         say("done (checks only)")
         return 0 if all(c[2] in ("ok", "info") for c in checks) else 1
-    model = os.path.join(tmp, "v2-lite")
-    t = time.perf_counter()
-    write_checkpoint(model, "v2-lite-shape", seed=0, dtype="bf16", num_layers=a.layers, quiet=True, device="cuda",
-                     with_tokenizer=False)
-    say(f"v2-lite-shape {a.layers} layers written in {time.perf_counter() - t:.1f}s")
+    model = write_v2lite(tmp, a.layers)
     if a.matrix_only:
         run_matrices(model, ngpu, a)
         say("done (matrix only)")

@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from gpu_perf import bench, ceilings, median_ms, rel, roofline_rows, say
+from gpu_perf import bench, ceilings, median_ms, rel, roofline_rows, say, write_v2lite
 
 H, NOPE, ROPE, VD = 16, 128, 64, 128                     # DeepSeek-V2-Lite / V3 per-head dims
 
@@ -165,7 +165,6 @@ def main() -> int:
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     from dynamo_dwdp.bench.engine_bench import Point
-    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
 
     t0 = time.perf_counter()
     info = {"name": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -216,11 +215,7 @@ def main() -> int:
             f.write("\n".join(lines) + "\n")
         return lines
 
-    model = os.path.join(tmp, "v2-lite")
-    t = time.perf_counter()
-    write_checkpoint(model, "v2-lite-shape", seed=0, dtype="bf16", num_layers=a.layers, quiet=True, device="cuda",
-                     with_tokenizer=False)
-    say(f"v2-lite-shape {a.layers} layers written in {time.perf_counter() - t:.1f}s")
+    model = write_v2lite(tmp, a.layers)
     points = [Point("prefill", n, 1, 0, 0.0, 3, 1) for n in (int(x) for x in a.prefill.split(",") if x)]
     jsonl = os.path.join(a.out, "bench.jsonl")
     results = bench(model, jsonl, [({}, points, {"DWDP_PREFILL_ATTENTION": chosen})], a.hw)

@@ -36,6 +36,18 @@ def _layout(pool: torch.Tensor) -> dict:
     return {"shape": list(pool.shape[1:]), "dtype": str(pool.dtype).replace("torch.", "")}
 
 
+def remote_block_ids(params: dict, pool: torch.Tensor, local_blocks: list[int]) -> list[int]:
+    """The block ids of a prefill's KV descriptor, checked against this decode's pool: the same layout
+    (model, block size, dtype) and one remote block per local block; else KvTransferError."""
+    if params.get("layout") != _layout(pool):
+        raise KvTransferError(f"KV layout mismatch: prefill {params.get('layout')} vs decode {_layout(pool)} "
+                              "(prefill and decode pools need the same model, block size and dtype)")
+    remote_blocks = [int(b) for b in params["block_ids"]]
+    if len(remote_blocks) != len(local_blocks):
+        raise KvTransferError(f"{len(remote_blocks)} remote blocks for {len(local_blocks)} local blocks")
+    return remote_blocks
+
+
 class NixlKvTransfer:
     kind = "nixl"                       # the `kv` value of the descriptors it writes and reads
 
@@ -127,12 +139,7 @@ class NixlKvTransfer:
         """READ the described remote blocks into `local_blocks`; returns bytes moved."""
         if params.get("kv") != "nixl":
             raise KvTransferError(f"prefill result carries no NIXL KV descriptor (kv={params.get('kv')!r})")
-        if params.get("layout") != _layout(self.pool):
-            raise KvTransferError(f"KV layout mismatch: prefill {params.get('layout')} vs decode {_layout(self.pool)} "
-                                  "(prefill and decode pools need the same model, block size and dtype)")
-        remote_blocks = [int(b) for b in params["block_ids"]]
-        if len(remote_blocks) != len(local_blocks):
-            raise KvTransferError(f"{len(remote_blocks)} remote blocks for {len(local_blocks)} local blocks")
+        remote_blocks = remote_block_ids(params, self.pool, local_blocks)
         try:
             name, remote_dlist = self._remote(params)
             handle = self.agent.make_prepped_xfer("READ", self._local_dlist, local_blocks, remote_dlist,

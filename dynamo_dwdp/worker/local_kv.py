@@ -39,7 +39,7 @@ import uuid
 import torch
 
 from dynamo_dwdp.cuda_peer_memory import CudaIpcMemory, copy_async
-from dynamo_dwdp.worker.kv_transfer import KvTransferError, _layout
+from dynamo_dwdp.worker.kv_transfer import KvTransferError, _layout, remote_block_ids
 
 HOST = "127.0.0.1"
 REPLY_TIMEOUT = 10.0
@@ -312,12 +312,11 @@ class LocalKvTransfer:
         if params.get("kv") != "local":
             raise KvTransferError(f"prefill result carries no local KV descriptor (kv={params.get('kv')!r}; "
                                   "prefill and decode need the same kv_transfer.backend)")
-        if params.get("layout") != _layout(self.pool) or int(params.get("block_bytes", -1)) != self.block_bytes:
-            raise KvTransferError(f"KV layout mismatch: prefill {params.get('layout')} vs decode {_layout(self.pool)} "
-                                  "(prefill and decode pools need the same model, block size and dtype)")
-        remote_blocks = [int(b) for b in params["block_ids"]]
-        if len(remote_blocks) != len(local_blocks):
-            raise KvTransferError(f"{len(remote_blocks)} remote blocks for {len(local_blocks)} local blocks")
+        remote_blocks = remote_block_ids(params, self.pool, local_blocks)
+        if int(params.get("block_bytes", -1)) != self.block_bytes:
+            raise KvTransferError(f"KV layout mismatch: prefill blocks of {params.get('block_bytes')} B vs decode "
+                                  f"{self.block_bytes} B (prefill and decode pools need the same model, block size "
+                                  "and dtype)")
         n_remote = int(params["pool_blocks"])
         if any(not 0 <= b < n_remote for b in remote_blocks):
             raise KvTransferError(f"remote block ids out of range 0..{n_remote - 1}: {remote_blocks}")
