@@ -15,7 +15,9 @@ Steps (each printed with its wall time; a step that fails is reported and the ne
    0: an agg and a disagg graph must agree when the KV arrived intact), `dynamo-dwdp ab`'s client over
    the workload (ISL 1K-8K lognormal, fixed OSL, `--concurrency` sweep), tear down.
 4. `bench engine` (single rank, decode, CUDA graphs) at the batch of the largest concurrency and the
-   mean context of that point, the same model: the serving-vs-engine comparison.
+   mean context of that point, and a prefill point (`--prefill-chunk` tokens per step), the same model:
+   the serving-vs-engine comparison, raw (decode TPS) and against the TPS the engine alone would give
+   for the point's prompts and decode tokens (`expected_output_tps`).
 5. The other graphs as in 3, each only if `--graph-min-s` is left before `--deadline`.
 6. After every step, write under --out: serve.md (TTFT, ITL, TPS/user, TPS/GPU, KV hand-offs per graph
    and point; the comparison; the probe), serve.json, pareto.png, report.md, results.json (all graphs
@@ -175,13 +177,17 @@ def merge_reports(ab_dirs: list[tuple[str, str]], graphs: list[str], configs: li
     return res
 
 
-def bench_engine(a, model_dir: str, batch: int, context: int, out_jsonl: str) -> dict | None:
+def bench_engine(a, model_dir: str, batch: int, context: int, out_jsonl: str, phase: str = "decode",
+                 tokens: int = 0) -> dict | None:
+    """One `bench engine` point on the served model: decode (`batch` sequences over `context` cached
+    tokens, CUDA graphs) or prefill (`tokens` per step in `batch` prompts)."""
     argv = [sys.executable, "-m", "dynamo_dwdp.cli", "bench", "engine", "--model", model_dir, "--strategy", "single",
-            "--ranks", "1", "--phase", "decode", "--batch", str(batch), "--context", str(context),
-            "--device", a.device, "--block-size", str(a.block_size), "--steps", "20", "--warmup", "5",
-            "--out", out_jsonl, "--json", "--timeout", str(a.point_timeout)]
+            "--ranks", "1", "--phase", phase, "--batch", str(batch), "--device", a.device,
+            "--block-size", str(a.block_size), "--steps", "20" if phase == "decode" else "5", "--warmup", "5" if
+            phase == "decode" else "2", "--out", out_jsonl, "--json", "--timeout", str(a.point_timeout)]
+    argv += ["--context", str(context)] if phase == "decode" else ["--tokens-per-iter", str(tokens)]
     if a.device != "cpu":
-        argv += ["--dtype", "bfloat16", "--cuda-graphs"]
+        argv += ["--dtype", "bfloat16"] + (["--cuda-graphs"] if phase == "decode" else [])
     say("$ " + " ".join(argv))
     p = subprocess.run(argv, capture_output=True, text=True, timeout=a.point_timeout + 60)
     if p.returncode != 0:
@@ -190,11 +196,32 @@ def bench_engine(a, model_dir: str, batch: int, context: int, out_jsonl: str) ->
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def expected_output_tps(point: dict, decode: dict | None, prefill: dict | None, osl: int) -> float | None:
+    """Output tokens/s the engine alone would give for a serving point's work, from `bench engine`:
+    every request's prompt at the measured prefill rate (tokens per second of a prefill step), plus its
+    `osl` decode tokens in steps of `concurrency` sequences at the measured decode step time.
+    T = n * isl_mean / prefill_rate + n * osl / concurrency * decode_step;  expected = n * osl / T.
+    The serving figure divided by this is what the serving stack (Dynamo, the host path, scheduling,
+    the tail of a point where fewer than `concurrency` sequences run) costs on top of the model."""
+    s = point["summary"]
+    n, isl, conc = s.get("ok"), s.get("isl_mean"), point.get("concurrency")
+    try:
+        step_s = decode["step_ms"]["mean"] / 1e3
+        pre_rate = prefill["tokens"]["counted"] / prefill["wall_s"]
+    except (TypeError, KeyError, ZeroDivisionError):
+        return None
+    if not (n and isl and conc and pre_rate):
+        return None
+    t = n * isl / pre_rate + n * osl / conc * step_s
+    return n * osl / t
+
+
 def fmt(v, nd=1) -> str:
     return "—" if v is None else f"{v:,.{nd}f}"
 
 
-def table(res: dict | None, gpus: int, bench: dict | None, bench_batch: int, bench_ctx: int) -> tuple[str, dict]:
+def table(res: dict | None, gpus: int, bench: dict | None, bench_batch: int, bench_ctx: int,
+          prefill: dict | None = None, osl: int = 0) -> tuple[str, dict]:
     rows = ["| graph | concurrency | requests ok/sent | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
             "TPS/user | output TPS | TPS/GPU | KV hand-offs, mean ms |", "|" + "---|" * 11]
     summary: dict = {"points": []}
@@ -229,6 +256,19 @@ def table(res: dict | None, gpus: int, bench: dict | None, bench_batch: int, ben
                 summary.setdefault("ratio", {})[g["name"]] = r
                 lines.append(f"{g['name']} at concurrency {top['concurrency']}: serving TPS/GPU / bench engine "
                              f"= {r:.3f}")
+                exp = expected_output_tps(top, bench, prefill, osl)
+                if exp:
+                    summary.setdefault("vs_expected", {})[g["name"]] = {"expected_tps": exp,
+                                                                         "ratio": top["summary"]["output_tps"] / exp}
+                    lines.append(f"{g['name']} at concurrency {top['concurrency']}: expected from bench engine "
+                                 f"(prompts at the prefill rate + decode steps) {exp:,.0f} tokens/s; serving / "
+                                 f"expected = {top['summary']['output_tps'] / exp:.3f}")
+    if prefill:
+        rate = prefill["tokens"]["counted"] / prefill["wall_s"] if prefill.get("wall_s") else None
+        summary["bench_prefill"] = {"tokens_per_iter": prefill.get("setup", {}).get("tokens_per_iter"),
+                                    "tokens_per_s": rate, "step_ms": prefill.get("step_ms")}
+        lines.append(f"bench engine prefill, {summary['bench_prefill']['tokens_per_iter']} tokens per step: "
+                     f"{fmt(rate, 0)} tokens/s")
     return "\n".join(lines) + "\n", summary
 
 
@@ -285,6 +325,9 @@ def main() -> int:
                    help="DWDP_FUSED_KERNELS=0 for every process (the torch paths: no Triton compiles of the fused "
                         "decode kernels at start-up)")
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--prefill-chunk", type=int, default=16384,
+                   help="bench engine prefill: tokens per step (the config's max_num_batched_tokens, 16384), in "
+                        "prompts of --isl-mean tokens; with the decode point it gives the expected serving TPS")
     p.add_argument("--deadline", type=float, default=1e9, help="seconds after start past which no graph starts")
     p.add_argument("--graph-min-s", type=float, default=120.0, help="a graph starts only with this much time left")
     a = p.parse_args()
@@ -304,7 +347,8 @@ def main() -> int:
     if a.pack:
         install_pack(os.path.abspath(a.pack), os.path.join(tempfile.gettempdir(), "dwdp-dynamo-site"))
     if a.device == "cpu":
-        a.block_size, a.osl = 16, 8
+        a.block_size, a.osl, a.isl_mean = 16, 8, 32          # the CPU workload (workload_doc)
+        a.prefill_chunk = min(a.prefill_chunk, 64)
     else:
         a.block_size = 64
         a.max_num_seqs = a.max_num_seqs or 64
@@ -329,7 +373,7 @@ def main() -> int:
     statuses: dict = {}
     top = max(wl["load"]["concurrency"])
     ctx = a.isl_mean + a.osl // 2
-    bench = None
+    bench = prefill = None
     ab_dirs = []
     # order: the first graph, then bench engine (the comparison), then the other graphs, each graph in
     # its own `ab` run so that a graph that fails or runs out of time costs only itself
@@ -339,7 +383,7 @@ def main() -> int:
         """Everything measured so far into --out (after every step: a run cut short still reports)."""
         res = merge_reports(ab_dirs, graphs, configs + [overlay], workload, os.path.join(work, "ab"), statuses)
         ab_dir = os.path.join(work, "ab")
-        text, summary = table(res, a.gpus, bench, top, ctx)
+        text, summary = table(res, a.gpus, bench, top, ctx, prefill, a.osl)
         text += probe_text(probes)
         summary["probes"] = probes
         head = (f"serving on one {'GPU' if a.device != 'cpu' else 'CPU'}: model "
@@ -349,7 +393,8 @@ def main() -> int:
         with open(os.path.join(a.out, "serve.md"), "w") as f:
             f.write(head + text)
         with open(os.path.join(a.out, "serve.json"), "w") as f:
-            json.dump({"args": vars(a), "workload": wl, "summary": summary, "bench": bench}, f, indent=2, default=str)
+            json.dump({"args": vars(a), "workload": wl, "summary": summary, "bench": bench, "bench_prefill": prefill},
+                      f, indent=2, default=str)
         for name in ("pareto.png", "report.md", "results.json"):
             src = os.path.join(ab_dir, name)
             if os.path.isfile(src):
@@ -372,6 +417,9 @@ def main() -> int:
         if step == "bench":
             try:
                 bench = bench_engine(a, model_dir, top, ctx, os.path.join(work, "bench.jsonl"))
+                chunk = min(a.prefill_chunk, top * a.isl_mean)
+                prefill = bench_engine(a, model_dir, max(1, chunk // a.isl_mean), 0, os.path.join(work, "bench.jsonl"),
+                                       phase="prefill", tokens=chunk)
             except Exception:
                 traceback.print_exc()
             say(f"bench engine in {time.monotonic() - t:.1f}s")

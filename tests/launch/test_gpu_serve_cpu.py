@@ -37,5 +37,23 @@ def test_gpu_serve_flow_on_cpu(tmp_path):
     probes = doc["summary"]["probes"]
     assert isinstance(probes["agg"], list) and probes["agg"] == probes["disagg-single"]
     assert doc["bench"]["tokens_per_s_per_gpu"] > 0 and doc["summary"]["bench"]["batch"] == 2
+    assert doc["bench_prefill"]["setup"]["phase"] == "prefill" and doc["summary"]["bench_prefill"]["tokens_per_s"] > 0
+    assert set(doc["summary"]["vs_expected"]) == {"agg", "disagg-single"}
+    assert all(v["ratio"] > 0 for v in doc["summary"]["vs_expected"].values())
     results = json.loads((out / "results.json").read_text())
     assert [g["name"] for g in results["graphs"]] == ["agg", "disagg-single"]
+
+
+def test_expected_output_tps_adds_prompt_and_decode_time():
+    """4 requests of 1000-token prompts at 10,000 prompt tokens/s (0.4 s) and 100 output tokens each in
+    steps of 2 sequences at 10 ms (200 steps, 2 s): 400 tokens in 2.4 s."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_serve", REPO / "scripts" / "gpu_serve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    point = {"concurrency": 2, "summary": {"ok": 4, "isl_mean": 1000}}
+    decode = {"step_ms": {"mean": 10.0}}
+    prefill = {"tokens": {"counted": 50_000}, "wall_s": 5.0}
+    assert mod.expected_output_tps(point, decode, prefill, 100) == pytest.approx(400 / 2.4)
+    assert mod.expected_output_tps(point, None, prefill, 100) is None
