@@ -19,6 +19,9 @@ Steps (each printed with its wall time; a step that fails is reported and the ne
    the serving-vs-engine comparison, raw (decode TPS) and against the TPS the engine alone would give
    for the point's prompts and decode tokens (`expected_output_tps`).
 5. The other graphs as in 3, each only if `--graph-min-s` is left before `--deadline`.
+   Then the probe's prompts once more in one process (`scripts/first_token_paths.py`): greedy through the
+   prefill path and through the decode path for the last prompt token (what a disaggregated decode worker
+   computes), and which of the two each graph served.
 6. After every step, write under --out: serve.md (TTFT, ITL, TPS/user, TPS/GPU, KV hand-offs per graph
    and point; the comparison; the probe), serve.json, pareto.png, report.md, results.json (all graphs
    in one `ab` report), logs.tar.xz. A run cut short still brings back what it measured.
@@ -272,7 +275,7 @@ def table(res: dict | None, gpus: int, bench: dict | None, bench_batch: int, ben
     return "\n".join(lines) + "\n", summary
 
 
-def probe_text(probes: dict) -> str:
+def probe_text(probes: dict, paths: dict | None = None) -> str:
     lines = [f"\ngreedy probe ({len(PROBE_PROMPTS)} prompts x {PROBE_TOKENS} tokens, temperature 0):"]
     names = list(probes)
     for n in names:
@@ -283,7 +286,36 @@ def probe_text(probes: dict) -> str:
         for n in rest:
             same = sum(x == y for x, y in zip(ok[base], ok[n]))
             lines.append(f"  {n} vs {base}: {same}/{len(PROBE_PROMPTS)} completions identical")
+    if paths:
+        lines.append("  the same prompts in one process (scripts/first_token_paths.py): prefill path vs decode path for "
+                     f"the last prompt token: first tokens {paths['first_token']['prefill']} vs "
+                     f"{paths['first_token']['decode_last']}; top-2 logit gap "
+                     f"{', '.join(f'{g:.1e}' for g in paths['top2_gap'])}")
+        lines += [f"  {n} served the completions of: {m}" for n, m in paths["match"].items()]
     return "\n".join(lines) + "\n"
+
+
+def first_token_paths(a, model_dir: str, probes: dict) -> dict | None:
+    """scripts/first_token_paths.py on the served model: the probe's greedy completions through the prefill
+    path and through the decode path for the last prompt token, and which of them each graph served
+    ("both" when the two paths agree)."""
+    argv = [sys.executable, os.path.join(ROOT, "scripts", "first_token_paths.py"), "--model", model_dir,
+            "--device", a.device, "--dtype", "float32" if a.device == "cpu" else "bfloat16",
+            "--block-size", str(a.block_size), "--tokens", str(PROBE_TOKENS), *PROBE_PROMPTS]
+    say("$ " + " ".join(argv[:8]) + " ...")
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        say(f"first_token_paths failed ({p.returncode}): {p.stderr[-2000:]}")
+        return None
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    match = {}
+    for name, texts in probes.items():
+        if not isinstance(texts, list):
+            continue
+        hits = [path for path in ("prefill", "decode_last") if res[path] == texts]
+        match[name] = "both" if len(hits) == 2 else (hits[0] if hits else "neither")
+    res["match"] = match
+    return res
 
 
 def _concurrency_list(text: str) -> str:
@@ -370,6 +402,7 @@ def main() -> int:
         yaml.safe_dump(wl, f)
     graphs = [g for g in a.graphs.split(",") if g]
     probes: dict = {}
+    probes_extra: dict = {}
     statuses: dict = {}
     top = max(wl["load"]["concurrency"])
     ctx = a.isl_mean + a.osl // 2
@@ -384,8 +417,9 @@ def main() -> int:
         res = merge_reports(ab_dirs, graphs, configs + [overlay], workload, os.path.join(work, "ab"), statuses)
         ab_dir = os.path.join(work, "ab")
         text, summary = table(res, a.gpus, bench, top, ctx, prefill, a.osl)
-        text += probe_text(probes)
+        text += probe_text(probes, probes_extra.get("paths"))
         summary["probes"] = probes
+        summary["first_token_paths"] = probes_extra.get("paths")
         head = (f"serving on one {'GPU' if a.device != 'cpu' else 'CPU'}: model "
                 f"{'v2-lite-shape ' + str(a.layers) + ' layers, bf16' if a.device != 'cpu' else 'tiny'}; configs "
                 f"{', '.join(configs)} + overlay {json.dumps(overlay_doc(a, 'MODEL', 'LOGS'))}"
@@ -439,6 +473,13 @@ def main() -> int:
             statuses[step] = f"failed: {exc}"
         say(f"{step}: served and measured in {time.monotonic() - t:.1f}s ({statuses[step]})")
         write_outputs()
+    if any(isinstance(v, list) for v in probes.values()):
+        try:
+            paths = first_token_paths(a, model_dir, probes)
+        except Exception:
+            traceback.print_exc()
+            paths = None
+        probes_extra["paths"] = paths
     res = write_outputs(final=True)
     ok = bool(res) and all(st == "ok" for st in statuses.values()) and all(g["points"] for g in res["graphs"])
     say("done" if ok else "done, with failures (see above)")
