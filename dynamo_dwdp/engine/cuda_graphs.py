@@ -80,6 +80,7 @@ class DecodeGraphs:
         self.device = device
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # key -> (graph, logits view)
         self.pool = None                                  # one memory pool for all graphs (first capture)
+        self.side: torch.cuda.Stream | None = None        # the warm-up stream of every capture (first capture)
         self.replays = 0
         self.failed: str | None = None                    # set when a capture failed: eager from then on
         self.started = False                              # capture_all ran
@@ -144,7 +145,11 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         self._reset_inputs()
         batch = self._static_batch(b, k)
-        side = torch.cuda.Stream(self.device)
+        if self.side is None:
+            # one warm-up stream for every capture: torch keeps a cuBLAS workspace per (handle, stream),
+            # so a fresh stream per key (torch recycles 32) held up to 32 workspaces for good
+            self.side = torch.cuda.Stream(self.device)
+        side = self.side
         side.wait_stream(torch.cuda.current_stream(self.device))
         ex = self.executor
         if ex is not None:
