@@ -103,7 +103,26 @@ def interpolate(points: list[tuple[float, float]], x: float, *, log_x: bool = Fa
 
 
 def _where(points) -> str:
-    return ", ".join(p.where for p in points)
+    """The records' places, lines of one file joined into ranges: "cal.jsonl:6-9,12"."""
+    return where_ranges([p.where for p in points])
+
+
+def where_ranges(wheres: list[str]) -> str:
+    by_file: dict[str, list[int]] = {}
+    for w in wheres:
+        path, _, line = w.rpartition(":")
+        by_file.setdefault(path, []).append(int(line)) if line.isdigit() else by_file.setdefault(w, [])
+    parts = []
+    for path, lines in by_file.items():
+        runs, lines = [], sorted(set(lines))
+        for n in lines:
+            if runs and n == runs[-1][1] + 1:
+                runs[-1][1] = n
+            else:
+                runs.append([n, n])
+        spans = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+        parts.append(f"{path}:{spans}" if spans else path)
+    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -119,26 +138,28 @@ class _Costs:
     def roofline_s(self, flops: float, nbytes: float, dtype: str) -> float:
         return max(flops / self.hw.flops_per_s(dtype), nbytes / self.hw.hbm_bytes_per_s)
 
-    # one weight matrix [out, in] applied to `rows` rows
-    def linear(self, out_f: int, in_f: int, rows: float, dtype: str, block, phase: str) -> tuple[float, str]:
+    # one weight matrix [out, in] applied to `rows` rows: (seconds, how, records used)
+    def linear(self, out_f: int, in_f: int, rows: float, dtype: str, block, phase: str):
         nbytes = matrix_bytes(out_f, in_f, dtype, block)
         flops = 2.0 * rows * out_f * in_f
         recs = self.records("dense_linear", dtype) if phase == "decode" else []
         if not recs:
-            what = "GEMM rate" if phase == "prefill" else "roofline (no record)"
-            return self.roofline_s(flops, nbytes + rows * (out_f + in_f) * 2.0, dtype), what
+            what = "FLOPs / GEMM ceiling" if phase == "prefill" else "roofline (no record)"
+            return self.roofline_s(flops, nbytes + rows * (out_f + in_f) * 2.0, dtype), what, []
         near = min({p.tokens for p in recs}, key=lambda r: (abs(math.log(r) - math.log(max(rows, 1.0))), -r))
         pts = [p for p in recs if p.tokens == near]
         slope, t0 = _latency_bandwidth(pts, 1.0 / self.hw.hbm_bytes_per_s)
-        return max(t0 + nbytes * slope, flops / self.hw.flops_per_s(dtype)), f"dense_linear@{near:g} rows"
+        how = f"{t0 * 1e6:.2f} us + bytes / {1 / slope / 1e9:,.0f} GB/s (dense_linear at {near:g} rows)"
+        return max(t0 + nbytes * slope, flops / self.hw.flops_per_s(dtype)), how, pts
 
-    def linears(self, mats, rows: float, dtype: str, block, phase: str) -> tuple[float, set[str]]:
-        total, how = 0.0, set()
+    def linears(self, mats, rows: float, dtype: str, block, phase: str):
+        total, how, used = 0.0, set(), []
         for o, k in mats:
-            s, w = self.linear(o, k, rows, dtype, block, phase)
+            s, w, pts = self.linear(o, k, rows, dtype, block, phase)
             total += s
             how.add(w)
-        return total, how
+            used += [p for p in pts if p not in used]
+        return total, how, used
 
     def curve(self, op: str, dtype: str, tokens: float) -> tuple[float, list[KernelPoint]] | None:
         """router / mla_prep: seconds vs tokens, piecewise linear (end segments extended)."""
@@ -233,11 +254,10 @@ def predict_step(model: ModelShape, hw: Hardware, cal: Calibration | None = None
     mats["attn_proj"] = (L, proj, T, dd)   # prefill: kv_b expands every (fresh) context token
     mats["lm_head"] = (1, [(m.vocab_size, h)], seqs, "bf16")
     for name, (count, ms_, rows, dt) in mats.items():
-        s, how = c.linears(ms_, rows, dt, blk, phase)
-        recs = c.records("dense_linear", dt) if phase == "decode" else []
-        src = _where(recs) if recs else ("gemm ceiling" if phase == "prefill" else "roofline (no record)")
+        s, how, used = c.linears(ms_, rows, dt, blk, phase)
+        src = _where(used) if used else ("gemm ceiling" if phase == "prefill" else "roofline (no record)")
         shapes = " + ".join(f"{o}x{kk}" for o, kk in ms_)
-        add(Term(name, count * s * 1e3, f"{count} x ({shapes}) {dt} at {rows:g} rows: {', '.join(sorted(how))}",
+        add(Term(name, count * s * 1e3, f"{count} x ({shapes}) {dt} at {rows:g} rows: {'; '.join(sorted(how))}",
                  src))
 
     # attention core
@@ -291,7 +311,7 @@ def predict_step(model: ModelShape, hw: Hardware, cal: Calibration | None = None
     hs = cal.host_steps.get(phase, [])
     if hs:
         s = interpolate([(tk, sec) for tk, sec, _ in hs], T)
-        add(Term("host", s * 1e3, f"host_step at {T:g} tokens", ", ".join(w for _, _, w in hs)))
+        add(Term("host", s * 1e3, f"host_step at {T:g} tokens", where_ranges([w for _, _, w in hs])))
     else:
         add(Term("host", 0.0, "not modelled without a record", "none"))
     return out
