@@ -248,9 +248,9 @@ def predict_step(model: ModelShape, hw: Hardware, cal: Calibration | None = None
     heads = m.num_attention_heads
     proj = m.attention_matrices()
     if phase == "decode":              # absorbed MLA: W_UK and W_UV per head instead of expanding kv_b
-        kv_b = (heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
-        proj = [mt for mt in proj if mt != kv_b]
-        proj += [(heads * m.kv_lora_rank, m.qk_nope_head_dim), (heads * m.v_head_dim, m.kv_lora_rank)]
+        q, _kv_b, o = m.attention_head_matrices()
+        proj = m.attention_latent_matrices() + [q, o, (heads * m.kv_lora_rank, m.qk_nope_head_dim),
+                                                (heads * m.v_head_dim, m.kv_lora_rank)]
     mats["attn_proj"] = (L, proj, T, dd)   # prefill: kv_b expands every (fresh) context token
     mats["lm_head"] = (1, [(m.vocab_size, h)], seqs, "bf16")
     for name, (count, ms_, rows, dt) in mats.items():
