@@ -1,6 +1,7 @@
 """Build the single-GPU step model's calibration file from the H200 result files of 2026-12-01.
 
   python3 scripts/build_calibration.py [--results docs/results] [--out docs/results/calibration_h200_2026-12-01.jsonl]
+  PYTHONPATH=. python3 scripts/build_calibration.py --compare      # + the prediction against the bench steps
 
 Every record is a microbenchmark or a per-kernel time, never a step time the model is compared with
 (`dynamo-dwdp plan --calibrate FILE --explain`; record kinds in dynamo_dwdp/planner/calibrate.py):
@@ -179,12 +180,45 @@ def build(results: str, prefill_attention: str = "cudnn") -> list[dict]:
     return recs
 
 
+BENCH_FILES = (f"bench-h200-kernels-{DAY}.jsonl", f"bench-h200-prefill-{DAY}.jsonl")
+
+
+def compare(results: str, calibration: str) -> list[str]:
+    """Markdown rows: each bench point's measured step against the step model's prediction (the
+    routed experts touched per MoE layer as the bench recorded them), and the same with uniform routing."""
+    # local import: the package is needed by --compare only (building the file reads JSON alone)
+    from dynamo_dwdp.planner.calibrate import load_calibration
+    from dynamo_dwdp.planner.hardware import get_hardware
+    from dynamo_dwdp.planner.roofline import parse_model_shape
+    from dynamo_dwdp.planner.step_model import predict_step
+    from dynamo_dwdp.synthetic.presets import preset_config
+
+    hw, cal = load_calibration(get_hardware("h200"), calibration)
+    model = parse_model_shape(preset_config("v2-lite-shape"), "v2-lite-shape")
+    rows = ["| phase | tokens | measured ms | predicted ms | measured / predicted | uniform routing: predicted ms, ratio "
+            "| within 15% |", "|---|---|---|---|---|---|---|"]
+    for name in BENCH_FILES:
+        for line in open(os.path.join(results, name)):
+            r = json.loads(line)
+            s, rank = r["setup"], r["per_rank"][0]
+            kw = (dict(phase="decode", tokens=s["batch"], context=s["context"]) if s["phase"] == "decode"
+                  else dict(phase="prefill", tokens=s["tokens_per_iter"], batch=s["batch"]))
+            touched = rank["experts_touched_per_moe_layer"] if s["phase"] == "decode" else None
+            p = predict_step(model, hw, cal, experts_touched=touched, **kw).total_ms
+            u = predict_step(model, hw, cal, **kw).total_ms
+            meas = r["step_ms"]["mean"]
+            rows.append(f"| {s['phase']} | {s['tokens_per_iter']:,} | {meas:.2f} | {p:.2f} | {meas / p:.3f} | "
+                        f"{u:.2f}, {meas / u:.3f} | {'yes' if abs(meas / p - 1) <= 0.15 else 'no'} |")
+    return rows
+
+
 def main(argv=None) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=os.path.join(here, "docs", "results"), help="folder of the result files")
     ap.add_argument("--out", default=None, help=f"output JSONL (default RESULTS/calibration_h200_{DAY}.jsonl)")
     ap.add_argument("--prefill-attention", default="cudnn", help="the attention implementation the engine ran")
+    ap.add_argument("--compare", action="store_true", help="then print the prediction against the bench step times")
     a = ap.parse_args(argv)
     out = a.out or os.path.join(a.results, f"calibration_h200_{DAY}.jsonl")
     recs = build(a.results, a.prefill_attention)
@@ -192,6 +226,8 @@ def main(argv=None) -> int:
         for r in recs:
             f.write(json.dumps(r) + "\n")
     print(f"{len(recs)} records -> {out}", file=sys.stderr)
+    if a.compare:
+        print("\n".join(compare(a.results, out)))
     return 0
 
 

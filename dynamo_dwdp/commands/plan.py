@@ -155,11 +155,13 @@ def run(args: argparse.Namespace) -> int:
         for phase in phases:
             if phase == "prefill":
                 steps[phase] = predict_step(model, hw, cal, phase="prefill", tokens=args.tokens_per_iter,
-                                            batch=args.batch, weight_dtype=args.weight_dtype)
+                                            batch=args.batch, weight_dtype=args.weight_dtype,
+                                            dense_dtype=args.dense_dtype, kv_dtype=args.kv_dtype)
             else:
                 ctx = args.context if args.context is not None else args.tokens_per_iter / args.batch
                 steps[phase] = predict_step(model, hw, cal, phase="decode", tokens=args.decode_batch, context=ctx,
-                                            weight_dtype=args.weight_dtype, experts_touched=args.experts_touched)
+                                            weight_dtype=args.weight_dtype, dense_dtype=args.dense_dtype,
+                                            kv_dtype=args.kv_dtype, experts_touched=args.experts_touched)
         report["single_gpu_step"] = {ph: pred.as_dict() for ph, pred in steps.items()}
         if cal is not None:
             report["calibration"] = cal.as_dict()

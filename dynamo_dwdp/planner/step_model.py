@@ -191,6 +191,7 @@ def _latency_bandwidth(pts: list[KernelPoint], min_slope: float) -> tuple[float,
 
 def predict_step(model: ModelShape, hw: Hardware, cal: Calibration | None = None, *, phase: str, tokens: float,
                  context: float = 0.0, batch: float = 1, weight_dtype: str | None = None,
+                 dense_dtype: str | None = None, kv_dtype: str | None = None,
                  experts_touched: float | None = None) -> StepPrediction:
     """One step on one GPU holding the whole model (strategy `single`).
 
@@ -208,7 +209,7 @@ def predict_step(model: ModelShape, hw: Hardware, cal: Calibration | None = None
     cal = cal or Calibration()
     c = _Costs(hw, cal)
     m = model
-    prec = Precision.resolve(weight_dtype or m.checkpoint_dtype or "bf16")
+    prec = Precision.resolve(weight_dtype or m.checkpoint_dtype or "bf16", dense_dtype, None, kv_dtype)
     wd, dd = prec.weight, prec.dense
     T = float(tokens)
     seqs = float(batch) if phase == "prefill" else T
