@@ -1,7 +1,8 @@
 """`dynamo-dwdp plan --calibrate BENCH.jsonl`: replace the planner's datasheet constants with measured ones.
 
 Input: JSON lines, one measurement each (scripts/gpu_perf.py and scripts/gpu_collectives.py write them
-to $OUT/calibration.jsonl; any tool may):
+to $OUT/calibration.jsonl; scripts/build_calibration.py builds the kernel records from result files; any
+tool may):
 
   {"measure": "hbm_copy",  "bytes_per_s": 4.2e12}                      device copy, read + written
   {"measure": "gemm",      "dtype": "bf16", "flops_per_s": 7.5e14}     a large GEMM of that dtype
