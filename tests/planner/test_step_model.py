@@ -269,3 +269,12 @@ def test_cli_explain_json(tmp_path):
         assert all(t["source"] for t in step["terms"].values())
     assert "52.1 experts" in rep["single_gpu_step"]["decode"]["terms"]["routed_experts"]["how"]
     assert rep["calibration"]["host_step_records"] == {"decode": 3, "prefill": 1}
+
+
+@pytest.mark.parametrize("extra,msg", [(["--experts-touched", "8"], "--experts-touched needs --explain"),
+                                       (["--explain", "--experts-touched", "65"], "--experts-touched must be in")])
+def test_cli_experts_touched_checked(extra, msg):
+    out = subprocess.run([PY, "-m", "dynamo_dwdp.cli", "plan", str(REPO / "tests/fixtures/deepseek-v2-lite"),
+                          "--gpu", "h200", "--ranks", "2", "--tokens-per-iter", "2048", *extra],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 2 and msg in out.stderr and "Traceback" not in out.stderr
