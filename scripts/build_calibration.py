@@ -159,7 +159,8 @@ def small_kernels(p: dict, phase: str, tokens: int, table, src: str) -> list[dic
         if covered(t["name"], table) or not t["calls_per_step"]:
             continue
         out.append(rec(measure="small_kernel", phase=phase, name=short_name(t["name"]),
-                       calls_per_layer=t["calls_per_step"] / LAYERS, seconds=t["us_per_step"] / t["calls_per_step"] * 1e-6,
+                       calls_per_layer=t["calls_per_step"] / LAYERS,
+                       seconds=t["us_per_step"] / t["calls_per_step"] * 1e-6,
                        tokens=tokens, source=f"{src}: {t['name'][:60]}"))
     rest_us = p["kernel_sum_ms"] * 1e3 - sum(t["us_per_step"] for t in p["top"])
     rest_calls = p["kernels_per_step"] - sum(t["calls_per_step"] for t in p["top"])
@@ -195,8 +196,8 @@ def compare(results: str, calibration: str) -> list[str]:
 
     hw, cal = load_calibration(get_hardware("h200"), calibration)
     model = parse_model_shape(preset_config("v2-lite-shape"), "v2-lite-shape")
-    rows = ["| phase | tokens | measured ms | predicted ms | measured / predicted | uniform routing: predicted ms, ratio "
-            "| within 15% |", "|---|---|---|---|---|---|---|"]
+    rows = ["| phase | tokens | measured ms | predicted ms | measured / predicted "
+            "| uniform routing: predicted ms, ratio | within 15% |", "|---|---|---|---|---|---|---|"]
     for name in BENCH_FILES:
         for line in open(os.path.join(results, name)):
             r = json.loads(line)

@@ -129,7 +129,7 @@ class BenchSetup:
     cuda_graphs: bool = False             # decode steps from CUDA graphs (executors that allow capture)
     attention: str = "auto"               # prefill attention: auto | reference | sdpa
     weights: str = "native"               # native | fp8-block (FP8-resident experts and dense linears, CUDA)
-    calibration: str | None = None        # `plan --calibrate` file: `single` points add the step model's prediction
+    calibration: str | None = None        # `plan --calibrate` file: `single` points add the step model
 
     @property
     def routed_only(self) -> bool:
@@ -172,7 +172,7 @@ class BenchSetup:
         if self.hw not in HARDWARE:
             raise UserError(f"--hw {self.hw!r} is not one of {', '.join(HARDWARE)}")
         if self.calibration is not None:
-            load_calibration(get_hardware(self.hw), self.calibration)      # a bad file fails before any rank starts
+            load_calibration(get_hardware(self.hw), self.calibration)      # a bad file fails before any rank
         return self
 
 
@@ -756,7 +756,8 @@ def step_model_prediction(setup: BenchSetup, point: Point, shape, step_ms: float
     weight = "fp8" if setup.weights == "fp8-block" else "bf16"
     if point.phase == "decode":
         pred = predict_step(shape, hw, cal, phase="decode", tokens=point.batch, context=point.context,
-                            weight_dtype=weight, dense_dtype=weight, kv_dtype="bf16", experts_touched=experts_touched)
+                            weight_dtype=weight, dense_dtype=weight, kv_dtype="bf16",
+                            experts_touched=experts_touched)
     else:
         pred = predict_step(shape, hw, cal, phase="prefill", tokens=point.tokens_per_iter, batch=point.batch,
                             weight_dtype=weight, dense_dtype=weight, kv_dtype="bf16")
