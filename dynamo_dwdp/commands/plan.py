@@ -39,7 +39,7 @@ examples:
       --experts-per-rank 24 --prefetch-per-peer 20
 
   # one GPU's whole step, term by term, from the measured kernel records (docs/performance.md)
-  dynamo-dwdp plan models/DeepSeek-V2-Lite --gpu h200 --ranks 2 --tokens-per-iter 8192 --decode-batch 64 \
+  dynamo-dwdp plan models/DeepSeek-V2-Lite --gpu h200 --ranks 2 --tokens-per-iter 8192 --decode-batch 64 \\
       --context 1000 --calibrate docs/results/calibration_h200_2026-12-01.jsonl --explain
 
   # deployment question: strategy and placement per pool, calibrated with measurements
