@@ -40,7 +40,9 @@ JSON (one object per run; `SCHEMA`):
   tokens {scheduled, counted, per_step}, wall_s, tokens_per_s_per_gpu (= counted / wall_s / N),
   flops {per_step, by_component {..}, achieved_per_gpu, peak_per_gpu, frac_of_peak},
   hbm {bytes_per_step_per_gpu, by_component {..}, achieved_per_gpu, peak_per_gpu, frac_of_peak},
-  prediction {hw, comparable, note, per_moe_layer {...planner...}, measured_per_moe_layer {...}}
+  prediction {hw, comparable, note, per_moe_layer {...planner...}, measured_per_moe_layer {...},
+              step_model {calibration, step_ms, measured_over_predicted, terms_ms}: strategy single with
+              --calibrate only}
 FLOP/s and HBM bytes/s divide the window's work by the sum of the group step times and by N; FLOPs
 are model FLOPs (flops.py, counted once under TP); peaks are the datasheet/probe figures of --hw
 (null on CPU, or for a dtype without a tensor-core entry).
@@ -61,8 +63,10 @@ from dynamo_dwdp.config.engine import ATTENTION_BACKENDS, WEIGHT_FORMATS, Engine
 from dynamo_dwdp.errors import PeerError, UserError, require_min_ints
 from dynamo_dwdp.model.config import load_model_config
 from dynamo_dwdp.planner import flops
+from dynamo_dwdp.planner.calibrate import load_calibration
 from dynamo_dwdp.planner.hardware import HARDWARE, get_hardware
 from dynamo_dwdp.planner.roofline import load_model_shape, plan_layer, plan_single_layer
+from dynamo_dwdp.planner.step_model import predict_step
 from dynamo_dwdp.strategies import STRATEGIES as STRATEGY_TABLE
 from dynamo_dwdp.strategies import get_strategy
 
@@ -125,6 +129,7 @@ class BenchSetup:
     cuda_graphs: bool = False             # decode steps from CUDA graphs (executors that allow capture)
     attention: str = "auto"               # prefill attention: auto | reference | sdpa
     weights: str = "native"               # native | fp8-block (FP8-resident experts and dense linears, CUDA)
+    calibration: str | None = None        # `plan --calibrate` file: `single` points add the step model
 
     @property
     def routed_only(self) -> bool:
@@ -166,6 +171,8 @@ class BenchSetup:
             raise UserError(f"--weights {self.weights!r}: one of {', '.join(WEIGHT_FORMATS)} (fp8-block: --device cuda)")
         if self.hw not in HARDWARE:
             raise UserError(f"--hw {self.hw!r} is not one of {', '.join(HARDWARE)}")
+        if self.calibration is not None:
+            load_calibration(get_hardware(self.hw), self.calibration)      # a bad file fails before any rank
         return self
 
 
@@ -678,16 +685,21 @@ def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict 
             "achieved_per_gpu": hbm_ach, "peak_per_gpu": hbm_peak,
             "frac_of_peak": hbm_ach / hbm_peak if hbm_peak else None,
         },
-        "prediction": prediction(setup, point, split_ms, _mean(group_step) * 1e3, len(cfg.moe_layers)),
+        "prediction": prediction(setup, point, split_ms, _mean(group_step) * 1e3, len(cfg.moe_layers),
+                                 experts_touched=_mean([p["experts_touched_per_moe_layer"] for p in per_rank])),
         "graphs": records[0].get("graphs"),
     }
     result["key"] = point_key(model, result["setup"])
     return result
 
 
-def prediction(setup: BenchSetup, point: Point, split_ms: dict, step_ms: float, n_moe: int) -> dict:
+def prediction(setup: BenchSetup, point: Point, split_ms: dict, step_ms: float, n_moe: int,
+               experts_touched: float | None = None) -> dict:
     """The roofline planner's per-MoE-layer numbers for the same point, next to the measured step
-    divided by the MoE layers (which also carries the dense layers, embeddings and lm_head)."""
+    divided by the MoE layers (which also carries the dense layers, embeddings and lm_head).
+    `single` with a calibration file (`setup.calibration`) also gets `step_model`: the whole step
+    predicted term by term (planner/step_model.py; decode with the routed experts touched as measured)
+    against the measured step."""
     notes = []
     comparable = setup.device == "cuda"
     if not comparable:
@@ -703,6 +715,8 @@ def prediction(setup: BenchSetup, point: Point, split_ms: dict, step_ms: float, 
             shape = load_model_shape(setup.model_dir)
             one = plan_single_layer(shape, get_hardware(setup.hw), point.tokens_per_iter, point.batch,
                                     phase=point.phase, context=point.context, weight_dtype="bf16")
+            if setup.calibration is not None:
+                out["step_model"] = step_model_prediction(setup, point, shape, step_ms, experts_touched)
         except UserError as exc:
             out["note"] = "; ".join(notes + [f"planner: {exc}"])
             return out
@@ -733,6 +747,23 @@ def prediction(setup: BenchSetup, point: Point, split_ms: dict, step_ms: float, 
     out["per_moe_layer"] = per
     out["step_ms_moe_layers"] = cost.t_total_ms * n_moe
     return out
+
+
+def step_model_prediction(setup: BenchSetup, point: Point, shape, step_ms: float,
+                          experts_touched: float | None) -> dict:
+    """One GPU's whole step from the calibration file's records, next to the measured step."""
+    hw, cal = load_calibration(get_hardware(setup.hw), setup.calibration)
+    weight = "fp8" if setup.weights == "fp8-block" else "bf16"
+    if point.phase == "decode":
+        pred = predict_step(shape, hw, cal, phase="decode", tokens=point.batch, context=point.context,
+                            weight_dtype=weight, dense_dtype=weight, kv_dtype="bf16",
+                            experts_touched=experts_touched)
+    else:
+        pred = predict_step(shape, hw, cal, phase="prefill", tokens=point.tokens_per_iter, batch=point.batch,
+                            weight_dtype=weight, dense_dtype=weight, kv_dtype="bf16")
+    return {"calibration": setup.calibration, "step_ms": pred.total_ms,
+            "measured_over_predicted": step_ms / pred.total_ms if pred.total_ms > 0 else None,
+            "terms_ms": {t.name: t.ms for t in pred.terms}}
 
 
 def kv_pool_bytes(setup: BenchSetup, point: Point, cfg) -> int:

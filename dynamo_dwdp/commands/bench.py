@@ -112,6 +112,9 @@ def register(subparsers) -> None:
     e.add_argument("--weights", default="native",
                    help="native | fp8-block: experts and dense linears quantized to FP8 (128x128 blocks) at load, "
                         "cuda only (default native)")
+    e.add_argument("--calibrate", metavar="CALIBRATION.jsonl",
+                   help="`plan --calibrate` file: strategy single also records the step model's whole-step "
+                        "prediction (prediction.step_model)")
     e.add_argument("--timeout", type=float, default=1800.0, help="seconds before the group is abandoned")
     e.add_argument("--json", action="store_true", help="print one JSON object (and nothing else) on stdout")
     e.add_argument("--out", metavar="FILE.jsonl", help="append the result as one JSON line")
@@ -203,7 +206,7 @@ def run_engine(args) -> int:
                        dwdp=DwdpSettings(**section_values(args, "dwdp")),
                        hw=args.hw, block_size=args.block_size,
                        timeout=args.timeout, cuda_graphs=args.cuda_graphs, attention=args.attention,
-                       weights=args.weights).validate()
+                       weights=args.weights, calibration=args.calibrate).validate()
     if args.phase not in PHASES:
         raise UserError(f"--phase {args.phase!r} is not one of {', '.join(PHASES)}")
     cfg = load_model_config(args.model)

@@ -12,6 +12,7 @@ from dynamo_dwdp.planner.calibrate import load_calibration
 from dynamo_dwdp.planner.hardware import HARDWARE, get_hardware
 from dynamo_dwdp.planner.recommend import Workload, recommend
 from dynamo_dwdp.planner.roofline import build_report, load_model_shape, render_table
+from dynamo_dwdp.planner.step_model import predict_step, render_terms
 
 DESCRIPTION = """\
 Predict, per MoE layer and per rank, the compute time, DWDP's prefetch of all remote experts, DEP's
@@ -36,6 +37,10 @@ examples:
   # overlapping placement (L > P): 24 local experts, 20 fetched from each of 2 peers (E = 64)
   dynamo-dwdp plan models/DeepSeek-V2-Lite --gpu h200 --ranks 3 --tokens-per-iter 8192 \\
       --experts-per-rank 24 --prefetch-per-peer 20
+
+  # one GPU's whole step, term by term, from the measured kernel records (docs/performance.md)
+  dynamo-dwdp plan models/DeepSeek-V2-Lite --gpu h200 --ranks 2 --tokens-per-iter 8192 --decode-batch 64 \\
+      --context 1000 --calibrate docs/results/calibration_h200_2026-12-01.jsonl --explain
 
   # deployment question: strategy and placement per pool, calibrated with measurements
   dynamo-dwdp plan models/DeepSeek-R1 --gpu gb200 --ranks 4 --weight-dtype nvfp4 --recommend \\
@@ -83,6 +88,12 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--calibrate", metavar="BENCH.jsonl",
                    help="measured rates and latency floors replace the datasheet's (dynamo_dwdp/planner/calibrate.py)")
+    p.add_argument("--explain", action="store_true",
+                   help="also predict one GPU's whole step (strategy single) as a sum of named terms, each "
+                        "from its measured record (dynamo_dwdp/planner/step_model.py); JSON: single_gpu_step")
+    p.add_argument("--experts-touched", type=float, metavar="U",
+                   help="with --explain: routed experts read per MoE layer in a decode step (e.g. measured; "
+                        "default: the uniform-routing expectation)")
     r = p.add_argument_group("deployment recommendation (dynamo_dwdp/planner/recommend.py)")
     r.add_argument("--recommend", action="store_true",
                    help="which strategy and DWDP placement per pool (prefill, decode), with predicted TPS/GPU")
@@ -137,8 +148,30 @@ def run(args: argparse.Namespace) -> int:
         experts_per_rank=args.experts_per_rank,
         prefetch_per_peer=args.prefetch_per_peer,
     )
+    steps = {}
+    if args.explain:
+        if args.experts_touched is not None and not 0 < args.experts_touched <= model.n_routed_experts:
+            raise UserError(f"--experts-touched must be in (0, {model.n_routed_experts}], got {args.experts_touched}")
+        for phase in phases:
+            if phase == "prefill":
+                steps[phase] = predict_step(model, hw, cal, phase="prefill", tokens=args.tokens_per_iter,
+                                            batch=args.batch, weight_dtype=args.weight_dtype,
+                                            dense_dtype=args.dense_dtype, kv_dtype=args.kv_dtype)
+            else:
+                ctx = args.context if args.context is not None else args.tokens_per_iter / args.batch
+                steps[phase] = predict_step(model, hw, cal, phase="decode", tokens=args.decode_batch, context=ctx,
+                                            weight_dtype=args.weight_dtype, dense_dtype=args.dense_dtype,
+                                            kv_dtype=args.kv_dtype, experts_touched=args.experts_touched)
+        report["single_gpu_step"] = {ph: pred.as_dict() for ph, pred in steps.items()}
+        if cal is not None:
+            report["calibration"] = cal.as_dict()
+    elif args.experts_touched is not None:
+        raise UserError("--experts-touched needs --explain")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(render_table(report))
+        for pred in steps.values():
+            print()
+            print(render_terms(pred))
     return 0

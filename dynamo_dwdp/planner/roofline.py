@@ -10,9 +10,10 @@ Ops: MLA projections (q_a/q_b or q_proj, kv_a, kv_b, o; dense dtype), attention 
 router (bf16), routed experts (weight dtype, T*top_k token-expert pairs) and shared experts.
 HBM bytes = weights read once + approximate activation traffic (each GEMM input read and output
 written once; for experts also the gate/up and SwiGLU intermediates).
-Not modelled: norms, RoPE, elementwise kernels, launch and collective latency floors (they matter in
-decode), the HBM traffic of the prefetch itself, and the compute slow-down under concurrent copies
-(the paper measured +19% attention; DWDP paper, arXiv 2604.01621, and its tech blog).
+Not modelled here: norms, RoPE, elementwise kernels, launch and collective latency floors (they matter
+in decode; one GPU's whole step with these, priced from measured records: `planner/step_model.py`),
+the HBM traffic of the prefetch itself, and the compute slow-down under concurrent copies (the paper
+measured +19% attention; DWDP paper, arXiv 2604.01621, and its tech blog).
 
 - Prefill attention core: T tokens split into `batch` sequences of S = T/batch fresh tokens, causal:
   FLOPs = 2 * heads * (qk_head_dim + v_head_dim) * batch * S(S+1)/2 (non-absorbed MLA, as in prefill).
