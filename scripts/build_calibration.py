@@ -171,20 +171,20 @@ def small_kernels(p: dict, phase: str, tokens: int, table, src: str) -> list[dic
     return out
 
 
-def build(results: str, prefill_attention: str = "cudnn") -> list[dict]:
+def build(results: str, prefill_attention: str = "cudnn", profile: str = f"profile_h200_graphs_{DAY}.json") -> list[dict]:
     def at(name: str) -> tuple[str, str]:
         return os.path.join(results, name), f"docs/results/{name}"
     recs = sweep_records(*at(f"gpu_kernels_sweep2_h200_{DAY}.json"))
     recs += gpu_perf_records(*at(f"gpu_perf_h200_kernels_{DAY}.json"))
     recs += prefill_records(*at(f"gpu_prefill_h200_{DAY}.md"), prefill_attention)
-    recs += profile_records(*at(f"profile_h200_graphs_{DAY}.json"))
+    recs += profile_records(*at(profile))
     return recs
 
 
 BENCH_FILES = (f"bench-h200-kernels-{DAY}.jsonl", f"bench-h200-prefill-{DAY}.jsonl")
 
 
-def compare(results: str, calibration: str) -> list[str]:
+def compare(results: str, calibration: str, bench_files: tuple[str, ...] = BENCH_FILES) -> list[str]:
     """Markdown rows: each bench point's measured step against the step model's prediction (the
     routed experts touched per MoE layer as the bench recorded them), and the same with uniform routing."""
     # local import: the package is needed by --compare only (building the file reads JSON alone)
@@ -198,7 +198,7 @@ def compare(results: str, calibration: str) -> list[str]:
     model = parse_model_shape(preset_config("v2-lite-shape"), "v2-lite-shape")
     rows = ["| phase | tokens | measured ms | predicted ms | measured / predicted "
             "| uniform routing: predicted ms, ratio | within 15% |", "|---|---|---|---|---|---|---|"]
-    for name in BENCH_FILES:
+    for name in bench_files:
         for line in open(os.path.join(results, name)):
             r = json.loads(line)
             s, rank = r["setup"], r["per_rank"][0]
@@ -220,15 +220,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help=f"output JSONL (default RESULTS/calibration_h200_{DAY}.jsonl)")
     ap.add_argument("--prefill-attention", default="cudnn", help="the attention implementation the engine ran")
     ap.add_argument("--compare", action="store_true", help="then print the prediction against the bench step times")
+    ap.add_argument("--profile", default=f"profile_h200_graphs_{DAY}.json",
+                    help="the scripts/gpu_profile.py JSON (in --results) the small-kernel and host records come from")
+    ap.add_argument("--bench", default=",".join(BENCH_FILES),
+                    help="comma list of bench JSONL files (in --results) that --compare predicts")
     a = ap.parse_args(argv)
     out = a.out or os.path.join(a.results, f"calibration_h200_{DAY}.jsonl")
-    recs = build(a.results, a.prefill_attention)
+    recs = build(a.results, a.prefill_attention, a.profile)
     with open(out, "w") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")
     print(f"{len(recs)} records -> {out}", file=sys.stderr)
     if a.compare:
-        print("\n".join(compare(a.results, out)))
+        print("\n".join(compare(a.results, out, tuple(b for b in a.bench.split(",") if b))))
     return 0
 
 
