@@ -184,6 +184,8 @@ def main() -> int:
     os.makedirs(a.out, exist_ok=True)
     g = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     tmp = tempfile.mkdtemp()
+    if a.write_model:                                              # first: the profile after this needs it
+        write_v2lite(a.write_model, 27)
     for step in (check_kernels, check_experts, check_attention, lambda g: check_model(g, tmp)):
         try:
             step(g)
@@ -191,8 +193,6 @@ def main() -> int:
             note(getattr(step, "__name__", "step"), f"FAILED {type(exc).__name__}: {str(exc)[:300]}")
         with open(os.path.join(a.out, "moe_prefill.json"), "w") as f:
             json.dump({"rows": ROWS, "results": RESULTS}, f, indent=1)
-    if a.write_model:
-        write_v2lite(a.write_model, 27)
     print("\n| check | result |\n|---|---|")
     for name, value in ROWS:
         print(f"| {name} | {value} |")
