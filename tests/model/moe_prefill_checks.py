@@ -3,7 +3,8 @@ computes as the GPU does: tests/model/interpreter_numerics.py). The prefill-size
 dynamo_dwdp/model/kernels/moe_prefill.py against float64 references, the grouped expert path with
 them switched on against the per-expert fp32 loop (one bank, several banks, banks that hold only a
 part of the ids; uninitialised rows poisoned with NaN), the dense MLP's prefill form, and the MLA
-prep's in-place rope. Fresh random inputs every run. Prints "ok <n> checks"."""
+prep's in-place rope and the attention layer's prefill with it. Fresh random inputs every run.
+Prints "ok <n> checks"."""
 from __future__ import annotations
 
 import os
@@ -172,9 +173,52 @@ def mla_prep_rotates_q_in_place() -> None:
         assert rel(q_pe, rope.apply(q[..., N:], cos, sin)) < 1e-2
 
 
+def attention_prefill_with_q_in_place_matches_reference() -> None:
+    """MLAttention.forward (tiny preset, fp32) with the fused prep and the SDPA prefill switched on as
+    on CUDA (rope rotated into q in place, q read whole, k built without a concatenation) vs the same
+    layer with backend "reference" (torch prep, absorbed-form paged attention): two sequences, one of
+    them a chunk after cached tokens; outputs and the written cache rows agree."""
+    from dynamo_dwdp.model import attention
+    from dynamo_dwdp.model.attention import MLAttention
+    from dynamo_dwdp.model.batch import ForwardBatch
+    from dynamo_dwdp.model.config import config_from_dict
+    from dynamo_dwdp.synthetic.presets import preset_config
+
+    cfg = config_from_dict(preset_config("tiny", num_layers=1))
+    layer = MLAttention(cfg, TensorParallel())
+    for p in layer.parameters():
+        p.data = torch.randn(p.shape, generator=GEN) / max(1, p.shape[-1]) ** 0.5 if p.dim() > 1 else 1 + 0.1 * \
+            torch.randn(p.shape, generator=GEN)
+    rope = RotaryEmbedding(cfg)
+    bs, width = 4, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    cached, new = [5, 0], [7, 9]
+    tables = [[3, 0, 6], [1, 4, 7]]
+    batch = ForwardBatch.build([[1] * n for n in new], cached, tables, bs, [True, True])
+    x = torch.randn(sum(new), cfg.hidden_size, generator=GEN)
+    cos, sin = rope.cos_sin(batch.positions)
+    pool = torch.randn(8, bs, width, generator=GEN)
+    outs, pools = [], []
+    real = (MLAttention.use_fused_prep, MLAttention.use_sdpa)
+    for fused in (True, False):
+        kv = pool.clone()
+        if fused:
+            MLAttention.use_fused_prep = lambda self, x: True
+            MLAttention.use_sdpa = lambda self, x, b: b.max_q > 1
+        layer.backend = "auto" if fused else "reference"
+        try:
+            outs.append(layer(x, batch, kv, rope, cos, sin))
+        finally:
+            MLAttention.use_fused_prep, MLAttention.use_sdpa = real
+        pools.append(kv)
+    assert attention.prefill_attention.impl_for(x) == "sdpa"
+    assert rel(outs[0], outs[1]) < 1e-5, rel(outs[0], outs[1])
+    assert rel(pools[0], pools[1]) < 1e-6
+
+
 if __name__ == "__main__":
     checks = [swiglu_matches_float64, combine_matches_float64, grouped_experts_with_kernels_match_loop,
-              dense_mlp_prefill_form_matches, mla_prep_rotates_q_in_place]
+              dense_mlp_prefill_form_matches, mla_prep_rotates_q_in_place,
+              attention_prefill_with_q_in_place_matches_reference]
     for c in checks:
         c()
         print("passed", c.__name__, flush=True)

@@ -11,6 +11,7 @@ def test_prefill_kernels_under_the_interpreter():
     """tests/model/moe_prefill_checks.py in a fresh process: swiglu and combine vs float64 (pairs of
     no bank over NaN-poisoned rows, accumulation into out, fp32 and bf16), the grouped expert path
     with both kernels vs the per-expert fp32 loop for one bank, several banks and partial covers
-    (sync-free and host-synced), the dense MLP's prefill form, and the MLA prep's in-place rope."""
+    (sync-free and host-synced), the dense MLP's prefill form, the MLA prep's in-place rope, and the
+    attention layer's prefill with it vs its reference backend."""
     out = run_under_triton_interpreter(Path(__file__).with_name("moe_prefill_checks.py"))
-    assert out.strip().endswith("ok 5 checks"), out
+    assert out.strip().endswith("ok 6 checks"), out
