@@ -98,11 +98,15 @@ class MLAttention(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(T, h, self.nope + self.rope_dim)
+        sdpa_impl = prefill_attention.impl_for(x) if self.use_sdpa(x, batch) else None
+        q_whole = None                              # q with its rope part rotated in place (prefill: no cat)
         if self.use_fused_prep(x):                  # norm + rope + cache write in one kernel (kernels/mla_prep.py)
             q_nope = q[..., :self.nope]
+            in_place = sdpa_impl == "sdpa"
             q_pe = mla_prep.mla_prep(q, self.kv_a_proj_with_mqa(x), self.kv_a_layernorm.weight,
                                      self.kv_a_layernorm.eps, cos, sin, batch.slot_mapping, kv_layer, self.nope,
-                                     rope.interleave)
+                                     rope.interleave, q_pe_out=q[..., self.nope:] if in_place else None)
+            q_whole = q if in_place else None
         else:
             q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
             latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)
@@ -114,12 +118,12 @@ class MLAttention(nn.Module):
 
         w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, self.kv_lora)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
-        if self.use_sdpa(x, batch):
-            impl = prefill_attention.impl_for(x)
-            if impl == "sdpa":
-                out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, self.scale)
+        if sdpa_impl is not None:
+            if sdpa_impl == "sdpa":
+                out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, self.scale, q_whole=q_whole)
             else:                                  # triton / cudnn / flash_pad (model/prefill_attention.py)
-                out = prefill_attention.expanded_prefill_attention(impl, q_nope, q_pe, batch, kv_layer, w, self.scale)
+                out = prefill_attention.expanded_prefill_attention(sdpa_impl, q_nope, q_pe, batch, kv_layer, w,
+                                                                   self.scale)
             return self.o_proj(out.reshape(T, h * self.v_dim))
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
         if self.use_decode_kernel(q_latent, batch):                        # q_pe read in place: no concatenation
@@ -179,30 +183,45 @@ def paged_latent_attention(query: torch.Tensor, batch: ForwardBatch, kv_layer: t
 
 
 def sdpa_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch, kv_layer: torch.Tensor,
-                           w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float) -> torch.Tensor:
+                           w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float,
+                           q_whole: torch.Tensor | None = None) -> torch.Tensor:
     """Expand-then-attend, one sequence at a time, through F.scaled_dot_product_attention.
 
     q_nope [T, h, N], q_pe [T, h, R]; the sequence's cached latents [ctx, C | R] are expanded to
     keys [ctx, h, N+R] (k_nope = latent @ w_uk^T, the shared rotated k_pe broadcast over heads) and
     values [ctx, h, V]. A chunk of q new tokens after ctx-q cached ones sees keys 0..ctx-q+i
     (bottom-right causal). Returns [T, h, V]. Memory O(ctx * h * (N+R+V)) per sequence, no ctx^2 term.
+
+    No concatenation on the way in: the key's nope part is written by the GEMM straight into its
+    slot of a [ctx, h, N+R] buffer and k_pe broadcast into the rest; `q_whole` [T, h, N+R], when given,
+    is the query whose parts q_nope and q_pe are (the fused prep rotates q's rope part in place), else
+    the two are concatenated. A batch of one sequence returns SDPA's output as it is (no copy).
     """
-    T, h, _ = q_nope.shape
+    T, h, N = q_nope.shape
     C = w_uk.shape[-1]
-    out = q_nope.new_empty(T, h, w_uv.shape[1])
+    R = q_pe.shape[-1]
+    out = None
     # fp32 on CUDA: the math backend (plain fp32 GEMMs); the memory-efficient kernel computes fp32 as 3xTF32
     math_only = q_nope.is_cuda and q_nope.dtype == torch.float32
     for rows, latent, k_pe in prefill_attention.cached_sequences(batch, kv_layer, C, q_nope.dtype):
         ctx, q_len = latent.shape[0], rows.stop - rows.start
-        k_nope = torch.einsum("sc,hnc->hsn", latent, w_uk)
-        k = torch.cat([k_nope, k_pe.unsqueeze(0).expand(h, ctx, k_pe.shape[-1])], dim=-1)
+        k = latent.new_empty(ctx, h, N + R)
+        torch.bmm(latent.expand(h, ctx, C), w_uk.transpose(1, 2), out=k[..., :N].transpose(0, 1))
+        k[..., N:] = k_pe.unsqueeze(1)
         v = torch.einsum("sc,hvc->hsv", latent, w_uv)
-        q = torch.cat([q_nope[rows], q_pe[rows]], dim=-1).transpose(0, 1)     # [h, q, N+R]
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)              # 4-D: the fused kernels' layout
+        if q_whole is not None:
+            q = q_whole[rows].transpose(0, 1)                                 # [h, q, N+R]
+        else:
+            q = torch.cat([q_nope[rows], q_pe[rows]], dim=-1).transpose(0, 1)
+        q, k, v = q.unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.unsqueeze(0)   # 4-D: the fused kernels' layout
         with sdpa_kernel(SDPBackend.MATH) if math_only else nullcontext():
             if q_len == ctx:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
             else:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q_len, ctx), scale=scale)
+        if rows.start == 0 and rows.stop == T:                                # the only sequence: no copy
+            return o[0].transpose(0, 1)
+        if out is None:
+            out = q_nope.new_empty(T, h, w_uv.shape[1])
         out[rows] = o[0].transpose(0, 1)
-    return out
+    return q_nope.new_empty(T, h, w_uv.shape[1]) if out is None else out

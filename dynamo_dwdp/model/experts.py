@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dynamo_dwdp.model import kernels
+from dynamo_dwdp.model.kernels import moe_prefill
 from dynamo_dwdp.model.kernels.moe_gemm import routed_experts_fused
 
 
@@ -107,24 +108,27 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     """GPU path of `routed_experts`: one grouped GEMM per bank and projection (torch._grouped_mm),
     the banks read in place (no merge).
 
-    Small batches (<= SYNC_FREE_MAX_ROWS pairs, i.e. decode) take the sync-free form that CUDA graphs
-    can capture: every bank runs over all sorted pairs, pairs below the bank's first expert fall into
-    its first group and pairs above into its last, and only the bank's own rows are kept (wasted
-    rows, no wasted weight bytes: decode is bound by reading the weights). Larger batches with one
-    bank that starts at expert 0 run it over the sorted pairs with no host sync (pairs past the
-    bank are zeroed); with several banks they sync the host once for the per-bank row ranges and
-    compute only their own rows.
+    The (token, k) pairs are sorted by expert id once (int32 keys: half the radix passes of int64)
+    and x is gathered into that order once. Small batches (<= SYNC_FREE_MAX_ROWS pairs, i.e. decode)
+    take the sync-free form that CUDA graphs can capture: every bank runs over all sorted pairs,
+    pairs below the bank's first expert fall into its first group and pairs above into its last, and
+    only the bank's own rows are kept (wasted rows, no wasted weight bytes: decode is bound by
+    reading the weights). Larger batches with one bank that starts at expert 0 run it over the
+    sorted pairs with no host sync (rows past the bank are left as they are and never read); with
+    several banks they sync the host once for the per-bank row ranges and compute only their own rows.
 
-    Combine: the expert outputs go back to (token, k) order (a permutation: no atomics) and one
-    batched product per token sums its k outputs with their weights (fp32 accumulation), so the
-    result is deterministic; pairs whose expert is in no bank contribute 0."""
+    Combine: out[t] = sum_k w[t,k] * y_sorted[pos[t,k]], pos the pair's sorted row, -1 for a pair
+    whose expert is in no bank (contributes 0). On CUDA with Triton that is one kernel
+    (`kernels/moe_prefill.combine`: fp32 accumulation in k order, deterministic) and the SwiGLU
+    between the GEMMs is one pass too (`kernels/moe_prefill.swiglu`); otherwise torch ops (zero the
+    rows of no bank, scatter back to (token, k) order, one batched product per token)."""
     T, k = topk_ids.shape
     if T == 0 or not banks:
         return torch.zeros_like(x) if out is None else out
-    flat = topk_ids.reshape(-1)
+    fused = use_prefill_kernels(x)
+    flat = topk_ids.reshape(-1).to(torch.int32)
     rows = flat.numel()
-    order = torch.argsort(flat, stable=True)
-    sorted_ids = flat[order]
+    sorted_ids, order = torch.sort(flat, stable=True)
     xs = x[order // k]
     E = max(b.first + b.count for b in banks)
     # ends[e] = number of pairs with expert id <= e (searchsorted, unlike bincount, never syncs)
@@ -132,33 +136,57 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
                               right=True).to(torch.int32)
     if rows > SYNC_FREE_MAX_ROWS and len(banks) == 1 and banks[0].first == 0:
         # one bank from expert 0 (single rank, DP, DEP's first rank): its groups are the sorted pairs
-        # as they are; the pairs past its last expert (none unless it holds a subset) are left out by
-        # the grouped GEMM and zeroed here. No host sync, so the host keeps launching ahead
-        bank = banks[0]
-        y_sorted = _expert_ffn_grouped(xs, bank, ends)
-        y_sorted = torch.where((sorted_ids < bank.count).unsqueeze(1), y_sorted, 0.0)
+        # as they are; the rows past its last expert (none unless it holds a subset) are left out by
+        # the grouped GEMM and by the combine. No host sync, so the host keeps launching ahead
+        y_sorted = _expert_ffn_grouped(xs, banks[0], ends, fused)
     elif rows <= SYNC_FREE_MAX_ROWS:
         y_sorted = torch.zeros_like(xs)
         for bank in banks:
             lo_id, hi_id = bank.first, bank.first + bank.count
             offs = torch.cat([ends[lo_id:hi_id - 1], ends.new_full((1,), rows)])
-            y = _expert_ffn_grouped(xs, bank, offs)
+            y = _expert_ffn_grouped(xs, bank, offs, fused)
             mine = ((sorted_ids >= lo_id) & (sorted_ids < hi_id)).unsqueeze(1)
             y_sorted = torch.where(mine, y, y_sorted)
     else:
-        y_sorted = torch.zeros_like(xs)
+        y_sorted = torch.empty_like(xs)                # rows of no bank are never read
         bounds = [0] + ends.tolist()                   # the one host sync (prefill sizes, several banks)
         for bank in banks:
             lo, hi = bounds[bank.first], bounds[bank.first + bank.count]
             if hi > lo:
-                y_sorted[lo:hi] = _expert_ffn_grouped(xs[lo:hi], bank, ends[bank.first:bank.first + bank.count] - lo)
+                y_sorted[lo:hi] = _expert_ffn_grouped(xs[lo:hi], bank, ends[bank.first:bank.first + bank.count] - lo,
+                                                      fused)
+    held = _held(sorted_ids, banks)
+    if fused:
+        pos = torch.where(held, torch.arange(rows, device=x.device, dtype=torch.int32), -1)
+        pos = torch.empty_like(pos).scatter_(0, order, pos)                        # sorted row of each pair
+        return moe_prefill.combine(y_sorted, pos.view(T, k), topk_weights, out)
+    y_sorted = torch.where(held.unsqueeze(1), y_sorted, 0.0)
     y_pairs = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)          # back to (token, k) order
     combined = torch.bmm(topk_weights.to(x.dtype).view(T, 1, k), y_pairs.view(T, k, -1)).view(T, -1)
     return combined if out is None else out.add_(combined)
 
 
-def _expert_ffn_grouped(a: torch.Tensor, bank: ExpertBank, offs: torch.Tensor) -> torch.Tensor:
-    """rows a[offs[i-1]:offs[i]] through expert i of `bank` (SwiGLU), one grouped GEMM per projection."""
+def use_prefill_kernels(x: torch.Tensor) -> bool:
+    """The grouped path's SwiGLU and combine as Triton kernels (kernels/moe_prefill.py): CUDA with Triton."""
+    return x.is_cuda and kernels.available()
+
+
+def _held(sorted_ids: torch.Tensor, banks: list[ExpertBank]) -> torch.Tensor:
+    """Which sorted pairs have their expert in one of `banks` (bool, same length)."""
+    held = None
+    for bank in banks:
+        mine = (sorted_ids >= bank.first) & (sorted_ids < bank.first + bank.count)
+        held = mine if held is None else held | mine
+    return held
+
+
+def _expert_ffn_grouped(a: torch.Tensor, bank: ExpertBank, offs: torch.Tensor, fused: bool) -> torch.Tensor:
+    """rows a[offs[i-1]:offs[i]] through expert i of `bank` (SwiGLU), one grouped GEMM per projection;
+    `fused`: the activation as one Triton pass (kernels/moe_prefill.swiglu)."""
     h = torch._grouped_mm(a, bank.w13.transpose(1, 2), offs=offs)
-    gate, up = h.chunk(2, dim=-1)
-    return torch._grouped_mm(F.silu(gate) * up, bank.w2.transpose(1, 2), offs=offs)
+    if fused:
+        act = moe_prefill.swiglu(h)
+    else:
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+    return torch._grouped_mm(act, bank.w2.transpose(1, 2), offs=offs)

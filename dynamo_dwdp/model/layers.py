@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynamo_dwdp.model.kernels import moe_prefill
 from dynamo_dwdp.model.kernels.moe_gemm import BF16_SWIGLU_MAX_ROWS, FP8_LINEAR_MAX_ROWS, dense_swiglu, fp8_linear
 from dynamo_dwdp.model.tensor_parallel import TensorParallel
 
@@ -47,8 +48,9 @@ class Linear(nn.Module):
 class DenseMLP(nn.Module):
     """down(silu(gate(x)) * up(x)); under TP the result is a partial sum (caller reduces).
 
-    After `fuse_gate_up()` (CUDA) gate and up weights are two views of one [2I, H] tensor and small
-    batches run gate, up, silu and the product as one kernel (kernels/moe_gemm.dense_swiglu)."""
+    After `fuse_gate_up()` (CUDA) gate and up weights are two views of one [2I, H] tensor: small
+    batches run gate, up, silu and the product as one kernel (kernels/moe_gemm.dense_swiglu), larger
+    ones one GEMM over [gate; up] and the activation as one pass (kernels/moe_prefill.swiglu)."""
 
     def __init__(self, hidden: int, intermediate: int, tp: TensorParallel):
         super().__init__()
@@ -77,8 +79,12 @@ class DenseMLP(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None and x.is_cuda and x.shape[0] <= _fused_rows(self.gate_up_scale is not None):
-            return self.down_proj(dense_swiglu(x, self.gate_up, self.gate_up_scale))
+        if self.gate_up is not None and x.is_cuda:
+            fp8 = self.gate_up_scale is not None
+            if x.shape[0] <= _fused_rows(fp8):
+                return self.down_proj(dense_swiglu(x, self.gate_up, self.gate_up_scale))
+            h = fp8_linear(x, self.gate_up, self.gate_up_scale) if fp8 else F.linear(x, self.gate_up)
+            return self.down_proj(moe_prefill.swiglu(h))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -43,3 +43,32 @@ def test_implementation_switch(monkeypatch):
     with pytest.raises(UserError, match="prefill attention 'nope'"):
         prefill_attention.attend("nope", *(torch.zeros(1, 1, 16),) * 2, torch.zeros(1, 1, 16), torch.zeros(1, 16),
                                  torch.zeros(1, 1, 16), 1.0)
+
+
+@pytest.mark.parametrize("cached,new", [([0], [29]), ([23, 0], [17, 30])], ids=["one-sequence", "two-sequences"])
+def test_sdpa_path_without_concatenation_matches_absorbed_reference(cached, new):
+    """sdpa_prefill_attention with the whole query given (`q_whole`, as the fused prep leaves it) and
+    without (q_nope/q_pe concatenated): both equal the absorbed-form paged reference (fp32); the
+    key's nope part written by the GEMM into its slot of the [ctx, h, N+R] buffer, k_pe broadcast."""
+    from dynamo_dwdp.model.attention import paged_latent_attention, sdpa_prefill_attention
+    from dynamo_dwdp.model.batch import ForwardBatch
+
+    g = torch.Generator().manual_seed(sum(new))
+    h, N, R, V, C, bs = 3, 32, 16, 32, 64, 8
+    kv_layer = torch.randn(20, bs, C + R, generator=g)
+    perm = torch.randperm(20, generator=g).tolist()
+    tables = [perm[:5], perm[5:9]][:len(new)]
+    batch = ForwardBatch.build([[1] * q for q in new], cached, tables, bs, [True] * len(new))
+    w = torch.randn(h, N + V, C, generator=g) / C ** 0.5
+    w_uk, w_uv = w[:, :N], w[:, N:]
+    T = sum(new)
+    q = torch.randn(T, h, N + R, generator=g)
+    q_nope, q_pe = q[..., :N], q[..., N:]
+    scale = (N + R) ** -0.5
+    lat = paged_latent_attention(torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), q_pe], -1), batch,
+                                 kv_layer, C, scale)
+    ref = torch.einsum("thc,hvc->thv", lat, w_uv).double()
+    for q_whole in (q, None):
+        out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, scale, q_whole=q_whole)
+        assert out.shape == (T, h, V)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5

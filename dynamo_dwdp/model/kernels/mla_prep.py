@@ -5,7 +5,10 @@ Contract (the torch reference is the first half of `MLAttention.forward`): given
 [T, R/2] (float32, from `RotaryEmbedding.cos_sin`), slot_mapping [T] and the layer's paged cache
 [num_blocks, block_size, C+R]:
 - writes cache[slot] = [rmsnorm(kv[:, :C]) * weight | rope(kv[:, C:])] in the cache's dtype;
-- returns q_pe = rope(q[..., N:]) as a new [T, h, R] tensor (query's dtype).
+- returns q_pe = rope(q[..., N:]) as a new [T, h, R] tensor (query's dtype), or written into
+  `q_pe_out` when given: q[..., N:] itself for the prefill attention, which then reads q as the
+  whole [T, h, N+R] query with no concatenation (one program per token reads the token's rope part,
+  waits at a block barrier, then writes it: safe in place).
 Rope follows `RotaryEmbedding.apply`: cos/sin rounded to the activations' dtype, interleaved pairs
 (DeepSeek) or halves, the result written de-interleaved ([rotated evens | rotated odds]). The norm
 and the rotation are computed in fp32 and rounded once.
@@ -33,7 +36,7 @@ def _kernel():
                     stride_qt, stride_qh, stride_kvt, stride_cst, stride_cb, stride_ct,
                     stride_pt, stride_ph, H, eps,
                     N: tl.constexpr, C: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr, BS: tl.constexpr,
-                    INTERLEAVE: tl.constexpr):
+                    INTERLEAVE: tl.constexpr, IN_PLACE: tl.constexpr):
         t = tl.program_id(0)
         offs_c = tl.arange(0, C)
         offs_i = tl.arange(0, HALF)
@@ -65,6 +68,8 @@ def _kernel():
         qrow = Q + t * stride_qt + offs_h[:, None] * stride_qh + N
         q1 = tl.load(qrow + i1[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
         q2 = tl.load(qrow + i2[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+        if IN_PLACE:          # QPE may be q's rope part: every thread's loads land before any thread stores
+            tl.debug_barrier()
         prow = QPE + t * stride_pt + offs_h[:, None] * stride_ph
         tl.store(prow + offs_i[None, :], (q1 * c[None, :] - q2 * s[None, :]).to(QPE.dtype.element_ty),
                  mask=hmask[:, None])
@@ -81,12 +86,17 @@ def supported(latent_dim: int, rope_dim: int) -> bool:
 
 def mla_prep(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor,
              sin: torch.Tensor, slot_mapping: torch.Tensor, kv_layer: torch.Tensor, nope_dim: int,
-             interleave: bool) -> torch.Tensor:
+             interleave: bool, q_pe_out: torch.Tensor | None = None) -> torch.Tensor:
     """See the module docstring. q [T, h, N+R], kv [T, C+R] (last dims contiguous) -> q_pe [T, h, R]."""
     T, h, D = q.shape
     C = norm_weight.shape[0]
     R = D - nope_dim
-    q_pe = torch.empty(T, h, R, device=q.device, dtype=q.dtype)
+    if q_pe_out is None:
+        q_pe = torch.empty(T, h, R, device=q.device, dtype=q.dtype)
+    elif q_pe_out.shape != (T, h, R) or q_pe_out.stride(2) != 1 or q_pe_out.dtype != q.dtype:
+        raise ValueError(f"mla_prep: q_pe_out must be [{T}, {h}, {R}] in {q.dtype} with a contiguous last dim")
+    else:
+        q_pe = q_pe_out
     if T == 0:
         return q_pe
     if q.stride(2) != 1 or kv.stride(1) != 1 or kv_layer.stride(2) != 1 or cos.stride() != sin.stride() \
@@ -99,5 +109,6 @@ def mla_prep(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: 
         q.stride(0), q.stride(1), kv.stride(0), cos.stride(0), kv_layer.stride(0), kv_layer.stride(1),
         q_pe.stride(0), q_pe.stride(1), h, float(eps),
         N=nope_dim, C=C, HALF=R // 2, HP=max(2, next_pow2(h)), BS=kv_layer.shape[1], INTERLEAVE=bool(interleave),
+        IN_PLACE=q_pe_out is not None,
         num_warps=4)
     return q_pe
