@@ -14,25 +14,20 @@ import torch.nn.functional as F
 from dynamo_dwdp.model.fp8 import dequantize_act_fp8, dequantize_block_fp8, quantize_act_fp8
 
 
-def _weights(banks, e):
-    for b in banks:
-        if b.first <= e < b.first + b.count:
-            i = e - b.first
-            return (dequantize_block_fp8(b.w13[i], b.w13_scale[i]).double(),
-                    dequantize_block_fp8(b.w2[i], b.w2_scale[i]).double())
-    return None
-
-
 def _experts(x, ids, w, banks, act):
+    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]), one expert at a time (each expert's weights dequantized
+    once), pairs of experts in no bank skipped; `act(v, group)` is what the activations go through."""
     out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            ws = _weights(banks, int(ids[t, j]))
-            if ws is None:
+    for b in banks:
+        for i in range(b.count):
+            t, j = (ids == b.first + i).nonzero(as_tuple=True)
+            if t.numel() == 0:
                 continue
-            gate, up = (act(x[t:t + 1], 128) @ ws[0].T).chunk(2, dim=-1)
+            w13 = dequantize_block_fp8(b.w13[i], b.w13_scale[i]).double()
+            w2 = dequantize_block_fp8(b.w2[i], b.w2_scale[i]).double()
+            gate, up = (act(x[t], 128) @ w13.T).chunk(2, dim=-1)
             h = F.silu(gate) * up
-            out[t] += w[t, j].double() * (act(h, None) @ ws[1].T)[0]
+            out.index_add_(0, t, w[t, j].double()[:, None] * (act(h, None) @ w2.T))
     return out
 
 

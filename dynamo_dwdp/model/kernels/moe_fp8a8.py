@@ -33,7 +33,7 @@ that gathers rows; `torch._scaled_mm` is one dense matrix per call), and the Swi
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -132,7 +132,7 @@ def _kernels():
 
 @dataclass(frozen=True)
 class A8Tiles:
-    """One launch's tiling: rows (pairs) per tile, weight rows per tile (in SwiGLU mode also h's
+    """One launch's tiling: rows (pairs) per tile (0: by the expected rows per expert), weight rows per tile (in SwiGLU mode also h's
     activation-scale group), warps, pipeline stages (0: as deep as shared memory allows, at most 4),
     `swap` (compute W x^T: the weight rows are the MMA's M side, Hopper's 64-row warpgroup MMA)."""
     block_m: int
@@ -173,6 +173,8 @@ def _launch(kind, a, a_scale, a_group, order, offs, w, ws, out, out_scale, first
             rows_per_group):
     grouped_a8_kernel = _kernels()[1]
     cfg = TILE_OVERRIDE.get(kind) or choose_a8_tiles(kind, rows_per_group)
+    if cfg.block_m == 0:
+        cfg = replace(cfg, block_m=choose_a8_tiles(kind, rows_per_group).block_m)
     swiglu = kind == "swiglu"
     per_stage = (cfg.block_m + (2 if swiglu else 1) * cfg.block_n) * a_group
     stages = cfg.stages or max(1, min(4, 160 * 1024 // per_stage))
