@@ -34,7 +34,7 @@ T0 = time.perf_counter()
 RES: dict = {"kernels": [], "variants": [], "engine_check": {}, "engine_step": {}}
 MD: list[str] = []
 OUT = "."
-DEV, SHAPES, TOKENS = "cuda", (64, 2048, 1408, 6), (1, 8, 64, 256)     # experts, H, I, top-k
+DEV, SHAPES, TOKENS = "cuda", (64, 2048, 1408, 6), (64, 1, 8, 256)     # experts, H, I, top-k
 TIMER = graph_us
 
 
