@@ -11,7 +11,8 @@ for FP8-resident banks, in 5 + 2 x banks launches and no host sync (CUDA-graph s
    multiplied by the row's activation scale and the weight block's scale and added to an fp32
    accumulator (the scales are applied per K block, as in DeepSeek's kernels). Epilogue: silu(gate) *
    up in fp32, then each row's tile quantized to e4m3 with one fp32 scale per 1 x BLOCK_N group
-   (`h_group`, 64 or 128: the N tile of this launch) -> h [pairs, I] e4m3 at the pair's sorted position;
+   (`h_group`: the N tile of this launch, 128 by default, 64 or 32 when a tiling asks for it) ->
+   h [pairs, I] e4m3 at the pair's sorted position;
 4. `grouped_a8_kernel` in plain mode, once per bank: h @ down^T, K steps of `h_group` (so one
    activation scale per step; the weight block scale is the 128-block holding the step), each row
    stored in x's dtype at its pair index;
@@ -20,12 +21,15 @@ for FP8-resident banks, in 5 + 2 x banks launches and no host sync (CUDA-graph s
 Numerics (what is rounded where), against the dequantized model (weights `q * scale_inv`, bf16
 activations): x rounded to e4m3 in 1 x 128 groups; h rounded to e4m3 in 1 x h_group groups; products
 of e4m3 values are exact, sums within one K block run in the tensor core's accumulator (on Hopper a
-reduced-precision adder, ~14 bits over a K block of 128, DeepSeek-V3 report section 3.3.2), block
-sums promoted to fp32; each pair's output rounded to x's dtype. e4m3 keeps 3 mantissa bits (relative
-step 2^-3, rounding error up to 2^-4), so the expert output departs from the dequantized model by a
-few percent (tolerance 8e-2 relative, measured ~3-4e-2 on random data: tests/model/fp8a8_checks.py),
-and matches a torch emulation of the same quantization (`tests/model/fp8a8_reference.py`) to 1e-4
-(fp32) / 1e-2 (bf16 outputs) relative.
+reduced-precision adder, "around 14 bits" per the DeepSeek-V3 report's "Increasing Accumulation
+Precision"; here a K block is at most 128), block sums promoted to fp32; each pair's output rounded
+to x's dtype. e4m3 keeps 3 mantissa bits (rounding error up to 2^-4 relative), so the expert output
+departs from the dequantized model by a few percent: stated tolerance 8e-2 relative; measured
+3.8-4.8e-2 on random data under the interpreter (tests/model/fp8a8_checks.py) and 4.0-4.3e-2 on an
+H200 at the v2-lite shapes, where the 3-layer engine's logits were 4.2e-2 off (W8A16: 1.1e-2). It
+matches a torch emulation of the same quantization (`tests/model/fp8a8_reference.py`) to 1e-4
+relative with fp32 outputs and 1e-2 with bf16 outputs (H200: 3.1-5.7e-3, the bf16 rounding of the
+outputs and the tensor core's accumulator).
 
 Why hand-written: the same reasons as moe_gemm (no grouped block-scaled FP8 GEMM in the installed torch
 that gathers rows; `torch._scaled_mm` is one dense matrix per call), and the SwiGLU + quantize epilogue.
@@ -147,11 +151,13 @@ TILE_OVERRIDE: dict[str, A8Tiles] = {}
 
 
 def choose_a8_tiles(kind: str, rows_per_group: float) -> A8Tiles:
-    """Default tiling (not yet tuned on a GPU sweep): the swapped orientation with 64 weight rows per
-    tile (as the bf16 experts, whose operands also both come from shared memory); M by the expected
-    rows per expert. The down launch's N tile is independent of h's group."""
+    """The swapped orientation (weight rows on the warpgroup MMA's M side), gate/up tiles of 128 weight
+    rows (so h's groups are 1 x 128, DeepSeek's), down tiles of 64; M by the expected rows per expert.
+    Measured on one H200 at the v2-lite shapes (scripts/gpu_fp8a8.py, docs/performance.md) against
+    64-row gate/up tiles (2-10% slower at 1-64 tokens, equal at 256) and the plain orientation with
+    64-row tiles (5-18% slower)."""
     block_m = 16 if rows_per_group <= 16 else 32 if rows_per_group <= 32 else 64
-    return A8Tiles(block_m, 64)
+    return A8Tiles(block_m, 128 if kind == "swiglu" else 64)
 
 
 def quantize_act(x: torch.Tensor, group: int = ACT_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,16 +202,24 @@ def h_group(rows_per_group: float) -> int:
     return g
 
 
-def routed_experts_fp8a8(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, banks: list,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
-    """See the module docstring. banks: FP8 `model.experts.ExpertBank`s (w13/w2 e4m3 with scales)."""
-    T, k = topk_ids.shape
-    if T == 0 or not banks:
-        return torch.zeros_like(x) if out is None else out
+@dataclass
+class Hidden:
+    """Steps 1-3's result: the pairs' order and expert offsets (`moe_gemm.align`), and h = SwiGLU of
+    each pair (row p holds pair order[p]; rows of pairs whose expert is in no bank are unwritten),
+    e4m3 [pairs, I] with float32 scales [pairs, ceil(I / group)] in 1 x `group` groups."""
+    order: torch.Tensor
+    offs: torch.Tensor
+    h: torch.Tensor
+    h_scale: torch.Tensor
+    group: int
+    per_group: float
+
+
+def expert_hidden(x: torch.Tensor, topk_ids: torch.Tensor, banks: list) -> Hidden:
+    """Steps 1-3 of the module docstring: quantize x, sort the pairs, gate/up + SwiGLU + quantize h."""
     if any(b.w13_scale is None for b in banks):
         raise ValueError("W8A8 experts need FP8 banks (w13_scale / w2_scale set)")
-    Hd = x.shape[1]
-    rows = T * k
+    rows = topk_ids.numel()
     E = max(b.first + b.count for b in banks)
     xq, xs = quantize_act(x, ACT_GROUP)
     order, offs = align(topk_ids.reshape(-1), E)
@@ -214,11 +228,30 @@ def routed_experts_fp8a8(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     hg = h_group(per_group)
     hq = torch.empty(rows, I, dtype=FP8_DTYPE, device=x.device)
     hs = torch.empty(rows, -(-I // hg), dtype=torch.float32, device=x.device)
-    y = torch.zeros(rows, Hd, dtype=x.dtype, device=x.device)
     for b in banks:
-        _launch("swiglu", xq, xs, ACT_GROUP, order, offs, b.w13, b.w13_scale, hq, hs, b.first, b.count, I, Hd, k,
-                per_group)
+        _launch("swiglu", xq, xs, ACT_GROUP, order, offs, b.w13, b.w13_scale, hq, hs, b.first, b.count, I,
+                x.shape[1], topk_ids.shape[1], per_group)
+    return Hidden(order, offs, hq, hs, hg, per_group)
+
+
+def expert_down(hidden: Hidden, banks: list, hidden_size: int, topk: int, dtype: torch.dtype) -> torch.Tensor:
+    """Step 4: h @ down^T of each pair's expert -> [pairs, hidden_size] in `dtype`, row = pair index
+    (pairs whose expert is in no bank: 0)."""
+    rows, I = hidden.h.shape
+    y = torch.zeros(rows, hidden_size, dtype=dtype, device=hidden.h.device)
     for b in banks:
-        _launch("down", hq, hs, hg, order, offs, b.w2, b.w2_scale, y, None, b.first, b.count, Hd, I, k, per_group)
+        _launch("down", hidden.h, hidden.h_scale, hidden.group, hidden.order, hidden.offs, b.w2, b.w2_scale, y, None,
+                b.first, b.count, hidden_size, I, topk, hidden.per_group)
+    return y
+
+
+def routed_experts_fp8a8(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, banks: list,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """See the module docstring. banks: FP8 `model.experts.ExpertBank`s (w13/w2 e4m3 with scales)."""
+    T, k = topk_ids.shape
+    if T == 0 or not banks:
+        return torch.zeros_like(x) if out is None else out
+    Hd = x.shape[1]
+    y = expert_down(expert_hidden(x, topk_ids, banks), banks, Hd, k, x.dtype)
     combined = torch.bmm(topk_weights.to(x.dtype).view(T, 1, k), y.view(T, k, Hd)).view(T, Hd)
     return combined if out is None else out.add_(combined)
