@@ -17,10 +17,11 @@ from tests.model import interpreter_numerics  # noqa: E402
 
 interpreter_numerics.install()
 
+from dynamo_dwdp.model import experts  # noqa: E402
 from dynamo_dwdp.model.experts import ExpertBank  # noqa: E402
 from dynamo_dwdp.model.fp8 import (dequantize_act_fp8, dequantize_block_fp8, quantize_act_fp8,  # noqa: E402
                                    quantize_block_fp8)
-from dynamo_dwdp.model.kernels import moe_fp8a8  # noqa: E402
+from dynamo_dwdp.model.kernels import moe_fp8a8, moe_gemm  # noqa: E402
 from dynamo_dwdp.model.kernels.moe_fp8a8 import A8Tiles  # noqa: E402
 from tests.model.fp8a8_reference import dequantized_experts, emulated_experts  # noqa: E402
 
@@ -154,11 +155,34 @@ def quantization_error_is_seen() -> None:
     assert rel(got, emulated_experts(x, ids, w, banks, 1 << 20)) > 3 * END_TO_END   # one group per row: ~2e-2
 
 
+def dispatch_follows_the_banks() -> None:
+    """experts.routed_experts on the fused path (forced here: on a GPU it is taken for every FP8 bank)
+    runs the W8A8 kernels for banks marked fp8_activations and the W8A16 kernels otherwise."""
+    H, I = 128, 128
+    banks = _fp8_banks(((0, 3),), H, I, 0.1)
+    x = torch.randn(4, H, generator=GEN)
+    ids = torch.randint(0, 3, (4, 2), generator=GEN)
+    w = torch.rand(4, 2, generator=GEN)
+    saved = experts.use_fused_experts
+    experts.use_fused_experts = lambda *a: True
+    try:
+        w8a16 = experts.routed_experts(x, ids, w, banks)
+        for b in banks:
+            b.fp8_activations = True
+        w8a8 = experts.routed_experts(x, ids, w, banks)
+    finally:
+        experts.use_fused_experts = saved
+    assert torch.equal(w8a16, moe_gemm.routed_experts_fused(x, ids, w, banks))
+    assert torch.equal(w8a8, moe_fp8a8.routed_experts_fp8a8(x, ids, w, banks))
+    assert rel(w8a8, w8a16) > 1e-2                     # the two paths really differ (activation rounding)
+
+
 if __name__ == "__main__":
     act_quant_matches_torch()
     stages_match_emulation()
     errs = experts_match_emulation_and_dequantized()
     quantization_error_is_seen()
+    dispatch_follows_the_banks()
     print(f"dequantized-model rel err: max {max(errs):.3e} min {min(errs):.3e}")
-    print("ok fp8a8 4 checks")
+    print("ok fp8a8 5 checks")
     sys.exit(0)
