@@ -222,7 +222,8 @@ def engine_step(tmp: str, budget: float, batches=(64, 1, 256), context: int = 10
         for b in batches:
             if left(budget) < 8:
                 break
-            step = ([[int(x)] for x in torch.randint(5, 1000, (b,), generator=g)], [context] * b, tables[:b], [True] * b)
+            tokens = [[int(x)] for x in torch.randint(5, 1000, (b,), generator=g)]
+            step = (tokens, [context] * b, tables[:b], [True] * b)
             for _ in range(3):
                 r.execute(*step)
             torch.cuda.synchronize()

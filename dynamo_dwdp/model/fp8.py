@@ -8,8 +8,9 @@ weight_block_size: [128, 128]}`):
   name); blocks at the right and bottom edges are partial when a dimension is not a multiple of 128.
 
 These are the format's two directions, exact on any device: `dequantize_block_fp8` is the loader's
-and the references' ground truth, `quantize_block_fp8` writes checkpoints and resident GPU weights. `quantize_act_fp8` is the
-activation side of W8A8 (per token, 1 x 128 groups), the reference of the FP8-activation kernels.
+and the references' ground truth, `quantize_block_fp8` writes checkpoints and resident GPU weights.
+`quantize_act_fp8` is the activation side of W8A8 (per token, 1 x 128 groups), the reference of the
+FP8-activation kernels.
 """
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ def stages_match_emulation() -> None:
             rq, rs = quantize_act_fp8((F.silu(gate) * up).float()[None], hid.group)
             assert torch.allclose(hid.h_scale[p], rs[0], rtol=1e-5, atol=0), (tiles, p)
             got, want = hid.h[p].float(), rq[0].float()
-            one_step = torch.maximum(got.abs(), want.abs()) * 2.0 ** -3 + 2.0 ** -9      # e4m3 spacing (subnormal: 2^-9)
+            one_step = torch.maximum(got.abs(), want.abs()) * 2.0 ** -3 + 2.0 ** -9   # e4m3 spacing; subnormal 2^-9
             assert ((got - want).abs() <= one_step).all(), (tiles, p)
             flips += int((got != want).sum())
             total += I
