@@ -49,6 +49,7 @@ def left(budget: float) -> float:
     return budget - (time.perf_counter() - T0)
 
 
+DEFAULT = "swap128/swap64"     # what moe_fp8a8.choose_a8_tiles picks
 VARIANTS = {   # name: (swiglu tiles, down tiles); block_m 0 = by rows per expert
     "swap64/swap64": ((0, 64, True), (0, 64, True)),
     "swap128/swap64": ((0, 128, True), (0, 64, True)),
@@ -77,7 +78,7 @@ def kernels() -> str:
               "GB/s FP8 bytes W8A16 / W8A8 | W8A8 vs emulation | W8A8 vs dequantized | W8A16 vs dequantized | "
               "act quant bytes equal |")
     MD.append("|---|---|---|---|---|---|---|---|---|---|---|")
-    best_at_64 = "swap64/swap64"
+    best_at_64 = DEFAULT
     for T in TOKENS:
         x = torch.randn(T, H, device=DEV, generator=g).bfloat16()
         ids = torch.stack([torch.randperm(E, device=DEV, generator=g)[:k] for _ in range(T)])
@@ -123,7 +124,7 @@ def kernels() -> str:
             RES["variants"].append({"tokens": T, "variant": name, "us": tv, "rel_err_vs_emulation": ev})
             say(f"  T={T} {name}: {tv if tv is None else round(tv, 1)} us, vs emulation {ev}")
         moe_fp8a8.TILE_OVERRIDE.clear()
-        t_a8 = var_t.get("swap64/swap64")
+        t_a8 = var_t.get(DEFAULT)
         ok = {n: v for n, v in var_t.items() if v is not None}
         best = min(ok, key=ok.get) if ok else None
         if T == 64 and best:
@@ -289,14 +290,14 @@ def main() -> int:
               f"{c['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s\n")
     say(f"HBM copy {c['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s")
     tmp = tempfile.mkdtemp()
-    best = "swap64/swap64"
+    best = DEFAULT
     if "kernels" not in skip:
         try:
             best = kernels()
         except Exception as exc:
             say(f"kernels FAILED {type(exc).__name__}: {str(exc)[:500]}")
     RES["engine_tiles"] = best
-    if best != "swap64/swap64":                  # the engine runs with the tiling fastest at 64 tokens
+    if best != DEFAULT:                  # the engine runs with the tiling fastest at 64 tokens
         from dynamo_dwdp.model.kernels import moe_fp8a8
         from dynamo_dwdp.model.kernels.moe_fp8a8 import A8Tiles
 
