@@ -6,7 +6,8 @@ For each decode batch: the step's wall time (median of replays through `ModelRun
 the torch profiler (CUPTI sees the kernels inside graph replays) over a few replays: kernel time per
 kernel name, the sum of kernel time, and the GPU's busy time (union of kernel intervals) against the
 step's span, i.e. how much of the step is launch gaps between kernels rather than kernels. The same
-for FP8-resident weights (`--fp8-batches`) and for prefill lengths (eager, one forward).
+for FP8-resident weights (`--fp8-batches`; `--fp8a8-batches`: W8A8 experts, off by default) and for
+prefill lengths (eager, one forward).
 Writes $OUT/profile.md (tables) and $OUT/profile.json.
 """
 from __future__ import annotations
@@ -156,6 +157,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=1000)
     p.add_argument("--batches", default="1,64,256")
     p.add_argument("--fp8-batches", default="1,64,256")
+    p.add_argument("--fp8a8-batches", default="", help="batches for weight_format fp8-block-a8 (W8A8 experts)")
     p.add_argument("--prefill", default="8192,16000")
     p.add_argument("--model", default="", help="an existing model directory (default: write the v2-lite shape)")
     a = p.parse_args()
@@ -163,7 +165,7 @@ def main() -> int:
     ceil = ceilings()
     say(f"ceilings: {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, {ceil['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s")
     model = a.model or write_v2lite(tempfile.mkdtemp(), a.layers)
-    results: dict = {"ceilings": ceil, "decode": {}, "fp8": {}, "prefill": {}}
+    results: dict = {"ceilings": ceil, "decode": {}, "fp8": {}, "fp8a8": {}, "prefill": {}}
     md = [f"# Profile, {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"]
 
@@ -173,7 +175,8 @@ def main() -> int:
         with open(os.path.join(a.out, "profile.md"), "w") as f:
             f.write("\n".join(md))
 
-    for kind, batches, fmt in (("decode", a.batches, "native"), ("fp8", a.fp8_batches, "fp8-block")):
+    for kind, batches, fmt in (("decode", a.batches, "native"), ("fp8", a.fp8_batches, "fp8-block"),
+                               ("fp8a8", a.fp8a8_batches, "fp8-block-a8")):
         for b in [int(x) for x in batches.split(",") if x]:
             try:
                 res = profile_decode(model, b, a.context, fmt)

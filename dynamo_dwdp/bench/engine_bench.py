@@ -168,7 +168,7 @@ class BenchSetup:
         if self.attention not in ATTENTION_BACKENDS:
             raise UserError(f"--attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
         if self.weights not in WEIGHT_FORMATS or (self.weights != "native" and self.device != "cuda"):
-            raise UserError(f"--weights {self.weights!r}: one of {', '.join(WEIGHT_FORMATS)} (fp8-block: --device cuda)")
+            raise UserError(f"--weights {self.weights!r}: one of {', '.join(WEIGHT_FORMATS)} (fp8 formats: --device cuda)")
         if self.hw not in HARDWARE:
             raise UserError(f"--hw {self.hw!r} is not one of {', '.join(HARDWARE)}")
         if self.calibration is not None:

@@ -111,7 +111,7 @@ def register(subparsers) -> None:
                    help="prefill attention: auto (SDPA on cuda, reference on cpu) | reference | sdpa (default auto)")
     e.add_argument("--weights", default="native",
                    help="native | fp8-block: experts and dense linears quantized to FP8 (128x128 blocks) at load, "
-                        "cuda only (default native)")
+                        "cuda only | fp8-block-a8: the same, routed experts with FP8 activations (default native)")
     e.add_argument("--calibrate", metavar="CALIBRATION.jsonl",
                    help="`plan --calibrate` file: strategy single also records the step model's whole-step "
                         "prediction (prediction.step_model)")

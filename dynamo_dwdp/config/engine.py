@@ -20,9 +20,13 @@ TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
 ATTENTION_BACKENDS = ("auto", "reference", "sdpa")
 """auto = SDPA prefill and the Triton decode kernel where they apply; reference = the torch paths the tests
 compare with; sdpa = SDPA prefill (see model/attention.py: use_sdpa, use_decode_kernel)."""
-WEIGHT_FORMATS = ("native", "fp8-block")
+WEIGHT_FORMATS = ("native", "fp8-block", "fp8-block-a8")
 """native = the checkpoint's weights in `dtype`; fp8-block = experts and dense linears re-quantized at load into
-the official 128x128 block FP8 format and kept resident as FP8 (cuda only; model/fp8_weights.py)."""
+the official 128x128 block FP8 format and kept resident as FP8 (cuda only; model/fp8_weights.py), computed W8A16
+(bf16 activations); fp8-block-a8 = the same weights, the routed experts computed W8A8 (activations quantized per
+token in 1x128 groups, FP8 tensor-core MMAs; kernels/moe_fp8a8.py), dense linears W8A16."""
+FP8_FORMATS = ("fp8-block", "fp8-block-a8")
+"""The weight formats that keep weights resident as FP8 (cuda only)."""
 POSITIVE_INTS = ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens")
 
 
@@ -44,7 +48,8 @@ class EngineSettings:
                               min=0, max=1024)
     cuda_graphs: bool = spec(False, doc="capture decode steps in CUDA graphs (device cuda only)")
     weight_format: str = spec("native", doc="native, or fp8-block: experts and dense linears resident as FP8 with "
-                                            "128x128 block scales (device cuda only)", choices=WEIGHT_FORMATS)
+                                            "128x128 block scales (device cuda only); fp8-block-a8: the same, "
+                                            "routed experts with FP8 activations too", choices=WEIGHT_FORMATS)
     # Runtime-only knobs (not settings-file keys): tests and benchmarks set them in-process.
     enable_prefix_caching: bool = internal(True)
     seed: int = internal(0)
@@ -56,8 +61,8 @@ class EngineSettings:
             yield "block_size", f"{self.block_size} is not a power of two (allowed: 1, 2, 4, ..., 1024)"
         if self.cuda_graphs and self.device != "cuda":
             yield "cuda_graphs", "true needs engine.device cuda (allowed: false on cpu)"
-        if self.weight_format == "fp8-block" and self.device != "cuda":
-            yield "weight_format", "fp8-block needs engine.device cuda (allowed: native on cpu)"
+        if self.weight_format in FP8_FORMATS and self.device != "cuda":
+            yield "weight_format", f"{self.weight_format} needs engine.device cuda (allowed: native on cpu)"
         capacity = self.num_kv_blocks * self.block_size
         if self.max_model_len is not None and self.max_model_len > capacity:
             yield "max_model_len", (f"{self.max_model_len} does not fit in the KV pool of num_kv_blocks x "
@@ -85,6 +90,6 @@ class EngineSettings:
                             f"{', '.join(ATTENTION_BACKENDS)}")
         if self.weight_format not in WEIGHT_FORMATS:
             raise UserError(f"engine weight_format={self.weight_format!r}: must be one of {', '.join(WEIGHT_FORMATS)}")
-        if self.weight_format == "fp8-block" and not self.device.startswith("cuda"):
-            raise UserError(f"engine weight_format=fp8-block needs device=cuda, not {self.device!r}")
+        if self.weight_format in FP8_FORMATS and not self.device.startswith("cuda"):
+            raise UserError(f"engine weight_format={self.weight_format} needs device=cuda, not {self.device!r}")
         return self

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from dynamo_dwdp.config.engine import EngineSettings
+from dynamo_dwdp.config.engine import FP8_FORMATS, EngineSettings
 from dynamo_dwdp.engine.cuda_graphs import DecodeGraphs
 from dynamo_dwdp.model import kernels as fused_kernels
 from dynamo_dwdp.model.batch import ForwardBatch
@@ -60,8 +60,8 @@ class ModelRunner:
             layer.self_attn.backend = config.attention_backend
         self.load_report = load_weights(model, model_dir)
         self.fp8 = None
-        if config.weight_format == "fp8-block":
-            self.fp8 = make_fp8_resident(model, executor)
+        if config.weight_format in FP8_FORMATS:
+            self.fp8 = make_fp8_resident(model, executor, config.weight_format)
             log.info("FP8-resident weights: %d linears + %d expert banks, %.2f -> %.2f GB",
                      self.fp8["linears"], self.fp8["expert_banks"], self.fp8["bytes_before"] / 1e9,
                      self.fp8["bytes_after"] / 1e9)

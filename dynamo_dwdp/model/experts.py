@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from dynamo_dwdp.model import kernels
 from dynamo_dwdp.model.kernels import moe_prefill
+from dynamo_dwdp.model.kernels.moe_fp8a8 import routed_experts_fp8a8
 from dynamo_dwdp.model.kernels.moe_gemm import routed_experts_fused
 
 
@@ -30,6 +31,7 @@ class ExpertBank:
     # [n, ceil(2I/128), ceil(H/128)] / [n, ceil(H/128), ceil(I/128)] (model/fp8.py's format)
     w13_scale: torch.Tensor | None = None
     w2_scale: torch.Tensor | None = None
+    fp8_activations: bool = False   # FP8 banks computed W8A8 (kernels/moe_fp8a8.py; weight_format fp8-block-a8)
 
     @property
     def count(self) -> int:
@@ -49,6 +51,8 @@ def routed_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     `out` [T, H] accumulates in place when given.
     """
     if use_fused_experts(x, topk_ids, banks):
+        if banks and all(b.fp8_activations for b in banks):
+            return routed_experts_fp8a8(x, topk_ids, topk_weights, banks, out)
         return routed_experts_fused(x, topk_ids, topk_weights, banks, out)
     if any(b.w13_scale is not None for b in banks):
         raise RuntimeError("FP8-resident expert banks need the fused CUDA kernels (Triton)")

@@ -9,6 +9,8 @@ weight_block_size: [128, 128]}`):
 
 These are the format's two directions, exact on any device: `dequantize_block_fp8` is the loader's
 and the references' ground truth, `quantize_block_fp8` writes checkpoints and resident GPU weights.
+`quantize_act_fp8` is the activation side of W8A8 (per token, 1 x 128 groups), the reference of the
+FP8-activation kernels.
 """
 from __future__ import annotations
 
@@ -68,3 +70,30 @@ def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int] = DEFAULT_BL
     scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     q = (w / _expand(scale_inv, (rows, cols), block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale_inv.contiguous()
+
+
+ACT_GROUP = 128  # activations are quantized per token in 1 x ACT_GROUP groups (DeepSeek-V3's inference)
+
+
+def quantize_act_fp8(x: torch.Tensor, group: int = ACT_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, n] activations -> (e4m3 [rows, n], float32 scale [rows, ceil(n / group)]), per row in
+    1 x `group` groups: scale = amax / FP8_MAX in float32 (an all-zero group gets 1), q = x / scale
+    clamped to +-FP8_MAX and rounded to nearest even. The torch statement of what
+    `kernels/moe_fp8a8.py` computes on the GPU (same operations, same order)."""
+    if x.dim() != 2:
+        raise ValueError(f"activations must be 2-D [rows, n], got shape {tuple(x.shape)}")
+    rows, n = x.shape
+    g = math.ceil(n / group)
+    padded = torch.zeros(rows, g * group, dtype=torch.float32, device=x.device)
+    padded[:, :n] = x.to(torch.float32)
+    amax = padded.view(rows, g, group).abs().amax(dim=2)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (padded.view(rows, g, group) / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.view(rows, g * group)[:, :n].contiguous(), scale
+
+
+def dequantize_act_fp8(q: torch.Tensor, scale: torch.Tensor, group: int = ACT_GROUP,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize_act_fp8` (exact in float32 up to the product's rounding)."""
+    full = scale.to(torch.float32).repeat_interleave(group, dim=1)[:, : q.shape[1]]
+    return (q.to(torch.float32) * full).to(dtype)

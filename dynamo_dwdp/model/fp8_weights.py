@@ -9,7 +9,9 @@ weight to e4m3 (the "dequantized bf16 model" is then the reference the FP8 engin
 What stays in the model's dtype: embeddings, lm_head (bf16 in the official files too), norms, the
 fp32 router, and kv_b_proj (the absorbed attention uses it as a batched-matmul operand; 4 MiB a
 layer at v2-lite shapes). Dense linears then run through `kernels/moe_gemm.fp8_linear` and expert
-banks through `kernels/moe_gemm.routed_experts_fused` (FP8 tiles dequantized in registers).
+banks through `kernels/moe_gemm.routed_experts_fused` (FP8 tiles dequantized in registers), or with
+`weight_format=fp8-block-a8` through `kernels/moe_fp8a8.routed_experts_fp8a8` (activations quantized to
+FP8 too, FP8 tensor-core MMAs; the banks carry `fp8_activations=True`).
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ def _quantize_stack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(qs), torch.stack(ss)
 
 
-def _targets(model, executor):
+def _targets(model, executor, weight_format: str = "fp8-block"):
     linears = [m for n, m in model.named_modules() if isinstance(m, Linear) and not n.endswith(KEEP)]
     banks = getattr(executor, "banks", None)
     if not isinstance(banks, dict):
-        raise UserError(f"engine weight_format=fp8-block: the {executor.strategy} executor's expert banks "
+        raise UserError(f"engine weight_format={weight_format}: the {executor.strategy} executor's expert banks "
                         "cannot be quantized (strategy single or dp only)")
     return linears, [b for v in banks.values() for b in (v if isinstance(v, list) else [v])]
 
@@ -54,11 +56,14 @@ def round_trip_fp8(model, executor) -> None:
             mod.fuse_gate_up()
 
 
-def make_fp8_resident(model, executor) -> dict:
-    """Quantize in place; returns {"linears": n, "expert_banks": n, "bytes_before": b, "bytes_after": b}."""
+def make_fp8_resident(model, executor, weight_format: str = "fp8-block") -> dict:
+    """Quantize in place (`weight_format` fp8-block: W8A16, or fp8-block-a8: the expert banks marked for
+    FP8 activations); returns {"linears": n, "expert_banks": n, "bytes_before": b, "bytes_after": b}."""
+    if weight_format not in ("fp8-block", "fp8-block-a8"):
+        raise UserError(f"engine weight_format={weight_format!r}: not an FP8 format (fp8-block, fp8-block-a8)")
     if next(model.parameters()).device.type != "cuda":
-        raise UserError("engine weight_format=fp8-block needs device=cuda (the FP8 kernels are GPU kernels)")
-    linears, banks = _targets(model, executor)
+        raise UserError(f"engine weight_format={weight_format} needs device=cuda (the FP8 kernels are GPU kernels)")
+    linears, banks = _targets(model, executor, weight_format)
     before = after = 0
     for mod in linears:
         w = mod.weight.data
@@ -71,6 +76,7 @@ def make_fp8_resident(model, executor) -> dict:
         before += (bank.w13.numel() + bank.w2.numel()) * bank.w13.element_size()
         bank.w13, bank.w13_scale = _quantize_stack(bank.w13)
         bank.w2, bank.w2_scale = _quantize_stack(bank.w2)
+        bank.fp8_activations = weight_format == "fp8-block-a8"
         after += bank.w13.numel() + bank.w2.numel() + 4 * (bank.w13_scale.numel() + bank.w2_scale.numel())
     torch.cuda.empty_cache()
     return {"linears": len(linears), "expert_banks": len(banks), "bytes_before": before, "bytes_after": after}

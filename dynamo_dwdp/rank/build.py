@@ -23,7 +23,7 @@ import torch
 from dynamo_dwdp.baselines.dep import DEPExecutor, StepCoordinator, even_bounds
 from dynamo_dwdp.baselines.tp import TPModelRunner, TPMoEExecutor
 from dynamo_dwdp.config.dwdp import DwdpSettings
-from dynamo_dwdp.config.engine import EngineSettings
+from dynamo_dwdp.config.engine import FP8_FORMATS, EngineSettings
 from dynamo_dwdp.dwdp.executor import DWDPExecutor
 from dynamo_dwdp.dwdp.placement import Placement
 from dynamo_dwdp.engine.engine_core import EngineCore
@@ -166,8 +166,8 @@ def build_rank_engine(model_dir: str, engine: EngineSettings, spec: GroupSpec, d
     `expert_skew` (hot expert ids, bias) is a benchmark hook: the A/B harness skews the random router."""
     spec.validate()
     strategy = get_strategy(spec.strategy)
-    if engine.weight_format == "fp8-block" and strategy.name not in ("single", "dp"):
-        raise UserError(f"engine weight_format=fp8-block runs with strategy single or dp (local experts), "
+    if engine.weight_format in FP8_FORMATS and strategy.name not in ("single", "dp"):
+        raise UserError(f"engine weight_format={engine.weight_format} runs with strategy single or dp (local experts), "
                         f"not {spec.strategy}")
     dwdp = dwdp or DwdpSettings()
     device = rank_device(engine.device, spec.rank)

@@ -404,6 +404,7 @@ def _error_line(proc, *needles):
     (["--strategy", "dwdp", "--phase", "decode", "--batch", "2", "--dtype", "int8"], ["--dtype", "int8"]),
     (["--strategy", "dwdp", "--phase", "decode", "--batch", "2", "--hw", "tpu"], ["tpu"]),
     (["--strategy", "single", "--phase", "decode", "--batch", "2", "--weights", "fp8-block"], ["--weights", "cuda"]),
+    (["--strategy", "single", "--phase", "decode", "--batch", "2", "--weights", "fp8-block-a8"], ["--weights", "cuda"]),
     (["--strategy", "single", "--phase", "decode", "--batch", "2", "--weights", "int4"], ["int4", "fp8-block"]),
 ])
 def test_bad_engine_inputs(tiny, extra, needles):

@@ -48,7 +48,7 @@ def worker_spec() -> argparse.ArgumentParser:
     p.add_argument("--dwdp-transport", choices=["auto", "shm", "cuda_ipc"])
     p.add_argument("--kv-transfer", required=True, choices=["nixl", "local", "none"])
     p.add_argument("--cuda-graphs", action="store_true")
-    p.add_argument("--weight-format", required=True, choices=["native", "fp8-block"])
+    p.add_argument("--weight-format", required=True, choices=["native", "fp8-block", "fp8-block-a8"])
     return p
 
 

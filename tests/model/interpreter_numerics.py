@@ -1,15 +1,17 @@
 """GPU arithmetic for Triton's CPU interpreter (TRITON_INTERPRET=1), so that CPU checks of the kernels
 see the numbers a GPU produces. Imported by the interpreter check scripts before any kernel runs.
 
-The interpreter departs from an NVIDIA GPU in three ways that matter here (Triton 3.x):
+The interpreter departs from an NVIDIA GPU in four ways that matter here (Triton 3.x):
 - a `tl.dot` of bf16 operands multiplies the raw 16-bit patterns as integers (garbage); a GPU's
   tensor cores form exact products and accumulate them in fp32;
 - casts from fp32 to bf16 truncate; a GPU rounds to nearest even;
 - a `tl.dot` of fp32 operands at the default input precision ("tf32") is computed in fp32; a GPU's
   tensor cores read only 10 mantissa bits of each operand (TF32), so a kernel that forgets
-  `input_precision="ieee"` gives results ~1e-3 off on the GPU and exact ones in the interpreter.
+  `input_precision="ieee"` gives results ~1e-3 off on the GPU and exact ones in the interpreter;
+- fp32 -> e4m3 casts (even with fp_downcast_rounding="rtne") round ties up (17.0 -> 18, not 16); a
+  GPU (`cvt.rn.satfinite.e4m3x2.f32`) rounds to nearest even, as torch's float8_e4m3fn cast does.
 
-`install()` makes the interpreter do what the GPU does in all three cases (TF32 operands rounded to
+`install()` makes the interpreter do what the GPU does in all four cases (TF32 operands rounded to
 nearest, ties away, as Triton's `cvt.rna.tf32.f32`) and counts the fp32 dots that ran at TF32
 (`TF32_DOTS`), so that a check can both see the error and name its cause.
 """
@@ -41,7 +43,7 @@ def install() -> None:
     builder = interpreter.InterpreterBuilder
     if getattr(builder, "_gpu_numerics", False):
         return
-    dot, cast = builder.create_dot, builder.cast_impl
+    dot, cast, fp_to_fp = builder.create_dot, builder.cast_impl, builder.create_fp_to_fp
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         if tl.bfloat16 in (a.dtype.scalar, b.dtype.scalar):
@@ -59,6 +61,13 @@ def install() -> None:
             return interpreter.TensorHandle(t.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
         return cast(self, src, dst_type)
 
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if dst_type.scalar == tl.float8e4nv and src.dtype.scalar == tl.float32:
+            t = torch.from_numpy(np.ascontiguousarray(src.data)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+            return interpreter.TensorHandle(t.view(torch.uint8).numpy(), tl.float8e4nv)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
     builder.create_dot = create_dot
+    builder.create_fp_to_fp = create_fp_to_fp
     builder.cast_impl = cast_impl
     builder._gpu_numerics = True
