@@ -47,6 +47,10 @@ class EngineSettings:
     torch_threads: int = spec(0, doc="intra-op CPU threads per rank (OMP_NUM_THREADS); 0 = torch's default",
                               min=0, max=1024)
     cuda_graphs: bool = spec(False, doc="capture decode steps in CUDA graphs (device cuda only)")
+    separate_prefill_steps: bool = spec(False, doc="a step holds prompt chunks or decode tokens, never both "
+                                                   "(they alternate while both wait), so decode steps replay "
+                                                   "CUDA graphs; false: chunked prefill mixes them into one "
+                                                   "eager step")
     weight_format: str = spec("native", doc="native, or fp8-block: experts and dense linears resident as FP8 with "
                                             "128x128 block scales (device cuda only); fp8-block-a8: the same, "
                                             "routed experts with FP8 activations too", choices=WEIGHT_FORMATS)

@@ -35,7 +35,8 @@ class EngineCore:
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.kv_capacity = cfg.num_kv_blocks * cfg.block_size
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   cfg.separate_prefill_steps)
         self.requests: dict[str, Sequence] = {}
         self.held: dict[str, Sequence] = {}
         self.default_eos = tuple(mc.eos_token_ids)

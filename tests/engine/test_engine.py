@@ -73,6 +73,42 @@ def test_batched_chunked_continuous_batching_matches_one_by_one(ckpt, monkeypatc
         assert rel_err(got, ref[i][1]) < TOL, i
 
 
+def test_separate_prefill_steps_never_mix_and_keep_outputs_identical(ckpt, monkeypatch):
+    """separate_prefill_steps: every step is all prompt chunks or all single decode tokens; while both
+    kinds wait they alternate; tokens and logits equal the one-by-one reference."""
+    prompts = prompts_for(V, [3, 7, 13, 18, 5, 10], seed=1)
+    n = 5
+    eng = make_engine(ckpt, block_size=4, max_num_batched_tokens=8, max_num_seqs=4, separate_prefill_steps=True)
+    steps: list[tuple[list[bool], bool, bool]] = []        # (chunk is decode work, decode waited, prefill waited)
+    inner = eng.scheduler.schedule
+
+    def schedule():
+        running = list(eng.scheduler.running)
+        decode_waits = any(s.num_tokens - s.num_computed == 1 for s in running)
+        prefill_waits = bool(eng.scheduler.waiting) or any(s.num_tokens - s.num_computed > 1 for s in running)
+        out = inner()
+        steps.append(([c.num_tokens == 1 and c.seq.num_tokens - c.seq.num_computed == 1 for c in out],
+                      decode_waits, prefill_waits))
+        return out
+
+    eng.scheduler.schedule = schedule
+    rec = SampleRecorder(monkeypatch)
+    params = [greedy(n) for _ in prompts]
+    reqs = [(f"r{i}", p, params[i]) for i, p in enumerate(prompts)]
+    res = run_requests(eng, reqs[:3], add_at_step={2: reqs[3:5], 5: reqs[5:]})
+    kinds = [all(d) if d else None for d, _, _ in steps]
+    assert all(not d or all(d) or not any(d) for d, _, _ in steps)           # no step mixes the two kinds
+    both = [i for i, (_, dw, pw) in enumerate(steps) if dw and pw]
+    assert both, "the schedule never had both kinds waiting"
+    assert all(not (kinds[i] is False and i + 1 < len(kinds) and kinds[i + 1] is False and steps[i + 1][1])
+               for i in range(len(kinds)))                                   # no two prefill steps while decode waits
+    assert eng.blocks.num_free == eng.blocks.num_blocks
+    ref = one_by_one(ckpt, prompts, n, monkeypatch)
+    for i in range(len(prompts)):
+        assert res[f"r{i}"][0] == ref[i][0], i
+        assert rel_err(rec.rows(params[i]), ref[i][1]) < TOL, i
+
+
 def test_preemption_keeps_outputs_identical(ckpt, monkeypatch):
     prompts = prompts_for(V, [6, 9, 12, 7], seed=2)
     n = 10

@@ -48,6 +48,7 @@ def worker_spec() -> argparse.ArgumentParser:
     p.add_argument("--dwdp-transport", choices=["auto", "shm", "cuda_ipc"])
     p.add_argument("--kv-transfer", required=True, choices=["nixl", "local", "none"])
     p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--separate-prefill-steps", action="store_true")
     p.add_argument("--weight-format", required=True, choices=["native", "fp8-block", "fp8-block-a8"])
     return p
 
@@ -88,6 +89,7 @@ def test_worker_argv_parses_and_carries_the_settings(graph_file, config):
                 eng["block_size"], eng["num_kv_blocks"], eng["max_num_seqs"], eng["max_num_batched_tokens"],
                 eng["max_model_len"])
             assert (a.device, a.dtype, a.cuda_graphs) == (eng["device"], eng["dtype"], eng["cuda_graphs"])
+            assert a.separate_prefill_steps == eng["separate_prefill_steps"]
             assert a.kv_transfer == ("none" if rp["role"] == "agg" else raw["kv_transfer"]["backend"])
             if rp["strategy"] == "dwdp":
                 assert a.dwdp_transport == raw["dwdp"]["transport"]
