@@ -10,7 +10,7 @@ attention). Both are exact in fp32; in bf16 they round differently, and on a ran
 logits lie close together the greedy token can differ. This script runs both paths for each prompt
 (greedy, `--tokens` tokens, the same engine as the workers) and prints one JSON object:
 {"prefill": [text, ...], "decode_last": [text, ...], "first_token": {"prefill": [id, ...], "decode_last": [...]},
- "top2_gap": [...]} (the prefill path's gap between its two best logits, relative to the largest |logit|).
+ "first_text": {same, each first token decoded alone}, "top2_gap": [...]} (the prefill path's gap between its two best logits, relative to the largest |logit|).
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def main() -> int:
     cfg = EngineSettings(device=a.device, dtype=a.dtype, block_size=a.block_size,
                          num_kv_blocks=longest // a.block_size + 2, max_num_batched_tokens=max(512, longest))
     runner = ModelRunner(a.model, cfg, LocalExecutor)
-    res: dict = {"prefill": [], "decode_last": [], "first_token": {"prefill": [], "decode_last": []}, "top2_gap": []}
+    res: dict = {"prefill": [], "decode_last": [], "first_token": {"prefill": [], "decode_last": []},
+                 "first_text": {"prefill": [], "decode_last": []}, "top2_gap": []}
     with torch.inference_mode():
         for text in a.prompts:
             ids = tok.encode(text).ids
@@ -65,6 +66,7 @@ def main() -> int:
                 out, gap = greedy(runner, ids, a.tokens, path)
                 res[path].append(tok.decode(out))
                 res["first_token"][path].append(out[0])
+                res["first_text"][path].append(tok.decode(out[:1]))
                 if path == "prefill":
                     res["top2_gap"].append(gap)
     print(json.dumps(res))

@@ -291,7 +291,8 @@ def probe_text(probes: dict, paths: dict | None = None) -> str:
                      f"the last prompt token: first tokens {paths['first_token']['prefill']} vs "
                      f"{paths['first_token']['decode_last']}; top-2 logit gap "
                      f"{', '.join(f'{g:.1e}' for g in paths['top2_gap'])}")
-        lines += [f"  {n} served the completions of: {m}" for n, m in paths["match"].items()]
+        lines += [f"  {n}: first token per prompt from the {', '.join(m)} path; whole completions equal to: "
+                  f"{paths['match_whole'][n]}" for n, m in paths["match"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -308,13 +309,17 @@ def first_token_paths(a, model_dir: str, probes: dict) -> dict | None:
         say(f"first_token_paths failed ({p.returncode}): {p.stderr[-2000:]}")
         return None
     res = json.loads(p.stdout.strip().splitlines()[-1])
-    match = {}
+    res["match"], res["match_whole"] = {}, {}
     for name, texts in probes.items():
         if not isinstance(texts, list):
             continue
-        hits = [path for path in ("prefill", "decode_last") if res[path] == texts]
-        match[name] = "both" if len(hits) == 2 else (hits[0] if hits else "neither")
-    res["match"] = match
+        per_prompt = []
+        for i, text in enumerate(texts):          # whose first token the served completion starts with
+            hits = [path for path in ("prefill", "decode_last") if text.startswith(res["first_text"][path][i])]
+            per_prompt.append("both" if len(hits) == 2 else (hits[0] if hits else "neither"))
+        res["match"][name] = per_prompt
+        whole = [path for path in ("prefill", "decode_last") if res[path] == texts]
+        res["match_whole"][name] = "both" if len(whole) == 2 else (whole[0] if whole else "neither")
     return res
 
 

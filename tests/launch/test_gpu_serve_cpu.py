@@ -37,7 +37,9 @@ def test_gpu_serve_flow_on_cpu(tmp_path):
     probes = doc["summary"]["probes"]
     assert isinstance(probes["agg"], list) and probes["agg"] == probes["disagg-single"]
     # the same prompts through one in-process engine (fp32: both forwards exact) give the served text
-    assert doc["summary"]["first_token_paths"]["match"] == {"agg": "both", "disagg-single": "both"}
+    paths = doc["summary"]["first_token_paths"]
+    assert paths["match_whole"] == {"agg": "both", "disagg-single": "both"}
+    assert paths["match"] == {"agg": ["both"] * 2, "disagg-single": ["both"] * 2}
     assert doc["bench"]["tokens_per_s_per_gpu"] > 0 and doc["summary"]["bench"]["batch"] == 2
     assert doc["bench_prefill"]["setup"]["phase"] == "prefill" and doc["summary"]["bench_prefill"]["tokens_per_s"] > 0
     assert set(doc["summary"]["vs_expected"]) == {"agg", "disagg-single"}
