@@ -133,12 +133,14 @@ def _kernels():
     @triton.jit
     def combine_kernel(ACC, ML, OUT,
                        stride_ab, stride_as, stride_ah, stride_mb, stride_ms, stride_ob, stride_oh,
-                       H, C: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr):
+                       H, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr):
+        # program (sequence, head group, latent chunk): the chunks split the fp32 partials' bytes over
+        # more programs when there are few sequences (batch 1: one program read them all, 8 us)
         b = tl.program_id(0)
         hg = tl.program_id(1)
         offs_h = hg * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = offs_h < H
-        offs_c = tl.arange(0, C)
+        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         m_all = tl.full([BLOCK_H], float("-inf"), tl.float32)
         # loops, not static_range: unrolling up to 256 splits (batch 1, long contexts) took Triton minutes
         # to compile per variant, and the engine compiles every decode bucket while it starts
@@ -147,7 +149,7 @@ def _kernels():
             m_all = tl.maximum(m_all, m_s)
         safe = tl.where(m_all == float("-inf"), 0.0, m_all)
         total = tl.zeros([BLOCK_H], tl.float32)
-        out = tl.zeros([BLOCK_H, C], tl.float32)
+        out = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
         for s in range(SPLITS):
             m_s = tl.load(ML + b * stride_mb + s * stride_ms + offs_h, mask=hmask, other=float("-inf"))
             l_s = tl.load(ML + b * stride_mb + s * stride_ms + H + offs_h, mask=hmask, other=0.0)
@@ -217,7 +219,16 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
         IEEE=kv_layer.dtype == torch.float32, num_warps=warps, **({"num_stages": cfg.stages} if cfg.stages else {}))
     if splits == 1:
         return out
-    combine_kernel[(B, groups)](
+    chunks = combine_chunks(B * groups, C, sms)
+    combine_kernel[(B, groups, chunks)](
         acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
-        out.stride(0), out.stride(1), H, C=C, BLOCK_H=block_h, SPLITS=splits, num_warps=warps)
+        out.stride(0), out.stride(1), H, BLOCK_C=C // chunks, BLOCK_H=block_h, SPLITS=splits,
+        num_warps=warps if chunks == 1 else 4)
     return out
+
+
+def combine_chunks(programs: int, latent: int, sms: int) -> int:
+    """Latent chunks per (sequence, head group) in the merge: a power of two that brings the merge to
+    about one program per multiprocessor, chunks at least 32 wide."""
+    want = 1 << max(0, (-(-sms // max(1, programs)) - 1).bit_length())
+    return max(1, min(want, latent // 32))
