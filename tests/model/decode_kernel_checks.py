@@ -68,9 +68,11 @@ def add_rmsnorm_matches_torch() -> None:
 
 
 def router_bf16_logits_pick_the_reference_experts() -> None:
+    router.FUSED_SELECT_MAX_ROWS = router.FUSED_SELECT_ROWS_TESTED          # the one-launch form under test
     """bf16 activations (the three-way bf16 split of the fp32 weight on tensor cores) at every token
     tile (1, 20, 70 tokens) vs the torch router on the same bf16 x (fp32 logits): same expert sets,
-    same weights; flat 64 experts and grouped 256."""
+    same weights; flat 64 experts and grouped 256. The one-launch form (selection by the last logits
+    program of a token tile) bitwise equal to the two-kernel form, bf16 and fp32 x, counters reset."""
     for E, G, TG, K, H, norm_p in ((64, 1, 1, 6, 256, False), (256, 8, 4, 8, 128, True)):
         cfg = SimpleNamespace(topk_method="noaux_tc", uses_correction_bias=True, n_routed_experts=E, hidden_size=H,
                               n_group=G, topk_group=TG, num_experts_per_tok=K, norm_topk_prob=norm_p,
@@ -87,6 +89,15 @@ def router_bf16_logits_pick_the_reference_experts() -> None:
             a, b = ids.sort(1), ref_ids.sort(1)
             assert torch.equal(a.values, b.values), (E, T)
             assert torch.allclose(w.gather(1, a.indices), ref_w.gather(1, b.indices), rtol=1e-5, atol=1e-6), (E, T)
+            for xx in (x, x.float()):                   # the last-program selection vs the select kernel: bitwise
+                fused = router.noaux_tc_route(xx, r.weight, r.e_score_correction_bias, r.selection_skew, K, G, TG,
+                                              norm_p, 2.5)
+                saved, router.FUSED_SELECT_MAX_ROWS = router.FUSED_SELECT_MAX_ROWS, 0
+                two = router.noaux_tc_route(xx, r.weight, r.e_score_correction_bias, r.selection_skew, K, G, TG,
+                                            norm_p, 2.5)
+                router.FUSED_SELECT_MAX_ROWS = saved
+                assert torch.equal(fused[0], two[0]) and torch.equal(fused[1], two[1]), (E, T, xx.dtype)
+    assert router._COUNTERS and all(not c.any() for c in router._COUNTERS.values())   # every counter back at 0
 
 
 def pair_sum_matches_the_batched_product() -> None:
