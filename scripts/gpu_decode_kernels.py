@@ -7,7 +7,8 @@ decode step).
 
 Rows: fused add + RMSNorm vs add + `F.rms_norm`; the router with bf16 x (three-way bf16 split on
 tensor cores) vs the IEEE fp32 logits kernel and vs cuBLAS fp32 logits, and its expert choice vs the
-torch router; the experts' pair sum vs zero fill + weight cast + bmm; MLA decode with the chunked merge
+torch router; the router's one-launch form (up to 64 tokens: time, and 200 calls bitwise against the
+two-kernel result); the experts' pair sum vs zero fill + weight cast + bmm; MLA decode with the chunked merge
 vs one merge program per sequence, and tile/split choices at batch 1; the shared expert (I = 2816) as
 `dense_swiglu` vs cuBLAS + silu + mul at 64-256 rows. Writes $OUT/decode_kernels.json.
 """
@@ -92,8 +93,17 @@ def routers(shapes=((64, 1, 1, 6, 2048), (256, 8, 4, 8, 7168))) -> None:
             new = graph_us(lambda: router.noaux_tc_route(x, w, bias, skew, K, G, TG, True, 2.5))
             old = graph_us(lambda: router.noaux_tc_route(x32, w, bias, skew, K, G, TG, True, 2.5))
             cublas = graph_us(lambda: F.linear(x.float(), w))
+            extra = {}
+            if T <= router.FUSED_SELECT_ROWS_TESTED:      # one launch (last program selects) vs the two kernels
+                saved, router.FUSED_SELECT_MAX_ROWS = router.FUSED_SELECT_MAX_ROWS, router.FUSED_SELECT_ROWS_TESTED
+                one = lambda: router.noaux_tc_route(x, w, bias, skew, K, G, TG, True, 2.5)   # noqa: E731
+                extra["one_launch_us"] = round(graph_us(one), 2)
+                bad = sum(not (torch.equal(a, ids) and torch.equal(b, wts)) for a, b in (one() for _ in range(200)))
+                extra["one_launch_mismatches_of_200"] = bad
+                router.FUSED_SELECT_MAX_ROWS = saved
             row(f"router E={E} H={H} (bf16 split vs ieee)", T, new, old,
-                f"tokens_same_experts={int(same.sum())}/{T} weight_maxdiff={wd:.2g}", cublas_logits_us=round(cublas, 2))
+                f"tokens_same_experts={int(same.sum())}/{T} weight_maxdiff={wd:.2g}", cublas_logits_us=round(cublas, 2),
+                **extra)
 
 
 def pair_sums(H: int = 2048, k: int = 6, E: int = 64) -> None:
