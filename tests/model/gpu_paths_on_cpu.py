@@ -66,7 +66,7 @@ def install(fused_kernels: bool = True, forced: bool = True, without: frozenset 
     if "rms_norm" not in without:
         layers.RMSNorm.forward = lambda self, x: F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
     if "add_rmsnorm" not in without:
-        layers.RMSNorm.add_and_norm = lambda self, d, r: fused_norm.add_rmsnorm(d, r, self.weight, self.eps)
+        layers.RMSNorm.add_and_norm = lambda self, d, r, d2=None: fused_norm.add_rmsnorm(d, r, self.weight, self.eps, d2)
     if "dense_swiglu" in without:
         return
 
