@@ -74,6 +74,10 @@ def add_norm(H: int = 2048) -> None:
         diff = (y.float() - y_ref.float()).abs().max().item()
         row("add_rmsnorm vs add + rms_norm", T, graph_us(lambda: norm.add_rmsnorm(d, r, w, 1e-6)),
             graph_us(lambda: F.rms_norm(r + d, (H,), w, 1e-6)), f"h_equal={ok} normed_maxdiff={diff:.3g}")
+        d2 = torch.randn(T, H, device=DEV, dtype=BF)          # the MoE's routed + shared parts, added in the kernel
+        h2, _ = norm.add_rmsnorm(d, r, w, 1e-6, d2)
+        row("add_rmsnorm(2 deltas) vs 2 adds + rms_norm", T, graph_us(lambda: norm.add_rmsnorm(d, r, w, 1e-6, d2)),
+            graph_us(lambda: F.rms_norm(r + (d + d2), (H,), w, 1e-6)), f"h_equal={torch.equal(h2, r + (d + d2))}")
 
 
 def routers(shapes=((64, 1, 1, 6, 2048), (256, 8, 4, 8, 7168))) -> None:
