@@ -135,13 +135,14 @@ def pair_sum_matches_the_batched_product() -> None:
 
 
 def mla_merge_in_latent_chunks() -> None:
-    """One sequence (the interpreter's 8 "SMs" split the merge into 4 latent chunks of 32) and three,
-    several context splits each, vs fp64."""
-    C, R, h, bs = 128, 16, 16, 8
+    """One sequence (the interpreter's 8 "SMs" split the merge into 4 latent chunks of 32), three, and
+    four with 40 heads (two head groups of 32, one chunk: one split per merge step), several context
+    splits each, vs fp64."""
+    C, R, bs = 128, 16, 8
     assert mla_decode.combine_chunks(1, C, 8) == 4 and mla_decode.combine_chunks(64, C, 132) == 4
     assert mla_decode.combine_chunks(256, 512, 132) == 1 and mla_decode.combine_chunks(1, 512, 132) == 16
     cache = torch.randn(60, bs, C + R, generator=GEN)
-    for ctxs in ([300], [5, 290, 100]):
+    for ctxs, h in (([300], 16), ([5, 290, 100], 16), ([300, 7, 250, 64], 40)):
         tables = torch.stack([torch.randperm(60, generator=GEN)[:40] for _ in ctxs])
         q = torch.randn(len(ctxs), h, C + R, generator=GEN)
         assert mla_decode.num_splits(len(ctxs), 1, max(ctxs), 8, 4, 32, 2) > 1
