@@ -5,12 +5,14 @@ decode step).
 
   PYTHONPATH=. PYTHONUNBUFFERED=1 python3 scripts/gpu_decode_kernels.py --out $OUT
 
-Rows: fused add + RMSNorm vs add + `F.rms_norm`; the router with bf16 x (three-way bf16 split on
-tensor cores) vs the IEEE fp32 logits kernel and vs cuBLAS fp32 logits, and its expert choice vs the
-torch router; the router's one-launch form (up to 64 tokens: time, and 200 calls bitwise against the
-two-kernel result); the experts' pair sum vs zero fill + weight cast + bmm; MLA decode with the chunked merge
-vs one merge program per sequence, and tile/split choices at batch 1; the shared expert (I = 2816) as
-`dense_swiglu` vs cuBLAS + silu + mul at 64-256 rows. Writes $OUT/decode_kernels.json.
+Rows: fused add + RMSNorm vs add + `F.rms_norm`; the router with bf16 x (three-way bf16 split on tensor
+cores) vs the IEEE fp32 logits kernel and vs cuBLAS fp32 logits, and its expert choice vs the torch
+router; the router's one-launch form (up to 64 tokens: time, and 200 calls bitwise against the two-
+kernel result) and fewer K splits at 256 tokens; the experts' pair sum vs zero fill + weight cast + bmm;
+MLA decode with the chunked merge vs one merge program per sequence, tile/split choices at batch 1 and
+one split (no merge) from 64 on; the shared expert (I = 2816) as `dense_swiglu` vs cuBLAS + silu + mul
+at 64-256 rows.
+Writes $OUT/decode_kernels.json.
 """
 from __future__ import annotations
 
@@ -105,6 +107,12 @@ def routers(shapes=((64, 1, 1, 6, 2048), (256, 8, 4, 8, 7168))) -> None:
                 bad = sum(not (torch.equal(a, ids) and torch.equal(b, wts)) for a, b in (one() for _ in range(200)))
                 extra["one_launch_mismatches_of_200"] = bad
                 router.FUSED_SELECT_MAX_ROWS = saved
+            if T > router.FUSED_SELECT_ROWS_TESTED:       # fewer K splits: less for the select kernel to sum
+                for n in (4, 8):
+                    router.SPLITS_OVERRIDE = n
+                    extra[f"splits{n}_us"] = round(graph_us(lambda: router.noaux_tc_route(x, w, bias, skew, K, G, TG,
+                                                                                          True, 2.5)), 2)
+                router.SPLITS_OVERRIDE = None
             row(f"router E={E} H={H} (bf16 split vs ieee)", T, new, old,
                 f"tokens_same_experts={int(same.sum())}/{T} weight_maxdiff={wd:.2g}", cublas_logits_us=round(cublas, 2),
                 **extra)
@@ -153,6 +161,10 @@ def mla(C: int = 512, R: int = 64, h: int = 16, ctx: int = 1000, bs: int = 16) -
             for cfg in (mla_decode.DecodeConfig(16, 0, 2, 4, 1), mla_decode.DecodeConfig(32, 0, 2, 4, 1)):
                 mla_decode.DECODE_OVERRIDE = cfg
                 extra[f"n{cfg.block_n}_w{cfg.waves}_t{cfg.min_tiles}"] = round(graph_us(run), 2)
+            mla_decode.DECODE_OVERRIDE = None
+        if B >= 64:                                       # one context split (no merge) vs the default's
+            mla_decode.DECODE_OVERRIDE = mla_decode.DecodeConfig(32, 0, 0, 2, 1 << 20)    # >= 2^20 tiles a split: 1
+            extra["one_split_us"] = round(graph_us(run), 2)
             mla_decode.DECODE_OVERRIDE = None
         row("mla decode (chunked merge vs one)", B, new, old, f"rel_err_vs_fp64={err:.2g}", **extra)
 

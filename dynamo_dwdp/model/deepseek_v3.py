@@ -86,9 +86,9 @@ class DeepseekV3ForCausalLM(nn.Module):
             pending = None
             for i, layer in enumerate(self.model.layers):
                 x, pending = layer(x, pending, batch, kv_pool[:, i], self.rope, cos, sin)
-            if pending is None:                                    # no layers
+            if pending is None:                        # no layers
                 x = self.model.norm(x[batch.logits_indices])
-            else:                                                  # the last MLP output, added for the sampled rows only
+            else:                                      # the last MLP output, added for the sampled rows only
                 idx = batch.logits_indices
                 rows = (tuple(None if p is None else p[idx] for p in pending) if isinstance(pending, tuple)
                         else pending[idx])

@@ -124,8 +124,8 @@ def pair_sum_matches_the_batched_product() -> None:
         out = moe_gemm.pair_sum(y_in, wts, ids, ranges, out0.clone())
         assert torch.equal(out, out0 + got)
     H, I, E = 64, 32, 10
-    banks = [ExpertBank(0, (torch.randn(4, 2 * I, H, generator=GEN) / 8).to(BF), (torch.randn(4, H, I, generator=GEN) / 4).to(BF)),
-             ExpertBank(6, (torch.randn(3, 2 * I, H, generator=GEN) / 8).to(BF), (torch.randn(3, H, I, generator=GEN) / 4).to(BF))]
+    banks = [ExpertBank(first, (torch.randn(n, 2 * I, H, generator=GEN) / 8).to(BF),
+                        (torch.randn(n, H, I, generator=GEN) / 4).to(BF)) for first, n in ((0, 4), (6, 3))]
     x = torch.randn(5, H, generator=GEN).to(BF)
     ids = torch.stack([torch.randperm(E + 2, generator=GEN)[:3] for _ in range(5)])     # 4, 5, 9..11 in no bank
     wts = torch.rand(5, 3, generator=GEN)

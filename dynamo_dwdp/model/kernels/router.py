@@ -17,8 +17,8 @@ the lower expert id.
    are exact in fp32, so the logits are the fp32 product up to summation order, like cuBLAS's, at
    tensor-core speed (the IEEE dots took 25 us per layer at 256 tokens on an H200).
 2. `select_kernel`: sums the partials in a fixed order and does the whole selection in registers.
-   Up to FUSED_SELECT_MAX_ROWS tokens (off until measured on a GPU) it is no second launch: each logits program counts itself in
-   on its token tile's counter (an acq_rel atomic, which publishes its partial sums) and the last one
+   Up to FUSED_SELECT_MAX_ROWS tokens (off until measured on a GPU) it is no second launch: each
+   logits program counts itself in on its token tile's counter (an acq_rel atomic, which publishes its partial sums) and the last one
    to arrive runs the same selection code (bitwise the same result; one launch instead of two, the
    second being a few-microsecond latency-bound launch in every layer of a small decode batch).
 Replaces ~20 small torch kernels per layer (casts, sigmoid, adds, two top-k, scatter, masked_fill,
@@ -42,6 +42,7 @@ LOGITS_KERNEL_MAX_ROWS = 512      # decode's CUDA-graph batches (<= 256 rows) st
 # GPU check and timing (scripts/gpu_decode_kernels.py, "router one launch") have run; 64 is the intended value
 FUSED_SELECT_MAX_ROWS = 0
 FUSED_SELECT_ROWS_TESTED = 64
+SPLITS_OVERRIDE: int | None = None   # benchmark hook (scripts/gpu_decode_kernels.py): the logits kernel's K splits
 
 
 @functools.cache
@@ -215,6 +216,7 @@ def noaux_tc_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sk
         tiles = -(-T // block_t) * -(-E // block_e)
         sms = sm_count(x.device)
         splits = max(1, min(-(-H // (2 * block_k)), -(-2 * sms // tiles)))      # >= 2 K tiles per split
+        splits = SPLITS_OVERRIDE or splits
         k_per = -(-(-(-H // splits)) // block_k) * block_k
         splits = -(-H // k_per)
         partial = torch.empty(splits, T, E, dtype=torch.float32, device=x.device)
