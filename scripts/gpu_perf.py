@@ -189,7 +189,7 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
         outs, hooks = [], []
         for layer in runner.model.model.layers:
             for mod in (layer.self_attn, layer.mlp):
-                hooks.append(mod.register_forward_hook(lambda m, i, o: outs.append(o.detach().float().clone())))
+                hooks.append(mod.register_forward_hook(lambda m, i, o: outs.append(_summed(o).detach().float().clone())))
         keep, runner.graphs = runner.graphs, None
         try:
             runner.kv_pool.copy_(saved)
@@ -559,6 +559,13 @@ def profile_decode(tmp: str, batch: int, context: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------- benchmarks
+def _summed(out):
+    """A module's output as one tensor (an MoE block asked for its parts returns (routed, shared or None))."""
+    if isinstance(out, tuple):
+        return out[0] if out[1] is None else out[0] + out[1]
+    return out
+
+
 def write_v2lite(tmp: str, layers: int) -> str:
     """The v2-lite-shape random model (bf16, `layers` deep), generated on the GPU, under tmp/v2-lite."""
     from dynamo_dwdp.synthetic.checkpoint import write_checkpoint

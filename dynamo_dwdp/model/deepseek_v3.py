@@ -29,10 +29,29 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, batch, kv_layer, rope, cos, sin):
-        attn = self.self_attn(self.input_layernorm(x), batch, kv_layer, rope, cos, sin)
+    def forward(self, x, pending, batch, kv_layer, rope, cos, sin):
+        """x: the residual stream; pending: the previous layer's MLP output, not yet added (None before
+        the first layer; see `add_pending`). Returns (the stream after this layer's attention, this
+        layer's pending MLP output): each residual add runs fused with the norm that follows it (and
+        with TP's all-reduce), so a layer costs two add + RMSNorm passes over the stream instead of
+        four kernels (five with the shared experts' add)."""
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = add_pending(self.tp, pending, x, self.input_layernorm)
+        attn = self.self_attn(h, batch, kv_layer, rope, cos, sin)
         x, h = self.tp.all_reduce_add_rmsnorm(attn, x, self.post_attention_layernorm)
-        return x + self.tp.all_reduce(self.mlp(h))
+        if self.tp.size == 1 and isinstance(self.mlp, MoEBlock):
+            return x, self.mlp(h, separate=True)
+        return x, self.mlp(h)
+
+
+def add_pending(tp: TensorParallel, pending, x: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + pending, norm of it). pending: a TP-partial tensor (all-reduced first), or at TP size 1 the
+    MoE block's (routed, shared or None) pair, added as x + (routed + shared) with torch's roundings."""
+    if isinstance(pending, tuple):
+        return norm.add_and_norm(pending[0], x, pending[1])
+    return tp.all_reduce_add_rmsnorm(pending, x, norm)
 
 
 class DeepseekV3Body(nn.Module):
@@ -64,9 +83,16 @@ class DeepseekV3ForCausalLM(nn.Module):
         try:
             x = self.model.embed_tokens(batch.input_ids)
             cos, sin = self.rope.cos_sin(batch.positions)
+            pending = None
             for i, layer in enumerate(self.model.layers):
-                x = layer(x, batch, kv_pool[:, i], self.rope, cos, sin)
-            x = self.model.norm(x[batch.logits_indices])
+                x, pending = layer(x, pending, batch, kv_pool[:, i], self.rope, cos, sin)
+            if pending is None:                        # no layers
+                x = self.model.norm(x[batch.logits_indices])
+            else:                                      # the last MLP output, added for the sampled rows only
+                idx = batch.logits_indices
+                rows = (tuple(None if p is None else p[idx] for p in pending) if isinstance(pending, tuple)
+                        else pending[idx])
+                _, x = add_pending(self.tp, rows, x[idx], self.model.norm)
             return self.lm_head(x).float()
         finally:
             if self.executor is not None:

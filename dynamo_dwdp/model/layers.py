@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynamo_dwdp.model import kernels as fused_kernels
 from dynamo_dwdp.model.kernels import moe_prefill
+from dynamo_dwdp.model.kernels import norm as fused_norm
 from dynamo_dwdp.model.kernels.moe_gemm import BF16_SWIGLU_MAX_ROWS, FP8_LINEAR_MAX_ROWS, dense_swiglu, fp8_linear
 from dynamo_dwdp.model.tensor_parallel import TensorParallel
 
@@ -23,6 +25,16 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+    def add_and_norm(self, delta: torch.Tensor, residual: torch.Tensor,
+                     delta2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + delta, this norm of it), with `delta2` given residual + (delta + delta2): one
+        fused kernel on CUDA (kernels/norm.py: the sums rounded as torch rounds them, the norm as
+        `F.rms_norm` computes it), else the adds and `forward`."""
+        if delta.is_cuda and fused_kernels.available() and fused_norm.supported(delta, residual, delta2):
+            return fused_norm.add_rmsnorm(delta, residual, self.weight, self.eps, delta2)
+        h = residual + (delta if delta2 is None else delta + delta2)
+        return h, self(h)
 
 
 class Linear(nn.Module):

@@ -118,9 +118,13 @@ class MoEBlock(nn.Module):
                                if cfg.n_shared_experts else None)
         self.executor = executor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, separate: bool = False):
+        """The block's output; with `separate` the pair (routed experts' output, shared experts' output
+        or None) not yet summed, so that the decoder layer adds both to the residual in its next fused
+        add + norm."""
         ids, weights = self.gate(x)
         out = self.executor.forward(self.layer_idx, x, ids, weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        if separate:
+            return out, shared
+        return out if shared is None else out + shared

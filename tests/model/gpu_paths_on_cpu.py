@@ -21,11 +21,12 @@ ROUTES: list = []          # per router call: [T, k] expert ids, sorted per toke
 def install(fused_kernels: bool = True, forced: bool = True, without: frozenset = frozenset()) -> None:
     """The router record always; `forced` sampling; with `fused_kernels` the GPU decode path too (else
     the model's own CPU paths: the torch reference), less the hooks named in `without` (router,
-    mla_prep, decode, sdpa, experts, rms_norm, dense_swiglu)."""
+    mla_prep, decode, sdpa, experts, rms_norm, add_rmsnorm, dense_swiglu)."""
     from tests.model import interpreter_numerics
     from dynamo_dwdp.engine import engine_core
     from dynamo_dwdp.model import attention, experts, layers, moe
     from dynamo_dwdp.model.kernels import mla_prep, moe_gemm
+    from dynamo_dwdp.model.kernels import norm as fused_norm
     from dynamo_dwdp.model.kernels import router as fused_router
 
     calls = [0]
@@ -64,6 +65,8 @@ def install(fused_kernels: bool = True, forced: bool = True, without: frozenset 
             x.dtype == torch.bfloat16
     if "rms_norm" not in without:
         layers.RMSNorm.forward = lambda self, x: F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
+    if "add_rmsnorm" not in without:
+        layers.RMSNorm.add_and_norm = lambda self, d, r, d2=None: fused_norm.add_rmsnorm(d, r, self.weight, self.eps, d2)
     if "dense_swiglu" in without:
         return
 

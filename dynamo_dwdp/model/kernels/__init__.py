@@ -3,6 +3,7 @@
 - `router`: DeepSeek-V3 noaux_tc routing (fp32 logits, sigmoid, correction bias, group top-k, top-k,
   weights) in two kernels;
 - `mla_prep`: kv_a RMSNorm + rope of q and k + latent-cache write in one kernel;
+- `norm`: residual add + RMSNorm in one kernel (a decoder layer's adds and norms);
 - `moe_gemm`: expert sorting without a sort, grouped SwiGLU and down GEMMs for small M over bf16 or
   FP8 block-scaled weights, and the same kernels as a dense linear for FP8-resident weights
   (split-K for small dense launches). Its tilings live in `moe_gemm.choose_tiles`, the MLA decode

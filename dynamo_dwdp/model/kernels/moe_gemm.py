@@ -2,7 +2,7 @@
 
 `routed_experts_fused(x, ids, weights, banks)` computes what `model/experts.routed_experts`
 computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose expert is in no bank give
-0) in 4 + 2 x banks launches, with no sort, no gather copy and no host sync:
+0) in 2 + 2 x banks launches, with no sort, no gather copy and no host sync:
 1. `align_kernel` (one program per expert): a counting sort of the (token, k) pairs by expert id
    (each program counts the pairs of lower ids, then writes its own pairs in order): `order[pos]` = pair index, `offs[e]` =
    first sorted position of expert e (ids outside [0, E) land in a trailing bucket that no bank
@@ -13,8 +13,9 @@ computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose exp
    x through `order`: no sorted copy of x), silu(gate) * up in the epilogue -> h [pairs, I].
 3. `grouped_kernel` in plain mode, once per bank: h @ down^T, each row stored at its pair index
    (the inverse permutation happens in the store).
-4. one batched product per token sums its k outputs with their weights (fp32 accumulation), as the
-   torch path does: deterministic, no atomics.
+4. `pair_sum_kernel` sums each token's k outputs with their weights (fp32 accumulation, one rounding),
+   as the torch path's batched product does: deterministic, no atomics; pairs of experts in no bank
+   are skipped by id, so y needs no zero fill.
 Experts that received no pair cost one program launch that returns at once: no weight bytes read.
 
 Weights are bf16 or FP8 e4m3 with the official 128x128 block scales (`model/fp8.py`); FP8 tiles are
@@ -204,7 +205,30 @@ def _kernels():
             acc = acc / (1.0 + tl.exp(-acc)) * acc2
         tl.store(OUT + row.to(tl.int64) * stride_om + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
-    return align_kernel, grouped_kernel, splitk_reduce_kernel
+    @triton.jit
+    def pair_sum_kernel(Y, WTS, IDS, OUT, N, topk, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, stride_y, stride_o,
+                        ACCUM: tl.constexpr, BLOCK: tl.constexpr):
+        # out[t] = sum_j bf16(w[t, j]) * y[t * topk + j] over the pairs whose expert lies in a bank (the
+        # others' rows were never written), fp32 sum in slot order, rounded once; ACCUM: out += that, rounded
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < N
+        dt = OUT.dtype.element_ty
+        acc = tl.zeros([BLOCK], tl.float32)
+        for j in range(0, topk):
+            e = tl.load(IDS + t * topk + j)
+            w = tl.load(WTS + t * topk + j).to(dt).to(tl.float32)
+            inside = ((e >= lo0) & (e < hi0)) | ((e >= lo1) & (e < hi1)) | ((e >= lo2) & (e < hi2)) | \
+                     ((e >= lo3) & (e < hi3))
+            n_read = tl.where(inside, N, 0)                 # outside every bank: nothing read
+            y = tl.load(Y + (t * topk + j) * stride_y + offs, mask=offs < n_read, other=0.0).to(tl.float32)
+            acc += w * y
+        c = acc.to(dt)
+        if ACCUM:
+            c = (tl.load(OUT + t * stride_o + offs, mask=m, other=0.0).to(tl.float32) + c.to(tl.float32)).to(dt)
+        tl.store(OUT + t * stride_o + offs, c, mask=m)
+
+    return align_kernel, grouped_kernel, splitk_reduce_kernel, pair_sum_kernel
 
 
 def align(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,7 +321,7 @@ def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, f
 
 def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, topk, swiglu, gather, scatter,
             rows_per_group, active_groups):
-    _, grouped_kernel, splitk_reduce_kernel = _kernels()
+    _, grouped_kernel, splitk_reduce_kernel, _ = _kernels()
     fp8 = ws is not None
     cfg = TILE_OVERRIDE.get(kind) or choose_tiles(kind, rows_per_group, active_groups, n, fp8, sm_count(a.device),
                                                   k, dense_rows)
@@ -345,7 +369,9 @@ def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     order, offs = align(topk_ids.reshape(-1), E)
     I = banks[0].w13.shape[1] // 2
     h = torch.empty(rows, I, dtype=x.dtype, device=x.device)
-    y = torch.zeros(rows, Hd, dtype=x.dtype, device=x.device)
+    ranges = bank_ranges(banks)
+    # rows of pairs outside every bank are never written: pair_sum skips them by id (<= 4 id ranges), else zeros
+    y = (torch.empty if len(ranges) <= 4 else torch.zeros)(rows, Hd, dtype=x.dtype, device=x.device)
     per_group = rows / max(1, E)
     active = min(rows, E)                                   # experts that can have rows
     for b in banks:
@@ -354,8 +380,42 @@ def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     for b in banks:
         _launch("down", h, order, offs, b.w2, b.w2_scale, y, b.first, b.count, 0, Hd, I, k, False, False, True,
                 per_group, min(active, b.count))
-    combined = torch.bmm(topk_weights.to(x.dtype).view(T, 1, k), y.view(T, k, Hd)).view(T, Hd)
-    return combined if out is None else out.add_(combined)
+    return pair_sum(y, topk_weights, topk_ids, ranges, out)
+
+
+def bank_ranges(banks: list) -> list[tuple[int, int]]:
+    """The banks' expert ids as merged [lo, hi) ranges, ascending."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted((b.first, b.first + b.count) for b in banks):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return [(lo, hi) for lo, hi in merged]
+
+
+def pair_sum(y: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, ranges: list[tuple[int, int]],
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 4 in one kernel: out[t] = sum_j w[t, j] * y[t * k + j] with the weights rounded to y's
+    dtype and an fp32 sum rounded once (what `torch.bmm(w.to(dtype)[T, 1, k], y[T, k, H])` computes, up
+    to the order of the k terms); pairs whose id lies in none of `ranges` count 0 (their rows may hold
+    anything when there are <= 4 ranges; more ranges: y must hold zeros there and every pair is read).
+    `out` given: out += the sum (rounded once more, as `out.add_` does), in place. Replaces the weight
+    cast, the zero fill of y, the batched product and the add (four kernels)."""
+    T, k = topk_ids.shape
+    N = y.shape[1]
+    pair_sum_kernel = _kernels()[3]
+    if len(ranges) > 4:
+        ranges = [(-(1 << 62), 1 << 62)]
+    flat = [v for r in ranges for v in r] + [0, 0] * (4 - len(ranges))
+    res = torch.empty(T, N, dtype=y.dtype, device=y.device) if out is None else out
+    if T == 0:
+        return res
+    sms = sm_count(y.device)
+    block = min(next_pow2(N), 256 if T * -(-N // 1024) < 2 * sms else 1024)
+    pair_sum_kernel[(T, -(-N // block))](y, topk_weights.contiguous(), topk_ids.contiguous(), res, N, k, *flat,
+                                        y.stride(0), res.stride(0), ACCUM=out is not None, BLOCK=block, num_warps=4)
+    return res
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:

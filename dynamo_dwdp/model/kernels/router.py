@@ -8,10 +8,19 @@ weights = their unbiased scores (normalised if `norm_topk_prob`) times `routed_s
 The k ids come out in descending selection order (the reference's order is unspecified); ties go to
 the lower expert id.
 
-1. `logits_kernel`: fp32 x @ W^T (x cast in registers, IEEE fp32 products) over a grid of
+1. `logits_kernel`: fp32 x @ W^T over a grid of
    (token tile, expert tile, K split); each K split writes its own partial sum, so that a decode
    step of one token still spreads the router weight's bytes over the whole GPU, deterministically.
+   fp32 x: IEEE fp32 dots (FMA units). bf16 x (the bf16 model): each fp32 weight tile is split in
+   registers into three bf16 parts whose sum is exactly the weight (hi = bf16(w), mid = bf16(w - hi),
+   lo = w - hi - mid, each exact) and x is multiplied with each on tensor cores: bf16 x bf16 products
+   are exact in fp32, so the logits are the fp32 product up to summation order, like cuBLAS's, at
+   tensor-core speed (the IEEE dots took 25 us per layer at 256 tokens on an H200).
 2. `select_kernel`: sums the partials in a fixed order and does the whole selection in registers.
+   Up to FUSED_SELECT_MAX_ROWS tokens (off until measured on a GPU) it is no second launch: each
+   logits program counts itself in on its token tile's counter (an acq_rel atomic, which publishes its partial sums) and the last one
+   to arrive runs the same selection code (bitwise the same result; one launch instead of two, the
+   second being a few-microsecond latency-bound launch in every layer of a small decode batch).
 Replaces ~20 small torch kernels per layer (casts, sigmoid, adds, two top-k, scatter, masked_fill,
 gather, normalisation); Inductor fuses the elementwise part but not the selections.
 
@@ -29,6 +38,11 @@ from dynamo_dwdp.model.kernels import next_pow2, sm_count
 
 
 LOGITS_KERNEL_MAX_ROWS = 512      # decode's CUDA-graph batches (<= 256 rows) stay on the Triton logits kernel
+# rows up to which the logits kernel's last program per token tile selects (one launch): 0 = off until its
+# GPU check and timing (scripts/gpu_decode_kernels.py, "router one launch") have run; 64 is the intended value
+FUSED_SELECT_MAX_ROWS = 0
+FUSED_SELECT_ROWS_TESTED = 64
+SPLITS_OVERRIDE: int | None = None   # benchmark hook (scripts/gpu_decode_kernels.py): the logits kernel's K splits
 
 
 @functools.cache
@@ -36,9 +50,15 @@ def _kernels():
     import triton
     import triton.language as tl
 
+    global _select_tile
+    _select_tile = _select_fn()
+
     @triton.jit
     def logits_kernel(X, W, P, T, E, K, K_PER, stride_xt, stride_we, stride_ps, stride_pt,
-                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                      CNT, BIAS, SKEW, IDS, WTS, TOPK_GROUP, scaling,
+                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT3: tl.constexpr,
+                      FUSED: tl.constexpr, TOPK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, EP: tl.constexpr,
+                      NORM: tl.constexpr, KP: tl.constexpr):
         pt = tl.program_id(0)
         pe = tl.program_id(1)
         s = tl.program_id(2)
@@ -53,26 +73,62 @@ def _kernels():
             offs_k = k0 + tl.arange(0, BLOCK_K)
             kmask = offs_k < k_hi
             x = tl.load(X + offs_t[:, None] * stride_xt + offs_k[None, :], mask=tmask[:, None] & kmask[None, :],
-                        other=0.0).to(tl.float32)
+                        other=0.0)
             w = tl.load(W + offs_e[:, None] * stride_we + offs_k[None, :], mask=emask[:, None] & kmask[None, :],
                         other=0.0).to(tl.float32)
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            if SPLIT3:      # bf16 x: w = hi + mid + lo exactly (3 x 8 significant bits), exact products on tensor cores
+                w_hi = w.to(tl.bfloat16)
+                r = w - w_hi.to(tl.float32)
+                w_mid = r.to(tl.bfloat16)
+                w_lo = (r - w_mid.to(tl.float32)).to(tl.bfloat16)
+                acc += tl.dot(x, tl.trans(w_lo))
+                acc += tl.dot(x, tl.trans(w_mid))
+                acc += tl.dot(x, tl.trans(w_hi))
+            else:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
         tl.store(P + s * stride_ps + offs_t[:, None] * stride_pt + offs_e[None, :], acc,
                  mask=tmask[:, None] & emask[None, :])
+        if FUSED:      # the last program of this token tile to finish does the selection (no second launch)
+            n = tl.num_programs(1) * tl.num_programs(2)
+            tl.debug_barrier()                   # every thread's partial store happens before the release below
+            arrived = tl.atomic_add(CNT + pt, 1, sem="acq_rel", scope="gpu")     # releases the stores above
+            if arrived == n - 1:
+                tl.atomic_xchg(CNT + pt, 0, sem="relaxed", scope="gpu")         # ready for the next launch
+                _select_tile(P, BIAS, SKEW, IDS, WTS, offs_t, T, E, tl.num_programs(2), TOPK_GROUP, stride_ps,
+                             stride_pt, scaling, TOPK, G, GP, EP, BLOCK_T, NORM, KP, True)
 
     @triton.jit
     def select_kernel(P, BIAS, SKEW, IDS, WTS, T, E, S, TOPK_GROUP, stride_ps, stride_pt, scaling,
                       K: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, EP: tl.constexpr,
                       BLOCK_T: tl.constexpr, NORM: tl.constexpr, KP: tl.constexpr):
-        pt = tl.program_id(0)
-        offs_t = pt * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        _select_tile(P, BIAS, SKEW, IDS, WTS, offs_t, T, E, S, TOPK_GROUP, stride_ps, stride_pt, scaling,
+                     K, G, GP, EP, BLOCK_T, NORM, KP, False)
+
+    return logits_kernel, select_kernel
+
+
+@functools.cache
+def _select_fn():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _select_tile(P, BIAS, SKEW, IDS, WTS, offs_t, T, E, S, TOPK_GROUP, stride_ps, stride_pt, scaling,
+                     K: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, EP: tl.constexpr,
+                     BLOCK_T: tl.constexpr, NORM: tl.constexpr, KP: tl.constexpr, L2: tl.constexpr):
+        # the selection of tokens offs_t from the S partial logits (L2: read past L1, other programs wrote them)
         offs_e = tl.arange(0, EP)
         tmask = offs_t < T
         emask = offs_e < E
         m2 = tmask[:, None] & emask[None, :]
         logits = tl.zeros([BLOCK_T, EP], tl.float32)
         for s in range(0, S):                                  # fixed order: deterministic
-            logits += tl.load(P + s * stride_ps + offs_t[:, None] * stride_pt + offs_e[None, :], mask=m2, other=0.0)
+            p_ptr = P + s * stride_ps + offs_t[:, None] * stride_pt + offs_e[None, :]
+            if L2:
+                logits += tl.load(p_ptr, mask=m2, other=0.0, cache_modifier=".cg")
+            else:
+                logits += tl.load(p_ptr, mask=m2, other=0.0)
         scores = tl.sigmoid(logits)
         bias = tl.load(BIAS + offs_e, mask=emask, other=0.0) + tl.load(SKEW + offs_e, mask=emask, other=0.0)
         choice = tl.where(emask[None, :], scores + bias[None, :], float("-inf"))
@@ -123,7 +179,19 @@ def _kernels():
         tl.store(IDS + out, id_all, mask=omask)
         tl.store(WTS + out, w_all, mask=omask)
 
-    return logits_kernel, select_kernel
+    return _select_tile
+
+
+def logits_tiles(T: int, E: int, dtype: torch.dtype) -> tuple[int, int, int, bool]:
+    """(token tile, expert tile, K step, split3) of the logits kernel. bf16 activations take the
+    three-way split of the fp32 weight on tensor cores (split3) with token tiles growing with the batch;
+    fp32 activations take IEEE fp32 dots on 16-token tiles (expert tile 16 for <= 64 experts, more
+    programs; v2-lite: 15.7 -> 11.9 us at 64 tokens on an H200, 64 above: V3's 256 experts 51.6 us at 64,
+    98.0 us at 16)."""
+    if dtype == torch.bfloat16:
+        block_t = 16 if T <= 16 else 32 if T <= 64 else 64
+        return block_t, 16 if E <= 64 and T <= 64 else 64, 64, True
+    return 16, 16 if E <= 64 else 64, 64, False
 
 
 def noaux_tc_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, skew: torch.Tensor,
@@ -140,22 +208,28 @@ def noaux_tc_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sk
     if T == 0:
         return ids, wts
     x = x if x.stride(1) == 1 else x.contiguous()
-    # expert tile: 16 for <= 64 experts (more programs; v2-lite: 15.7 -> 11.9 us at 64 tokens on an H200),
-    # 64 above (V3's 256 experts: 51.6 us at 64, 98.0 us at 16)
     if T > LOGITS_KERNEL_MAX_ROWS:                                         # prefill: cuBLAS fp32 logits
         partial = torch.nn.functional.linear(x.float(), weight.float()).unsqueeze(0)
         splits = 1
     else:
-        block_t, block_e, block_k = 16, 16 if E <= 64 else 64, 64
+        block_t, block_e, block_k, split3 = logits_tiles(T, E, x.dtype)
         tiles = -(-T // block_t) * -(-E // block_e)
         sms = sm_count(x.device)
         splits = max(1, min(-(-H // (2 * block_k)), -(-2 * sms // tiles)))      # >= 2 K tiles per split
+        splits = SPLITS_OVERRIDE or splits
         k_per = -(-(-(-H // splits)) // block_k) * block_k
         splits = -(-H // k_per)
         partial = torch.empty(splits, T, E, dtype=torch.float32, device=x.device)
-        logits_kernel[(-(-T // block_t), -(-E // block_e), splits)](
+        tiles_t = -(-T // block_t)
+        counters = _counters(weight) if T <= FUSED_SELECT_MAX_ROWS and block_t * next_pow2(E) <= 4096 else None
+        logits_kernel[(tiles_t, -(-E // block_e), splits)](
             x, weight, partial, T, E, H, k_per, x.stride(0), weight.stride(0), partial.stride(0), partial.stride(1),
-            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4)
+            counters if counters is not None else partial, bias, skew, ids, wts, topk_group,
+            float(routed_scaling_factor), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, SPLIT3=split3,
+            FUSED=counters is not None, TOPK=top_k, G=n_group, GP=max(2, next_pow2(n_group)), EP=next_pow2(E),
+            NORM=bool(norm_topk_prob), KP=next_pow2(top_k), num_warps=4)
+        if counters is not None:
+            return ids, wts
     ep = next_pow2(E)
     sel_t = max(1, min(16, 2048 // ep))
     select_kernel[(-(-T // sel_t),)](
@@ -163,3 +237,21 @@ def noaux_tc_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sk
         float(routed_scaling_factor), K=top_k, G=n_group, GP=max(2, next_pow2(n_group)), EP=ep,
         BLOCK_T=sel_t, NORM=bool(norm_topk_prob), KP=next_pow2(top_k), num_warps=4)
     return ids, wts
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(weight: torch.Tensor) -> torch.Tensor | None:
+    """The fused launch's arrival counters (one per token tile, zero between launches: the last
+    program resets its own), one set per router weight (two models in one process never share one).
+    None while a CUDA graph is being captured and none exists yet: the two-kernel path then (the
+    engine's eager warm-up forwards run first and create them)."""
+    key = (weight.device, weight.data_ptr())
+    c = _COUNTERS.get(key)
+    if c is None:
+        if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        c = _COUNTERS[key] = torch.zeros(-(-max(FUSED_SELECT_MAX_ROWS, FUSED_SELECT_ROWS_TESTED) // 16),
+                                         dtype=torch.int32, device=weight.device)
+    return c
