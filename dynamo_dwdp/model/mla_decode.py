@@ -48,12 +48,9 @@ def decode_config(batch: int, head_groups: int) -> DecodeConfig:
     """Chosen from `scripts/gpu_kernels.py` on one H200 (16 heads, context 1000, bf16 cache,
     docs/performance.md): up to 32 sequences x head groups, twice the splits (4 waves, >= 2 tiles per
     split) at 2 stages (28.4 vs 33.7 us at batch 32); from 64 on the defaults were fastest. Warps stay
-    automatic (32-head groups, DeepSeek-V3, were not measured). One sequence x one head group: one
-    tile per split allowed (16 splits at context 1000: 12.3 vs 13.8 us per layer, batch 1, H200)."""
+    automatic (32-head groups, DeepSeek-V3, were not measured)."""
     if DECODE_OVERRIDE is not None:
         return DECODE_OVERRIDE
-    if batch * head_groups == 1:
-        return DecodeConfig(32, 0, 2, 4, 1)
     if batch * head_groups <= 32:
         return DecodeConfig(32, 0, 2, 4, 2)
     return DecodeConfig()
@@ -136,35 +133,31 @@ def _kernels():
     @triton.jit
     def combine_kernel(ACC, ML, OUT,
                        stride_ab, stride_as, stride_ah, stride_mb, stride_ms, stride_ob, stride_oh,
-                       H, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-        # program (sequence, head group, latent chunk): the chunks spread the fp32 partials over more
-        # programs when there are few sequences, and BLOCK_S splits are loaded as one tile (a loop of
-        # one split per step was a chain of dependent loads: 8 us at batch 1, 8 splits)
+                       H, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr):
+        # program (sequence, head group, latent chunk): the chunks split the fp32 partials' bytes over
+        # more programs when there are few sequences (batch 1: one program read them all, 8 us)
         b = tl.program_id(0)
         hg = tl.program_id(1)
         offs_h = hg * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = offs_h < H
         offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        offs_s = tl.arange(0, BLOCK_S)
-        ml = ML + b * stride_mb + offs_s[:, None] * stride_ms + offs_h[None, :]          # [BLOCK_S, BLOCK_H]
         m_all = tl.full([BLOCK_H], float("-inf"), tl.float32)
         # loops, not static_range: unrolling up to 256 splits (batch 1, long contexts) took Triton minutes
         # to compile per variant, and the engine compiles every decode bucket while it starts
-        for s0 in range(0, SPLITS, BLOCK_S):
-            m_s = tl.load(ml + s0 * stride_ms, mask=hmask[None, :], other=float("-inf"))
-            m_all = tl.maximum(m_all, tl.max(m_s, 0))
+        for s in range(SPLITS):
+            m_s = tl.load(ML + b * stride_mb + s * stride_ms + offs_h, mask=hmask, other=float("-inf"))
+            m_all = tl.maximum(m_all, m_s)
         safe = tl.where(m_all == float("-inf"), 0.0, m_all)
         total = tl.zeros([BLOCK_H], tl.float32)
         out = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
-        a_ptr = (ACC + b * stride_ab + offs_s[:, None, None] * stride_as + offs_h[None, :, None] * stride_ah
-                 + offs_c[None, None, :])                                              # [BLOCK_S, BLOCK_H, BLOCK_C]
-        for s0 in range(0, SPLITS, BLOCK_S):
-            m_s = tl.load(ml + s0 * stride_ms, mask=hmask[None, :], other=float("-inf"))
-            l_s = tl.load(ml + s0 * stride_ms + H, mask=hmask[None, :], other=0.0)
-            w = tl.exp(m_s - safe[None, :])              # empty split: exp(-inf) = 0
-            total += tl.sum(w * l_s, 0)
-            a = tl.load(a_ptr + s0 * stride_as, mask=hmask[None, :, None], other=0.0)
-            out += tl.sum(w[:, :, None] * a, 0)
+        for s in range(SPLITS):
+            m_s = tl.load(ML + b * stride_mb + s * stride_ms + offs_h, mask=hmask, other=float("-inf"))
+            l_s = tl.load(ML + b * stride_mb + s * stride_ms + H + offs_h, mask=hmask, other=0.0)
+            w = tl.exp(m_s - safe)                        # empty split: exp(-inf) = 0
+            total += w * l_s
+            a = tl.load(ACC + b * stride_ab + s * stride_as + offs_h[:, None] * stride_ah + offs_c[None, :],
+                        mask=hmask[:, None], other=0.0)
+            out += w[:, None] * a
         out = out / tl.where(total > 0, total, 1.0)[:, None]   # no context: 0
         o_ptr = OUT + b * stride_ob + offs_h[:, None] * stride_oh + offs_c[None, :]
         tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=hmask[:, None])
@@ -230,7 +223,7 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
     combine_kernel[(B, groups, chunks)](
         acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
         out.stride(0), out.stride(1), H, BLOCK_C=C // chunks, BLOCK_H=block_h, SPLITS=splits,
-        BLOCK_S=max(1, min(splits, 4096 // (block_h * (C // chunks)))), num_warps=warps if chunks == 1 else 4)
+        num_warps=warps if chunks == 1 else 4)
     return out
 
 
