@@ -191,6 +191,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
     a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(0)
     for part in (add_norm, routers, pair_sums, mla, shared_expert):
         try:
