@@ -119,11 +119,12 @@ def prefill_records(path: str, src: str, impl: str) -> list[dict]:
     return out
 
 
-def profile_records(path: str, src: str) -> list[dict]:
+def profile_records(path: str, src: str, decode: bool = True, prefill: bool = True) -> list[dict]:
+    """Records from a scripts/gpu_profile.py JSON: its ceilings, and its decode points and/or its 8192-token prefill."""
     d = json.load(open(path))
     out = [rec(measure="hbm_copy", bytes_per_s=d["ceilings"]["hbm_copy_bytes_per_s"], source=f"{src} ceilings"),
            rec(measure="gemm", dtype="bf16", flops_per_s=d["ceilings"]["bf16_gemm_flops"], source=f"{src} ceilings")]
-    for b, p in sorted(d["decode"].items(), key=lambda kv: int(kv[0])):
+    for b, p in sorted(d["decode"].items() if decode else (), key=lambda kv: int(kv[0])):
         b = int(b)
         out.append(rec(measure="host_step", phase="decode", tokens=b, seconds=(p["wall_ms"] - p["busy_ms"]) * 1e-3,
                        source=f"{src} decode batch {b}: wall - GPU kernel time"))
@@ -136,6 +137,8 @@ def profile_records(path: str, src: str) -> list[dict]:
                        seconds=us["prep_kernel"] / LAYERS * 1e-6, source=f"{src} decode batch {b}: prep_kernel"))
         if b == 64:
             out += small_kernels(p, "decode", b, DECODE_COVERED, f"{src} decode batch 64")
+    if not prefill:
+        return out
     p = d["prefill"]["8192"]
     n = 8192
     out.append(rec(measure="host_step", phase="prefill", tokens=n, seconds=(p["wall_ms"] - p["busy_ms"]) * 1e-3,
@@ -171,13 +174,18 @@ def small_kernels(p: dict, phase: str, tokens: int, table, src: str) -> list[dic
     return out
 
 
-def build(results: str, prefill_attention: str = "cudnn", profile: str = f"profile_h200_graphs_{DAY}.json") -> list[dict]:
+def build(results: str, prefill_attention: str = "cudnn", profile: str = f"profile_h200_graphs_{DAY}.json",
+          prefill_profile: str | None = None) -> list[dict]:
     def at(name: str) -> tuple[str, str]:
         return os.path.join(results, name), f"docs/results/{name}"
     recs = sweep_records(*at(f"gpu_kernels_sweep2_h200_{DAY}.json"))
     recs += gpu_perf_records(*at(f"gpu_perf_h200_kernels_{DAY}.json"))
     recs += prefill_records(*at(f"gpu_prefill_h200_{DAY}.md"), prefill_attention)
-    recs += profile_records(*at(profile))
+    if prefill_profile and prefill_profile != profile:      # decode points from one profile, prefill from another
+        recs += profile_records(*at(profile), prefill=False)
+        recs += profile_records(*at(prefill_profile), decode=False)
+    else:
+        recs += profile_records(*at(profile))
     return recs
 
 
@@ -222,11 +230,13 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", action="store_true", help="then print the prediction against the bench step times")
     ap.add_argument("--profile", default=f"profile_h200_graphs_{DAY}.json",
                     help="the scripts/gpu_profile.py JSON (in --results) the small-kernel and host records come from")
+    ap.add_argument("--prefill-profile", default=None,
+                    help="a second gpu_profile.py JSON for the 8192-token prefill records (default: --profile)")
     ap.add_argument("--bench", default=",".join(BENCH_FILES),
                     help="comma list of bench JSONL files (in --results) that --compare predicts")
     a = ap.parse_args(argv)
     out = a.out or os.path.join(a.results, f"calibration_h200_{DAY}.jsonl")
-    recs = build(a.results, a.prefill_attention, a.profile)
+    recs = build(a.results, a.prefill_attention, a.profile, a.prefill_profile)
     with open(out, "w") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")
