@@ -42,6 +42,15 @@ def one_by_one(model_dir, prompts, n, monkeypatch):
     return out
 
 
+def assert_same_as_alone(res, rec, params, ref) -> None:
+    """Request r{i}'s tokens equal the one-by-one run's and its sampled logits rows match them."""
+    for i in range(len(ref)):
+        assert res[f"r{i}"][0] == ref[i][0], i
+        got = rec.rows(params[i])
+        assert got.shape == ref[i][1].shape
+        assert rel_err(got, ref[i][1]) < TOL, i
+
+
 def test_batched_chunked_continuous_batching_matches_one_by_one(ckpt, monkeypatch):
     prompts = prompts_for(V, [3, 7, 13, 18, 5, 10], seed=1)
     n = 5
@@ -65,12 +74,7 @@ def test_batched_chunked_continuous_batching_matches_one_by_one(ckpt, monkeypatc
     long_chunks = [n for step in chunks_per_step for rid, n in step if rid == "r3"]
     assert sum(long_chunks[:-(n - 1)]) == 18 and len(long_chunks) - (n - 1) >= 3   # 18-token prompt in >= 3 chunks
     assert eng.blocks.num_free == eng.blocks.num_blocks                  # nothing leaked
-    ref = one_by_one(ckpt, prompts, n, monkeypatch)
-    for i in range(len(prompts)):
-        assert res[f"r{i}"][0] == ref[i][0], i
-        got = rec.rows(params[i])
-        assert got.shape == ref[i][1].shape
-        assert rel_err(got, ref[i][1]) < TOL, i
+    assert_same_as_alone(res, rec, params, one_by_one(ckpt, prompts, n, monkeypatch))
 
 
 def test_separate_prefill_steps_never_mix_and_keep_outputs_identical(ckpt, monkeypatch):
@@ -103,10 +107,7 @@ def test_separate_prefill_steps_never_mix_and_keep_outputs_identical(ckpt, monke
     assert all(not (kinds[i] is False and i + 1 < len(kinds) and kinds[i + 1] is False and steps[i + 1][1])
                for i in range(len(kinds)))                                   # no two prefill steps while decode waits
     assert eng.blocks.num_free == eng.blocks.num_blocks
-    ref = one_by_one(ckpt, prompts, n, monkeypatch)
-    for i in range(len(prompts)):
-        assert res[f"r{i}"][0] == ref[i][0], i
-        assert rel_err(rec.rows(params[i]), ref[i][1]) < TOL, i
+    assert_same_as_alone(res, rec, params, one_by_one(ckpt, prompts, n, monkeypatch))
 
 
 def test_preemption_keeps_outputs_identical(ckpt, monkeypatch):
@@ -118,10 +119,7 @@ def test_preemption_keeps_outputs_identical(ckpt, monkeypatch):
     res = run_requests(eng, [(f"r{i}", p, params[i]) for i, p in enumerate(prompts)])
     assert eng.scheduler.num_preemptions > 0
     assert eng.blocks.num_free == eng.blocks.num_blocks
-    ref = one_by_one(ckpt, prompts, n, monkeypatch)
-    for i in range(len(prompts)):
-        assert res[f"r{i}"][0] == ref[i][0], i
-        assert rel_err(rec.rows(params[i]), ref[i][1]) < TOL, i
+    assert_same_as_alone(res, rec, params, one_by_one(ckpt, prompts, n, monkeypatch))
 
 
 # ------------------------------------------------------------------ sampling
