@@ -238,9 +238,9 @@ class DecodeGraphs:
         padding: scratch slot, scratch blocks, no context.
 
         The host buffer is built with numpy (the block tables flattened in one `fromiter` pass and
-        scattered into a [bucket, k] array): the step waits for this work before its replay starts,
-        and a Python list of bucket x k ints cost ~1 ms per step at batch 256 (scripts/gpu_profile.py:
-        step wall minus graph replay)."""
+        scattered into a [bucket, k] array), not as a Python list of bucket x k ints: the replay waits
+        for this work, and its cost grows with batch x blocks (scripts/gpu_profile.py reports the step's
+        wall time next to the replay's)."""
         B = len(tokens)
         key = self.key(B, max(positions) + 1)
         if key is None:
