@@ -16,7 +16,7 @@ for FP8-resident banks, in 5 + 2 x banks launches and no host sync (CUDA-graph s
 4. `grouped_a8_kernel` in plain mode, once per bank: h @ down^T, K steps of `h_group` (so one
    activation scale per step; the weight block scale is the 128-block holding the step), each row
    stored in x's dtype at its pair index;
-5. the combine: one batched product per token over its k outputs (fp32 accumulation), as moe_gemm.
+5. the combine: `moe_gemm.pair_sum` (one kernel: weights rounded to bf16, fp32 sum over the k outputs, rounded once).
 
 Numerics (what is rounded where), against the dequantized model (weights `q * scale_inv`, bf16
 activations): x rounded to e4m3 in 1 x 128 groups; h rounded to e4m3 in 1 x h_group groups; products
@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from dynamo_dwdp.model.fp8 import ACT_GROUP, FP8_DTYPE
-from dynamo_dwdp.model.kernels.moe_gemm import align
+from dynamo_dwdp.model.kernels.moe_gemm import align, bank_ranges, pair_sum
 
 
 @functools.cache
@@ -258,5 +258,4 @@ def routed_experts_fp8a8(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
         return torch.zeros_like(x) if out is None else out
     Hd = x.shape[1]
     y = expert_down(expert_hidden(x, topk_ids, banks), banks, Hd, k, x.dtype)
-    combined = torch.bmm(topk_weights.to(x.dtype).view(T, 1, k), y.view(T, k, Hd)).view(T, Hd)
-    return combined if out is None else out.add_(combined)
+    return pair_sum(y, topk_weights, topk_ids, bank_ranges(banks), out)      # moe_gemm's combine, one kernel
