@@ -142,21 +142,21 @@ def make_engine(model_dir, **engine_kw):
 
 
 class LogitRecorder:
-    """Wraps runner.execute and keeps a copy of every non-empty logits tensor it returns
-    (before the engine masks or samples from it)."""
+    """Wraps runner.launch (the engine's forward) and keeps a copy of every non-empty logits tensor it
+    returns (before the engine masks or samples from it)."""
 
     def __init__(self, engine):
         self.steps: list[torch.Tensor] = []
         runner = engine.runner
-        inner = runner.execute
+        inner = runner.launch
 
-        def execute(*args, **kwargs):
+        def launch(*args, **kwargs):
             logits = inner(*args, **kwargs)
             if logits.numel():
                 self.steps.append(logits.detach().clone())
             return logits
 
-        runner.execute = execute
+        runner.launch = launch
 
 
 def run_requests(engine, requests, add_at_step: dict[int, list] | None = None):
@@ -216,7 +216,7 @@ def cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess
 
 
 class SampleRecorder:
-    """Records, per request, the logits rows the engine samples from (wraps engine_core.sample).
+    """Records, per request, the logits rows the engine samples from (wraps engine_core.sample_tokens).
     Requests are identified by their SamplingParams object: give each request its own instance."""
 
     def __init__(self, monkeypatch):
@@ -224,7 +224,7 @@ class SampleRecorder:
 
         self.by_params: dict[int, list[torch.Tensor]] = {}
         self._alive: list = []
-        inner = engine_core.sample
+        inner = engine_core.sample_tokens
 
         def sample(logits, params, generators):
             for i, p in enumerate(params):
@@ -232,7 +232,7 @@ class SampleRecorder:
                 self.by_params.setdefault(id(p), []).append(logits[i].detach().clone())
             return inner(logits, params, generators)
 
-        monkeypatch.setattr(engine_core, "sample", sample)
+        monkeypatch.setattr(engine_core, "sample_tokens", sample)
 
     def rows(self, params) -> torch.Tensor:
         return torch.stack(self.by_params[id(params)])
@@ -263,15 +263,15 @@ def capture_rank(rank_engine, payload):
         return None
     steps = []
     runner = rank_engine.runner
-    inner = runner.execute
+    inner = runner.launch
 
-    def execute(*args, **kwargs):
+    def launch(*args, **kwargs):
         logits = inner(*args, **kwargs)
         if logits.numel():
             steps.append(logits.detach().clone().numpy())
         return logits
 
-    runner.execute = execute
+    runner.launch = launch
     tokens = generate_rank(rank_engine, (prompts, SamplingParams(**params_kw)))
     stats = rank_engine.stats
     return {"tokens": tokens, "logits": steps, "bytes_pulled": dict(stats.bytes_pulled), "steps": stats.steps}

@@ -17,7 +17,8 @@ directly (no scheduler, so every run has the same shapes):
   wall-clock instant (DWDP ranks then drift freely, as in serving).
 
 Measured per rank and timed step: the wall time of `runner.execute` (batch build + forward + its
-host sync; TP leader: + the input broadcast), and the ExecutorStats deltas (forward seconds, exposed
+host sync; TP leader: + the input broadcast; `--async-scheduling`: the step's share of a pipeline
+that launches each step before waiting for the previous one, see `_drive_async`), and the ExecutorStats deltas (forward seconds, exposed
 prefetch wait, sync wait, remote bytes pulled, tokens). A TP follower's step runs from the later of
 (its wait for the step's inputs, the leader's step start) to the end of its forward; the wait before
 the leader started is idle, not sync. On CUDA the DWDP stall
@@ -130,6 +131,7 @@ class BenchSetup:
     attention: str = "auto"               # prefill attention: auto | reference | sdpa
     weights: str = "native"               # native | fp8-block (FP8-resident experts and dense linears, CUDA)
     calibration: str | None = None        # `plan --calibrate` file: `single` points add the step model
+    async_scheduling: bool = False        # steps launched one ahead, greedy tokens fed on the device
 
     @property
     def routed_only(self) -> bool:
@@ -171,6 +173,9 @@ class BenchSetup:
             raise UserError(f"--weights {self.weights!r}: one of {', '.join(WEIGHT_FORMATS)} (fp8 formats: --device cuda)")
         if self.hw not in HARDWARE:
             raise UserError(f"--hw {self.hw!r} is not one of {', '.join(HARDWARE)}")
+        if self.async_scheduling and (get_strategy(self.strategy).lock_step or get_strategy(self.strategy).leader_only):
+            raise UserError(f"--async-scheduling: strategy {self.strategy} steps its ranks together (allowed with "
+                            f"{', '.join(n for n, st in STRATEGY_TABLE.items() if not st.lock_step and not st.leader_only)})")
         if self.calibration is not None:
             load_calibration(get_hardware(self.hw), self.calibration)      # a bad file fails before any rank
         return self
@@ -409,6 +414,10 @@ def _drive_point(rank_engine, probe: _Probe, setup: BenchSetup, point: Point, in
     rec: dict[str, list] = {k: [] for k in ("step_s", "forward_s", "prefetch_s", "sync_s", "tokens", "remote_bytes",
                                             "t0_abs")}
     t_start = time.time()
+    if setup.async_scheduling:
+        _drive_async(runner, probe, timed, hits, rec, point.phase == "decode")
+        return {"rank": rank, "role": "rank", **rec, "t_start": t_start, "t_end": time.time(),
+                "hits": _hits_masks(hits), "device_name": _device_name(runner)}
     for s, args in enumerate(timed):
         before = _snapshot(probe.stats)
         rec["t0_abs"].append(time.time())
@@ -423,6 +432,35 @@ def _drive_point(rank_engine, probe: _Probe, setup: BenchSetup, point: Point, in
     role = "leader" if get_strategy(setup.strategy).leader_only else "rank"
     return {"rank": rank, "role": role, **rec, "t_start": t_start, "t_end": t_end, "hits": _hits_masks(hits),
             "device_name": _device_name(runner)}
+
+
+def _drive_async(runner, probe: _Probe, timed: list, hits, rec: dict, decode: bool) -> None:
+    """The timed steps as the engine runs them with async scheduling: step s is launched (decode: its
+    tokens fed on the device from step s-1's greedy tokens), its argmax sampled and copied back without
+    a sync, and only then is step s-1 waited for. A step's time runs from the end of the previous
+    iteration to the end of its own, the last one including the drain, so the times sum to the wall time
+    of all timed steps."""
+    # local import: the engine's device mechanics (bench sits above the engine package)
+    from dynamo_dwdp.engine.model_runner import FedTokens, ReadBack
+
+    prev = None
+    t_prev = time.perf_counter()
+    for s, (chunks, starts, tables, want) in enumerate(timed):
+        before = _snapshot(probe.stats)
+        rec["t0_abs"].append(time.time())
+        rows = list(range(len(chunks)))
+        fed = FedTokens(rows, prev.device_tokens, rows) if decode and prev is not None else None
+        logits = runner.launch(chunks, starts, tables, want, fed)
+        hits[s].copy_(probe.live)
+        tokens = ReadBack(logits.argmax(dim=-1), runner.device)
+        t_wait = time.perf_counter()
+        for done in ([prev] if prev is not None else []) + ([tokens] if s == len(timed) - 1 else []):
+            done.wait()
+        probe.flush_stalls()
+        t1 = time.perf_counter()
+        probe.stats.step_seconds += runner.last_launch_seconds + t1 - t_wait
+        _append(rec, t1 - t_prev, before, _snapshot(probe.stats))
+        prev, t_prev = tokens, t1
 
 
 def _append(rec: dict, step_s: float, before, after) -> None:
@@ -548,6 +586,7 @@ def setup_dict(setup: BenchSetup, point: Point) -> dict:
         "dtype": setup.dtype, "dwdp_routed_only": setup.routed_only, "dwdp_contention_opt": setup.contention_opt,
         "hw": setup.hw, "cuda_graphs": setup.cuda_graphs, "attention": setup.attention,
         **({"weights": setup.weights} if setup.weights != "native" else {}),
+        **({"async_scheduling": True} if setup.async_scheduling else {}),
     }
 
 

@@ -1,6 +1,6 @@
 """Host-path benchmark (`dynamo-dwdp bench host`): what a decode step costs outside the model forward.
 
-Everything is real except the forward: `FakeForwardRunner.execute` builds the step's `ForwardBatch`
+Everything is real except the forward: `FakeForwardRunner.launch` builds the step's `ForwardBatch`
 (host work of an eager step, outside the forward timer in `ModelRunner.execute` too) and returns
 float32 logits of the right shape (rows of a seeded random buffer, copied); that copy is timed and
 subtracted, as the worker's `dwdp_step_seconds` counter is taken around the real forward. What is
@@ -73,26 +73,32 @@ class _FakeExecutor:
 
 
 class FakeForwardRunner:
-    """Stands in for `ModelRunner`: `execute` returns logits [rows wanted, vocab] (float32) and
-    accumulates its own time in `executor.stats.step_seconds`, so callers can subtract it."""
+    """Stands in for `ModelRunner`: `launch` returns logits [rows wanted, vocab] (float32) and reports
+    its own time as `last_launch_seconds` (the engine adds it to `executor.stats.step_seconds`), so
+    callers can subtract it."""
+
+    device = torch.device("cpu")
 
     def __init__(self, config: EngineSettings, shape: HostShape, seed: int = 0):
         self.config = config.validate()
         self.model_config = shape
         self.executor = _FakeExecutor()
+        self.last_launch_seconds = 0.0
         g = torch.Generator().manual_seed(seed)
         self._rows = max(1, config.max_num_seqs)
         self._logits = torch.randn(self._rows, shape.vocab_size, generator=g) * 3.0
 
-    def execute(self, token_chunks, start_positions, block_tables, want_logits) -> torch.Tensor:
-        # host work of an eager step, outside the worker's forward timer as in ModelRunner.execute
-        ForwardBatch.build(token_chunks, start_positions, block_tables, self.config.block_size, want_logits)
+    def launch(self, token_chunks, start_positions, block_tables, want_logits, fed=None) -> torch.Tensor:
+        # host work of an eager step, outside the worker's forward timer as in ModelRunner.launch
+        batch = ForwardBatch.build(token_chunks, start_positions, block_tables, self.config.block_size, want_logits)
+        if fed is not None:
+            fed.apply(batch.input_ids)
         t0 = time.perf_counter()
         n = sum(1 for w in want_logits if w)
         reps = -(-n // self._rows) if n else 0
         logits = (self._logits.repeat(reps, 1) if reps > 1 else self._logits)[:n].clone()
         stats = self.executor.stats
-        stats.step_seconds += time.perf_counter() - t0
+        self.last_launch_seconds = time.perf_counter() - t0
         stats.steps += 1
         stats.tokens += sum(len(c) for c in token_chunks)
         return logits

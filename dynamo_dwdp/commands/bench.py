@@ -107,6 +107,10 @@ def register(subparsers) -> None:
     e.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode steps from CUDA graphs (cuda, bf16; strategies single and dwdp all-remote: "
                         "dep and tp run eagerly)")
+    e.add_argument("--async-scheduling", action="store_true",
+                   help="time steps as the engine runs them with engine.async_scheduling: each step launched "
+                        "before the previous one is waited for, its tokens (greedy) fed on the device; a step's "
+                        "time is then its share of the pipeline's wall time (strategies single, dp, dwdp)")
     e.add_argument("--attention", default="auto",
                    help="prefill attention: auto (SDPA on cuda, reference on cpu) | reference | sdpa (default auto)")
     e.add_argument("--weights", default="native",
@@ -206,7 +210,8 @@ def run_engine(args) -> int:
                        dwdp=DwdpSettings(**section_values(args, "dwdp")),
                        hw=args.hw, block_size=args.block_size,
                        timeout=args.timeout, cuda_graphs=args.cuda_graphs, attention=args.attention,
-                       weights=args.weights, calibration=args.calibrate).validate()
+                       weights=args.weights, calibration=args.calibrate,
+                       async_scheduling=args.async_scheduling).validate()
     if args.phase not in PHASES:
         raise UserError(f"--phase {args.phase!r} is not one of {', '.join(PHASES)}")
     cfg = load_model_config(args.model)

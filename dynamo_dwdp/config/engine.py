@@ -51,6 +51,11 @@ class EngineSettings:
                                                    "(they alternate while both wait), so decode steps replay "
                                                    "CUDA graphs; false: chunked prefill mixes them into one "
                                                    "eager step")
+    async_scheduling: bool = spec(False, doc="overlap the host's work with the GPU: the next step is scheduled and "
+                                             "launched while the current one runs, its new tokens fed on the "
+                                             "device (outputs are reported one step later; a sequence that stops "
+                                             "at a token costs one discarded row in the step after). Ranks of a "
+                                             "lock-step group (dep, tp) always step synchronously")
     weight_format: str = spec("native", doc="native, or fp8-block: experts and dense linears resident as FP8 with "
                                             "128x128 block scales (device cuda only); fp8-block-a8: the same, "
                                             "routed experts with FP8 activations too", choices=WEIGHT_FORMATS)

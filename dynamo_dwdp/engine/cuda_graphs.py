@@ -196,11 +196,12 @@ class DecodeGraphs:
         self.tables.fill_(self.scratch)
 
     def run(self, tokens: list[int], positions: list[int], block_tables: list[list[int]],
-            want_logits: list[bool]) -> torch.Tensor | None:
+            want_logits: list[bool], feed=None) -> torch.Tensor | None:
         """One decode step (token i of sequence i at absolute position positions[i]). Returns the
         float32 logits of the sequences with want_logits, in order (a fresh tensor), or None when the
         step fits no graph or the graph could not be captured (`failed` is set); the caller then runs
-        the step eagerly."""
+        the step eagerly. `feed(input_ids)`, when given, overwrites tokens on the device after staging
+        (tokens another step samples: async scheduling). No host sync."""
         if self.failed:
             return None
         ex = self.executor
@@ -216,6 +217,8 @@ class DecodeGraphs:
             graph, logits = self.graphs.get(key) or self._capture_and_restage(key, tokens, positions, block_tables)
         except _CaptureFailed:
             return None
+        if feed is not None:
+            feed(self.ids)
         if ex is not None:
             ex.before_replay()
         graph.replay()
@@ -225,7 +228,9 @@ class DecodeGraphs:
         out = logits[:len(tokens)]
         if all(want_logits):
             return out.clone()
-        return out[torch.tensor(want_logits, dtype=torch.bool, device=out.device)]
+        rows = [i for i, w in enumerate(want_logits) if w]
+        return out.index_select(0, torch.from_numpy(np.asarray(rows, dtype=np.int64)).pin_memory().to(
+            out.device, non_blocking=True))
 
     def _capture_and_restage(self, key, tokens, positions, block_tables):
         entry = self._capture(key)                  # capture overwrote the static inputs with dummies

@@ -7,27 +7,52 @@ Disaggregation hooks:
 - decode role: `reserve(request_id, prompt)` allocates blocks for a prompt whose KV will be written
   by a transfer, then `add_prefilled(...)` starts decoding with all but the last prompt token already
   cached (the last one is recomputed here, so this engine samples the first output token itself).
+
+Async scheduling (`async_scheduling`, vLLM's async scheduling, SGLang's overlap scheduler): `step()`
+launches step k, then reads back step k-1's tokens while step k runs on the GPU, then books step k. A
+token sampled by a step not yet read back is `PENDING` in its sequence's outputs; the next step takes it
+on the device (`FedTokens`), so scheduling, staging and launching never wait for the GPU. Outputs come one
+`step()` later. A sequence that stops at a token found by the read-back (EOS, a stop token) has already been
+launched in step k: that row is discarded. One that reaches max_tokens or the context length is known to
+stop when its step is booked and is not scheduled again. Invariants: at most one step is in flight between
+calls; a PENDING token is always its sequence's last output; blocks freed while a step is in flight are
+only reused by later GPU work on the same stream, except by a KV transfer into reserved blocks, so
+`reserve` waits for the step in flight first.
 """
 from __future__ import annotations
 
 import collections
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from dynamo_dwdp.engine.block_manager import BlockManager
-from dynamo_dwdp.engine.model_runner import ModelRunner
-from dynamo_dwdp.engine.sampling import SamplingParams, sample
-from dynamo_dwdp.engine.scheduler import Scheduler
+from dynamo_dwdp.engine.model_runner import FedTokens, ModelRunner, ReadBack
+from dynamo_dwdp.engine.sampling import SamplingParams, device_tensor, sample_tokens
+from dynamo_dwdp.engine.scheduler import ScheduledChunk, Scheduler
 from dynamo_dwdp.engine.sequence import RequestOutput, Sequence, Status
 from dynamo_dwdp.errors import RequestError
 
 log = logging.getLogger(__name__)
 
 
+PENDING = -1       # an output token sampled by a launched step that has not been read back yet
+
+
+@dataclass
+class _Launched:
+    """One launched step: its chunks, the chunks that sample, and their tokens on their way to the host."""
+    chunks: list[ScheduledChunk]
+    samplers: list[ScheduledChunk]
+    tokens: ReadBack
+    launch_seconds: float          # host seconds of the runner's launch (goes to step_seconds with the wait)
+
+
 class EngineCore:
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, async_scheduling: bool | None = None):
+        """`async_scheduling`: None = the engine setting; a lock-step rank (dep, tp) passes False."""
         self.runner = runner
         cfg = runner.config
         mc = runner.model_config
@@ -43,6 +68,8 @@ class EngineCore:
         self.vocab_size = mc.vocab_size
         # (queue seconds, compute seconds) of recently finished requests: the autoscaling signal
         self.finished_timings: collections.deque = collections.deque(maxlen=256)
+        self.async_scheduling = cfg.async_scheduling if async_scheduling is None else async_scheduling
+        self.in_flight: collections.deque[_Launched] = collections.deque()
 
     # ------------------------------------------------------------------ requests
     def _make_seq(self, request_id: str, prompt_ids: list[int], params: SamplingParams, hold_kv: bool) -> Sequence:
@@ -64,7 +91,7 @@ class EngineCore:
             params.eos_token_ids = self.default_eos
         seq = Sequence(request_id, list(prompt_ids), params, hold_kv=hold_kv)
         if params.seed is not None and not params.greedy:
-            seq.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         return seq
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -77,6 +104,7 @@ class EngineCore:
         """Decode role: allocate blocks for a prompt whose KV arrives by transfer. Returns the block
         ids (in order). Raises RequestError if the request cannot fit right now."""
         seq = self._make_seq(request_id, prompt_ids, params, hold_kv=False)
+        self._wait_in_flight()          # a transfer writes these blocks outside the step's stream
         n = len(prompt_ids)
         if not self.blocks.can_allocate(seq, n):
             raise RequestError(f"no free KV blocks for a {n}-token prompt (free {self.blocks.num_free})")
@@ -114,7 +142,7 @@ class EngineCore:
         return list(self.held[request_id].block_table)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.in_flight)
 
     # ------------------------------------------------------------------ stepping
     def _finish(self, seq: Sequence, reason: str, keep: bool) -> None:
@@ -130,69 +158,122 @@ class EngineCore:
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        n_out = len(seq.output_ids)
-        if n_out >= p.min_tokens:
+        if len(seq.output_ids) >= p.min_tokens:
             if token in p.stop_token_ids:
                 return "stop"
             if not p.ignore_eos and token in p.eos_token_ids:
                 return "eos"
-        # The whole KV pool is the hard limit too: a sequence that outgrows it alone could never be
-        # scheduled again (it would preempt itself forever).
-        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len or seq.num_tokens > self.kv_capacity:
-            return "length"
-        return None
+        return "length" if self._length_reached(seq) else None
+
+    def _length_reached(self, seq: Sequence) -> bool:
+        """max_tokens or the context length reached. The whole KV pool is the hard limit too: a sequence
+        that outgrows it alone could never be scheduled again (it would preempt itself forever)."""
+        return (len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+                or seq.num_tokens > self.kv_capacity)
 
     def step(self, allow_empty: bool = False) -> list[RequestOutput]:
-        """Schedule and run one forward. With allow_empty (DEP lock-step), run the model even when
-        this rank has nothing to compute, so that its collectives match its peers'."""
+        """Schedule and launch one forward; returns the outputs of the step read back in this call (this
+        step's, or with async scheduling the previous one's). With allow_empty (DEP lock-step), run the
+        model even when this rank has nothing to compute, so that its collectives match its peers'."""
         chunks = self.scheduler.schedule()
         if not chunks and not allow_empty:
-            return []
+            return self._read_back() if self.in_flight else []
+        self.in_flight.append(self._launch(chunks))
+        outputs = self._read_back() if len(self.in_flight) > 1 else []
+        self._book(self.in_flight[-1])
+        if not self.async_scheduling:
+            outputs += self._read_back()
+        return outputs
+
+    def _launch(self, chunks: list[ScheduledChunk]) -> _Launched:
+        """Launch the forward and the sampling of `chunks` (no host sync on CUDA)."""
         now = time.monotonic()
-        for c in chunks:
-            if c.seq.first_scheduled is None:
-                c.seq.first_scheduled = now
-        token_chunks = [c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens) for c in chunks]
-        logits = self.runner.execute(token_chunks, [c.seq.num_computed for c in chunks],
-                                     [c.seq.block_table for c in chunks], [c.completes for c in chunks])
-        samplers = [c for c in chunks if c.completes]
+        token_chunks, fed_rows, fed_from = [], [], []
+        flat = 0
         for c in chunks:
             seq = c.seq
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
+            tokens = seq.token_slice(seq.num_computed, seq.num_computed + c.num_tokens)
+            if tokens and tokens[-1] == PENDING:       # sampled by the step in flight: taken on the device
+                tokens[-1] = 0
+                fed_rows.append(flat + len(tokens) - 1)
+                fed_from.append(seq.pending_row)
+            token_chunks.append(tokens)
+            flat += len(tokens)
+        fed = FedTokens(fed_rows, self.in_flight[-1].tokens.device_tokens, fed_from) if fed_rows else None
+        logits = self.runner.launch(token_chunks, [c.seq.num_computed for c in chunks],
+                                    [c.seq.block_table for c in chunks], [c.completes for c in chunks], fed)
+        launch_s = self.runner.last_launch_seconds
+        samplers = [c for c in chunks if c.completes]
+        if not samplers:
+            return _Launched(chunks, samplers, ReadBack(None, self.runner.device), launch_s)
+        ban_rows: list[int] = []
+        ban_cols: list[int] = []
+        for row, c in enumerate(samplers):
+            p = c.seq.params
+            if len(c.seq.output_ids) < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
+                ban_rows += [row] * len(banned)
+                ban_cols += banned
+        if ban_rows:              # one scatter for the whole batch (not one indexed write per row)
+            with torch.inference_mode():     # logits is an inference tensor (model forward)
+                idx = device_tensor([ban_rows, ban_cols], torch.long, logits.device)
+                logits[idx[0], idx[1]] = float("-inf")
+        tokens = sample_tokens(logits, [c.seq.params for c in samplers], [c.seq.generator for c in samplers])
+        return _Launched(chunks, samplers, ReadBack(tokens, self.runner.device), launch_s)
+
+    def _book(self, step: _Launched) -> None:
+        """Advance the launched step's sequences: computed tokens, full blocks hashed, a PENDING output per
+        sampling sequence. A sequence stopped by the read-back just before (async) is skipped; one that
+        reaches max_tokens or the context length with this token leaves the schedule now."""
+        for c in step.chunks:
+            seq = c.seq
+            if seq.finished:
+                continue
             prompt_left = max(0, len(seq.prompt_ids) - seq.num_computed)
             seq.num_computed_prompt += min(prompt_left, c.num_tokens)
             seq.num_computed += c.num_tokens
             self.blocks.commit_computed(seq)
+        for row, c in enumerate(step.samplers):
+            seq = c.seq
+            if seq.finished:
+                continue
+            seq.output_ids.append(PENDING)
+            seq.pending_row = row
+            if self._length_reached(seq):
+                self.scheduler.remove(seq)
+
+    def _read_back(self) -> list[RequestOutput]:
+        """Wait for the oldest launched step's tokens and deliver them (stop checks, outputs)."""
+        step = self.in_flight.popleft()
+        t0 = time.perf_counter()
+        tokens = step.tokens.result()
+        self.runner.executor.stats.step_seconds += step.launch_seconds + time.perf_counter() - t0
         outputs: list[RequestOutput] = []
-        if samplers:
-            ban_rows: list[int] = []
-            ban_cols: list[int] = []
-            for row, c in enumerate(samplers):
-                p = c.seq.params
-                if len(c.seq.output_ids) < p.min_tokens:
-                    banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
-                    ban_rows += [row] * len(banned)
-                    ban_cols += banned
-            if ban_rows:              # one scatter for the whole batch (not one indexed write per row)
-                with torch.inference_mode():     # logits is an inference tensor (model forward)
-                    logits[torch.tensor(ban_rows, device=logits.device),
-                           torch.tensor(ban_cols, device=logits.device)] = float("-inf")
-            tokens = sample(logits, [c.seq.params for c in samplers], [c.seq.generator for c in samplers])
-            now = time.monotonic()
-            for c, tok in zip(samplers, tokens):
-                seq = c.seq
-                seq.output_ids.append(tok)
-                if seq.first_token_at is None:
-                    seq.first_token_at = now
-                reason = self._stop_reason(seq, tok)
-                if reason is not None:
-                    self.scheduler.remove(seq)
-                    self.requests.pop(seq.request_id, None)
-                    self._finish(seq, reason, keep=seq.hold_kv)
-                outputs.append(self._output(seq, [tok]))
+        now = time.monotonic()
+        for c, tok in zip(step.samplers, tokens):
+            seq = c.seq
+            if seq.finished or not seq.output_ids or seq.output_ids[-1] != PENDING:
+                continue                            # stopped or aborted after this step was launched
+            seq.output_ids[-1] = tok
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            reason = self._stop_reason(seq, tok)
+            if reason is not None:
+                self.scheduler.remove(seq)
+                self.requests.pop(seq.request_id, None)
+                self._finish(seq, reason, keep=seq.hold_kv)
+            outputs.append(self._output(seq, [tok]))
         return outputs
+
+    def _wait_in_flight(self) -> None:
+        for step in self.in_flight:
+            step.tokens.wait()
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """Fail every request this engine holds (dead peer, broken step): no request is left hanging."""
+        self.in_flight.clear()           # their tokens are not delivered; the GPU work is stream-ordered
         outs = []
         for seq in list(self.requests.values()):
             self.scheduler.remove(seq)

@@ -15,6 +15,7 @@ import torch
 
 from dynamo_dwdp.config.engine import FP8_FORMATS, EngineSettings
 from dynamo_dwdp.engine.cuda_graphs import DecodeGraphs
+from dynamo_dwdp.engine.sampling import device_tensor
 from dynamo_dwdp.model import kernels as fused_kernels
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig, load_model_config
@@ -36,6 +37,45 @@ def exact_fp32() -> None:
         log.info("fp32 engine: TF32 turned off for this process")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+
+
+class FedTokens:
+    """Input tokens of a step that come from an earlier step's sampled tokens, on the device:
+    `input_ids[rows[i]] = source[source_rows[i]]` (rows index the step's flattened tokens). Built with
+    one pinned copy, applied with one gather + one scatter on the step's stream, so the host never
+    waits for the earlier step."""
+
+    def __init__(self, rows: list[int], source: torch.Tensor, source_rows: list[int]):
+        idx = device_tensor([rows, source_rows], torch.long, source.device)
+        self.rows, self.values = idx[0], source.index_select(0, idx[1])
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        input_ids.index_copy_(0, self.rows, self.values)
+
+
+class ReadBack:
+    """A launched step's end and its sampled tokens (if any) on their way to the host, without a host
+    sync: one non_blocking copy into pinned memory and an event (a `.tolist()` would wait for every step
+    launched after this one)."""
+
+    def __init__(self, device_tokens: torch.Tensor | None, device: torch.device):
+        self.device_tokens = device_tokens
+        self.host = device_tokens
+        self.event = None
+        if device.type == "cuda":
+            if device_tokens is not None:
+                self.host = torch.empty(device_tokens.shape, dtype=device_tokens.dtype, pin_memory=True)
+                self.host.copy_(device_tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+    def result(self) -> list[int]:
+        self.wait()
+        return [] if self.host is None else self.host.tolist()
 
 
 class ModelRunner:
@@ -81,6 +121,7 @@ class ModelRunner:
         self.kv_pool = torch.zeros(config.num_kv_blocks + (1 if use_graphs else 0), cfg.num_hidden_layers,
                                    config.block_size, cfg.kv_cache_dim, dtype=dtype, device=self.device)
         self.graphs = None
+        self.last_launch_seconds = 0.0
         if use_graphs:
             max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
             max_blocks = min(config.num_kv_blocks, (max_len + config.block_size - 1) // config.block_size)
@@ -95,23 +136,39 @@ class ModelRunner:
 
     def execute(self, token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]],
                 want_logits: list[bool]) -> torch.Tensor:
-        """One forward; returns float32 logits for the sequences with want_logits (in order)."""
+        """One forward, waited for; returns float32 logits for the sequences with want_logits (in order)."""
+        logits = self.launch(token_chunks, start_positions, block_tables, want_logits)
+        t0 = time.perf_counter()
+        if logits.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        self.executor.stats.step_seconds += self.last_launch_seconds + time.perf_counter() - t0
+        return logits
+
+    def launch(self, token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]],
+               want_logits: list[bool], fed: FedTokens | None = None) -> torch.Tensor:
+        """One forward, launched and not waited for (no host sync on CUDA: the caller reads the result
+        through an event, see `ReadBack`). `fed`: input tokens taken on the device from an earlier
+        step's sampled tokens (async scheduling); their entries in token_chunks are placeholders.
+        Counts the step in the executor's stats and leaves the launch's host seconds (an eager batch's
+        build excluded) in `last_launch_seconds`; the caller adds them and its wait for the step to
+        `step_seconds`."""
         stats = self.executor.stats
         n_tokens = sum(len(c) for c in token_chunks)
         self.executor.agree_step(n_tokens)
         logits = None
+        t0 = time.perf_counter()
         if self.graphs is not None and token_chunks and all(len(c) == 1 for c in token_chunks):   # pure decode
-            t0 = time.perf_counter()
-            logits = self.graphs.run([c[0] for c in token_chunks], start_positions, block_tables, want_logits)
+            logits = self.graphs.run([c[0] for c in token_chunks], start_positions, block_tables, want_logits,
+                                     feed=None if fed is None else fed.apply)
             stats.graph_steps += logits is not None
         if logits is None:
             batch = ForwardBatch.build(token_chunks, start_positions, block_tables, self.config.block_size,
                                        want_logits, device=self.device)
             t0 = time.perf_counter()
+            if fed is not None:
+                fed.apply(batch.input_ids)
             logits = self.model(batch, self.kv_pool)
-        if logits.is_cuda:
-            torch.cuda.current_stream().synchronize()
-        stats.step_seconds += time.perf_counter() - t0
+        self.last_launch_seconds = time.perf_counter() - t0
         stats.steps += 1
         stats.tokens += n_tokens
         return logits

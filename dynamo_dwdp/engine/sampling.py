@@ -52,29 +52,46 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.tensor(values, device=device)` without a host sync: on CUDA a copy from pageable memory
+    waits for the stream to drain, which would stall the host behind a step already launched
+    (async scheduling); a pinned buffer copied with non_blocking does not."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
-    """logits [S, V] float32 -> one token id per row.
+    """`sample_tokens`, as a list on the host (syncs with the device)."""
+    return sample_tokens(logits, params, generators).tolist()
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """logits [S, V] float32 -> one token id per row, a long tensor on the logits' device. No host sync
+    (so a launched step can sample before the previous one is read back).
 
     Greedy rows take the argmax. Seeded rows sample row by row with their own generator (their
-    tokens must not depend on the batch). All other rows are sampled in one batched pass (temperature,
-    top-k and top-p per row, one multinomial over the default generator). A step therefore costs a
-    fixed number of tensor ops and one device-to-host copy whatever its batch size (row by row, a
-    GPU would see a few kernel launches and one `.item()` host sync per sequence per step)."""
+    tokens must not depend on the batch; the generator lives on the logits' device). All other rows
+    are sampled in one batched pass (temperature, top-k and top-p per row, one multinomial over the
+    default generator). A step therefore costs a fixed number of tensor ops whatever its batch size
+    (row by row, a GPU would see a few kernel launches per sequence per step)."""
     if logits.shape[0] == 0:
-        return []
+        return torch.zeros(0, dtype=torch.long, device=logits.device)
     batched = [i for i, p in enumerate(params) if not p.greedy and generators[i] is None]
     if len(batched) == len(params):                  # the usual case: no argmax, no row copy
-        return torch.multinomial(batched_probs(logits, params), 1).squeeze(1).tolist()
+        return torch.multinomial(batched_probs(logits, params), 1).squeeze(1)
     picks = logits.argmax(dim=-1)
     if batched:
-        rows = torch.tensor(batched, device=logits.device)
+        rows = device_tensor(batched, torch.long, logits.device)
         probs = batched_probs(logits.index_select(0, rows), [params[i] for i in batched])
         picks.index_copy_(0, rows, torch.multinomial(probs, 1).squeeze(1))
     for i, p in enumerate(params):
         if not p.greedy and generators[i] is not None:
             picks[i] = torch.multinomial(row_probs(logits[i], p), 1, generator=generators[i])[0]
-    return picks.tolist()
+    return picks
 
 
 def row_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -96,11 +113,11 @@ def row_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def batched_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """`row_probs` for every row of logits [S, V] at once (same rules per row, vectorised)."""
     dev, vocab = logits.device, logits.shape[-1]
-    temps = torch.tensor([float(p.temperature) for p in params], device=dev, dtype=logits.dtype)
+    temps = device_tensor([float(p.temperature) for p in params], logits.dtype, dev)
     x = logits / temps.unsqueeze(1)
     ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(ks):
-        k = torch.tensor(ks, device=dev)
+        k = device_tensor(ks, torch.long, dev)
         top = torch.topk(x, max(ks), dim=-1).values
         kth = top.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
         kth = torch.where(k.unsqueeze(1) > 0, kth, torch.full_like(kth, float("-inf")))
@@ -108,8 +125,8 @@ def batched_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     probs = torch.softmax(x, dim=-1)
     nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
     if nucleus:
-        rows = torch.tensor(nucleus, device=dev)
-        top_p = torch.tensor([float(params[i].top_p) for i in nucleus], device=dev, dtype=probs.dtype)
+        rows = device_tensor(nucleus, torch.long, dev)
+        top_p = device_tensor([float(params[i].top_p) for i in nucleus], probs.dtype, dev)
         sp, si = torch.sort(probs.index_select(0, rows), dim=-1, descending=True)
         cum = torch.cumsum(sp, dim=-1)
         sp = sp.masked_fill(cum - sp > top_p.unsqueeze(1), 0.0)

@@ -34,6 +34,7 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None
     first_token_at: float | None = None
+    pending_row: int = 0                     # async scheduling: the row of the PENDING output in its step
 
     @property
     def all_ids(self) -> list[int]:

@@ -71,7 +71,11 @@ class ForwardBatch:
         ids = torch.tensor([t for c in token_chunks for t in c], dtype=torch.long)
         logits_rows = (ends - 1)[torch.tensor(want_logits, dtype=torch.bool) & (q_lens_t > 0)] if B else ends
         parts = [ids, pos, slots, pad, torch.tensor(ctx, dtype=torch.long), q_lens_t, logits_rows, tables.reshape(-1)]
-        packed = torch.cat(parts).to(device)
+        packed = torch.cat(parts)
+        if torch.device(device).type == "cuda":     # pinned + non_blocking: no wait for the steps in flight
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        else:
+            packed = packed.to(device)
         views = list(torch.split(packed, [p.numel() for p in parts]))
         return ForwardBatch(
             input_ids=views[0], positions=views[1], slot_mapping=views[2], block_tables=views[7].view(B, max_blocks),

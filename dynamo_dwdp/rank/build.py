@@ -184,7 +184,9 @@ def build_rank_engine(model_dir: str, engine: EngineSettings, spec: GroupSpec, d
                                  **plan.runner_kwargs)
         if expert_skew is not None:
             runner.set_expert_skew(*expert_skew)
-        llm = None if (strategy.leader_only and spec.rank != 0) else EngineCore(runner)
+        lock_step = strategy.lock_step or strategy.leader_only     # peers step together: no step runs ahead
+        llm = None if (strategy.leader_only and spec.rank != 0) else EngineCore(
+            runner, async_scheduling=engine.async_scheduling and not lock_step)
         coordinator = StepCoordinator(group, runner.executor.stats, device) if strategy.lock_step else None
         return RankEngine(runner, group, llm, coordinator)
     except BaseException:

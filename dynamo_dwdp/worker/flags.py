@@ -127,6 +127,7 @@ WORKER_FLAGS: tuple[WorkerFlag, ...] = (
                doc="nixl | local (same host: CUDA IPC / shared memory) | none (always none for an agg pool)"),
     WorkerFlag("--cuda-graphs", "settings:engine.cuda_graphs", kind="switch"),
     WorkerFlag("--separate-prefill-steps", "settings:engine.separate_prefill_steps", kind="switch"),
+    WorkerFlag("--async-scheduling", "settings:engine.async_scheduling", kind="switch"),
     WorkerFlag("--weight-format", "settings:engine.weight_format"),
 )
 """Every flag the launcher emits, in argv order (the worker's argparse is generated from these)."""

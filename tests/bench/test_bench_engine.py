@@ -145,6 +145,21 @@ def test_cli_engine_json_and_out(tiny, tmp_path):
     _sane(res)
 
 
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_cli_engine_async_scheduling_times_the_whole_pipeline(tiny, phase):
+    """--async-scheduling: every timed step is counted once, and the step times add up to the timed
+    window's wall time (pipeline fill and drain included)."""
+    shape = ["--batch", "2", "--context", "5"] if phase == "decode" else ["--tokens-per-iter", "12", "--batch", "2"]
+    proc = cli("bench", "engine", "--model", tiny, "--strategy", "single", "--ranks", "1", "--phase", phase, *shape,
+               "--steps", "4", "--warmup", "1", "--async-scheduling", "--json", timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["setup"]["async_scheduling"] is True
+    assert res["tokens"]["counted"] == res["tokens"]["scheduled"] == 4 * (2 if phase == "decode" else 12)
+    assert res["step_ms"]["mean"] * 4 / 1e3 == pytest.approx(res["wall_s"], rel=0.05)
+    _sane(res)
+
+
 # --------------------------------------------------------------------------------------- schedule
 def test_schedule_shares_blocks_and_dep_lockstep():
     from dynamo_dwdp.bench.engine_bench import block_tables, build_schedule, imbalance_z
@@ -406,6 +421,7 @@ def _error_line(proc, *needles):
     (["--strategy", "single", "--phase", "decode", "--batch", "2", "--weights", "fp8-block"], ["--weights", "cuda"]),
     (["--strategy", "single", "--phase", "decode", "--batch", "2", "--weights", "fp8-block-a8"], ["--weights", "cuda"]),
     (["--strategy", "single", "--phase", "decode", "--batch", "2", "--weights", "int4"], ["int4", "fp8-block"]),
+    (["--strategy", "dep", "--phase", "decode", "--batch", "2", "--async-scheduling"], ["--async-scheduling", "dep"]),
 ])
 def test_bad_engine_inputs(tiny, extra, needles):
     _error_line(cli("bench", "engine", "--model", tiny, *extra), *needles)

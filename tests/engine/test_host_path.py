@@ -108,8 +108,14 @@ class ChainRunner(FakeForwardRunner):
     """Logits with one clear winner per row, a function of the row's last token and its position:
     f(t, pos) = (7 * t + 3 * pos + 1) % V; the runner-up is f + 1."""
 
-    def execute(self, token_chunks, start_positions, block_tables, want_logits):
+    def launch(self, token_chunks, start_positions, block_tables, want_logits, fed=None):
         self.executor.stats.steps += 1
+        if fed is not None:         # the chain needs the fed tokens on the host: take them from the device
+            flat = [t for c in token_chunks for t in c]
+            for row, value in zip(fed.rows.tolist(), fed.values.tolist()):
+                flat[row] = value
+            it = iter(flat)
+            token_chunks = [[next(it) for _ in c] for c in token_chunks]
         rows = []
         for chunk, start, want in zip(token_chunks, start_positions, want_logits):
             if want:
@@ -179,13 +185,14 @@ def test_stop_conditions_of_several_requests_in_one_batch():
         assert got[rid] == (chain[:end], why)
 
 
-def test_async_engine_streams_match_the_engine_core_run():
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_async_engine_streams_match_the_engine_core_run(async_scheduling):
     """Several concurrent streams through the engine thread: each gets exactly its tokens, in order,
     one output per step, the last one finished with its reason; same as the single-threaded run."""
     prompts = [[i + 1, 2 * i + 5, 11] for i in range(6)]
     params = [SamplingParams(max_tokens=5 + i, temperature=0, ignore_eos=True) for i in range(6)]
     ref = run_all(chain_engine(), [(f"r{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params))])
-    engine = chain_engine()
+    engine = chain_engine(async_scheduling=async_scheduling)
     ae = AsyncEngine(CoreOnlyRank(engine)).start()
 
     async def one(i):

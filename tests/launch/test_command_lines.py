@@ -90,6 +90,7 @@ def test_worker_argv_parses_and_carries_the_settings(graph_file, config):
                 eng["max_model_len"])
             assert (a.device, a.dtype, a.cuda_graphs) == (eng["device"], eng["dtype"], eng["cuda_graphs"])
             assert a.separate_prefill_steps == eng["separate_prefill_steps"]
+            assert a.async_scheduling == eng["async_scheduling"]
             assert a.kv_transfer == ("none" if rp["role"] == "agg" else raw["kv_transfer"]["backend"])
             if rp["strategy"] == "dwdp":
                 assert a.dwdp_transport == raw["dwdp"]["transport"]

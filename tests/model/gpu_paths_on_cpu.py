@@ -33,10 +33,11 @@ def install(fused_kernels: bool = True, forced: bool = True, without: frozenset 
 
     def forced_sample(logits, params, generators):
         calls[0] += 1
-        return [(1000003 * calls[0] + 7919 * i) % (logits.shape[1] - 8) + 5 for i in range(logits.shape[0])]
+        return torch.tensor([(1000003 * calls[0] + 7919 * i) % (logits.shape[1] - 8) + 5
+                             for i in range(logits.shape[0])], dtype=torch.long)
 
     if forced:
-        engine_core.sample = forced_sample
+        engine_core.sample_tokens = forced_sample
     torch_route = moe.Router.forward
 
     def route(self, x):
@@ -89,13 +90,13 @@ def forced_tokens_and_routes(rank_engine, payload):
     install(fused_kernels, *rest)
     steps = []
     runner = rank_engine.runner
-    inner = runner.execute
+    inner = runner.launch
 
-    def execute(chunks, *args, **kwargs):
+    def launch(chunks, *args, **kwargs):
         logits = inner(chunks, *args, **kwargs)
         if logits.numel():
             steps.append(logits.detach().float().numpy().copy())
         return logits
 
-    runner.execute = execute
+    runner.launch = launch
     return generate_rank(rank_engine, (prompts, params)), steps, ROUTES
