@@ -49,6 +49,7 @@ def worker_spec() -> argparse.ArgumentParser:
     p.add_argument("--kv-transfer", required=True, choices=["nixl", "local", "none"])
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--separate-prefill-steps", action="store_true")
+    p.add_argument("--async-scheduling", action="store_true")
     p.add_argument("--weight-format", required=True, choices=["native", "fp8-block", "fp8-block-a8"])
     return p
 
