@@ -31,8 +31,9 @@ import pytest
 from tests.conftest import PY, REPO
 
 CONFIG = str(REPO / "configs" / "tiny-cpu.yaml")
-# graph file[:kv_transfer.backend]: disagg_single also runs the same-host KV path (shared memory on CPU)
-GRAPHS = ["agg", "disagg_dwdp_decode", "disagg_dwdp_prefill", "disagg_dep", "disagg_tp", "disagg_single:local"]
+# graph file[+async][:kv_transfer.backend]: disagg_single also runs the same-host KV path (shared memory on
+# CPU); +async: engine.async_scheduling on (the customer's DWDP-decode graph runs with it, as on the GPU)
+GRAPHS = ["agg", "disagg_dwdp_decode+async", "disagg_dwdp_prefill", "disagg_dep", "disagg_tp", "disagg_single:local"]
 HTTP_TIMEOUT = 60.0               # every client call: seconds per socket operation
 TEST_WORKER_ENV = {
     "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS": "0",   # Dynamo's 5 s pre-drain sleep: nothing to drain here
@@ -395,9 +396,11 @@ def served(request, model_dir, refs, eos_at, tmp_path_factory):
     from dynamo_dwdp.launch.launcher import serve_graph
 
     graph, _, kv = request.param.partition(":")
+    graph, _, variant = graph.partition("+")
     run_dir = tmp_path_factory.mktemp(f"run-{graph}-{kv or 'default'}")
     pids: set[int] = set()
-    overrides = {"model.path": model_dir, **({"kv_transfer.backend": kv} if kv else {})}
+    overrides = {"model.path": model_dir, **({"kv_transfer.backend": kv} if kv else {}),
+                 **({"engine.async_scheduling": True} if variant == "async" else {})}
     with serve_graph(str(REPO / "graphs" / f"{graph}.yaml"), [CONFIG], overrides=overrides,
                      log_dir=str(run_dir), http_port=0, worker_env=TEST_WORKER_ENV) as h:
         s = Served(h)
