@@ -88,11 +88,13 @@ class TPModelRunner(ModelRunner):
             self.executor.stats.step_seconds += dt
         return box[0]
 
-    def execute(self, token_chunks, start_positions, block_tables, want_logits):
+    def launch(self, token_chunks, start_positions, block_tables, want_logits, fed=None):
+        if fed is not None:     # the followers get host tokens: a TP engine never schedules asynchronously
+            raise RuntimeError("tp: device-fed tokens (async scheduling) cannot be broadcast to the followers")
         if self.group.rank == 0:
             kv, self.pending_kv = self.pending_kv, []
             self._broadcast(("step", token_chunks, start_positions, block_tables, want_logits, kv), part_of_step=True)
-        return super().execute(token_chunks, start_positions, block_tables, want_logits)
+        return super().launch(token_chunks, start_positions, block_tables, want_logits)
 
     def write_kv_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         """Leader: blocks were filled from outside; followers receive them with the next step."""

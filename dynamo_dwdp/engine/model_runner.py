@@ -21,7 +21,6 @@ from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig, load_model_config
 from dynamo_dwdp.model.deepseek_v3 import DeepseekV3ForCausalLM
 from dynamo_dwdp.model.fp8_weights import make_fp8_resident
-from dynamo_dwdp.model.layers import DenseMLP
 from dynamo_dwdp.model.loader import load_weights
 from dynamo_dwdp.model.moe_executor import LocalExecutor
 from dynamo_dwdp.model.tensor_parallel import TensorParallel
@@ -105,10 +104,7 @@ class ModelRunner:
             log.info("FP8-resident weights: %d linears + %d expert banks, %.2f -> %.2f GB",
                      self.fp8["linears"], self.fp8["expert_banks"], self.fp8["bytes_before"] / 1e9,
                      self.fp8["bytes_after"] / 1e9)
-        if self.device.type == "cuda" and fused_kernels.available():
-            for mod in model.modules():
-                if isinstance(mod, DenseMLP):
-                    mod.fuse_gate_up()
+        model.fuse_weights(gate_up=self.device.type == "cuda" and fused_kernels.available())
         self.model = model.eval()
         self.executor = executor
         self.load_seconds = time.perf_counter() - t0

@@ -33,6 +33,7 @@ from torch.nn.attention.bias import causal_lower_right
 from dynamo_dwdp.model import kernels as fused_kernels
 from dynamo_dwdp.model import mla_decode, prefill_attention
 from dynamo_dwdp.model.kernels import mla_prep
+from dynamo_dwdp.model.kernels.moe_gemm import fp8_linear
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig
 from dynamo_dwdp.model.layers import Linear, RMSNorm
@@ -65,9 +66,47 @@ class MLAttention(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, cfg.num_attention_heads * (self.nope + self.v_dim), tp, tp_dim=0)
         self.o_proj = Linear(cfg.num_attention_heads * self.v_dim, H, tp, tp_dim=1)
         self.scale = cfg.softmax_scale
+        self.in_proj: torch.Tensor | None = None          # [q | kv_a] rows, set by fuse_input_projections
+        self.in_proj_scale: torch.Tensor | None = None    # its block scale_inv when FP8
         self.backend = "auto"            # auto | reference | sdpa (set by the model runner)
         # the Triton decode kernel tiles the latent and rotary widths: powers of two (every DeepSeek model)
         self.kernel_shapes_ok = all(n & (n - 1) == 0 for n in (self.kv_lora, self.rope_dim))
+
+    def fuse_input_projections(self) -> bool:
+        """The query's first projection (q_proj, or q_a_proj with a q LoRA) and kv_a_proj_with_mqa both
+        read x: store their weights as one [Nq + C + R, H] tensor (the two Linears keep views of it, no
+        copy), so a decode step runs one GEMM instead of two: one launch less per layer, where a
+        batch-1 step's GEMMs are launch-bound. Prefill chunks keep the two GEMMs (contiguous outputs for
+        SDPA). Not under TP (q is split across ranks, kv_a is not); FP8 weights only when Nq is a
+        multiple of the 128-row scale block (the scales then concatenate too). Call again after the
+        weights change. Returns whether it fused."""
+        first = self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
+        kv = self.kv_a_proj_with_mqa
+        fp8 = first.weight.dtype == torch.float8_e4m3fn
+        nq = first.weight.shape[0]
+        if self.tp.size > 1 or fp8 != (kv.weight.dtype == torch.float8_e4m3fn) or (fp8 and nq % 128):
+            return False
+        fused = torch.cat([first.weight.data, kv.weight.data])
+        first.weight = nn.Parameter(fused[:nq], requires_grad=False)
+        kv.weight = nn.Parameter(fused[nq:], requires_grad=False)
+        self.in_proj = fused
+        if fp8:
+            scale = torch.cat([first.weight_scale_inv, kv.weight_scale_inv])
+            first.weight_scale_inv, kv.weight_scale_inv = scale[:nq // 128], scale[nq // 128:]
+            self.in_proj_scale = scale
+        return True
+
+    def _input_projections(self, x: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(q, or q_a with a q LoRA; kv_a or None = compute it when needed)."""
+        if self.in_proj is None or batch.max_q != 1:
+            first = self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
+            return first(x), None
+        if self.in_proj_scale is not None:
+            both = fp8_linear(x, self.in_proj, self.in_proj_scale)
+        else:
+            both = F.linear(x, self.in_proj)
+        nq = self.in_proj.shape[0] - self.kv_lora - self.rope_dim
+        return both[:, :nq], both[:, nq:]
 
     def use_decode_kernel(self, query: torch.Tensor, batch: ForwardBatch) -> bool:
         """Decode steps (one row per sequence) on CUDA use the Triton kernel unless backend is
@@ -93,23 +132,24 @@ class MLAttention(nn.Module):
         Writes this step's latents into the cache, returns the (TP-partial) attention output [T, H]."""
         T = x.shape[0]
         h = self.num_heads
-        if self.cfg.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q, kv_a = self._input_projections(x, batch)
+        if self.cfg.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(T, h, self.nope + self.rope_dim)
+        if kv_a is None:
+            kv_a = self.kv_a_proj_with_mqa(x)
         sdpa_impl = prefill_attention.impl_for(x) if self.use_sdpa(x, batch) else None
         q_whole = None                              # q with its rope part rotated in place (prefill: no cat)
         if self.use_fused_prep(x):                  # norm + rope + cache write in one kernel (kernels/mla_prep.py)
             q_nope = q[..., :self.nope]
             in_place = sdpa_impl == "sdpa"
-            q_pe = mla_prep.mla_prep(q, self.kv_a_proj_with_mqa(x), self.kv_a_layernorm.weight,
+            q_pe = mla_prep.mla_prep(q, kv_a, self.kv_a_layernorm.weight,
                                      self.kv_a_layernorm.eps, cos, sin, batch.slot_mapping, kv_layer, self.nope,
                                      rope.interleave, q_pe_out=q[..., self.nope:] if in_place else None)
             q_whole = q if in_place else None
         else:
             q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-            latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)
+            latent, k_pe = kv_a.split([self.kv_lora, self.rope_dim], dim=-1)
             latent = self.kv_a_layernorm(latent)
             q_pe = rope.apply(q_pe, cos, sin)
             k_pe = rope.apply(k_pe, cos, sin)

@@ -74,6 +74,28 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.lm_head.weight.requires_grad_(False)
         self.rope = RotaryEmbedding(cfg)
 
+    def fuse_weights(self, gate_up: bool) -> None:
+        """Store weights that read the same input as one tensor (views kept for the single GEMMs): every
+        attention's input projections (`MLAttention.fuse_input_projections`) and, with gate_up (CUDA
+        kernels), the dense MLPs' gate and up. Anything that replaces weights afterwards (the loader, FP8
+        quantization) calls `refuse_weights`."""
+        self.gate_up_fused = gate_up
+        for mod in self.modules():
+            if isinstance(mod, MLAttention):
+                mod.fuse_input_projections()
+            elif isinstance(mod, DenseMLP) and gate_up:
+                mod.fuse_gate_up()
+
+    def refuse_weights(self) -> None:
+        """Rebuild the fused tensors of `fuse_weights` from the weights the Linears hold now."""
+        for mod in self.modules():
+            if isinstance(mod, MLAttention) and mod.in_proj is not None:
+                mod.in_proj = mod.in_proj_scale = None
+                mod.fuse_input_projections()
+            elif isinstance(mod, DenseMLP) and mod.gate_up is not None:
+                mod.gate_up = mod.gate_up_scale = None
+                mod.fuse_gate_up()
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor) -> torch.Tensor:
         """Run one step. kv_pool [num_blocks, num_layers, block_size, kv_cache_dim] is updated in

@@ -19,7 +19,7 @@ import torch
 
 from dynamo_dwdp.errors import UserError
 from dynamo_dwdp.model.fp8 import dequantize_block_fp8, quantize_block_fp8
-from dynamo_dwdp.model.layers import DenseMLP, Linear
+from dynamo_dwdp.model.layers import Linear
 
 KEEP = ("kv_b_proj",)          # Linear modules (by name suffix) that stay in the model's dtype
 
@@ -50,10 +50,7 @@ def round_trip_fp8(model, executor) -> None:
     for bank in banks:
         bank.w13 = torch.stack([rt(w) for w in bank.w13])
         bank.w2 = torch.stack([rt(w) for w in bank.w2])
-    for mod in model.modules():               # fused gate/up tensors (DenseMLP.fuse_gate_up) follow the new weights
-        if isinstance(mod, DenseMLP) and mod.gate_up is not None:
-            mod.gate_up = None
-            mod.fuse_gate_up()
+    model.refuse_weights()      # fused tensors follow the new weights
 
 
 def make_fp8_resident(model, executor, weight_format: str = "fp8-block") -> dict:
@@ -78,5 +75,6 @@ def make_fp8_resident(model, executor, weight_format: str = "fp8-block") -> dict
         bank.w2, bank.w2_scale = _quantize_stack(bank.w2)
         bank.fp8_activations = weight_format == "fp8-block-a8"
         after += bank.w13.numel() + bank.w2.numel() + 4 * (bank.w13_scale.numel() + bank.w2_scale.numel())
+    model.refuse_weights()
     torch.cuda.empty_cache()
     return {"linears": len(linears), "expert_banks": len(banks), "bytes_before": before, "bytes_after": after}

@@ -284,6 +284,7 @@ def load_weights(model, model_dir: str, progress: Callable[[int, int], None] | N
             if bar is not None:
                 bar.close()
         model.executor.finalize()
+        model.refuse_weights()                      # fused tensors (fuse_weights) follow the new weights
         return reader.report
     finally:
         reader.close()

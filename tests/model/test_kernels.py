@@ -231,3 +231,48 @@ def test_decode_split_count():
     for b in (1, 3, 32, 100):
         s = num_splits(b, 2, 5000, sms=132)
         assert s & (s - 1) == 0 and s >= 1
+
+
+def test_fused_input_projections_give_the_two_gemms_results(tmp_path):
+    """MLAttention.fuse_input_projections: q and kv_a weights are views of one tensor; a decode step
+    through the one GEMM gives the two GEMMs' logits and KV, a weight reload keeps the fused tensor in
+    step with the views; q-LoRA models (V3 layout) fuse q_a_proj, the others (V2-Lite) q_proj."""
+    from dynamo_dwdp.config.engine import EngineSettings
+    from dynamo_dwdp.engine.model_runner import ModelRunner
+    from dynamo_dwdp.model.attention import MLAttention
+    from dynamo_dwdp.model.loader import load_weights
+    from dynamo_dwdp.model.moe_executor import LocalExecutor
+    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
+
+    from dynamo_dwdp.synthetic.presets import preset_config
+
+    no_lora = dict(preset_config("tiny"), q_lora_rank=None)
+    for preset, spec in (("tiny", "tiny"), ("no-q-lora", no_lora)):
+        write_checkpoint(tmp_path / preset, spec, num_layers=2, quiet=True, with_tokenizer=False)
+        runner = ModelRunner(str(tmp_path / preset), EngineSettings(block_size=4, num_kv_blocks=32), LocalExecutor)
+        attns = [m for m in runner.model.modules() if isinstance(m, MLAttention)]
+        first = "q_proj" if attns[0].cfg.q_lora_rank is None else "q_a_proj"
+        assert all(a.in_proj is not None for a in attns), preset
+        a = attns[0]
+        assert getattr(a, first).weight.data_ptr() == a.in_proj.data_ptr()
+        assert a.kv_a_proj_with_mqa.weight.data_ptr() > a.in_proj.data_ptr()
+        gen = torch.Generator().manual_seed(7)
+        prompts = [torch.randint(3, 200, (n,), generator=gen).tolist() for n in (6, 11)]
+        tables = [[3, 9, 1], [5, 2, 8, 20]]
+        runner.execute(prompts, [0, 0], tables, [True] * 2)
+        kv0 = runner.kv_pool.clone()
+        fused = runner.execute([[17], [23]], [6, 11], tables, [True] * 2)
+        kv_fused = runner.kv_pool.clone()
+        runner.kv_pool.copy_(kv0)
+        saved = [(m.in_proj, m.in_proj_scale) for m in attns]
+        for m in attns:
+            m.in_proj = None                                   # the two GEMMs
+        plain = runner.execute([[17], [23]], [6, 11], tables, [True] * 2)
+        assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-5), preset
+        assert torch.allclose(kv_fused, runner.kv_pool, rtol=1e-5, atol=1e-6), preset
+        for m, (w, sc) in zip(attns, saved):
+            m.in_proj, m.in_proj_scale = w, sc
+        load_weights(runner.model, str(tmp_path / preset), progress_bar=False)
+        for m in attns:
+            assert torch.equal(m.in_proj, torch.cat([getattr(m, first).weight, m.kv_a_proj_with_mqa.weight]))
+            assert getattr(m, first).weight.data_ptr() == m.in_proj.data_ptr()
