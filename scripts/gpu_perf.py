@@ -297,14 +297,15 @@ def check_fused_kernels(rows: list) -> None:
     from dynamo_dwdp.model.experts import ExpertBank
 
     g = torch.Generator(device="cuda").manual_seed(7)
-    for name, E, G, TG, K, H, norm in (("v2-lite", 64, 1, 1, 6, 2048, False), ("V3", 256, 8, 4, 8, 7168, True)):
+    for name, E, G, TG, K, H, norm, T in (("v2-lite", 64, 1, 1, 6, 2048, False, 64), ("V3", 256, 8, 4, 8, 7168, True, 64),
+                                          ("v2-lite", 64, 1, 1, 6, 2048, False, 4096)):
         cfg = SimpleNamespace(topk_method="noaux_tc", uses_correction_bias=True,
                               n_routed_experts=E, hidden_size=H, n_group=G, topk_group=TG, num_experts_per_tok=K,
                               norm_topk_prob=norm, routed_scaling_factor=2.5)
         r = Router(cfg)
         r.weight.data = torch.randn(E, H, device="cuda", generator=g).cpu() * 0.02
         r.e_score_correction_bias.copy_(torch.randn(E, device="cuda", generator=g).cpu() * 0.01)
-        x = torch.randn(64, H, device="cuda", generator=g).bfloat16()
+        x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
         ref_ids, ref_w = r(x.cpu())                                        # the torch path (CPU, fp32)
         rc = r.cuda()
         ids, w = router.noaux_tc_route(x, rc.weight, rc.e_score_correction_bias, rc.selection_skew, K, G, TG, norm, 2.5)
@@ -314,7 +315,7 @@ def check_fused_kernels(rows: list) -> None:
         us = graph_us(lambda: router.noaux_tc_route(x, rc.weight, rc.e_score_correction_bias, rc.selection_skew,
                                                     K, G, TG, norm, 2.5))
         us_ref = graph_us(lambda: _torch_router(rc, x))
-        rows.append((f"router kernels vs torch router, {name} ({E} experts, {G} groups), 64 tokens",
+        rows.append((f"router kernels vs torch router, {name} ({E} experts, {G} groups), {T} tokens",
                      f"same expert sets {same:.0%}, weights rel err {werr:.1e}; {us:.1f} us vs torch {us_ref:.1f} us",
                      "ok" if same == 1.0 and werr < 1e-5 else "FAIL"))
     # MLA prep: norm + rope + cache write vs the torch sequence (bf16)

@@ -70,7 +70,8 @@ def add_rmsnorm_matches_torch() -> None:
 def router_bf16_logits_pick_the_reference_experts() -> None:
     router.FUSED_SELECT_MAX_ROWS = router.FUSED_SELECT_ROWS_TESTED          # the one-launch form under test
     """bf16 activations (the three-way bf16 split of the fp32 weight on tensor cores) at every token
-    tile (1, 20, 70 tokens) vs the torch router on the same bf16 x (fp32 logits): same expert sets,
+    tile (1, 20, 70 tokens, and a prefill-sized batch: one GEMM against the stacked parts) vs the torch
+    router on the same bf16 x (fp32 logits): same expert sets,
     same weights; flat 64 experts and grouped 256. The one-launch form (selection by the last logits
     program of a token tile) bitwise equal to the two-kernel form, bf16 and fp32 x, counters reset."""
     for E, G, TG, K, H, norm_p in ((64, 1, 1, 6, 256, False), (256, 8, 4, 8, 128, True)):
@@ -80,7 +81,7 @@ def router_bf16_logits_pick_the_reference_experts() -> None:
         r = Router(cfg)
         r.weight.data = torch.randn(E, H, generator=GEN) * 0.05
         r.e_score_correction_bias.copy_(torch.randn(E, generator=GEN) * 0.1)
-        for T in (1, 20, 70):
+        for T in (1, 20, 70, router.LOGITS_KERNEL_MAX_ROWS + 5):      # the last: prefill's stacked-split GEMM
             x = torch.randn(T, H, generator=GEN).to(BF)
             assert router.logits_tiles(T, E, BF)[3]
             ids, w = router.noaux_tc_route(x, r.weight, r.e_score_correction_bias, r.selection_skew, K, G, TG, norm_p,

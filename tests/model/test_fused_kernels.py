@@ -132,3 +132,21 @@ def test_fast_fp8_to_bf16_conversion_is_exact():
         lo, hi = _run_fp8_to_bf16_ptx(FP8_TO_BF16_ASM, word)
         got = [lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16]
         assert got == [want[b] for b in byts], (hex(word), [hex(g) for g in got])
+
+
+def test_router_weight_split_into_three_bf16_parts_is_exact():
+    """router.stacked_split3 (the prefill logits' stacked weight): hi + mid + lo is the fp32 weight bit for bit,
+    over the router weights' range (random scales, tiny and large entries), and the cache follows an
+    in-place change of the weight."""
+    from dynamo_dwdp.model.kernels.router import stacked_split3
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 512, generator=g) * torch.logspace(-6, 1, 512)
+    parts = stacked_split3(w)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (192, 512)
+    hi, mid, lo = parts.float().view(3, 64, 512)
+    assert torch.equal((hi + mid) + lo, w)
+    assert not torch.equal(hi, w)                     # teeth: one bf16 part alone is not the weight
+    assert stacked_split3(w) is parts                         # cached
+    w.mul_(2)
+    assert torch.equal(stacked_split3(w).float().view(3, 64, 512).sum(0), w)

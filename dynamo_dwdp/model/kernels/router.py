@@ -24,9 +24,12 @@ the lower expert id.
 Replaces ~20 small torch kernels per layer (casts, sigmoid, adds, two top-k, scatter, masked_fill,
 gather, normalisation); Inductor fuses the elementwise part but not the selections.
 
-Above LOGITS_KERNEL_MAX_ROWS tokens (prefill) the logits come from cuBLAS instead (fp32, as one
-"partial" for `select_kernel`): the logits kernel's 16x16 tiles suit decode's few rows, and at 8192
-rows it took 647 us per layer on an H200 (profile of an 8K-token prefill, 2026-12-01), about 3 TFLOP/s.
+Above LOGITS_KERNEL_MAX_ROWS tokens (prefill) the logits come from cuBLAS instead: the logits kernel's
+16x16 tiles suit decode's few rows, and at 8192 rows it took 647 us per layer on an H200 (profile of an
+8K-token prefill, 2026-12-01), about 3 TFLOP/s. For bf16 x the same exact three-way split runs as one bf16
+GEMM with fp32 output against the stacked parts [hi; mid; lo] (`stacked_split3`, cached per weight), the three
+products being three "partials" that `select_kernel` sums; otherwise one fp32 GEMM (the fp32 GEMM ran
+on FMA units: 1.6 ms of an 8K prefill's 100 ms in the same profile).
 """
 from __future__ import annotations
 
@@ -35,6 +38,26 @@ import functools
 import torch
 
 from dynamo_dwdp.model.kernels import next_pow2, sm_count
+
+
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()      # torch >= 2.8: bf16 mm with an fp32 result (CUDA)
+
+
+def stacked_split3(weight: torch.Tensor) -> torch.Tensor:
+    """fp32 [E, H] -> bf16 [3E, H] = [hi; mid; lo] with hi + mid + lo == weight exactly (each part the
+    bf16 rounding of what the parts before it left: 3 x 8 significand bits cover fp32's 24). Cached on
+    the weight for its current storage and version (the router weight is read in every prefill layer)."""
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    cached = getattr(weight, "_dwdp_split3", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    w = weight.float()
+    hi = w.bfloat16()
+    rest = w - hi.float()
+    mid = rest.bfloat16()
+    parts = torch.cat([hi, mid, (rest - mid.float()).bfloat16()])
+    weight._dwdp_split3 = (key, parts)
+    return parts
 
 
 LOGITS_KERNEL_MAX_ROWS = 512      # decode's CUDA-graph batches (<= 256 rows) stay on the Triton logits kernel
@@ -208,7 +231,14 @@ def noaux_tc_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sk
     if T == 0:
         return ids, wts
     x = x if x.stride(1) == 1 else x.contiguous()
-    if T > LOGITS_KERNEL_MAX_ROWS:                                         # prefill: cuBLAS fp32 logits
+    if T > LOGITS_KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and (_MM_OUT_DTYPE or not x.is_cuda):
+        # prefill, bf16: one tensor-core GEMM against [hi; mid; lo], fp32 out; [T, 3E] seen as 3 partials
+        parts = stacked_split3(weight)
+        both = (torch.mm(x, parts.t(), out_dtype=torch.float32) if x.is_cuda
+                else x.float() @ parts.float().t())                   # CPU (interpreter tests): the same products
+        partial = both.view(T, 3, E).transpose(0, 1)
+        splits = 3
+    elif T > LOGITS_KERNEL_MAX_ROWS:                                       # prefill: cuBLAS fp32 logits
         partial = torch.nn.functional.linear(x.float(), weight.float()).unsqueeze(0)
         splits = 1
     else:
