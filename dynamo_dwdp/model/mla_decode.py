@@ -51,13 +51,19 @@ class DecodeConfig:
 
 
 def decode_config(batch: int, head_groups: int) -> DecodeConfig:
-    """Chosen from `scripts/gpu_kernels.py` on one H200 (16 heads, context 1000, bf16 cache,
-    docs/performance.md): up to 32 sequences x head groups, twice the splits (4 waves, >= 2 tiles per
-    split) at 2 stages (28.4 vs 33.7 us at batch 32); from 64 on the defaults were fastest. Warps stay
-    automatic (32-head groups, DeepSeek-V3, were not measured)."""
-    if batch * head_groups <= 32:
+    """Chosen from `scripts/gpu_decode_kernels.py --only mla_sweep` on one H200 (16 heads, bf16 cache,
+    contexts 1000 and 4000, docs/performance.md): up to 32 sequences x head groups, twice the splits
+    (4 waves, >= 2 tiles per split; measured at batch 1: 14.6 us vs 15.6 before this kernel, 13.6 with
+    >= 1 tile but 27.6 vs 22.0 at context 4000); 33-64, the default (2 waves); above 64, one wave
+    (batch 256: one split, no merge, 87.4 vs 101.1 us at context 1000). 3 stages everywhere (2: no
+    overlap, 4: one program per SM; both slower); 8 warps, 16- and 64-token tiles were slower at every
+    batch. Warps stay automatic (32-head groups, DeepSeek-V3, were not measured)."""
+    programs = batch * head_groups
+    if programs <= 32:
         return DecodeConfig(32, 0, 3, 4, 2)
-    return DecodeConfig()
+    if programs <= 64:
+        return DecodeConfig()
+    return DecodeConfig(waves=1)
 
 
 @functools.cache
