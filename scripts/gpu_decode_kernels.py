@@ -183,7 +183,8 @@ def mla_candidates(B: int) -> list:
     else:
         alts = [D(32, 0, 3, 2, 4), D(32, 8, 3, 2, 4), D(32, 0, 4, 2, 4), D(32, 8, 4, 2, 4), D(16, 0, 4, 2, 4),
                 D(16, 0, 6, 2, 4), D(64, 8, 3, 2, 4), D(32, 0, 3, 1, 4), D(32, 0, 3, 4, 4), D(32, 8, 3, 1, 4),
-                D(32, 0, 2, 2, 4), D(32, 0, 3, 2, 1 << 20), D(32, 8, 3, 2, 1 << 20)]     # last two: one split
+                D(32, 0, 2, 2, 4), D(32, 0, 3, 2, 1 << 20), D(32, 8, 3, 2, 1 << 20),    # these two: one split
+                D(32, 0, 5, 1, 4), D(32, 0, 6, 1, 4)]      # one program per SM with 3-4 cache tiles in flight
     chosen = mla_decode.decode_config(B, 1)
     return [("chosen", None)] + [(f"n{c.block_n} w{c.warps} s{c.stages} wv{c.waves} t{c.min_tiles}", c)
                                  for c in alts if c != chosen]
