@@ -14,13 +14,13 @@ the splits (with one split the first writes the output). Tile, warps, stages and
 sync, fixed grid per (batch, splits): CUDA-graph capturable.
 
 Loads in flight: each program runs over its own split's tiles (a run-time trip count: no masked
-tiles, one compiled variant for every context length) and fetches the block-table entries of the
+tiles, no recompilation as contexts grow) and fetches the block-table entries of the
 *next* tile one iteration ahead, into registers. Without that, Triton's software pipeliner sees the
 cache load as one level of indirection (table -> cache) and keeps a single shared-memory buffer at
-the default 3 stages, so each tile's load waited for the previous tile's dots (the H200 read the
-cache at 51-64% of its copy rate); with the table one tile ahead, 3 stages double-buffer the cache
-tile (read off the compiled TTGIR: two 32x576 buffers, a wait that leaves the next tile's copy in
-flight).
+the default 3 stages, so each tile's load waited for the previous tile's dots (split + merge read the
+cache at 44-59% of the H200's copy rate at batch 64-256); with the table one tile ahead, 3 stages
+double-buffer the cache tile (two 32x576 buffers in the compiled TTGIR and a wait that leaves the
+next tile's copy in flight: tests/model/test_mla_decode_pipelining.py): 53-81% (docs/performance.md).
 
 Runs on CPU under Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests it.
 """
