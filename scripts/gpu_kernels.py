@@ -11,7 +11,7 @@ Kernels and shapes (v2-lite: 64 experts, top-6, H 2048, I 1408; MLA 16 heads, la
   against an fp64 softmax reference (and fp32 caches for the chosen configurations); GB/s counts the
   cache bytes read once.
 Each variant is a tile configuration set through the kernels' override hooks (`moe_gemm.TILE_OVERRIDE`,
-`moe_gemm.FAST_FP8_CONVERT`, `mla_decode.DECODE_OVERRIDE`). Triton compiles every variant first in
+`moe_gemm.FAST_FP8_CONVERT`, `mla_decode_attention(config=...)`). Triton compiles every variant first in
 --jobs worker processes (same shapes, so the workers fill Triton's on-disk cache), then one process
 checks and times them in turn (one call = 10 launches captured in a CUDA graph, weights rotated over
 3 sets so that nothing is served from L2). Prints a table per kernel; writes $OUT/gpu_kernels.json.
@@ -41,6 +41,7 @@ from gpu_perf import graph_us  # noqa: E402  (scripts/ is on sys.path when run a
 T0 = time.perf_counter()
 E, H, I, TOPK = 64, 2048, 1408, 6
 C, R, HEADS, BS, CTX = 512, 64, 16, 16, 1000
+MLA_CONFIG: list = [None]         # the DecodeConfig the MLA calls pass (None: decode_config's choice)
 
 
 def say(msg: str) -> None:
@@ -251,7 +252,7 @@ def case_fn(kind: str, p: dict, sets: int):
 
     def run():
         i[0] = (i[0] + 1) % len(layers)
-        return mla_decode.mla_decode_attention(q, layers[i[0]], tables, ctx, C, 0.1, CTX)
+        return mla_decode.mla_decode_attention(q, layers[i[0]], tables, ctx, C, 0.1, CTX, config=MLA_CONFIG[0])
     return run
 
 
@@ -259,7 +260,7 @@ def apply(kind: str, p: dict) -> None:
     if kind in ("experts", "dense"):
         set_expert_overrides(p["fast"], p["cfg"])
     else:
-        mla_decode.DECODE_OVERRIDE = p["cfg"]
+        MLA_CONFIG[0] = p["cfg"]
 
 
 def compile_worker(cases: list) -> list:
@@ -300,7 +301,7 @@ def check_and_time(kind: str, p: dict) -> dict:
         rec["tol"] = 1e-2
     else:
         layers, tables, ctx, q = mla_inputs(p["batch"], sets=3)
-        got = mla_decode.mla_decode_attention(q, layers[0], tables, ctx, C, 0.1, CTX)
+        got = mla_decode.mla_decode_attention(q, layers[0], tables, ctx, C, 0.1, CTX, config=MLA_CONFIG[0])
         worst = 0.0
         for b in range(0, p["batch"], max(1, p["batch"] // 8)):     # 8 sequences against fp64
             keys = layers[0][tables[b]].reshape(-1, C + R)[:CTX].double()
@@ -321,7 +322,7 @@ def mla_fp32_checks(cfgs: list) -> list:
     out = []
     g = torch.Generator(device="cuda").manual_seed(5)
     for label, cfg in cfgs:
-        mla_decode.DECODE_OVERRIDE = cfg
+        MLA_CONFIG[0] = cfg
         for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
             for ctxs in ([1000], [8, 34, 81, 151, 261], [3000, 17, 999]):
                 n = [(c + BS - 1) // BS for c in ctxs]
@@ -334,7 +335,7 @@ def mla_fp32_checks(cfgs: list) -> list:
                     at += k
                 tab = torch.tensor(tabs, device="cuda")
                 q = (torch.randn(len(ctxs), HEADS, C + R, device="cuda", generator=g) * 0.05).to(dtype)
-                o = mla_decode.mla_decode_attention(q, pool, tab, torch.tensor(ctxs, device="cuda"), C, 0.1, max(ctxs))
+                o = mla_decode.mla_decode_attention(q, pool, tab, torch.tensor(ctxs, device="cuda"), C, 0.1, max(ctxs), config=MLA_CONFIG[0])
                 worst = 0.0
                 for b, c in enumerate(ctxs):
                     keys = pool[tab[b, :n[b]]].reshape(-1, C + R)[:c].double()
@@ -342,7 +343,7 @@ def mla_fp32_checks(cfgs: list) -> list:
                     worst = max(worst, rel(o[b], ref))
                 out.append({"label": label, "dtype": str(dtype)[6:], "contexts": ctxs, "rel_err": worst,
                             "ok": worst < tol})
-    mla_decode.DECODE_OVERRIDE = None
+    MLA_CONFIG[0] = None
     return out
 
 

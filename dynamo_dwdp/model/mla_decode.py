@@ -10,9 +10,17 @@ Why: the torch path gathers each sequence's cache into a padded copy and runs tw
 every cached latent once, straight through the block table. Grid (sequence, head group, context
 split); each program keeps an online-softmax state for its split in fp32; a second kernel merges
 the splits (with one split the first writes the output). Tile, warps, stages and split count:
-`decode_config`, chosen on an H200 with `scripts/gpu_kernels.py`. No host sync, fixed grid per (batch, splits): CUDA-graph capturable. The tile loop has
-a compile-time trip count (a power of two sized by the batch's longest context; tiles past a
-sequence's own split are masked), which also keeps Triton's CPU interpreter happy.
+`decode_config`, chosen on an H200 (`scripts/gpu_decode_kernels.py --only mla_sweep`). No host
+sync, fixed grid per (batch, splits): CUDA-graph capturable.
+
+Loads in flight: each program runs over its own split's tiles (a run-time trip count: no masked
+tiles, no recompilation as contexts grow) and fetches the block-table entries of the
+*next* tile one iteration ahead, into registers. Without that, Triton's software pipeliner sees the
+cache load as one level of indirection (table -> cache) and keeps a single shared-memory buffer at
+the default 3 stages, so each tile's load waited for the previous tile's dots (split + merge read the
+cache at 44-59% of the H200's copy rate at batch 64-256); with the table one tile ahead, 3 stages
+double-buffer the cache tile (two 32x576 buffers in the compiled TTGIR and a wait that leaves the
+next tile's copy in flight: tests/model/test_mla_decode_pipelining.py): 53-81% (docs/performance.md).
 
 Runs on CPU under Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests it.
 """
@@ -30,30 +38,32 @@ MIN_BLOCK_H = 16      # tl.dot needs >= 16 rows
 @dataclass(frozen=True)
 class DecodeConfig:
     """Tunables of the split kernel: cached tokens per tile, warps (0: 4 for 16-head groups, 8 for
-    32), software-pipeline stages (0: Triton's default) and `waves`, the programs per multiprocessor
-    the context split aims at (more splits: more loads in flight, a larger merge), with at least
-    `min_tiles` tiles per split. One split writes the output directly (no merge kernel)."""
+    32), software-pipeline stages (3: two cache-tile buffers, one load in flight while the dots run;
+    4: three; 2 or fewer: none) and `waves`, the programs per multiprocessor the context split aims
+    at (more splits: more loads in flight, a larger merge), with at least `min_tiles` tiles per
+    split. One split writes the output directly (no merge kernel). Benchmarks pass one to
+    `mla_decode_attention(config=...)` in place of `decode_config`'s choice."""
     block_n: int = 32
     warps: int = 0
-    stages: int = 0
+    stages: int = 3
     waves: int = 2
     min_tiles: int = 4
 
 
-# Benchmark hook (scripts/gpu_kernels.py): a DecodeConfig that replaces decode_config's choice.
-DECODE_OVERRIDE: DecodeConfig | None = None
-
-
 def decode_config(batch: int, head_groups: int) -> DecodeConfig:
-    """Chosen from `scripts/gpu_kernels.py` on one H200 (16 heads, context 1000, bf16 cache,
-    docs/performance.md): up to 32 sequences x head groups, twice the splits (4 waves, >= 2 tiles per
-    split) at 2 stages (28.4 vs 33.7 us at batch 32); from 64 on the defaults were fastest. Warps stay
-    automatic (32-head groups, DeepSeek-V3, were not measured)."""
-    if DECODE_OVERRIDE is not None:
-        return DECODE_OVERRIDE
-    if batch * head_groups <= 32:
-        return DecodeConfig(32, 0, 2, 4, 2)
-    return DecodeConfig()
+    """Chosen from `scripts/gpu_decode_kernels.py --only mla_sweep` on one H200 (16 heads, bf16 cache,
+    contexts 1000 and 4000, docs/performance.md): up to 32 sequences x head groups, twice the splits
+    (4 waves, >= 2 tiles per split; measured at batch 1: 14.6 us vs 15.6 before this kernel, 13.6 with
+    >= 1 tile but 27.6 vs 22.0 at context 4000); 33-64, the default (2 waves); above 64, one wave
+    (batch 256: one split, no merge, 87.4 vs 101.1 us at context 1000). 3 stages everywhere (2: no
+    overlap, 4: one program per SM; both slower); 8 warps, 16- and 64-token tiles were slower at every
+    batch. Warps stay automatic (32-head groups, DeepSeek-V3, were not measured)."""
+    programs = batch * head_groups
+    if programs <= 32:
+        return DecodeConfig(32, 0, 3, 4, 2)
+    if programs <= 64:
+        return DecodeConfig()
+    return DecodeConfig(waves=1)
 
 
 @functools.cache
@@ -74,14 +84,14 @@ def _kernels():
     def split_kernel(Q, QPE, KV, TABLES, CTX, ACC, ML, OUT,
                      stride_qb, stride_qh, stride_pb, stride_ph, stride_kv_blk, stride_kv_tok, stride_tb,
                      stride_ab, stride_as, stride_ah, stride_mb, stride_ms, stride_ob, stride_oh,
-                     H, scale,
+                     H, scale, splits,
                      C: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_H: tl.constexpr, SPLITS: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr):
+                     BLOCK_H: tl.constexpr, ONE_SPLIT: tl.constexpr, IEEE: tl.constexpr):
         b = tl.program_id(0)
         hg = tl.program_id(1)
         s = tl.program_id(2)
         ctx = tl.load(CTX + b).to(tl.int32)
-        per = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+        per = tl.cdiv(tl.cdiv(ctx, splits), BLOCK_N) * BLOCK_N
         start = s * per
         end = tl.minimum(start + per, ctx)
         offs_h = hg * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -95,10 +105,16 @@ def _kernels():
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, C], tl.float32)
-        for i in range(TILES):                              # tiles past `end` are fully masked
+        # the next tile's table entries are loaded one iteration ahead (module docstring: this is what
+        # lets the pipeliner double-buffer the cache tile)
+        offs_n = start + tl.arange(0, BLOCK_N)
+        blk_next = tl.load(TABLES + b * stride_tb + offs_n // BS, mask=offs_n < end, other=0)
+        for i in range(tl.cdiv(end - start, BLOCK_N)):      # empty when the split starts past ctx
             offs_n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
-            blk = tl.load(TABLES + b * stride_tb + offs_n // BS, mask=nmask, other=0)
+            blk = blk_next
+            blk_next = tl.load(TABLES + b * stride_tb + (offs_n + BLOCK_N) // BS, mask=offs_n + BLOCK_N < end,
+                               other=0)
             row = blk * stride_kv_blk + (offs_n % BS) * stride_kv_tok
             k_lat = tl.load(KV + row[:, None] + offs_c[None, :], mask=nmask[:, None], other=0.0)
             k_pe = tl.load(KV + row[:, None] + C + offs_r[None, :], mask=nmask[:, None], other=0.0)
@@ -120,7 +136,7 @@ def _kernels():
                 pv = tl.dot(p.to(k_lat.dtype), k_lat)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        if SPLITS == 1:                                     # one split: the output itself, no merge
+        if ONE_SPLIT:                                       # the output itself, no merge
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]   # no context: 0
             o_ptr = OUT + b * stride_ob + offs_h[:, None] * stride_oh + offs_c[None, :]
             tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=hmask[:, None])
@@ -133,7 +149,7 @@ def _kernels():
     @triton.jit
     def combine_kernel(ACC, ML, OUT,
                        stride_ab, stride_as, stride_ah, stride_mb, stride_ms, stride_ob, stride_oh,
-                       H, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr):
+                       H, splits, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
         # program (sequence, head group, latent chunk): the chunks split the fp32 partials' bytes over
         # more programs when there are few sequences (batch 1: one program read them all, 8 us)
         b = tl.program_id(0)
@@ -144,13 +160,13 @@ def _kernels():
         m_all = tl.full([BLOCK_H], float("-inf"), tl.float32)
         # loops, not static_range: unrolling up to 256 splits (batch 1, long contexts) took Triton minutes
         # to compile per variant, and the engine compiles every decode bucket while it starts
-        for s in range(SPLITS):
+        for s in range(splits):
             m_s = tl.load(ML + b * stride_mb + s * stride_ms + offs_h, mask=hmask, other=float("-inf"))
             m_all = tl.maximum(m_all, m_s)
         safe = tl.where(m_all == float("-inf"), 0.0, m_all)
         total = tl.zeros([BLOCK_H], tl.float32)
         out = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
-        for s in range(SPLITS):
+        for s in range(splits):
             m_s = tl.load(ML + b * stride_mb + s * stride_ms + offs_h, mask=hmask, other=float("-inf"))
             l_s = tl.load(ML + b * stride_mb + s * stride_ms + H + offs_h, mask=hmask, other=0.0)
             w = tl.exp(m_s - safe)                        # empty split: exp(-inf) = 0
@@ -175,10 +191,11 @@ def num_splits(batch: int, head_groups: int, max_context: int, sms: int = 132, w
 
 def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                          context_lens: torch.Tensor, latent_dim: int, scale: float, max_context: int,
-                         q_pe: torch.Tensor | None = None) -> torch.Tensor:
+                         q_pe: torch.Tensor | None = None, config: DecodeConfig | None = None) -> torch.Tensor:
     """See the module docstring. `max_context` (a python int >= every context length) sizes the
     split count only; the kernel reads each sequence's own length from `context_lens`. With `q_pe`
-    [B, h, R] given, `query` is the latent part alone [B, h, C] (no concatenation needed)."""
+    [B, h, R] given, `query` is the latent part alone [B, h, C] (no concatenation needed). `config`
+    replaces `decode_config`'s choice (benchmarks)."""
     split_kernel, combine_kernel = _kernels()
     if q_pe is None:
         query, q_pe = query[..., :latent_dim], query[..., latent_dim:]
@@ -194,13 +211,10 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
     # measured on a GPU)
     block_h = max(MIN_BLOCK_H, min(32, 1 << (H - 1).bit_length()))
     groups = -(-H // block_h)
-    cfg = decode_config(B, groups)
+    cfg = config or decode_config(B, groups)
     warps = cfg.warps or (8 if block_h > 16 else 4)
     sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 8
     splits = num_splits(B, groups, max_context, sms, cfg.waves, cfg.block_n, cfg.min_tiles)
-    per_split = -(-max_context // splits)                # ceil: the longest context's share of one split
-    tiles = max(1, -(-per_split // cfg.block_n))
-    tiles = 1 << (tiles - 1).bit_length()               # a power of two: few compiled variants as contexts grow
     q = query.to(kv_layer.dtype)
     q_pe = q_pe.to(kv_layer.dtype)
     out = torch.empty(B, H, C, device=query.device, dtype=query.dtype)
@@ -215,14 +229,14 @@ def mla_decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tabl
         q.stride(0), q.stride(1), q_pe.stride(0), q_pe.stride(1), kv_layer.stride(0), kv_layer.stride(1),
         tables.stride(0), acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
         out.stride(0), out.stride(1),
-        H, scale, C=C, R=R, BS=bs, BLOCK_N=cfg.block_n, BLOCK_H=block_h, SPLITS=splits, TILES=tiles,
-        IEEE=kv_layer.dtype == torch.float32, num_warps=warps, **({"num_stages": cfg.stages} if cfg.stages else {}))
+        H, scale, splits, C=C, R=R, BS=bs, BLOCK_N=cfg.block_n, BLOCK_H=block_h, ONE_SPLIT=splits == 1,
+        IEEE=kv_layer.dtype == torch.float32, num_warps=warps, num_stages=cfg.stages)
     if splits == 1:
         return out
     chunks = combine_chunks(B * groups, C, sms)
     combine_kernel[(B, groups, chunks)](
         acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
-        out.stride(0), out.stride(1), H, BLOCK_C=C // chunks, BLOCK_H=block_h, SPLITS=splits,
+        out.stride(0), out.stride(1), H, splits, BLOCK_C=C // chunks, BLOCK_H=block_h,
         num_warps=warps if chunks == 1 else 4)
     return out
 

@@ -209,11 +209,7 @@ def every_tiling_matches() -> None:
             width = max(1, -(-max(ctxs) // bs))
             tables = torch.stack([torch.randperm(90, generator=GEN)[:width] for _ in ctxs])
             q = torch.randn(len(ctxs), h, C + R, generator=GEN)
-            mla_decode.DECODE_OVERRIDE = cfg
-            try:
-                out = mla_decode.mla_decode_attention(q, pool, tables, torch.tensor(ctxs), C, 0.2, max(ctxs))
-            finally:
-                mla_decode.DECODE_OVERRIDE = None
+            out = mla_decode.mla_decode_attention(q, pool, tables, torch.tensor(ctxs), C, 0.2, max(ctxs), config=cfg)
             for b, c in enumerate(ctxs):
                 if c == 0:
                     assert torch.equal(out[b], torch.zeros(h, C))

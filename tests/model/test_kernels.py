@@ -226,8 +226,13 @@ def test_decode_split_count():
     assert num_splits(512, 1, 4096, sms=132) == 1             # many sequences: no split
     assert num_splits(8, 1, 2 * BLOCK_N, sms=132) == 1        # short contexts: >= 4 tiles per split
     assert num_splits(8, 1, 2 * BLOCK_N, sms=132, min_tiles=1) == 2
-    # small batches get twice the programs per SM (the H200 sweep), large ones the default
+    # small batches get twice the programs per SM (the H200 sweep), 64 the default; from 132 sequences
+    # on one split (no merge kernel), below that still two
     assert decode_config(32, 1).waves > decode_config(64, 1).waves == DecodeConfig().waves
+    cfg = decode_config(256, 1)
+    assert num_splits(256, 1, 1000, 132, cfg.waves, cfg.block_n, cfg.min_tiles) == 1
+    cfg = decode_config(128, 1)
+    assert num_splits(128, 1, 1000, 132, cfg.waves, cfg.block_n, cfg.min_tiles) == 2
     for b in (1, 3, 32, 100):
         s = num_splits(b, 2, 5000, sms=132)
         assert s & (s - 1) == 0 and s >= 1
