@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from dynamo_dwdp.model import mla_decode
-from dynamo_dwdp.model.kernels import moe_gemm, norm, router
+from dynamo_dwdp.model.experts import ExpertBank, routed_experts_grouped
+from dynamo_dwdp.model.kernels import moe_gemm, norm, router, sm_count
 from dynamo_dwdp.model.moe import route_noaux_tc
 
 DEV = "cuda"
@@ -187,17 +188,195 @@ def shared_expert(H: int = 2048, inter: int = 2816) -> None:
             cublas_one_gemm_us=round(graph_us(fused_cublas), 2))
 
 
+# ---- routed experts under the bench model's real routing (moe_gemm's bf16 decode tiles) ----
+ROUTING_BATCH = 256           # decode tokens recorded; 64 and 128 are the first rows of the same step
+
+
+def routed_variants() -> dict:
+    """label -> TileConfig for swiglu and down (None: choose_tiles' default) for the routed-experts sweep."""
+    TC = moe_gemm.TileConfig
+    v = {"default": None}
+    for bm in (16, 32, 64):
+        v[f"m{bm}"] = TC(bm, 64, swap=True)
+        v[f"m{bm} heavy-first"] = TC(bm, 64, swap=True, heavy_first=True)
+    v["m128 w8 heavy-first"] = TC(128, 64, swap=True, warps=8, heavy_first=True)
+    return v
+
+
+def _compile_routed(labels: list) -> list:
+    """Pool worker: run each variant once at the v2-lite expert shapes (fills Triton's on-disk cache)."""
+    torch.manual_seed(1)
+    E, H, I, k, T = 64, 2048, 1408, 6, 64
+    bank = ExpertBank(0, torch.randn(E, 2 * I, H, device=DEV, dtype=BF) * 0.02,
+                      torch.randn(E, H, I, device=DEV, dtype=BF) * 0.02)
+    x = torch.randn(T, H, device=DEV, dtype=BF)
+    ids = torch.rand(T, E, device=DEV).argsort(1)[:, :k]
+    errs = []
+    for label in labels:
+        cfg = routed_variants()[label]
+        moe_gemm.TILE_OVERRIDE.clear()
+        if cfg is not None:
+            moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg)
+        try:
+            moe_gemm.routed_experts_fused(x, ids, torch.rand(T, k, device=DEV), [bank])
+            torch.cuda.synchronize()
+        except Exception as exc:
+            errs.append(f"{label}: {str(exc)[:200]}")
+    return errs
+
+
+def record_routing(model: str, batch: int, context: int = 1000) -> tuple[list, list]:
+    """The bench model's decode step at `batch` (scripts/gpu_profile.py's inputs: seed 2, context 1000),
+    eager: per MoE layer (x, topk_ids, topk_weights, bank) as the executor sees them."""
+    from dynamo_dwdp.config.engine import EngineSettings
+    from dynamo_dwdp.engine.model_runner import ModelRunner
+    from dynamo_dwdp.model.moe_executor import LocalExecutor
+
+    seen: list = []
+    recording = [False]
+    plain = LocalExecutor.forward
+
+    def spy(self, layer, x, ids, weights):
+        if recording[0]:
+            seen.append((x.clone(), ids.clone(), weights.clone(), self.banks[layer]))
+        return plain(self, layer, x, ids, weights)
+
+    LocalExecutor.forward = spy
+    try:
+        bs = 16
+        per = (context + 1 + bs - 1) // bs
+        r = ModelRunner(model, EngineSettings(block_size=bs, num_kv_blocks=batch * per + 1, device="cuda",
+                                              dtype="bfloat16", max_num_seqs=batch, max_num_batched_tokens=8192,
+                                              cuda_graphs=False), LocalExecutor)
+        g = torch.Generator().manual_seed(2)
+        tables = [list(range(i * per, (i + 1) * per)) for i in range(batch)]
+        for i in range(0, batch, 8):
+            chunk = list(range(i, min(batch, i + 8)))
+            r.execute([torch.randint(5, 1000, (context,), generator=g).tolist() for _ in chunk], [0] * len(chunk),
+                      [tables[j] for j in chunk], [True] * len(chunk))
+        recording[0] = True
+        r.execute([[int(t)] for t in torch.randint(5, 1000, (batch,), generator=g)], [context] * batch, tables,
+                  [True] * batch)
+    finally:
+        LocalExecutor.forward = plain
+    del r
+    return seen
+
+
+def layers_us(layers: list, reps: int = 5) -> float:
+    """Microseconds per layer of routed_experts_fused over `layers` [(x, ids, weights, bank)], all of them
+    captured in one CUDA graph (each layer its own weights: nothing served from L2), median of reps."""
+    def fn():
+        for x, ids, w, bank in layers:
+            moe_gemm.routed_experts_fused(x, ids, w, [bank])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(layers))
+    del g
+    return statistics.median(times)
+
+
+def routed_routing(model: str, jobs: int = 8) -> None:
+    """Routed experts (bf16, v2-lite) at 64/128/256 tokens with the routing the bench model's router gives
+    (recorded from its decode step, 26 MoE layers) vs uniform routing, per tile variant: us per layer
+    (all 26 layers in one graph), GB/s over the touched experts' weight bytes, and the error of layer 0
+    vs an fp32 loop over its experts and of the torch path (torch._grouped_mm) vs the same."""
+    import multiprocessing as mp
+
+    from gpu_kernels import copy_bandwidth
+    from gpu_perf import write_v2lite
+
+    labels = list(routed_variants())
+    pool = mp.get_context("spawn").Pool(min(jobs, len(labels)))
+    compiling = pool.map_async(_compile_routed, [labels[i::jobs] for i in range(min(jobs, len(labels)))])
+    if not os.path.isdir(model):
+        write_v2lite(os.path.dirname(model), 27)
+    seen = record_routing(model, ROUTING_BATCH)
+    errs = sum(compiling.get(), [])
+    pool.close()
+    print(f"routed: {len(seen)} layers recorded; variants compiled, {len(errs)} errors {errs[:3]}", flush=True)
+    bw = copy_bandwidth()
+    E = seen[0][3].count
+    I, H = seen[0][3].w2.shape[2], seen[0][3].w2.shape[1]
+    for T in (64, 128, 256):
+        counts = torch.stack([torch.bincount(ids[:T].reshape(-1), minlength=E) for _, ids, _, _ in seen]).cpu()
+        mean = T * seen[0][1].shape[1] / E
+        print(f"routing T={T}: mean rows/expert {mean:.1f}; per-layer max: median {counts.max(1).values.median()} "
+              f"max {counts.max()}; experts above 2x mean: {(counts > 2 * mean).float().mean():.1%}; empty "
+              f"{(counts == 0).float().mean():.1%}", flush=True)
+        ROWS.append({"what": "routing counts", "rows": T, "counts": counts.tolist()})
+        gen = torch.Generator(device=DEV).manual_seed(T)
+        uniform = [(x[:T], torch.rand(T, E, device=DEV, generator=gen).argsort(1)[:, :ids.shape[1]], w[:T], b)
+                   for x, ids, w, b in seen]
+        for name, layers in (("real", [(x[:T], ids[:T], w[:T], b) for x, ids, w, b in seen]), ("uniform", uniform)):
+            touched = sum(ids.unique().numel() for _, ids, _, _ in layers) / len(layers)
+            nbytes = touched * 3 * H * I * 2
+            x, ids, w, bank = layers[0]
+            ref = torch.zeros(T, H, device=DEV, dtype=torch.float32)
+            for e in ids.unique().tolist():
+                t, j = (ids == e).nonzero(as_tuple=True)
+                gate, up = (x[t].float() @ bank.w13[e].float().T).chunk(2, -1)
+                ref.index_add_(0, t, w[t, j, None] * ((F.silu(gate) * up) @ bank.w2[e].float().T))
+            torch_err = ((routed_experts_grouped(x, ids, w, [bank]).double() - ref.double()).norm()
+                         / ref.double().norm()).item()
+            for label, cfg in routed_variants().items():
+                moe_gemm.TILE_OVERRIDE.clear()
+                if cfg is not None:
+                    moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg)
+                try:
+                    got = moe_gemm.routed_experts_fused(x, ids, w, [bank])
+                    err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+                    us = layers_us(layers)
+                except Exception as exc:
+                    print(f"routed {name} T={T} {label}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    continue
+                finally:
+                    moe_gemm.TILE_OVERRIDE.clear()
+                r = {"what": f"routed experts {name} routing", "rows": T, "variant": label, "us_per_layer": round(us, 1),
+                     "gb_per_s": round(nbytes / us / 1e3), "pct_copy_bw": round(100 * nbytes / us / 1e-6 / bw, 1),
+                     "rel_err_vs_fp32": float(f"{err:.3g}"), "torch_path_rel_err": float(f"{torch_err:.3g}"),
+                     "default_tiles": str(moe_gemm.choose_tiles("swiglu", mean, min(T * 6, E), I, False,
+                                                                sm_count(DEV))) if cfg is None else ""}
+                ROWS.append(r)
+                print(f"routed {name:7s} T={T:3d} {label:20s} {us:7.1f} us/layer {r['gb_per_s']:5d} GB/s "
+                      f"{r['pct_copy_bw']:5.1f}% of copy  err {err:.2g} (torch path {torch_err:.2g})", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
+    p.add_argument("--only", default="", help="comma-separated parts (default: all but routed_routing): add_norm, "
+                   "routers, pair_sums, mla, shared_expert, routed_routing")
+    p.add_argument("--routing-model", default="", help="routed_routing: the 27-layer v2-lite-shape model directory "
+                   "(written there first when missing)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(0)
-    for part in (add_norm, routers, pair_sums, mla, shared_expert):
+    parts = {f.__name__: f for f in (add_norm, routers, pair_sums, mla, shared_expert)}
+    parts["routed_routing"] = lambda: routed_routing(a.routing_model)
+    chosen = [n for n in a.only.split(",") if n] or [n for n in parts if n != "routed_routing"]
+    for name in chosen:
+        part = parts[name]
         try:
             part()
         except Exception as exc:                     # one failed part is a line, the rest still run
-            print(f"{part.__name__}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            print(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
     with open(os.path.join(a.out, "decode_kernels.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": ROWS}, f, indent=1)
     return 0

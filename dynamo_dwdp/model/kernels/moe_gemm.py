@@ -17,6 +17,12 @@ computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose exp
    as the torch path's batched product does: deterministic, no atomics; pairs of experts in no bank
    are skipped by id, so y needs no zero fill.
 Experts that received no pair cost one program launch that returns at once: no weight bytes read.
+Heavy first (`TileConfig.heavy_first`, bf16 experts): the program row that the GPU starts k-th takes
+the bank's k-th most loaded expert (its per-expert row counts read from `offs` on the device and sorted
+in each program: no host sync, capturable), so the experts whose programs run longest start first and
+the light and empty ones fill the end of the launch (longest-processing-time-first list scheduling)
+instead of a loaded expert starting last and running alone. Routing is uneven: the random-weight bench
+model's router gives some experts 2-3x the mean rows (docs/performance.md).
 
 Weights are bf16 or FP8 e4m3 with the official 128x128 block scales (`model/fp8.py`); FP8 tiles are
 converted to bf16 in registers (exact: e4m3 is a subset of bf16; on the GPU with integer operations,
@@ -81,9 +87,16 @@ def _kernels():
                        SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DENSE: tl.constexpr,
                        FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SWAP: tl.constexpr, FAST_CVT: tl.constexpr, CVT_ASM: tl.constexpr,
-                       SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
+                       SPLIT_K: tl.constexpr, IEEE: tl.constexpr, HEAVY_FIRST: tl.constexpr):
         pn = tl.program_id(0)
         el = tl.program_id(1)
+        if HEAVY_FIRST > 0:                         # program row el takes the bank's el-th most loaded expert
+            j = tl.arange(0, HEAVY_FIRST)
+            jm = j < tl.num_programs(1)
+            cnt = tl.load(OFFS + first + j + 1, mask=jm, other=0) - tl.load(OFFS + first + j, mask=jm, other=0)
+            key = tl.where(jm, tl.minimum(cnt, 16383) + 1, 0) * 65536 + (65535 - j)   # rows desc, then id asc
+            key = tl.sort(key, descending=True)
+            el = 65535 - (tl.sum(tl.where(j == el, key, 0), 0) & 65535)
         ks = tl.program_id(2)                       # split-K (dense only): this program's K range
         k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         k_lo = ks * k_per
@@ -248,7 +261,8 @@ class TileConfig:
     stages (0: as deep as shared memory allows, at most 4), `swap` (compute W x^T, so that the
     weight rows are the MMA's M side) and, for a dense launch, `split_k` (K split over that many
     programs, fp32 partials summed by a second kernel: more programs in flight when a small matrix
-    gives too few N x M tiles)."""
+    gives too few N x M tiles); for routed experts `heavy_first` (each row of programs takes its bank's
+    experts in order of most rows first)."""
     block_m: int
     block_n: int
     block_k: int = 128
@@ -256,6 +270,7 @@ class TileConfig:
     stages: int = 0
     swap: bool = False
     split_k: int = 1
+    heavy_first: bool = False
 
 
 # Benchmark hooks (scripts/gpu_kernels.py): {"swiglu" | "down" | "dense": TileConfig} replaces choose_tiles;
@@ -289,13 +304,27 @@ fma.rn.bf16x2 $1, s1, k, nz;
 }"""
 
 
+LOAD_HEADROOM = 3   # bf16 experts: M tile for up to this many times the mean rows per expert (routing skew)
+
+
+def routed_rows_tile(rows_per_group: float) -> int:
+    """M tile of the bf16 routed experts: the smallest of 16 / 32 / 64 rows holding LOAD_HEADROOM x the
+    mean rows per expert. An expert with more rows than the tile streams its weight tile once per M tile
+    (re-read from L2 at best), so its programs run 2-3x longer than the others and end the launch as a
+    tail; a wider tile costs only MMA work, which hides under the weight stream while the kernel is
+    bound by reading the weights (64 token columns: about a quarter of the tensor rate)."""
+    want = LOAD_HEADROOM * rows_per_group
+    return 16 if want <= 16 else 32 if want <= 32 else 64
+
+
 def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, fp8: bool, sms: int,
                  k: int = 0, rows: int = 0) -> TileConfig:
     """The tiling of one launch (kind "swiglu" / "down": routed experts, "dense": one weight matrix of
     n x k over `rows` rows), chosen from `scripts/gpu_kernels.py` on one H200 at the v2-lite shapes
     (docs/performance.md):
     - bf16 experts: the swapped orientation with 64-row weight tiles (Hopper's warpgroup MMA), best at
-      1-256 tokens;
+      1-256 tokens; M tile by `routed_rows_tile`; programs take the experts most loaded first
+      (`heavy_first`, see `grouped_kernel`);
     - FP8 experts: the plain orientation (the swapped one feeds the converted weights through
       registers and was 1.1-1.9x slower); N 64 when that gives >= 4 programs per SM over the experts
       that have rows, else 32;
@@ -303,7 +332,7 @@ def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, f
       L2), K split in two or four while that keeps <= 2 programs per SM and >= 2 K steps per split
       (one row of a 2048 x 2048 matrix otherwise runs 64 programs on 132 SMs: 6.9 -> 5.7 us; eight
       splits and splits at 64 rows measured slower); bf16 dense and more rows: the FP8 expert rule.
-    M always by the expected rows per group."""
+    Otherwise M by the mean rows per group."""
     block_m = 16 if rows_per_group <= 16 else 32 if rows_per_group <= 32 else 64
     if kind == "dense" and fp8 and rows_per_group <= 64:
         block_n = min(32, max(16, next_pow2(n)))
@@ -313,7 +342,7 @@ def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, f
             split *= 2
         return TileConfig(16, block_n, split_k=split)
     if kind != "dense" and not fp8 and n >= 64:
-        return TileConfig(block_m, 64, swap=True)
+        return TileConfig(routed_rows_tile(rows_per_group), 64, swap=True, heavy_first=True)
     block_n = 64 if active_groups * -(-n // 64) >= 4 * sms else 32   # 16-row tiles measured slower at T=1
     block_n = min(block_n, max(16, next_pow2(n)))
     return TileConfig(block_m, block_n)
@@ -347,7 +376,7 @@ def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, t
         SWIGLU=swiglu, GATHER=gather, SCATTER=scatter, DENSE=dense, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SWAP=cfg.swap, FAST_CVT=fast_cvt,
         CVT_ASM=FP8_TO_BF16_ASM if fast_cvt else "", SPLIT_K=split,
-        IEEE=a.dtype == torch.float32,
+        IEEE=a.dtype == torch.float32, HEAVY_FIRST=max(2, next_pow2(groups)) if cfg.heavy_first and not dense else 0,
         num_warps=cfg.warps, num_stages=stages)
     if split > 1:
         block = min(1024, max(16, next_pow2(n)))
