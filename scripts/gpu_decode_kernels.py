@@ -225,7 +225,7 @@ def _compile_routed(labels: list) -> list:
     return errs
 
 
-def record_routing(model: str, batch: int, context: int = 1000) -> tuple[list, list]:
+def record_routing(model: str, batch: int, context: int = 1000) -> list:
     """The bench model's decode step at `batch` (scripts/gpu_profile.py's inputs: seed 2, context 1000),
     eager: per MoE layer (x, topk_ids, topk_weights, bank) as the executor sees them."""
     from dynamo_dwdp.config.engine import EngineSettings
@@ -317,8 +317,8 @@ def routed_routing(model: str, jobs: int = 8) -> None:
     for T in (64, 128, 256):
         counts = torch.stack([torch.bincount(ids[:T].reshape(-1), minlength=E) for _, ids, _, _ in seen]).cpu()
         mean = T * seen[0][1].shape[1] / E
-        print(f"routing T={T}: mean rows/expert {mean:.1f}; per-layer max: median {counts.max(1).values.median()} "
-              f"max {counts.max()}; experts above 2x mean: {(counts > 2 * mean).float().mean():.1%}; empty "
+        print(f"routing T={T}: mean rows/expert {mean:.1f}; per-layer max: median {counts.max(1).values.median().item()} "
+              f"max {counts.max().item()}; experts above 2x mean: {(counts > 2 * mean).float().mean():.1%}; empty "
               f"{(counts == 0).float().mean():.1%}", flush=True)
         ROWS.append({"what": "routing counts", "rows": T, "counts": counts.tolist()})
         gen = torch.Generator(device=DEV).manual_seed(T)
