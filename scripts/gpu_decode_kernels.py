@@ -13,6 +13,11 @@ MLA decode with the chunked merge vs one merge program per sequence, tile/split 
 one split (no merge) from 64 on; the shared expert (I = 2816) as `dense_swiglu` vs cuBLAS + silu + mul
 at 64-256 rows.
 Writes $OUT/decode_kernels.json.
+
+`--only routed_routing --routing-model DIR` (not in the default set: it writes and loads a 27-layer
+model): the bf16 routed experts under the routing of the bench model's own decode step (recorded at
+256 tokens, 26 MoE layers; 64 and 128 tokens are its first rows) vs uniform routing, per M tile with
+and without the work list, each variant's error vs an fp32 loop beside the torch path's.
 """
 from __future__ import annotations
 
@@ -198,8 +203,7 @@ def routed_variants() -> dict:
     v = {"default": None}
     for bm in (16, 32, 64):
         v[f"m{bm}"] = TC(bm, 64, swap=True)
-        v[f"m{bm} heavy-first"] = TC(bm, 64, swap=True, heavy_first=True)
-    v["m128 w8 heavy-first"] = TC(128, 64, swap=True, warps=8, heavy_first=True)
+        v[f"m{bm} work-list"] = TC(bm, 64, swap=True, work_list=True)
     return v
 
 
