@@ -25,9 +25,9 @@ counts; no host sync, capturable); the grid holds the most tiles there can be (e
 block_m) and rows past the list do nothing. An expert's tiles are adjacent rows, so the programs that
 read one weight tile run at the same time and all but the first read it from L2. Why (one H200,
 docs/performance.md): under the bench model's routing the most loaded expert of a layer holds 3-4x the
-mean rows; an M tile sized by the mean (the previous rule) was 8-19% slower at 128-256 tokens than the
+mean rows; an M tile sized by the mean (the previous rule) was 9-24% slower at 128-256 tokens than the
 best fixed tile (`routed_rows_tile`), and that one reaches 78% of copy bandwidth at 256 tokens, 92% at
-128; running the experts most-loaded-first instead gained nothing (0-5% slower), so that was dropped.
+128; running the experts most-loaded-first instead gained nothing (-1% to +5%), so that was dropped.
 
 Weights are bf16 or FP8 e4m3 with the official 128x128 block scales (`model/fp8.py`); FP8 tiles are
 converted to bf16 in registers (exact: e4m3 is a subset of bf16; on the GPU with integer operations,
