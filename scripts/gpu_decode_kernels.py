@@ -204,7 +204,101 @@ def routed_variants() -> dict:
     for bm in (16, 32, 64):
         v[f"m{bm}"] = TC(bm, 64, swap=True)
         v[f"m{bm} work-list"] = TC(bm, 64, swap=True, work_list=True)
+    v["m64 4 stages"] = TC(64, 64, swap=True, stages=4)     # the default budget gives M 64 three: MMA or depth?
     return v
+
+
+FOLD_VARIANTS = ("default", "m32 work-list", "m64 work-list")
+
+
+def shared_fold(seen: list, n_shared: int = 2) -> None:
+    """The shared experts (n_shared x the routed width, one DenseMLP as the model runs it) folded into the
+    routed call as always-selected experts with weight 1: one bank of E + n_shared experts (a merged
+    copy here; the model would store it so), ids [T, k + n_shared], one launch per projection. Timed as
+    all 26 layers in one graph against routed call + DenseMLP, at 1-256 tokens; both sums' error vs fp32.
+    Rounding: the torch path rounds the shared output once (K = n_shared x I in fp32) and the decoder adds
+    the routed and shared outputs in fp32 (add_rmsnorm); folded, each shared half is rounded to bf16
+    before pair_sum's fp32 sum of all k + n_shared terms, rounded once."""
+    from dynamo_dwdp.model.layers import DenseMLP
+    from dynamo_dwdp.model.tensor_parallel import TensorParallel
+
+    E, I, H = seen[0][3].count, seen[0][3].w2.shape[2], seen[0][3].w2.shape[1]
+    layers = []
+    for x, ids, w, bank in seen:
+        mlp = DenseMLP(H, n_shared * I, TensorParallel())
+        for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            lin.weight.data = torch.randn(lin.weight.shape, device=DEV, dtype=BF) * 0.02
+        mlp.fuse_gate_up()
+        g, u = mlp.gate_up.view(2, n_shared, I, H).unbind(0)
+        s13 = torch.cat([g, u], 1)                                       # [n_shared, 2I, H]
+        s2 = mlp.down_proj.weight.view(H, n_shared, I).permute(1, 0, 2)  # [n_shared, H, I]
+        merged = ExpertBank(0, torch.cat([bank.w13, s13]), torch.cat([bank.w2, s2]))
+        layers.append((x, ids, w, bank, mlp, merged))
+    for T in (1, 64, 128, 256):
+        extra = torch.arange(E, E + n_shared, device=DEV).expand(T, n_shared)
+        runs = [(x[:T], ids[:T], w[:T], bank, mlp, merged, torch.cat([ids[:T], extra], 1),
+                 torch.cat([w[:T], torch.ones(T, n_shared, device=DEV)], 1)) for x, ids, w, bank, mlp, merged in layers]
+
+        def separate():
+            for x, ids, w, bank, mlp, *_ in runs:
+                moe_gemm.routed_experts_fused(x, ids, w, [bank])
+                mlp(x)
+
+        def folded():
+            for x, _, _, _, _, merged, ids2, w2 in runs:
+                moe_gemm.routed_experts_fused(x, ids2, w2, [merged])
+
+        x, ids, w, bank, mlp, merged, ids2, w2 = runs[0]
+        ref = torch.zeros(T, H, device=DEV)
+        for e in ids2.unique().tolist():
+            t, j = (ids2 == e).nonzero(as_tuple=True)
+            gate, up = (x[t].float() @ merged.w13[e].float().T).chunk(2, -1)
+            ref.index_add_(0, t, w2[t, j, None] * ((F.silu(gate) * up) @ merged.w2[e].float().T))
+
+        def err(y):
+            return float(f"{((y.double() - ref.double()).norm() / ref.double().norm()).item():.3g}")
+
+        sep_err = err(moe_gemm.routed_experts_fused(x, ids, w, [bank]).float() + mlp(x).float())
+        sep_us = graph_once_us(separate, len(runs))
+        for label in FOLD_VARIANTS:
+            cfg = routed_variants()[label]
+            if cfg is not None:
+                moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg)
+            try:
+                f_err = err(moe_gemm.routed_experts_fused(x, ids2, w2, [merged]))
+                us = graph_once_us(folded, len(runs))
+            except Exception as exc:
+                print(f"shared fold T={T} {label}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            finally:
+                moe_gemm.TILE_OVERRIDE.clear()
+            row(f"routed + shared folded ({label}) vs routed + DenseMLP", T, us, sep_us,
+                f"rel_err_vs_fp32 folded={f_err} separate={sep_err}")
+
+
+def graph_once_us(fn, per: int, reps: int = 5) -> float:
+    """Microseconds per `per` of one fn call (fn = `per` layers), captured once in a CUDA graph, median of reps."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / per)
+    del g
+    return statistics.median(times)
 
 
 def _compile_routed(labels: list) -> list:
@@ -273,27 +367,7 @@ def layers_us(layers: list, reps: int = 5) -> float:
     def fn():
         for x, ids, w, bank in layers:
             moe_gemm.routed_experts_fused(x, ids, w, [bank])
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(layers))
-    del g
-    return statistics.median(times)
+    return graph_once_us(fn, len(layers), reps)
 
 
 def routed_routing(model: str, jobs: int = 8) -> None:
@@ -360,6 +434,7 @@ def routed_routing(model: str, jobs: int = 8) -> None:
                 ROWS.append(r)
                 print(f"routed {name:7s} T={T:3d} {label:20s} {us:7.1f} us/layer {r['gb_per_s']:5d} GB/s "
                       f"{r['pct_copy_bw']:5.1f}% of copy  err {err:.2g} (torch path {torch_err:.2g})", flush=True)
+    shared_fold(seen)
 
 
 def main() -> int:
