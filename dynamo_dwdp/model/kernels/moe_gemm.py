@@ -9,7 +9,7 @@ computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose exp
    reads). Replaces torch's radix sort (a multi-kernel CUB sort, ~26 us per layer on an H100) and the
    searchsorted/cumsum index arithmetic.
 2. `grouped_kernel` in SwiGLU mode, once per bank: program (n tile, expert) streams its expert's
-   gate and up rows once and multiplies them with all the expert's pairs (rows gathered straight from
+   gate and up rows once per M tile of the expert's pairs and multiplies them (rows gathered straight from
    x through `order`: no sorted copy of x), silu(gate) * up in the epilogue -> h [pairs, I].
 3. `grouped_kernel` in plain mode, once per bank: h @ down^T, each row stored at its pair index
    (the inverse permutation happens in the store).
