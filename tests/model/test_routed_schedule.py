@@ -41,7 +41,7 @@ def _compile_for_hopper(cfg, swiglu: bool, groups: int = 64):
     per_stage = (cfg.block_m * 2 + (2 if swiglu else 1) * cfg.block_n * 2) * cfg.block_k
     stages = cfg.stages or max(1, min(4, 160 * 1024 // per_stage))             # as moe_gemm._launch
     return triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=cfg.warps, num_stages=stages))
+                          options=dict(num_warps=cfg.warps, num_stages=stages, enable_fp_fusion=True))
 
 
 def test_routed_expert_tiles_compile_to_hopper_pipelines():
