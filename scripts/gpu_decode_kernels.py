@@ -195,6 +195,7 @@ def shared_expert(H: int = 2048, inter: int = 2816) -> None:
 
 # ---- routed experts under the bench model's real routing (moe_gemm's bf16 decode tiles) ----
 ROUTING_BATCH = 256           # decode tokens recorded; 64 and 128 are the first rows of the same step
+ROUTING_MODEL: list[str] = []  # --routing-model
 
 
 def routed_variants() -> dict:
@@ -370,7 +371,7 @@ def layers_us(layers: list, reps: int = 5) -> float:
     return graph_once_us(fn, len(layers), reps)
 
 
-def routed_routing(model: str, jobs: int = 8) -> None:
+def routed_routing(jobs: int = 8) -> None:
     """Routed experts (bf16, v2-lite) at 64/128/256 tokens with the routing the bench model's router gives
     (recorded from its decode step, 26 MoE layers) vs uniform routing, per tile variant: us per layer
     (all 26 layers in one graph), GB/s over the touched experts' weight bytes, and the error of layer 0
@@ -380,6 +381,9 @@ def routed_routing(model: str, jobs: int = 8) -> None:
     from gpu_kernels import copy_bandwidth
     from gpu_perf import write_v2lite
 
+    if not ROUTING_MODEL:
+        raise ValueError("routed_routing needs --routing-model DIR (the v2-lite-shape model; written there when missing)")
+    model = ROUTING_MODEL[0]
     labels = list(routed_variants())
     pool = mp.get_context("spawn").Pool(min(jobs, len(labels)))
     compiling = pool.map_async(_compile_routed, [labels[i::jobs] for i in range(min(jobs, len(labels)))])
@@ -440,22 +444,24 @@ def routed_routing(model: str, jobs: int = 8) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
-    p.add_argument("--only", default="", help="comma-separated parts (default: all but routed_routing): add_norm, "
-                   "routers, pair_sums, mla, shared_expert, routed_routing")
+    p.add_argument("--only", default="", help="comma-separated parts (default: all but routed_routing): add_norm, routers, "
+                                               "pair_sums, mla, shared_expert, routed_routing")
     p.add_argument("--routing-model", default="", help="routed_routing: the 27-layer v2-lite-shape model directory "
-                   "(written there first when missing)")
+                                                        "(written there first when missing)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(0)
-    parts = {f.__name__: f for f in (add_norm, routers, pair_sums, mla, shared_expert)}
-    parts["routed_routing"] = lambda: routed_routing(a.routing_model)
-    chosen = [n for n in a.only.split(",") if n] or [n for n in parts if n != "routed_routing"]
-    for name in chosen:
-        part = parts[name]
+    if a.routing_model:
+        ROUTING_MODEL.append(os.path.abspath(a.routing_model))
+    parts = {f.__name__: f for f in (add_norm, routers, pair_sums, mla, shared_expert, routed_routing)}
+    names = a.only.split(",") if a.only else [n for n in parts if n != "routed_routing"]
+    if unknown := [n for n in names if n not in parts]:
+        p.error(f"--only: unknown part(s) {unknown}; parts: {', '.join(parts)}")
+    for part in (parts[n] for n in names):
         try:
             part()
         except Exception as exc:                     # one failed part is a line, the rest still run
-            print(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            print(f"{part.__name__}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
     with open(os.path.join(a.out, "decode_kernels.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": ROWS}, f, indent=1)
     return 0
