@@ -13,6 +13,11 @@ MLA decode with the chunked merge vs one merge program per sequence, tile/split 
 one split (no merge) from 64 on; the shared expert (I = 2816) as `dense_swiglu` vs cuBLAS + silu + mul
 at 64-256 rows.
 Writes $OUT/decode_kernels.json.
+
+`--only routed_routing --routing-model DIR` (not in the default set: it writes and loads a 27-layer
+model): the bf16 routed experts under the routing of the bench model's own decode step (recorded at
+256 tokens, 26 MoE layers; 64 and 128 tokens are its first rows) vs uniform routing, per M tile with
+and without the work list, each variant's error vs an fp32 loop beside the torch path's.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from dynamo_dwdp.model import mla_decode
-from dynamo_dwdp.model.kernels import moe_gemm, norm, router
+from dynamo_dwdp.model.experts import ExpertBank, routed_experts_grouped
+from dynamo_dwdp.model.kernels import moe_gemm, norm, router, sm_count
 from dynamo_dwdp.model.moe import route_noaux_tc
 
 DEV = "cuda"
@@ -345,19 +351,271 @@ def shared_expert(H: int = 2048, inter: int = 2816) -> None:
             cublas_one_gemm_us=round(graph_us(fused_cublas), 2))
 
 
+# ---- routed experts under the bench model's real routing (moe_gemm's bf16 decode tiles) ----
+ROUTING_BATCH = 256           # decode tokens recorded; 64 and 128 are the first rows of the same step
+ROUTING_MODEL: list[str] = []  # --routing-model
+
+
+def routed_variants() -> dict:
+    """label -> TileConfig for swiglu and down (None: choose_tiles' default) for the routed-experts sweep."""
+    TC = moe_gemm.TileConfig
+    v = {"default": None}
+    for bm in (16, 32, 64):
+        v[f"m{bm}"] = TC(bm, 64, swap=True)
+        v[f"m{bm} work-list"] = TC(bm, 64, swap=True, work_list=True)
+    v["m64 4 stages"] = TC(64, 64, swap=True, stages=4)     # the default budget gives M 64 three: MMA or depth?
+    return v
+
+
+FOLD_VARIANTS = ("default", "m32 work-list", "m64 work-list")
+
+
+def shared_fold(seen: list, n_shared: int = 2) -> None:
+    """The shared experts (n_shared x the routed width, one DenseMLP as the model runs it) folded into the
+    routed call as always-selected experts with weight 1: one bank of E + n_shared experts (a merged
+    copy here; the model would store it so), ids [T, k + n_shared], one launch per projection. Timed as
+    all 26 layers in one graph against routed call + DenseMLP, at 1-256 tokens; both sums' error vs fp32.
+    Rounding: the torch path rounds the shared output once (K = n_shared x I in fp32) and the decoder adds
+    the routed and shared outputs in fp32 (add_rmsnorm); folded, each shared half is rounded to bf16
+    before pair_sum's fp32 sum of all k + n_shared terms, rounded once."""
+    from dynamo_dwdp.model.layers import DenseMLP
+    from dynamo_dwdp.model.tensor_parallel import TensorParallel
+
+    E, I, H = seen[0][3].count, seen[0][3].w2.shape[2], seen[0][3].w2.shape[1]
+    layers = []
+    for x, ids, w, bank in seen:
+        mlp = DenseMLP(H, n_shared * I, TensorParallel())
+        for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            lin.weight.data = torch.randn(lin.weight.shape, device=DEV, dtype=BF) * 0.02
+        mlp.fuse_gate_up()
+        g, u = mlp.gate_up.view(2, n_shared, I, H).unbind(0)
+        s13 = torch.cat([g, u], 1)                                       # [n_shared, 2I, H]
+        s2 = mlp.down_proj.weight.view(H, n_shared, I).permute(1, 0, 2)  # [n_shared, H, I]
+        merged = ExpertBank(0, torch.cat([bank.w13, s13]), torch.cat([bank.w2, s2]))
+        layers.append((x, ids, w, bank, mlp, merged))
+    for T in (1, 64, 128, 256):
+        extra = torch.arange(E, E + n_shared, device=DEV).expand(T, n_shared)
+        runs = [(x[:T], ids[:T], w[:T], bank, mlp, merged, torch.cat([ids[:T], extra], 1),
+                 torch.cat([w[:T], torch.ones(T, n_shared, device=DEV)], 1)) for x, ids, w, bank, mlp, merged in layers]
+
+        def separate():
+            for x, ids, w, bank, mlp, *_ in runs:
+                moe_gemm.routed_experts_fused(x, ids, w, [bank])
+                mlp(x)
+
+        def folded():
+            for x, _, _, _, _, merged, ids2, w2 in runs:
+                moe_gemm.routed_experts_fused(x, ids2, w2, [merged])
+
+        x, ids, w, bank, mlp, merged, ids2, w2 = runs[0]
+        ref = torch.zeros(T, H, device=DEV)
+        for e in ids2.unique().tolist():
+            t, j = (ids2 == e).nonzero(as_tuple=True)
+            gate, up = (x[t].float() @ merged.w13[e].float().T).chunk(2, -1)
+            ref.index_add_(0, t, w2[t, j, None] * ((F.silu(gate) * up) @ merged.w2[e].float().T))
+
+        def err(y):
+            return float(f"{((y.double() - ref.double()).norm() / ref.double().norm()).item():.3g}")
+
+        sep_err = err(moe_gemm.routed_experts_fused(x, ids, w, [bank]).float() + mlp(x).float())
+        sep_us = graph_once_us(separate, len(runs))
+        for label in FOLD_VARIANTS:
+            cfg = routed_variants()[label]
+            if cfg is not None:
+                moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg)
+            try:
+                f_err = err(moe_gemm.routed_experts_fused(x, ids2, w2, [merged]))
+                us = graph_once_us(folded, len(runs))
+            except Exception as exc:
+                print(f"shared fold T={T} {label}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            finally:
+                moe_gemm.TILE_OVERRIDE.clear()
+            row(f"routed + shared folded ({label}) vs routed + DenseMLP", T, us, sep_us,
+                f"rel_err_vs_fp32 folded={f_err} separate={sep_err}")
+
+
+def graph_once_us(fn, per: int, reps: int = 5) -> float:
+    """Microseconds per `per` of one fn call (fn = `per` layers), captured once in a CUDA graph, median of reps."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / per)
+    del g
+    return statistics.median(times)
+
+
+def _compile_routed(labels: list) -> list:
+    """Pool worker: run each variant once at the v2-lite expert shapes (fills Triton's on-disk cache)."""
+    torch.manual_seed(1)
+    E, H, I, k, T = 64, 2048, 1408, 6, 64
+    bank = ExpertBank(0, torch.randn(E, 2 * I, H, device=DEV, dtype=BF) * 0.02,
+                      torch.randn(E, H, I, device=DEV, dtype=BF) * 0.02)
+    x = torch.randn(T, H, device=DEV, dtype=BF)
+    ids = torch.rand(T, E, device=DEV).argsort(1)[:, :k]
+    errs = []
+    for label in labels:
+        cfg = routed_variants()[label]
+        moe_gemm.TILE_OVERRIDE.clear()
+        if cfg is not None:
+            moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg)
+        try:
+            moe_gemm.routed_experts_fused(x, ids, torch.rand(T, k, device=DEV), [bank])
+            torch.cuda.synchronize()
+        except Exception as exc:
+            errs.append(f"{label}: {str(exc)[:200]}")
+    return errs
+
+
+def record_routing(model: str, batch: int, context: int = 1000) -> list:
+    """The bench model's decode step at `batch` (scripts/gpu_profile.py's inputs: seed 2, context 1000),
+    eager: per MoE layer (x, topk_ids, topk_weights, bank) as the executor sees them."""
+    from dynamo_dwdp.config.engine import EngineSettings
+    from dynamo_dwdp.engine.model_runner import ModelRunner
+    from dynamo_dwdp.model.moe_executor import LocalExecutor
+
+    seen: list = []
+    recording = [False]
+    plain = LocalExecutor.forward
+
+    def spy(self, layer, x, ids, weights):
+        if recording[0]:
+            seen.append((x.clone(), ids.clone(), weights.clone(), self.banks[layer]))
+        return plain(self, layer, x, ids, weights)
+
+    LocalExecutor.forward = spy
+    try:
+        bs = 16
+        per = (context + 1 + bs - 1) // bs
+        r = ModelRunner(model, EngineSettings(block_size=bs, num_kv_blocks=batch * per + 1, device="cuda",
+                                              dtype="bfloat16", max_num_seqs=batch, max_num_batched_tokens=8192,
+                                              cuda_graphs=False), LocalExecutor)
+        g = torch.Generator().manual_seed(2)
+        tables = [list(range(i * per, (i + 1) * per)) for i in range(batch)]
+        for i in range(0, batch, 8):
+            chunk = list(range(i, min(batch, i + 8)))
+            r.execute([torch.randint(5, 1000, (context,), generator=g).tolist() for _ in chunk], [0] * len(chunk),
+                      [tables[j] for j in chunk], [True] * len(chunk))
+        recording[0] = True
+        r.execute([[int(t)] for t in torch.randint(5, 1000, (batch,), generator=g)], [context] * batch, tables,
+                  [True] * batch)
+    finally:
+        LocalExecutor.forward = plain
+    del r
+    return seen
+
+
+def layers_us(layers: list, reps: int = 5) -> float:
+    """Microseconds per layer of routed_experts_fused over `layers` [(x, ids, weights, bank)], all of them
+    captured in one CUDA graph (each layer its own weights: nothing served from L2), median of reps."""
+    def fn():
+        for x, ids, w, bank in layers:
+            moe_gemm.routed_experts_fused(x, ids, w, [bank])
+    return graph_once_us(fn, len(layers), reps)
+
+
+def routed_routing(jobs: int = 8) -> None:
+    """Routed experts (bf16, v2-lite) at 64/128/256 tokens with the routing the bench model's router gives
+    (recorded from its decode step, 26 MoE layers) vs uniform routing, per tile variant: us per layer
+    (all 26 layers in one graph), GB/s over the touched experts' weight bytes, and the error of layer 0
+    vs an fp32 loop over its experts and of the torch path (torch._grouped_mm) vs the same."""
+    import multiprocessing as mp
+
+    from gpu_kernels import copy_bandwidth
+    from gpu_perf import write_v2lite
+
+    if not ROUTING_MODEL:
+        raise ValueError("routed_routing needs --routing-model DIR (the v2-lite-shape model; written there when missing)")
+    model = ROUTING_MODEL[0]
+    labels = list(routed_variants())
+    pool = mp.get_context("spawn").Pool(min(jobs, len(labels)))
+    compiling = pool.map_async(_compile_routed, [labels[i::jobs] for i in range(min(jobs, len(labels)))])
+    if not os.path.isdir(model):
+        write_v2lite(os.path.dirname(model), 27)
+    seen = record_routing(model, ROUTING_BATCH)
+    errs = sum(compiling.get(), [])
+    pool.close()
+    print(f"routed: {len(seen)} layers recorded; variants compiled, {len(errs)} errors {errs[:3]}", flush=True)
+    bw = copy_bandwidth()
+    E = seen[0][3].count
+    I, H = seen[0][3].w2.shape[2], seen[0][3].w2.shape[1]
+    for T in (64, 128, 256):
+        counts = torch.stack([torch.bincount(ids[:T].reshape(-1), minlength=E) for _, ids, _, _ in seen]).cpu()
+        mean = T * seen[0][1].shape[1] / E
+        print(f"routing T={T}: mean rows/expert {mean:.1f}; per-layer max: median {counts.max(1).values.median().item()} "
+              f"max {counts.max().item()}; experts above 2x mean: {(counts > 2 * mean).float().mean():.1%}; empty "
+              f"{(counts == 0).float().mean():.1%}", flush=True)
+        ROWS.append({"what": "routing counts", "rows": T, "counts": counts.tolist()})
+        gen = torch.Generator(device=DEV).manual_seed(T)
+        uniform = [(x[:T], torch.rand(T, E, device=DEV, generator=gen).argsort(1)[:, :ids.shape[1]], w[:T], b)
+                   for x, ids, w, b in seen]
+        for name, layers in (("real", [(x[:T], ids[:T], w[:T], b) for x, ids, w, b in seen]), ("uniform", uniform)):
+            touched = sum(ids.unique().numel() for _, ids, _, _ in layers) / len(layers)
+            nbytes = touched * 3 * H * I * 2
+            x, ids, w, bank = layers[0]
+            ref = torch.zeros(T, H, device=DEV, dtype=torch.float32)
+            for e in ids.unique().tolist():
+                t, j = (ids == e).nonzero(as_tuple=True)
+                gate, up = (x[t].float() @ bank.w13[e].float().T).chunk(2, -1)
+                ref.index_add_(0, t, w[t, j, None] * ((F.silu(gate) * up) @ bank.w2[e].float().T))
+            torch_err = ((routed_experts_grouped(x, ids, w, [bank]).double() - ref.double()).norm()
+                         / ref.double().norm()).item()
+            for label, cfg in routed_variants().items():
+                moe_gemm.TILE_OVERRIDE.clear()
+                if cfg is not None:
+                    moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg)
+                try:
+                    got = moe_gemm.routed_experts_fused(x, ids, w, [bank])
+                    err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+                    us = layers_us(layers)
+                except Exception as exc:
+                    print(f"routed {name} T={T} {label}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    continue
+                finally:
+                    moe_gemm.TILE_OVERRIDE.clear()
+                r = {"what": f"routed experts {name} routing", "rows": T, "variant": label, "us_per_layer": round(us, 1),
+                     "gb_per_s": round(nbytes / us / 1e3), "pct_copy_bw": round(100 * nbytes / us / 1e-6 / bw, 1),
+                     "rel_err_vs_fp32": float(f"{err:.3g}"), "torch_path_rel_err": float(f"{torch_err:.3g}"),
+                     "default_tiles": str(moe_gemm.choose_tiles("swiglu", mean, min(T * 6, E), I, False,
+                                                                sm_count(DEV))) if cfg is None else ""}
+                ROWS.append(r)
+                print(f"routed {name:7s} T={T:3d} {label:20s} {us:7.1f} us/layer {r['gb_per_s']:5d} GB/s "
+                      f"{r['pct_copy_bw']:5.1f}% of copy  err {err:.2g} (torch path {torch_err:.2g})", flush=True)
+    shared_fold(seen)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
-    p.add_argument("--only", default="", help="comma-separated parts (default: all but mla_sweep): add_norm, routers, "
-                                               "pair_sums, mla, shared_expert, mla_sweep")
+    p.add_argument("--only", default="", help="comma-separated parts (default: all but mla_sweep and routed_routing): "
+                                               "add_norm, routers, pair_sums, mla, shared_expert, mla_sweep, routed_routing")
     p.add_argument("--mla-baseline", default="", help="mla_sweep: another mla_decode.py to time beside this tree's")
+    p.add_argument("--routing-model", default="", help="routed_routing: the 27-layer v2-lite-shape model directory "
+                                                        "(written there first when missing)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(0)
     if a.mla_baseline:
         MLA_BASELINE.append(os.path.abspath(a.mla_baseline))
-    parts = {f.__name__: f for f in (add_norm, routers, pair_sums, mla, shared_expert, mla_sweep)}
-    names = a.only.split(",") if a.only else [n for n in parts if n != "mla_sweep"]
+    if a.routing_model:
+        ROUTING_MODEL.append(os.path.abspath(a.routing_model))
+    parts = {f.__name__: f for f in (add_norm, routers, pair_sums, mla, shared_expert, mla_sweep, routed_routing)}
+    names = a.only.split(",") if a.only else [n for n in parts if n not in ("mla_sweep", "routed_routing")]
     if unknown := [n for n in names if n not in parts]:
         p.error(f"--only: unknown part(s) {unknown}; parts: {', '.join(parts)}")
     for part in (parts[n] for n in names):

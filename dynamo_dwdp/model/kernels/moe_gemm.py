@@ -9,7 +9,7 @@ computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose exp
    reads). Replaces torch's radix sort (a multi-kernel CUB sort, ~26 us per layer on an H100) and the
    searchsorted/cumsum index arithmetic.
 2. `grouped_kernel` in SwiGLU mode, once per bank: program (n tile, expert) streams its expert's
-   gate and up rows once and multiplies them with all the expert's pairs (rows gathered straight from
+   gate and up rows once per M tile of the expert's pairs and multiplies them (rows gathered straight from
    x through `order`: no sorted copy of x), silu(gate) * up in the epilogue -> h [pairs, I].
 3. `grouped_kernel` in plain mode, once per bank: h @ down^T, each row stored at its pair index
    (the inverse permutation happens in the store).
@@ -17,6 +17,17 @@ computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose exp
    as the torch path's batched product does: deterministic, no atomics; pairs of experts in no bank
    are skipped by id, so y needs no zero fill.
 Experts that received no pair cost one program launch that returns at once: no weight bytes read.
+Work list (`TileConfig.work_list`, bf16 experts, off by default: not yet measured on a GPU): instead of one
+row of programs per expert looping over the expert's M tiles (an expert with more rows than the tile
+streams its weights once per tile, from HBM again in practice, and its programs end the launch as a
+tail), one row per M tile of an expert, found on the device from `offs` (each program sums the tile
+counts; no host sync, capturable); the grid holds the most tiles there can be (experts + rows /
+block_m) and rows past the list do nothing. An expert's tiles are adjacent rows, so the programs that
+read one weight tile run at the same time and all but the first read it from L2. Why (one H200,
+docs/performance.md): under the bench model's routing the most loaded expert of a layer holds 3-4x the
+mean rows; an M tile sized by the mean (the previous rule) was 9-24% slower at 128-256 tokens than the
+best fixed tile (`routed_rows_tile`), and that one reaches 78% of copy bandwidth at 256 tokens, 92% at
+128; running the experts most-loaded-first instead gained nothing (-1% to +5%), so that was dropped.
 
 Weights are bf16 or FP8 e4m3 with the official 128x128 block scales (`model/fp8.py`); FP8 tiles are
 converted to bf16 in registers (exact: e4m3 is a subset of bf16; on the GPU with integer operations,
@@ -76,14 +87,26 @@ def _kernels():
             tl.store(OFFS + E + 1, rows)
 
     @triton.jit
-    def grouped_kernel(A, ORDER, OFFS, W, WS, OUT, PART, first, dense_rows, N, K, topk,
+    def grouped_kernel(A, ORDER, OFFS, W, WS, OUT, PART, first, n_groups, dense_rows, N, K, topk,
                        stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om, stride_ps, stride_pm,
                        SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DENSE: tl.constexpr,
                        FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SWAP: tl.constexpr, FAST_CVT: tl.constexpr, CVT_ASM: tl.constexpr,
-                       SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
+                       SPLIT_K: tl.constexpr, IEEE: tl.constexpr, WORK_LIST: tl.constexpr):
         pn = tl.program_id(0)
         el = tl.program_id(1)
+        if WORK_LIST > 0:       # program row el = the el-th M tile of the bank's work list (no tile: nothing)
+            j = tl.arange(0, WORK_LIST)
+            jm = j < n_groups
+            lo_j = tl.load(OFFS + first + j, mask=jm, other=0)
+            hi_j = tl.load(OFFS + first + j + 1, mask=jm, other=0)
+            tiles = tl.where(jm, tl.cdiv(hi_j - lo_j, BLOCK_M), 0)
+            ends = tl.cumsum(tiles, 0)
+            mine = j == tl.sum((ends <= el).to(tl.int32), 0)          # the expert whose tiles hold el
+            tile = el - tl.sum(tl.where(mine, ends - tiles, 0), 0)
+            el = tl.sum(tl.where(mine, j, 0), 0)
+            wl_lo = tl.sum(tl.where(mine, lo_j, 0), 0) + tile * BLOCK_M
+            wl_hi = tl.minimum(wl_lo + BLOCK_M, tl.sum(tl.where(mine, hi_j, 0), 0))   # past the list: 0, no rows
         ks = tl.program_id(2)                       # split-K (dense only): this program's K range
         k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         k_lo = ks * k_per
@@ -91,6 +114,9 @@ def _kernels():
         if DENSE:                                   # axis 1 tiles the rows of a dense GEMM
             lo = el * BLOCK_M
             hi = tl.minimum(lo + BLOCK_M, dense_rows)
+        elif WORK_LIST > 0:
+            lo = wl_lo
+            hi = wl_hi
         else:
             lo = tl.load(OFFS + first + el)
             hi = tl.load(OFFS + first + el + 1)
@@ -248,7 +274,8 @@ class TileConfig:
     stages (0: as deep as shared memory allows, at most 4), `swap` (compute W x^T, so that the
     weight rows are the MMA's M side) and, for a dense launch, `split_k` (K split over that many
     programs, fp32 partials summed by a second kernel: more programs in flight when a small matrix
-    gives too few N x M tiles)."""
+    gives too few N x M tiles); for routed experts `work_list` (one row of programs per M tile of an
+    expert instead of one per expert, see the module docstring)."""
     block_m: int
     block_n: int
     block_k: int = 128
@@ -256,6 +283,7 @@ class TileConfig:
     stages: int = 0
     swap: bool = False
     split_k: int = 1
+    work_list: bool = False
 
 
 # Benchmark hooks (scripts/gpu_kernels.py): {"swiglu" | "down" | "dense": TileConfig} replaces choose_tiles;
@@ -289,13 +317,25 @@ fma.rn.bf16x2 $1, s1, k, nz;
 }"""
 
 
+def routed_rows_tile(rows_per_group: float) -> int:
+    """M tile of the bf16 routed experts by the mean rows per expert, from the routed-experts sweep under
+    the bench model's recorded routing (scripts/gpu_decode_kernels.py --only routed_routing; one H200,
+    docs/performance.md): 32 rows at a mean of 6 and 12 (64 and 128 tokens of v2-lite: -4% and -19% vs
+    16), 64 at a mean of 24 (256 tokens: -8% vs 32; the most loaded experts hold 3-4x the mean there, and
+    a second pass over their weights costs more than the wider MMA of every tile). 16 at a mean <= 4 (1-32
+    tokens), as before (measured at 1 and 8 tokens). A tile of 128 rows measured 1.5x slower everywhere.
+    The rule follows that routing: under uniform routing 32 rows is the better tile at a mean of 24 too
+    (11% faster than 64). Only the v2-lite shapes were measured (64 experts, top-6, I 1408)."""
+    return 16 if rows_per_group <= 4 else 32 if rows_per_group <= 16 else 64
+
+
 def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, fp8: bool, sms: int,
                  k: int = 0, rows: int = 0) -> TileConfig:
     """The tiling of one launch (kind "swiglu" / "down": routed experts, "dense": one weight matrix of
     n x k over `rows` rows), chosen from `scripts/gpu_kernels.py` on one H200 at the v2-lite shapes
     (docs/performance.md):
     - bf16 experts: the swapped orientation with 64-row weight tiles (Hopper's warpgroup MMA), best at
-      1-256 tokens;
+      1-256 tokens; M tile by `routed_rows_tile`;
     - FP8 experts: the plain orientation (the swapped one feeds the converted weights through
       registers and was 1.1-1.9x slower); N 64 when that gives >= 4 programs per SM over the experts
       that have rows, else 32;
@@ -303,7 +343,7 @@ def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, f
       L2), K split in two or four while that keeps <= 2 programs per SM and >= 2 K steps per split
       (one row of a 2048 x 2048 matrix otherwise runs 64 programs on 132 SMs: 6.9 -> 5.7 us; eight
       splits and splits at 64 rows measured slower); bf16 dense and more rows: the FP8 expert rule.
-    M always by the expected rows per group."""
+    Otherwise M by the mean rows per group."""
     block_m = 16 if rows_per_group <= 16 else 32 if rows_per_group <= 32 else 64
     if kind == "dense" and fp8 and rows_per_group <= 64:
         block_n = min(32, max(16, next_pow2(n)))
@@ -313,7 +353,7 @@ def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, f
             split *= 2
         return TileConfig(16, block_n, split_k=split)
     if kind != "dense" and not fp8 and n >= 64:
-        return TileConfig(block_m, 64, swap=True)
+        return TileConfig(routed_rows_tile(rows_per_group), 64, swap=True)
     block_n = 64 if active_groups * -(-n // 64) >= 4 * sms else 32   # 16-row tiles measured slower at T=1
     block_n = min(block_n, max(16, next_pow2(n)))
     return TileConfig(block_m, block_n)
@@ -338,16 +378,19 @@ def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, t
             if split > 1 else out)
     dummy = out
     fast_cvt = FAST_FP8_CONVERT and fp8 and a.is_cuda and not _interpreting()   # inline PTX: not in the interpreter
-    grouped_kernel[(-(-n // cfg.block_n), groups, split)](
+    work_list = cfg.work_list and not dense
+    # work list: at most one partial M tile per expert plus the full ones (rows / block_m)
+    programs = groups + -(-order.numel() // cfg.block_m) if work_list else groups
+    grouped_kernel[(-(-n // cfg.block_n), programs, split)](
         a, order if order is not None else dummy, offs if offs is not None else dummy, w,
-        ws if fp8 else dummy, out, part, first, dense_rows, n, k, topk,
+        ws if fp8 else dummy, out, part, first, groups, dense_rows, n, k, topk,
         a.stride(0), w.stride(0) if w.dim() == 3 else 0, w.stride(-2),
         (ws.stride(0) if ws.dim() == 3 else 0) if fp8 else 0, ws.stride(-2) if fp8 else 0, out.stride(0),
         part.stride(0) if split > 1 else 0, part.stride(1) if split > 1 else 0,
         SWIGLU=swiglu, GATHER=gather, SCATTER=scatter, DENSE=dense, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SWAP=cfg.swap, FAST_CVT=fast_cvt,
         CVT_ASM=FP8_TO_BF16_ASM if fast_cvt else "", SPLIT_K=split,
-        IEEE=a.dtype == torch.float32,
+        IEEE=a.dtype == torch.float32, WORK_LIST=max(2, next_pow2(groups)) if work_list else 0,
         num_warps=cfg.warps, num_stages=stages)
     if split > 1:
         block = min(1024, max(16, next_pow2(n)))

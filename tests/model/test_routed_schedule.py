@@ -1,0 +1,62 @@
+"""The bf16 routed experts' decode schedule (the M tile rule, the work list of M tiles) under Triton's
+CPU interpreter, against an fp64 loop and the torch path."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_under_triton_interpreter
+
+
+def test_routed_expert_tiles_under_the_interpreter():
+    """tests/model/routed_schedule_checks.py in a fresh process: every M tile with and without the
+    work list on skewed routing (fp32 to 1e-5 of fp64, bf16 within the torch path's error), the work
+    list's extremes (one expert with every pair, one pair each, an unreached bank), and choose_tiles'
+    bf16 rule at 1-256 tokens."""
+    out = run_under_triton_interpreter(Path(__file__).with_name("routed_schedule_checks.py"))
+    assert out.strip().endswith("ok routed schedule"), out
+
+
+POINTERS = ("A", "ORDER", "OFFS", "W", "WS", "OUT", "PART")
+ALIGNED = POINTERS + ("N", "K", "stride_am", "stride_we", "stride_wn", "stride_om")   # as launches specialize them
+
+
+def _compile_for_hopper(cfg, swiglu: bool, groups: int = 64):
+    """moe_gemm's grouped kernel compiled (no GPU needed: Triton's bundled ptxas) for sm_90 as
+    routed_experts_fused launches it for bf16 experts at the v2-lite shapes with TileConfig `cfg`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dynamo_dwdp.model.kernels import moe_gemm, next_pow2
+
+    kernel = moe_gemm._kernels()[1]
+    const = dict(SWIGLU=swiglu, GATHER=swiglu, SCATTER=not swiglu, DENSE=False, FP8=False, BLOCK_M=cfg.block_m,
+                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP=cfg.swap, FAST_CVT=False, CVT_ASM="", SPLIT_K=1,
+                 IEEE=False, WORK_LIST=max(2, next_pow2(groups)) if cfg.work_list else 0)
+    sig = {n: ("constexpr" if n in const else "*i32" if n in ("ORDER", "OFFS") else "*fp32" if n == "PART"
+               else "*bf16" if n in POINTERS else "i32") for n in kernel.arg_names}
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED}
+    per_stage = (cfg.block_m * 2 + (2 if swiglu else 1) * cfg.block_n * 2) * cfg.block_k
+    stages = cfg.stages or max(1, min(4, 160 * 1024 // per_stage))             # as moe_gemm._launch
+    return triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=cfg.warps, num_stages=stages, enable_fp_fusion=True))
+
+
+def test_routed_expert_tiles_compile_to_hopper_pipelines():
+    """The bf16 routed tiles that choose_tiles gives at 64 and 256 tokens, and the work list, compile for
+    sm_90 to warpgroup MMAs fed by software-pipelined async copies within the shared memory an H200
+    gives one program (227 KB); the interpreter checks the arithmetic, this the GPU build."""
+    pytest.importorskip("triton")
+    from dynamo_dwdp.model.kernels import moe_gemm
+
+    cfgs = [moe_gemm.choose_tiles("swiglu", T * 6 / 64, min(T * 6, 64), 1408, False, 132) for T in (64, 256)]
+    cfgs.append(moe_gemm.TileConfig(32, 64, swap=True, work_list=True))
+    for cfg in cfgs:
+        for swiglu in (True, False):
+            compiled = _compile_for_hopper(cfg, swiglu)
+            ptx = compiled.asm["ptx"]
+            assert "wgmma.mma_async" in ptx, (cfg, swiglu)
+            assert "cp.async.cg.shared.global" in ptx, (cfg, swiglu)
+            assert compiled.metadata.shared <= 227 * 1024, (cfg, swiglu, compiled.metadata.shared)
