@@ -484,6 +484,7 @@ def bench(model: str, out_jsonl: str, setups: list, hw: str, on_done=None, faile
                     os.environ[k] = v
         for r in res:
             r["env"] = env
+            r["bench_setup"] = kw                          # as asked (the record's setup may not list every field)
         append_jsonl(out_jsonl, res)
         results += res
         gr = res[0].get("graphs") if res else None
@@ -508,7 +509,7 @@ def roofline_rows(results: list[dict], ceil: dict) -> list[dict]:
                 else ("sdpa" if st["attention"] == "auto" else st["attention"]))
         if st.get("weights", "native") != "native":
             mode += " " + st["weights"]
-        if st.get("async_scheduling"):
+        if st.get("async_scheduling") or r.get("bench_setup", {}).get("async_scheduling"):
             mode += " async"
         if r.get("env", {}).get("DWDP_FUSED_KERNELS") == "0":
             mode += " unfused"

@@ -248,7 +248,8 @@ def _alive(pid: int) -> bool:
 
 def run_step(argv: list[str], timeout: float, log_path: str, env: dict, marker: str) -> tuple[int | None, float, bool]:
     """Run one step's command under `timeout`; stdout and stderr to `log_path`. On timeout: SIGINT to
-    its process group (Python's finally blocks tear down what it launched), then SIGTERM, SIGKILL; then
+    its process group (Python's finally blocks tear down what it launched), then SIGTERM after 10 s,
+    SIGKILL after 5 more (the budget's margin to the device call's limit covers these); then
     whatever still carries the step's marker. Returns (rc, seconds, cut)."""
     t = time.monotonic()
     with open(log_path, "w") as log:
@@ -265,7 +266,7 @@ def run_step(argv: list[str], timeout: float, log_path: str, env: dict, marker: 
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             cut = True
-            for sig, grace in ((signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            for sig, grace in ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
                 try:
                     os.killpg(proc.pid, sig)
                 except ProcessLookupError:
@@ -288,7 +289,7 @@ def run_session(steps: list[Step], a, render=None) -> list[Row]:
     os.makedirs(a.work, exist_ok=True)
     rows = [Row(st.name, st.title, command=_command(st)) for st in steps]
     model_dir = os.path.join(a.work, "v2-lite")
-    last_model_user = max((i for i, st in enumerate(steps) if st.needs_model), default=-1)
+    last_model_user = max((i for i, st in enumerate(steps) if st.needs_model and not st.skip), default=-1)
     model_state = "not written" if any(st.name == "model" for st in steps) else "its step is not in --only"
     model_lost = model_state != "not written"           # no model to come: later users are not kept time for
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
@@ -298,7 +299,8 @@ def run_session(steps: list[Step], a, render=None) -> list[Row]:
     for i, (st, row) in enumerate(zip(steps, rows)):
         row.free_disk_gb = round(free_gb(a.work), 1)
         left = a.budget_s - (time.monotonic() - a.t0)
-        keep = sum(s.min_s for s in steps[i + 1:] if not (s.skip or (s.needs_model and model_lost)))
+        keep = sum(s.min_s for s in steps[i + 1:]            # not for steps that cannot run anyway
+                   if not (s.skip or (s.needs_model and model_lost) or s.min_s > left))
         timeout = min(st.cap_s, left - keep)
         try:
             argv = [] if st.skip else (st.argv() if callable(st.argv) else st.argv)
@@ -339,6 +341,7 @@ def run_session(steps: list[Step], a, render=None) -> list[Row]:
         say(f"{st.name}: {row.status}" + (f", {row.seconds:.0f} s" if row.rc is not None else ""))
         if render:
             render(rows)
+    shutil.rmtree(model_dir, ignore_errors=True)
     return rows
 
 
@@ -577,20 +580,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    p = build_parser()
+def settings(argv: list[str], p: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The parsed flags plus what the session derives from them (absolute folders, its id, the model's size)."""
+    import tempfile
+
+    p = p or build_parser()
     a = p.parse_args(argv)
+    if a.pack and not glob.glob(os.path.join(a.pack, "*.whl")):
+        p.error(f"--pack {a.pack}: no wheels there (allowed: a pack-dynamo-for-gpu.sh output folder)")
+    if a.layers < 1 or a.context < 1 or a.fp8_batch < 1 or a.concurrency < 1 or a.requests_per_concurrency < 1:
+        p.error("--layers, --context, --fp8-batch, --concurrency and --requests-per-concurrency must be >= 1")
     a.t0 = T0
     a.out = os.path.abspath(a.out)
     a.session_id = f"{os.getpid()}-{int(time.time())}"
     a.model_gb = MODEL_GB_BASE + MODEL_GB_PER_LAYER * a.layers
-    own_work = a.work is None
-    if a.pack and not glob.glob(os.path.join(a.pack, "*.whl")):
-        p.error(f"--pack {a.pack}: no wheels there (allowed: a pack-dynamo-for-gpu.sh output folder)")
-    import tempfile
-
+    a.own_work = a.work is None
     a.work = os.path.abspath(a.work or os.path.join(tempfile.gettempdir(), f"gpu-session-{a.session_id}"))
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = build_parser()
+    a = settings(argv, p)
     async_ok = async_scheduling_available(a)
     steps = plan(a, async_ok)
     names = [st.name for st in steps]
@@ -621,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = run_session(steps, a, render=lambda rows: write_results(rows, a, info))
     finally:
-        if own_work:
+        if a.own_work:
             shutil.rmtree(a.work, ignore_errors=True)
     text = render(rows, a, info)
     print(text, flush=True)
