@@ -1,6 +1,10 @@
 """One GPU session in one command: machine ceilings, correctness of the fast paths, engine benchmarks.
 
-  PYTHONPATH=. PYTHONUNBUFFERED=1 python3 scripts/gpu_perf.py --out $OUT [--layers 27]
+  PYTHONPATH=.:scripts PYTHONUNBUFFERED=1 python3 scripts/gpu_perf.py --out $OUT [--layers 27]
+  PYTHONPATH=.:scripts PYTHONUNBUFFERED=1 python3 scripts/gpu_perf.py --session --out $OUT --pack DYNAMO_PACK
+
+`--session` runs the whole one-GPU session instead (scripts/gpu_session.py: these steps and the other
+GPU scripts as subprocesses, each under its own timeout, within one time budget; `--session --help`).
 
 Installs nothing, needs no network. Steps (each prints a line; a table comes last):
 1. ceilings: HBM (device-to-device copy, bytes read + written) and bf16 GEMM (8192^3), CUDA events;
