@@ -36,7 +36,12 @@ import sys
 import tempfile
 import time
 
-import torch
+if __name__ == "__main__" and "--session" in sys.argv[1:]:     # the session driver: no torch in its process
+    import gpu_session
+
+    sys.exit(gpu_session.main([x for x in sys.argv[1:] if x != "--session"]))
+
+import torch  # noqa: E402
 
 from gpu_common import (block_tables, ceilings, decode_runner, fp8_engine_logits, graph_us, lite3, median_ms,  # noqa: F401
                         rel, rotating, say, write_v2lite)

@@ -485,11 +485,17 @@ def render(rows: list[Row], a, info: dict) -> str:
         md.append("no serving results" + ("" if a.pack else " (no --pack given)"))
 
     md += head("planner", "The planner's prediction against the measured steps")
-    log = os.path.join(out, "logs", "planner.log")
-    table = [ln.rstrip() for ln in open(log)] if os.path.isfile(log) else []
-    table = [ln for ln in table if ln.startswith("|")]
-    md += table or ["no planner comparison"]
+    md += _planner_table(out) or ["no planner comparison"]
     return "\n".join(md) + "\n"
+
+
+def _planner_table(out: str) -> list[str]:
+    """The markdown rows build_calibration --compare printed (its log's table lines)."""
+    log = os.path.join(out, "logs", "planner.log")
+    if not os.path.isfile(log):
+        return []
+    with open(log) as f:
+        return [ln.rstrip() for ln in f if ln.startswith("|")]
 
 
 def write_results(rows: list[Row], a, info: dict) -> None:
@@ -501,7 +507,8 @@ def write_results(rows: list[Row], a, info: dict) -> None:
                        ("decode", ("decode", "gpu_perf.json")), ("decode_sync", ("decode_sync", "gpu_perf.json")),
                        ("checks", ("checks", "gpu_perf.json")), ("fp8", ("fp8", "gpu_perf.json")),
                        ("prefill", ("prefill", "gpu_perf.json")), ("profile", ("profile", "profile.json")),
-                       ("serve", ("serve", "serve.json")))}}, f, indent=1, default=str)
+                       ("serve", ("serve", "serve.json")))},
+                   "planner_table": _planner_table(a.out)}, f, indent=1, default=str)
 
 
 def machine_info(argv: list[str]) -> dict:
