@@ -242,6 +242,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     out = a.out or os.path.join(a.results, f"calibration_h200_{DAY}.jsonl")
     recs = build(a.results, a.prefill_attention, a.profile, a.prefill_profile)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")

@@ -209,3 +209,34 @@ def test_help_through_gpu_perf_teaches_the_session():
     assert p.returncode == 0, p.stderr[-2000:]
     assert "gpu_perf.py --session" in p.stdout and "priority order" in p.stdout and "--pack" in p.stdout
     assert "--dry-run" in p.stdout and "--full-checks" in p.stdout
+
+
+def test_planner_step_on_a_sessions_files_reproduces_the_committed_comparison(tmp_path):
+    """The planner step's command, built over a session folder that holds the merged tree's profile (no
+    8K prefill point: the committed profile serves the prefill records) and bench records, prints the
+    table docs/performance.md shows for those files."""
+    import re
+    import shutil
+
+    results = REPO / "docs" / "results"
+    (tmp_path / "out" / "profile").mkdir(parents=True)
+    (tmp_path / "out" / "decode").mkdir()
+    shutil.copy(results / "profile_h200_merged_2026-12-01.json", tmp_path / "out" / "profile" / "profile.json")
+    shutil.copy(results / "bench-h200-merged-2026-12-01.jsonl", tmp_path / "out" / "decode" / "bench.jsonl")
+    a = _settings(tmp_path)
+    argv = gpu_session.planner_argv(a)
+    p = subprocess.run(argv, cwd=str(REPO), env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = {int(m[0]): (float(m[1]), float(m[2])) for m in
+           re.findall(r"^\| decode \| (\d+) \| ([\d.]+) \| ([\d.]+) \|", p.stdout, re.M)}
+    doc = (REPO / "docs" / "performance.md").read_text()
+    section = doc[doc.index("**Planner against the merged tree**"):]
+    section = section[:section.index("\n\n", section.index("| batch |"))]
+    want = {int(m[0]): (float(m[1]), float(m[2])) for m in
+            re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \|", section, re.M)}
+    assert want and got == want
+    assert os.path.isfile(tmp_path / "out" / "planner" / "calibration.jsonl")
+    # without any bench file of the session there is nothing to compare: a skipped row, not a crash
+    os.remove(tmp_path / "out" / "decode" / "bench.jsonl")
+    with pytest.raises(gpu_session.SkipStep):
+        gpu_session.planner_argv(a)
