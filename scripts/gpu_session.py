@@ -15,7 +15,7 @@ What it runs, in this priority order (each step a subprocess of the GPU scripts,
   fp8         decode at batch 64 with `fp8-block` and `fp8-block-a8` weights, against the bf16 step
   prefill     prefill 8K and 16K tokens, % of the bf16 GEMM peak
   profile     where a decode step's time goes (graph replay, kernels, host) at batch 1/64/256, prefill 8K
-  decode_sync the decode bench without async scheduling (batch 1/64/256; only when `decode` ran with it)
+  decode_sync the decode bench without async scheduling (batch 1/64; only when `decode` ran with it)
   serve       serving through Dynamo (agg, largest concurrency) against the engine alone (needs --pack)
   planner     (CPU) the planner's step model, calibrated with this session's profile, against this
               session's decode and prefill steps
@@ -101,7 +101,7 @@ def plan(a, async_ok: bool) -> list[Step]:
     common = ["--model", model, "--hw", a.hw, "--skip-checks", "--skip-matrix", "--context", str(a.context)]
     steps = [Step("model", f"v2-lite-shape {a.layers} layers, bf16, written once", _py(a) + [
         "-m", "dynamo_dwdp.cli", "make-model", model, "--preset", "v2-lite-shape", "--dtype", "bf16",
-        "--layers", str(a.layers), "--device", "cuda", "--force", "-q"], cap_s=120, min_s=40)]
+        "--layers", str(a.layers), "--device", "cuda", "--force", "-q"], cap_s=120, min_s=30, script="cli:make_model")]
     decode = perf + ["--out", os.path.join(out, "decode"), "--only", "bench_decode", "--decode-batches",
                      a.decode_batches] + common + (["--async-scheduling"] if async_ok else [])
     steps.append(Step("decode", "decode, bf16, CUDA graphs" + (", async scheduling" if async_ok else ""), decode,
@@ -130,7 +130,7 @@ def plan(a, async_ok: bool) -> list[Step]:
         "--prefill", a.profile_prefill], cap_s=120, min_s=40, script="gpu_profile", needs_model=True))
     steps.append(Step("decode_sync", "decode, bf16, CUDA graphs, without async scheduling", perf + [
         "--out", os.path.join(out, "decode_sync"), "--only", "bench_decode", "--decode-batches",
-        a.sync_batches] + common, cap_s=120, min_s=50, script="gpu_perf", needs_model=True,
+        a.sync_batches] + common, cap_s=100, min_s=40, script="gpu_perf", needs_model=True,
         skip="" if async_ok else "the decode step already ran without async scheduling"))
     steps.append(Step("serve", f"serving through Dynamo: agg at concurrency {a.concurrency} vs the engine alone",
                       _py(a) + [os.path.join("scripts", "gpu_serve.py"), "--out", os.path.join(out, "serve"),
@@ -139,11 +139,11 @@ def plan(a, async_ok: bool) -> list[Step]:
                                 "--concurrency", str(a.concurrency),
                                 "--requests-per-concurrency", str(a.requests_per_concurrency),
                                 "--work", os.path.join(a.work, "serve")],
-                      cap_s=300, min_s=150, script="gpu_serve", needs_model=True,
+                      cap_s=300, min_s=120, script="gpu_serve", needs_model=True,
                       note="launch, load and capture, one wave per request round, then bench engine at the same "
                            "batch and context", skip="" if a.pack else "no --pack (the Dynamo pack folder)"))
     steps.append(Step("planner", "the planner's step model vs this session's steps (CPU)",
-                      lambda: planner_argv(a), cap_s=60, min_s=15, script="build_calibration",
+                      lambda: planner_argv(a), cap_s=60, min_s=10, script="build_calibration",
                       note="calibrated with this session's profile where it ran (else the committed one)"))
     return steps
 
@@ -177,12 +177,19 @@ def check_argv(steps: list[Step]) -> list[str]:
         if not st.script or st.skip:
             continue
         argv = st.argv() if callable(st.argv) else st.argv
-        tail = argv[argv.index(next(x for x in argv if x.endswith(st.script + ".py"))) + 1:]
-        parser = importlib.import_module(st.script).build_parser()
+        if st.script.startswith("cli:"):                    # a `dynamo-dwdp` sub-command: its own parser
+            tail = argv[argv.index("dynamo_dwdp.cli") + 2:]
+            parser = argparse.ArgumentParser(prog=f"dynamo-dwdp {argv[argv.index('dynamo_dwdp.cli') + 1]}")
+            importlib.import_module(f"dynamo_dwdp.commands.{st.script[4:]}").register(parser.add_subparsers())
+            tail = [argv[argv.index("dynamo_dwdp.cli") + 1]] + tail
+        else:
+            tail = argv[argv.index(next(x for x in argv if x.endswith(st.script + ".py"))) + 1:]
+            parser = importlib.import_module(st.script).build_parser()
         try:
             parser.parse_args(tail)
         except SystemExit:
-            problems.append(f"step {st.name}: scripts/{st.script}.py does not accept: {shlex.join(tail)}")
+            where = f"dynamo-dwdp {tail[0]}" if st.script.startswith("cli:") else f"scripts/{st.script}.py"
+            problems.append(f"step {st.name}: {where} does not accept: {shlex.join(tail)}")
     return problems
 
 
@@ -571,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=27, help="v2-lite-shape depth (default 27, the full model)")
     p.add_argument("--context", type=int, default=1000, help="decode context (default 1000)")
     p.add_argument("--decode-batches", default="1,32,64,128,256")
-    p.add_argument("--sync-batches", default="1,64,256", help="decode_sync's batches (default 1,64,256)")
+    p.add_argument("--sync-batches", default="1,64", help="decode_sync's batches (default 1,64: graphs captured "
+                   "up to batch 64 only)")
     p.add_argument("--fp8-batch", type=int, default=64, help="the FP8 decode batch (default 64)")
     p.add_argument("--prefill", default="8192,16000", help="prefill lengths (default 8192,16000)")
     p.add_argument("--profile-batches", default="1,64,256")

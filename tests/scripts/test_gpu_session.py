@@ -187,8 +187,14 @@ def test_dry_run_checks_every_command_line_against_its_script(tmp_path):
 def test_a_command_line_its_script_refuses_is_reported():
     bad = gpu_session.Step("decode", "bad", [sys.executable, "scripts/gpu_perf.py", "--no-such-flag"], cap_s=1,
                            min_s=1, script="gpu_perf")
-    problems = gpu_session.check_argv([bad])
-    assert len(problems) == 1 and "scripts/gpu_perf.py does not accept: --no-such-flag" in problems[0]
+    bad_model = gpu_session.Step("model", "bad", [sys.executable, "-m", "dynamo_dwdp.cli", "make-model", "M",
+                                                  "--preset", "v2-lite-shape", "--layerz", "3"],
+                                 cap_s=1, min_s=1, script="cli:make_model")
+    good_model = gpu_session.Step("model", "good", bad_model.argv[:-2] + ["--layers", "3"], cap_s=1, min_s=1,
+                                  script="cli:make_model")
+    problems = gpu_session.check_argv([bad, bad_model, good_model])
+    assert len(problems) == 2 and "scripts/gpu_perf.py does not accept: --no-such-flag" in problems[0]
+    assert "dynamo-dwdp make-model does not accept: make-model M --preset v2-lite-shape --layerz 3" in problems[1]
 
 
 @pytest.mark.parametrize("argv, words", [
