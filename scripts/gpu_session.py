@@ -395,7 +395,9 @@ def render(rows: list[Row], a, info: dict) -> str:
         r = by.get(name)
         if r is None:
             return [f"\n## {title}", "", "not planned"]
-        return [f"\n## {title}", "", f"step `{name}`: {r.status}; command:", "", "```", r.command, "```", ""]
+        return [f"\n## {title}", "", f"step `{name}`: {r.status}; command (OUT: --out, WORK: the session's "
+                "model and temporary folder):", "", "```", r.command.replace(a.out, "OUT").replace(a.work, "WORK"),
+                "```", ""]
 
     decode = [b for b in _bench_rows(out, "decode") if b["phase"] == "decode"]
     perf = _load(os.path.join(out, "decode", "gpu_perf.json")) or {}
