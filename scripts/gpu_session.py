@@ -379,9 +379,9 @@ def _bench_rows(out: str, step: str) -> list[dict]:
 
 
 def render(rows: list[Row], a, info: dict) -> str:
-    """session.md: the step table, then one table per measurement from what the steps left on disk."""
+    """session.md: the step table, then one section per measurement from what the steps left on disk.
+    A section whose files cannot be read says so; the other sections are still written."""
     by = {r.name: r for r in rows}
-    out = a.out
     md = [f"# GPU session {info['date']}: {info['machine']}, torch {info['torch']}", "",
           f"command: `{info['command']}`", f"budget {a.budget_s:.0f} s; steps in priority order (log: stdout and "
           "stderr of the step; status: ok, failed, cut by its timeout, or skipped and why):", "",
@@ -390,76 +390,90 @@ def render(rows: list[Row], a, info: dict) -> str:
     md += [f"| {r.name} | {r.title} | {r.status} | {'' if r.rc is None else r.rc} | {r.seconds:.1f} | "
            f"{'' if r.timeout_s is None else f'{r.timeout_s:.0f}'} | {'' if r.started_s is None else r.started_s} | "
            f"{'' if r.free_disk_gb is None else r.free_disk_gb} | {r.log} |" for r in rows]
-
-    def head(name: str, title: str) -> list[str]:
+    for name, title, body in SECTIONS:
+        if name == "decode_sync" and name not in by:
+            continue
         r = by.get(name)
+        md += [f"\n## {title.format(a=a)}", ""]
         if r is None:
-            return [f"\n## {title}", "", "not planned"]
-        return [f"\n## {title}", "", f"step `{name}`: {r.status}; command (OUT: --out, WORK: the session's "
-                "model and temporary folder):", "", "```", r.command.replace(a.out, "OUT").replace(a.work, "WORK"),
-                "```", ""]
+            md.append("not planned")
+            continue
+        md += [f"step `{name}`: {r.status}; command (OUT: --out, WORK: the session's model and temporary "
+               "folder):", "", "```", r.command.replace(a.out, "OUT").replace(a.work, "WORK"), "```", ""]
+        try:
+            md += body(a.out, a)
+        except Exception as exc:                               # a malformed or partial file: this section only
+            md.append(f"could not read this step's results: {type(exc).__name__}: {exc}")
+    return "\n".join(md) + "\n"
 
-    decode = [b for b in _bench_rows(out, "decode") if b["phase"] == "decode"]
-    perf = _load(os.path.join(out, "decode", "gpu_perf.json")) or {}
-    ceil = perf.get("ceilings")
-    md += head("decode", "Decode, bf16, CUDA graphs (v2-lite-shape, 27 layers, context "
-               f"{a.context})")
+
+def _decode_section(out: str, a) -> list[str]:
+    md = []
+    ceil = (_load(os.path.join(out, "decode", "gpu_perf.json")) or {}).get("ceilings")
     if ceil:
         md.append(f"ceilings in the same run: HBM copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM "
                   f"{ceil['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s\n")
+    decode = [b for b in _bench_rows(out, "decode") if b["phase"] == "decode"]
     sync = {b["batch"]: b for b in _bench_rows(out, "decode_sync") if b["phase"] == "decode"}
-    if decode:
-        md += ["| batch | mode | step ms | tok/s | HBM GB/step | % HBM roofline | without async: step ms |",
-               "|---|---|---|---|---|---|---|"]
-        md += [f"| {b['batch']} | {b['mode']} | {b['step_ms']:.2f} | {b['tok_s']:,.0f} | {b['hbm_gb_step']:.2f} | "
-               f"{100 * b['hbm_frac']:.1f} | {_f(sync[b['batch']]['step_ms']) if b['batch'] in sync else ''} |"
-               for b in decode]
-        gr = next((b["graphs"] for b in decode if b.get("graphs")), None)
-        md += ["", "**Start-up capture**: " + (f"{gr['count']} decode graphs in {gr['capture_s']:.1f} s, "
-                                               f"{gr['capture_bytes'] / 2**20:.0f} MiB of graph memory, "
-                                               f"{gr['captures_after_start']} captures after start" if gr
-                                               else "not recorded")]
-    else:
-        md.append("no decode results")
-    if "decode_sync" in by:
-        md += head("decode_sync", "Decode without async scheduling (the last column above)")
+    if not decode:
+        return md + ["no decode results"]
+    md += ["| batch | mode | step ms | tok/s | HBM GB/step | % HBM roofline | without async: step ms |",
+           "|---|---|---|---|---|---|---|"]
+    md += [f"| {b['batch']} | {b['mode']} | {b['step_ms']:.2f} | {b['tok_s']:,.0f} | {b['hbm_gb_step']:.2f} | "
+           f"{100 * b['hbm_frac']:.1f} | {_f(sync[b['batch']]['step_ms']) if b['batch'] in sync else ''} |"
+           for b in decode]
+    gr = next((b["graphs"] for b in decode if b.get("graphs")), None)
+    md += ["", "**Start-up capture**: " + (f"{gr['count']} decode graphs in {gr['capture_s']:.1f} s, "
+                                           f"{gr['capture_bytes'] / 2**20:.0f} MiB of graph memory, "
+                                           f"{gr['captures_after_start']} captures after start" if gr
+                                           else "not recorded")]
+    return md
 
-    md += head("checks", "GPU correctness checks")
+
+def _sync_section(out: str, a) -> list[str]:
+    rows = [b for b in _bench_rows(out, "decode_sync") if b["phase"] == "decode"]
+    return [f"batch {b['batch']}: {b['step_ms']:.2f} ms ({b['mode']})" for b in rows] or ["no results"]
+
+
+def _checks_section(out: str, a) -> list[str]:
     checks = (_load(os.path.join(out, "checks", "gpu_perf.json")) or {}).get("checks") or []
-    if checks:
-        md += ["| check | result | status |", "|---|---|---|"] + [f"| {c[0]} | {c[1]} | {c[2]} |" for c in checks]
-        bad = [c for c in checks if c[2] not in ("ok", "info")]
-        md.append(f"\n{len(checks) - len(bad)} of {len(checks)} rows ok or info; " +
-                  ("**not passed: " + "; ".join(c[0] for c in bad) + "**" if bad else "every check passed"))
-    else:
-        md.append("no check results")
+    if not checks:
+        return ["no check results"]
+    bad = [c for c in checks if c[2] not in ("ok", "info")]
+    return (["| check | result | status |", "|---|---|---|"] + [f"| {c[0]} | {c[1]} | {c[2]} |" for c in checks]
+            + [f"\n{len(checks) - len(bad)} of {len(checks)} rows ok or info; " +
+               ("**not passed: " + "; ".join(c[0] for c in bad) + "**" if bad else "every check passed")])
 
-    md += head("fp8", f"FP8 decode at batch {a.fp8_batch} against bf16")
-    bf16 = {**{b["batch"]: b for b in decode}, **sync}             # the bf16 step without async where measured
+
+def _fp8_section(out: str, a) -> list[str]:
     fp8 = [b for b in _bench_rows(out, "fp8") if b["phase"] == "decode"]
-    if fp8:
-        md += ["| weights | batch | step ms | bf16 step ms (its mode) | vs bf16 |", "|---|---|---|---|---|"]
-        for b in fp8:
-            ref = bf16.get(b["batch"])
-            ref_text = f"{ref['step_ms']:.2f} ({ref['mode']})" if ref else "—"
-            md.append(f"| {b['mode']} | {b['batch']} | {b['step_ms']:.2f} | {ref_text} | "
-                      f"{_f(ref and b['step_ms'] / ref['step_ms'])} |")
-    else:
-        md.append("no FP8 results")
+    if not fp8:
+        return ["no FP8 results"]
+    bf16 = {b["batch"]: b for b in _bench_rows(out, "decode") if b["phase"] == "decode"}
+    bf16.update({b["batch"]: b for b in _bench_rows(out, "decode_sync") if b["phase"] == "decode"})   # same mode
+    md = ["| weights | batch | step ms | bf16 step ms (its mode) | vs bf16 |", "|---|---|---|---|---|"]
+    for b in fp8:
+        ref = bf16.get(b["batch"])
+        ref_text = f"{ref['step_ms']:.2f} ({ref['mode']})" if ref else "—"
+        md.append(f"| {b['mode']} | {b['batch']} | {b['step_ms']:.2f} | {ref_text} | "
+                  f"{_f(ref and b['step_ms'] / ref['step_ms'])} |")
+    return md
 
-    md += head("prefill", "Prefill, eager (one sequence)")
+
+def _prefill_section(out: str, a) -> list[str]:
     pre = [b for b in _bench_rows(out, "prefill") if b["phase"] == "prefill"]
-    if pre:
-        md += ["| tokens | step ms | tok/s | % GEMM peak | % HBM roofline |", "|---|---|---|---|---|"]
-        md += [f"| {b['tokens']:,} | {b['step_ms']:.2f} | {b['tok_s']:,.0f} | {100 * b['flop_frac']:.1f} | "
-               f"{100 * b['hbm_frac']:.1f} |" for b in pre]
-    else:
-        md.append("no prefill results")
+    if not pre:
+        return ["no prefill results"]
+    return (["| tokens | step ms | tok/s | % GEMM peak | % HBM roofline |", "|---|---|---|---|---|"]
+            + [f"| {b['tokens']:,} | {b['step_ms']:.2f} | {b['tok_s']:,.0f} | {100 * b['flop_frac']:.1f} | "
+               f"{100 * b['hbm_frac']:.1f} |" for b in pre])
 
-    md += head("profile", "Where a step's time goes (torch profiler over graph replays)")
+
+def _profile_section(out: str, a) -> list[str]:
     prof = _load(os.path.join(out, "profile", "profile.json")) or {}
     prow = [(f"decode b{k}", v) for k, v in sorted((prof.get("decode") or {}).items(), key=lambda kv: int(kv[0]))]
     prow += [(f"prefill {k}", v) for k, v in sorted((prof.get("prefill") or {}).items(), key=lambda kv: int(kv[0]))]
+    md = []
     if prow:
         md += ["| point | wall ms | replay ms | GPU busy ms | host (wall - busy) ms | kernels per step | largest "
                "kernels (us per step) |", "|---|---|---|---|---|---|---|"]
@@ -467,35 +481,43 @@ def render(rows: list[Row], a, info: dict) -> str:
             top = ", ".join(f"{t['name'][:40]} {t['us_per_step']:.0f}" for t in v.get("top", [])[:4])
             md.append(f"| {name} | {v['wall_ms']:.2f} | {_f(v.get('graph_replay_ms'))} | {v['busy_ms']:.2f} | "
                       f"{v['wall_ms'] - v['busy_ms']:.2f} | {v['kernels_per_step']:.0f} | {top} |")
-    for fail in prof.get("failed") or []:
-        md.append(f"\nprofile point FAILED: {fail}")
-    if not prow:
-        md.append("no profile results")
+        md.append("\nper-kernel tables: profile/profile.md")
+    md += [f"\nprofile point FAILED: {fail}" for fail in prof.get("failed") or []]
+    return md or ["no profile results"]
 
-    md += head("serve", "Serving through Dynamo against the engine alone")
-    serve = _load(os.path.join(out, "serve", "serve.json")) or {}
-    summ = serve.get("summary") or {}
-    if summ.get("points"):
-        md += ["| graph | concurrency | ok/sent | TTFT p50 ms | ITL p50 ms | output TPS | TPS/GPU |",
-               "|---|---|---|---|---|---|---|"]
-        md += [f"| {p['graph']} | {p['concurrency']} | {p['ok']}/{p['sent']} | {_f(p['ttft_ms_p50'], 1)} | "
-               f"{_f(p['itl_ms_p50'])} | {_f(p['output_tps'], 1)} | {_f(p['tps_gpu'], 1)} |" for p in summ["points"]]
-        b = summ.get("bench") or {}
-        if b:
-            md.append(f"\nengine alone (`bench engine`, decode batch {b.get('batch')}, context {b.get('context')}): "
-                      f"{_f(b.get('tokens_per_s_per_gpu'), 0)} tokens/s per GPU")
-        for g, r in (summ.get("ratio") or {}).items():
-            md.append(f"{g}: serving TPS/GPU / engine decode TPS = {r:.3f}")
-        for g, r in (summ.get("vs_expected") or {}).items():
-            md.append(f"{g}: serving / expected from the engine alone (prompts at the prefill rate + decode steps) "
-                      f"= {r['ratio']:.3f} (expected {r['expected_tps']:,.0f} tokens/s)")
-        md.append("\nfull tables: serve/serve.md")
-    else:
-        md.append("no serving results" + ("" if a.pack else " (no --pack given)"))
 
-    md += head("planner", "The planner's prediction against the measured steps")
-    md += _planner_table(out) or ["no planner comparison"]
-    return "\n".join(md) + "\n"
+def _serve_section(out: str, a) -> list[str]:
+    summ = (_load(os.path.join(out, "serve", "serve.json")) or {}).get("summary") or {}
+    if not summ.get("points"):
+        return ["no serving results" + ("" if a.pack else " (no --pack given)")]
+    md = ["| graph | concurrency | ok/sent | TTFT p50 ms | ITL p50 ms | output TPS | TPS/GPU |",
+          "|---|---|---|---|---|---|---|"]
+    md += [f"| {p['graph']} | {p['concurrency']} | {p['ok']}/{p['sent']} | {_f(p['ttft_ms_p50'], 1)} | "
+           f"{_f(p['itl_ms_p50'])} | {_f(p['output_tps'], 1)} | {_f(p['tps_gpu'], 1)} |" for p in summ["points"]]
+    b = summ.get("bench") or {}
+    if b:
+        md.append(f"\nengine alone (`bench engine`, decode batch {b.get('batch')}, context {b.get('context')}): "
+                  f"{_f(b.get('tokens_per_s_per_gpu'), 0)} tokens/s per GPU")
+    md += [f"{g}: serving TPS/GPU / engine decode TPS = {r:.3f}" for g, r in (summ.get("ratio") or {}).items()]
+    md += [f"{g}: serving / expected from the engine alone (prompts at the prefill rate + decode steps) = "
+           f"{r['ratio']:.3f} (expected {r['expected_tps']:,.0f} tokens/s)"
+           for g, r in (summ.get("vs_expected") or {}).items()]
+    return md + ["\nfull tables: serve/serve.md"]
+
+
+def _planner_section(out: str, a) -> list[str]:
+    return _planner_table(out) or ["no planner comparison"]
+
+
+SECTIONS = (("decode", "Decode, bf16, CUDA graphs (v2-lite-shape, {a.layers} layers, context {a.context})",
+             _decode_section),
+            ("decode_sync", "Decode without async scheduling (the last column above)", _sync_section),
+            ("checks", "GPU correctness checks", _checks_section),
+            ("fp8", "FP8 decode at batch {a.fp8_batch} against bf16", _fp8_section),
+            ("prefill", "Prefill, eager (one sequence)", _prefill_section),
+            ("profile", "Where a step's time goes (torch profiler over graph replays)", _profile_section),
+            ("serve", "Serving through Dynamo against the engine alone", _serve_section),
+            ("planner", "The planner's prediction against the measured steps", _planner_section))
 
 
 def _planner_table(out: str) -> list[str]:
@@ -652,8 +674,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if a.own_work:
             shutil.rmtree(a.work, ignore_errors=True)
-    text = render(rows, a, info)
-    print(text, flush=True)
+    print(render(rows, a, info), flush=True)
+    for r in rows:                                           # last, so that a short output tail still shows it
+        print(f"{r.name:12s} {r.status}" + (f" ({r.seconds:.0f} s, log {r.log})" if r.log else ""))
     failed = [r for r in rows if r.status != "ok"]
     say("done" if not failed else f"done; not ok: {', '.join(f'{r.name} ({r.status})' for r in failed)}")
     return 0 if not failed else 1

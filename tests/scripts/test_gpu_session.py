@@ -246,3 +246,18 @@ def test_planner_step_on_a_sessions_files_reproduces_the_committed_comparison(tm
     os.remove(tmp_path / "out" / "decode" / "bench.jsonl")
     with pytest.raises(gpu_session.SkipStep):
         gpu_session.planner_argv(a)
+
+
+def test_a_malformed_result_file_spoils_only_its_own_section(tmp_path):
+    a = _settings(tmp_path)
+    os.makedirs(os.path.join(a.out, "decode"))
+    os.makedirs(os.path.join(a.out, "checks"))
+    with open(os.path.join(a.out, "decode", "gpu_perf.json"), "w") as f:
+        json.dump({"bench": [{"phase": "decode", "batch": 8}]}, f)           # a row without its figures
+    with open(os.path.join(a.out, "checks", "gpu_perf.json"), "w") as f:
+        f.write('{"checks": [["half written')                                 # cut while writing
+    rows = [gpu_session.Row(n, n, status="ok", rc=0) for n in ("decode", "checks", "prefill")]
+    md = gpu_session.render(rows, a, {"date": "D", "machine": "M", "torch": "T", "command": "C"})
+    assert "could not read this step's results: KeyError" in md
+    assert "no check results" in md and "no prefill results" in md
+    assert md.index("## Decode") < md.index("## GPU correctness checks") < md.index("## Prefill")
