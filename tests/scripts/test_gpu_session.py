@@ -261,3 +261,23 @@ def test_a_malformed_result_file_spoils_only_its_own_section(tmp_path):
     assert "could not read this step's results: KeyError" in md
     assert "no check results" in md and "no prefill results" in md
     assert md.index("## Decode") < md.index("## GPU correctness checks") < md.index("## Prefill")
+
+
+def test_the_command_end_to_end_with_only_the_cpu_step(tmp_path):
+    """`gpu_perf.py --session --only planner` over a results folder that holds a decode bench: the
+    driver's whole path (flags, plan, run, tables, exit code) with the one step that needs no GPU."""
+    import shutil
+
+    out = tmp_path / "out"
+    (out / "decode").mkdir(parents=True)
+    shutil.copy(REPO / "docs" / "results" / "bench-h200-merged-2026-12-01.jsonl", out / "decode" / "bench.jsonl")
+    p = subprocess.run([PY, "scripts/gpu_perf.py", "--session", "--out", str(out), "--only", "planner",
+                        "--async-scheduling", "off"], cwd=str(REPO), env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    md = (out / "session.md").read_text()
+    assert "| planner | the planner's step model vs this session's steps (CPU) | ok | 0 |" in md
+    assert "| decode | 64 | 10.13 | " in md                             # measured; predicted from the committed profile
+    doc = json.loads((out / "session.json").read_text())
+    assert [s["name"] for s in doc["steps"]] == ["planner"] and doc["planner_table"]
+    assert p.stdout.rstrip().splitlines()[-2].startswith("planner      ok")
