@@ -8,10 +8,11 @@ What it runs, in this priority order (each step a subprocess of the GPU scripts,
               step below; FP8 variants are quantized at load (`weights`), never written
   decode      `bench engine` decode from CUDA graphs at batch 1/32/64/128/256, % of the HBM roofline,
               start-up capture (graphs, seconds, MiB); with engine.async_scheduling where the bench has it
-  checks      the GPU-only correctness checks: Triton kernels vs fp64/torch on the GPU, a decode step
-              from a CUDA graph vs eager (bitwise), the FP8 engine's logits within tolerance
-              (--full-checks adds the ones CPU CI already covers in part: grouped experts, expert GEMM
-              timings, operation counts, an eager kernel profile)
+  checks      the GPU-only correctness checks: Triton kernels vs fp64/torch on the GPU, grouped experts
+              (sync-free and host-synced) vs fp32, SDPA prefill vs the reference, a decode step from a
+              CUDA graph vs eager (bitwise), the fp8-block and fp8-block-a8 engines' logits within
+              tolerance (--full-checks adds expert GEMM timings, operation counts with the fused kernels
+              off/on and an eager kernel profile: figures, not checks)
   fp8         decode at batch 64 with `fp8-block` and `fp8-block-a8` weights, against the bf16 step
   prefill     prefill 8K and 16K tokens, % of the bf16 GEMM peak
   profile     where a decode step's time goes (graph replay, kernels, host) at batch 1/64/256, prefill 8K
@@ -108,9 +109,9 @@ def plan(a, async_ok: bool) -> list[Step]:
                       cap_s=200, min_s=60, script="gpu_perf", needs_model=True,
                       note="engine.async_scheduling: " + ("on (the bench lists --async-scheduling)" if async_ok else
                                                           "off (this tree's bench has no --async-scheduling)")))
-    checks = ["decode_kernel", "fused_kernels", "graphs", "fp8_engine"]
+    checks = ["decode_kernel", "grouped_experts", "fused_kernels", "graphs", "fp8_engine", "fp8a8_engine"]
     if a.full_checks:
-        checks += ["grouped_experts", "expert_gemms", "op_count", "profile"]
+        checks += ["expert_gemms", "op_count", "profile"]
     steps.append(Step("checks", "GPU correctness checks" + (" (full)" if a.full_checks else " (GPU-only)"),
                       perf + ["--out", os.path.join(out, "checks"), "--only", ",".join(checks), "--skip-bench",
                               "--skip-matrix", "--profile-batch", "32" if a.full_checks else "0", "--context",
@@ -592,8 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for the whole session, start-up of the steps included (default 540: a 600 s "
                         "device call less its start)")
     p.add_argument("--full-checks", action="store_true",
-                   help="also the GPU checks that repeat what CPU CI covers (grouped experts, expert GEMM timings, "
-                        "operation counts, an eager kernel profile)")
+                   help="also gpu_perf's GPU figures that check nothing CPU CI does not (expert GEMM timings, "
+                        "operation counts with the fused kernels off/on, an eager kernel profile)")
     p.add_argument("--only", default="", help="comma list of steps to run (the rest are skipped rows): "
                    "model,decode,checks,fp8,prefill,profile,decode_sync,serve,planner")
     p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
