@@ -199,7 +199,7 @@ def async_scheduling_available(a) -> bool:
     if a.async_scheduling != "auto":
         return a.async_scheduling == "on"
     p = subprocess.run([a.python, "-m", "dynamo_dwdp.cli", "bench", "engine", "--help"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+                       env=step_env(a), capture_output=True, text=True, timeout=120)
     return "--async-scheduling" in p.stdout
 
 
@@ -272,7 +272,17 @@ def run_step(argv: list[str], timeout: float, log_path: str, env: dict, marker: 
         cut = False
         try:
             rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException as exc:                             # timeout, or the session itself stopped
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    try:
+                        os.killpg(proc.pid, sig)
+                        proc.wait(timeout=3)
+                        break
+                    except (ProcessLookupError, subprocess.TimeoutExpired):
+                        continue
+                end_leftovers(marker, grace_s=3.0)
+                raise
             cut = True
             for sig, grace in ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
                 try:
@@ -291,6 +301,16 @@ def run_step(argv: list[str], timeout: float, log_path: str, env: dict, marker: 
     return rc, time.monotonic() - t, cut
 
 
+def step_env(a) -> dict:
+    """Every step's environment: this checkout and scripts/ first on PYTHONPATH, unbuffered output, one
+    torch thread unless set, one inductor cache for the session, no NVLink multicast."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               TORCHINDUCTOR_CACHE_DIR=os.path.join(a.work, "inductor-cache"), **NO_MULTICAST)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "scripts")] + [
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
 def run_session(steps: list[Step], a, render=None) -> list[Row]:
     """Run `steps` in order within a.budget_s; after each, `render(rows)` writes the results so far."""
     os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
@@ -300,10 +320,7 @@ def run_session(steps: list[Step], a, render=None) -> list[Row]:
     last_model_user = max((i for i, st in enumerate(steps) if st.needs_model and not st.skip), default=-1)
     model_state = "not written" if any(st.name == "model" for st in steps) else "its step is not in --only"
     model_lost = model_state != "not written"           # no model to come: later users are not kept time for
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               TORCHINDUCTOR_CACHE_DIR=os.path.join(a.work, "inductor-cache"), **NO_MULTICAST)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "scripts")] + [
-        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = step_env(a)
     for i, (st, row) in enumerate(zip(steps, rows)):
         row.free_disk_gb = round(free_gb(a.work), 1)
         left = a.budget_s - (time.monotonic() - a.t0)
@@ -336,6 +353,11 @@ def run_session(steps: list[Step], a, render=None) -> list[Row]:
                 rc, secs, cut = run_step(argv, timeout, os.path.join(a.out, row.log), {**env, "TMPDIR": tmp},
                                          f"{a.session_id}-{st.name}")
                 row.command = _command(st)                        # a callable argv: as it really ran
+            except BaseException:                                 # the session itself was stopped
+                row.status = "interrupted: the session was stopped during this step"
+                if render:
+                    render(rows)
+                raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             row.rc, row.seconds = rc, round(secs, 1)
@@ -639,6 +661,10 @@ def settings(argv: list[str], p: argparse.ArgumentParser | None = None) -> argpa
     return a
 
 
+def _stopped(signum, frame):
+    raise SystemExit(f"session stopped by signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
@@ -668,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}")
         return 2 if problems else 0
     os.makedirs(a.out, exist_ok=True)
+    signal.signal(signal.SIGTERM, _stopped)          # finally blocks run: the step ended, results written
     info = machine_info(argv)
     say(f"{info['machine']}; torch {info['torch']}; {len(steps)} steps; budget {a.budget_s:.0f} s; work {a.work}")
     try:

@@ -281,3 +281,37 @@ def test_the_command_end_to_end_with_only_the_cpu_step(tmp_path):
     doc = json.loads((out / "session.json").read_text())
     assert [s["name"] for s in doc["steps"]] == ["planner"] and doc["planner_table"]
     assert p.stdout.rstrip().splitlines()[-2].startswith("planner      ok")
+
+
+def test_a_stopped_session_ends_its_step_and_writes_what_it_has(tmp_path):
+    """SIGTERM to the driver mid-step (the device call's limit): the step's processes are ended and
+    session.md says which step was interrupted."""
+    import signal
+
+    pid_file = tmp_path / "step.pid"
+    harness = textwrap.dedent(f"""
+        import signal, sys
+        sys.path.insert(0, {str(REPO / 'scripts')!r})
+        import gpu_session as g
+        a = g.settings(["--out", {str(tmp_path / 'out')!r}, "--work", {str(tmp_path / 'work')!r},
+                        "--async-scheduling", "off"])
+        signal.signal(signal.SIGTERM, g._stopped)
+        step = g.Step("decode", "sleeps", [sys.executable, "-c",
+                      "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"],
+                      cap_s=600, min_s=1)
+        info = {{"date": "D", "machine": "M", "torch": "T", "command": "C"}}
+        g.run_session([step], a, render=lambda rows: g.write_results(rows, a, info))
+    """)
+    proc = subprocess.Popen([PY, "-c", harness], cwd=str(REPO), env=_env())
+    deadline = time.monotonic() + 120
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    step_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    deadline = time.monotonic() + 30
+    while _alive(step_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(step_pid)
+    md = (tmp_path / "out" / "session.md").read_text()
+    assert "| decode | sleeps | interrupted: the session was stopped during this step |" in md
