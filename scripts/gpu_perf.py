@@ -653,6 +653,32 @@ def _ints(text: str) -> list[int]:
     return [int(b) for b in text.split(",") if b]
 
 
+def bench_setups(a, only: set, graph_kw: dict) -> list[tuple[dict, list, dict]]:
+    """The `bench` setups the selected steps run, one model load each: (BenchSetup keywords, points, env)."""
+    from dynamo_dwdp.bench.engine_bench import Point
+
+    batches = _ints(a.decode_batches)
+    decode = [Point("decode", b, b, a.context, 0.0, 10, 3) for b in batches]
+    prefill = [Point("prefill", n, 1, 0, 0.0, 3, 1) for n in _ints(a.prefill)]
+    ref_prefill = [Point("prefill", n, 1, 0, 0.0, 3, 1) for n in _ints(a.reference_prefill)]
+    eager_decode = [pt for pt in decode if pt.batch in (1, 32)]
+    ref_decode = [pt for pt in decode if pt.batch in (32, 128)]
+    fp8_decode = [Point("decode", b, b, a.context, 0.0, 10, 3) for b in _ints(a.fp8_batches)]
+    before = [pt for pt in decode if pt.batch in (1, 64)]
+    eager = ((eager_decode if "bench_eager" in only else [])
+             + (prefill if only & {"bench_eager", "bench_prefill"} else []))
+    setups = [(graph_kw, decode if "bench_decode" in only else [], {})]        # fused kernels, bf16
+    setups += [({"cuda_graphs": True, "weights": w}, fp8_decode if "bench_fp8" in only else [], {})
+               for w in a.fp8_weights.split(",") if w]
+    setups += [({}, eager, {}),
+               ({"cuda_graphs": True}, before if "bench_unfused" in only else [], {"DWDP_FUSED_KERNELS": "0"})]
+    if a.more:
+        setups += [({"cuda_graphs": True}, [pt for pt in decode if pt.batch == 64], {"DWDP_EXPERT_GEMM": "grouped_mm"}),
+                   ({"cuda_graphs": True, "attention": "reference"}, ref_decode + ref_prefill, {})]
+    setups = [st for st in setups if st[1]]
+    return setups
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--session" in argv:
@@ -664,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     only = set(a.only.split(",")) - {""} or set(DEFAULT_STEPS)
     if only - set(STEPS):
         p.error(f"--only: unknown step(s) {sorted(only - set(STEPS))}; choose from {','.join(STEPS)}")
+    bad = [w for w in a.fp8_weights.split(",") if w and w not in ("fp8-block", "fp8-block-a8")]
+    if bad:
+        p.error(f"--fp8-weights: {bad} (allowed: fp8-block, fp8-block-a8)")
     os.makedirs(a.out, exist_ok=True)
     tmp = tempfile.mkdtemp()
     try:
@@ -675,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(a, only: set, tmp: str) -> int:
-    from dynamo_dwdp.bench.engine_bench import BenchSetup, Point
+    from dynamo_dwdp.bench.engine_bench import BenchSetup
 
     ngpu = torch.cuda.device_count()
     info = {"gpus": ngpu, "name": torch.cuda.get_device_name(0), "torch": torch.__version__,
@@ -745,25 +774,7 @@ def run(a, only: set, tmp: str) -> int:
         say("done (matrix only)")
         return 0
     jsonl = os.path.join(a.out, "bench.jsonl")
-    batches = _ints(a.decode_batches)
-    decode = [Point("decode", b, b, a.context, 0.0, 10, 3) for b in batches]
-    prefill = [Point("prefill", n, 1, 0, 0.0, 3, 1) for n in _ints(a.prefill)]
-    ref_prefill = [Point("prefill", n, 1, 0, 0.0, 3, 1) for n in _ints(a.reference_prefill)]
-    eager_decode = [pt for pt in decode if pt.batch in (1, 32)]
-    ref_decode = [pt for pt in decode if pt.batch in (32, 128)]
-    fp8_decode = [Point("decode", b, b, a.context, 0.0, 10, 3) for b in _ints(a.fp8_batches)]
-    before = [pt for pt in decode if pt.batch in (1, 64)]
-    eager = ((eager_decode if "bench_eager" in only else [])
-             + (prefill if only & {"bench_eager", "bench_prefill"} else []))
-    setups = [(graph_kw, decode if "bench_decode" in only else [], {})]        # fused kernels, bf16
-    setups += [({"cuda_graphs": True, "weights": w}, fp8_decode if "bench_fp8" in only else [], {})
-               for w in a.fp8_weights.split(",") if w]
-    setups += [({}, eager, {}),
-               ({"cuda_graphs": True}, before if "bench_unfused" in only else [], {"DWDP_FUSED_KERNELS": "0"})]
-    if a.more:
-        setups += [({"cuda_graphs": True}, [pt for pt in decode if pt.batch == 64], {"DWDP_EXPERT_GEMM": "grouped_mm"}),
-                   ({"cuda_graphs": True, "attention": "reference"}, ref_decode + ref_prefill, {})]
-    setups = [st for st in setups if st[1]]
+    setups = bench_setups(a, only, graph_kw)
     failed: list = []
 
     def write(results):
