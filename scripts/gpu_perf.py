@@ -694,13 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"--fp8-weights: {bad} (allowed: fp8-block, fp8-block-a8)")
     os.makedirs(a.out, exist_ok=True)
-    tmp = tempfile.mkdtemp()
-    try:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:     # the models written here go with it
         return run(a, only, tmp)
-    finally:                                                 # the models written here (3 and 27 layers) go
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(a, only: set, tmp: str) -> int:
