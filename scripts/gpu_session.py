@@ -141,8 +141,8 @@ def plan(a, async_ok: bool) -> list[Step]:
                                 "--requests-per-concurrency", str(a.requests_per_concurrency),
                                 "--work", os.path.join(a.work, "serve")],
                       cap_s=300, min_s=120, script="gpu_serve", needs_model=True,
-                      note="launch, load and capture, one wave per request round, then bench engine at the same "
-                           "batch and context", skip="" if a.pack else "no --pack (the Dynamo pack folder)"))
+                      note="launch (load, capture), a greedy probe, --requests-per-concurrency x concurrency "
+                           "requests, then bench engine at that batch and context", skip="" if a.pack else "no --pack (the Dynamo pack folder)"))
     steps.append(Step("planner", "the planner's step model vs this session's steps (CPU)",
                       lambda: planner_argv(a), cap_s=60, min_s=10, script="build_calibration",
                       note="calibrated with this session's profile where it ran (else the committed one)"))
@@ -615,8 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for the whole session, start-up of the steps included (default 540: a 600 s "
                         "device call less its start)")
     p.add_argument("--full-checks", action="store_true",
-                   help="also gpu_perf's GPU figures that check nothing CPU CI does not (expert GEMM timings, "
-                        "operation counts with the fused kernels off/on, an eager kernel profile)")
+                   help="the checks step also records gpu_perf's GPU figures that are not pass/fail checks "
+                        "(expert GEMM timings, operation counts with the fused kernels off/on, an eager kernel "
+                        "profile of the 3-layer model)")
     p.add_argument("--only", default="", help="comma list of steps to run (the rest are skipped rows): "
                    "model,decode,checks,fp8,prefill,profile,decode_sync,serve,planner")
     p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
@@ -624,12 +625,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "--async-scheduling (then decode_sync measures without it) (default auto)")
     p.add_argument("--layers", type=int, default=27, help="v2-lite-shape depth (default 27, the full model)")
     p.add_argument("--context", type=int, default=1000, help="decode context (default 1000)")
-    p.add_argument("--decode-batches", default="1,32,64,128,256")
+    p.add_argument("--decode-batches", default="1,32,64,128,256", help="the decode step's batches (default "
+                   "1,32,64,128,256)")
     p.add_argument("--sync-batches", default="1,64", help="decode_sync's batches (default 1,64: graphs captured "
                    "up to batch 64 only)")
     p.add_argument("--fp8-batch", type=int, default=64, help="the FP8 decode batch (default 64)")
     p.add_argument("--prefill", default="8192,16000", help="prefill lengths (default 8192,16000)")
-    p.add_argument("--profile-batches", default="1,64,256")
+    p.add_argument("--profile-batches", default="1,64,256", help="the profile's decode batches, one engine each "
+                   "(default 1,64,256: the planner's host and small-kernel records)")
     p.add_argument("--profile-prefill", default="8192", help="the profile's prefill lengths (default 8192: the "
                    "planner's prefill records)")
     p.add_argument("--concurrency", type=int, default=64, help="serving concurrency (default 64)")
