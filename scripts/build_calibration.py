@@ -221,7 +221,7 @@ def compare(results: str, calibration: str, bench_files: tuple[str, ...] = BENCH
     return rows
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=os.path.join(here, "docs", "results"), help="folder of the result files")
@@ -229,14 +229,20 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-attention", default="cudnn", help="the attention implementation the engine ran")
     ap.add_argument("--compare", action="store_true", help="then print the prediction against the bench step times")
     ap.add_argument("--profile", default=f"profile_h200_graphs_{DAY}.json",
-                    help="the scripts/gpu_profile.py JSON (in --results) the small-kernel and host records come from")
+                    help="the scripts/gpu_profile.py JSON (in --results, or an absolute path) the small-kernel and "
+                         "host records come from")
     ap.add_argument("--prefill-profile", default=None,
                     help="a second gpu_profile.py JSON for the 8192-token prefill records (default: --profile)")
     ap.add_argument("--bench", default=",".join(BENCH_FILES),
-                    help="comma list of bench JSONL files (in --results) that --compare predicts")
-    a = ap.parse_args(argv)
+                    help="comma list of bench JSONL files (in --results, or absolute paths) that --compare predicts")
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     out = a.out or os.path.join(a.results, f"calibration_h200_{DAY}.jsonl")
     recs = build(a.results, a.prefill_attention, a.profile, a.prefill_profile)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")

@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import shutil
 import tempfile
 import time
 
 import torch
 
-from gpu_perf import ceilings, graph_us, rel, say, write_v2lite
+from gpu_common import (ceilings, fp8_engine_logits, graph_replay_ms, graph_us, lite3, rel, rotating, say, wall_ms,
+                        write_v2lite)
 
 T0 = time.perf_counter()
 RES: dict = {"kernels": [], "variants": [], "engine_check": {}, "engine_step": {}}
@@ -99,13 +100,9 @@ def kernels() -> str:
             e_emu = e_deq = float("nan")
             say(f"  default W8A8 T={T}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
         e_w8a16 = rel(moe_gemm.routed_experts_fused(x, ids, wt, fp8), deq)
-        i = [0]
 
         def rot(fn, which):
-            def call():
-                i[0] = (i[0] + 1) % 3
-                return fn(x, ids, wt, sets[i[0]][which])
-            return call
+            return rotating(fn, x, ids, wt, sets, which)
         t_bf16 = TIMER(rot(moe_gemm.routed_experts_fused, 0))
         t_w8a16 = TIMER(rot(moe_gemm.routed_experts_fused, 1))
         var_t = {}
@@ -150,37 +147,8 @@ def kernels() -> str:
 
 
 def engine_check(tmp: str) -> None:
-    from dynamo_dwdp.config.engine import EngineSettings
-    from dynamo_dwdp.engine.model_runner import ModelRunner
-    from dynamo_dwdp.model.fp8_weights import round_trip_fp8
-    from dynamo_dwdp.model.moe_executor import LocalExecutor
-    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
-
-    lite = os.path.join(tmp, "lite3")
-    write_checkpoint(lite, "v2-lite-shape", seed=0, dtype="bf16", num_layers=3, quiet=True, device="cuda",
-                     with_tokenizer=False)
-    gen = torch.Generator().manual_seed(4)
-    lens = [300, 77, 1000, 5]
-    prompts = [torch.randint(5, 1000, (n,), generator=gen).tolist() for n in lens]
-    tables, nxt = [], 0
-    for n in lens:
-        need = (n + 2 + 15) // 16
-        tables.append(list(range(nxt, nxt + need)))
-        nxt += need
-    nxt_tok = torch.randint(5, 1000, (len(lens),), generator=gen).tolist()
-    out = {}
-    for fmt in ("round-trip", "fp8-block", "fp8-block-a8"):
-        cfg = EngineSettings(block_size=16, num_kv_blocks=nxt + 1, device="cuda", dtype="bfloat16", cuda_graphs=True,
-                             max_num_seqs=4, max_num_batched_tokens=4096, max_model_len=1100,
-                             weight_format="native" if fmt == "round-trip" else fmt, capture_graphs_at_start=False)
-        r = ModelRunner(lite, cfg, LocalExecutor)
-        if fmt == "round-trip":
-            round_trip_fp8(r.model, r.executor)
-        pre = r.execute(prompts, [0] * len(lens), tables, [True] * len(lens)).float()
-        dec = r.execute([[t] for t in nxt_tok], lens, tables, [True] * len(lens)).float()
-        out[fmt] = (pre, dec)
-        del r
-        torch.cuda.empty_cache()
+    out = fp8_engine_logits(lite3(tmp), ("round-trip", "fp8-block", "fp8-block-a8"))
+    out = {fmt: v[:2] for fmt, v in out.items()}
     ref_pre, ref_dec = out["round-trip"]
     MD.append("\n| format (3 layers) | prefill logits rel err | decode-graph logits rel err | decode argmax agree |")
     MD.append("|---|---|---|---|")
@@ -195,7 +163,7 @@ def engine_check(tmp: str) -> None:
     flush()
 
 
-def engine_step(tmp: str, budget: float, batches=(64, 1, 256), context: int = 1000) -> None:
+def engine_step(tmp: str, budget: float, batches=(64, 1, 256), context: int = 1000, model: str = "") -> None:
     from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.model_runner import ModelRunner
     from dynamo_dwdp.model.moe_executor import LocalExecutor
@@ -203,7 +171,7 @@ def engine_step(tmp: str, budget: float, batches=(64, 1, 256), context: int = 10
     if left(budget) < 45:
         say("engine step: skipped (budget)")
         return
-    model = write_v2lite(tmp, 27)
+    model = model or write_v2lite(tmp, 27)
     MD.append(f"\n| format (27 layers, context {context}) | batch | graph replay ms | step wall ms |")
     MD.append("|---|---|---|---|")
     bs, per = 16, (context + 1 + 15) // 16
@@ -225,26 +193,9 @@ def engine_step(tmp: str, budget: float, batches=(64, 1, 256), context: int = 10
                 break
             tokens = [[int(x)] for x in torch.randint(5, 1000, (b,), generator=g)]
             step = (tokens, [context] * b, tables[:b], [True] * b)
-            for _ in range(3):
-                r.execute(*step)
-            torch.cuda.synchronize()
-            walls = []
-            for _ in range(20):
-                t = time.perf_counter()
-                r.execute(*step)
-                torch.cuda.synchronize()
-                walls.append((time.perf_counter() - t) * 1e3)
-            entry = r.graphs.graphs.get(r.graphs.key(b, context + 1)) if r.graphs is not None else None
-            replay = None
-            if entry is not None:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                for _ in range(20):
-                    entry[0].replay()
-                e.record()
-                torch.cuda.synchronize()
-                replay = s.elapsed_time(e) / 20
-            rec = {"replay_ms": replay, "wall_ms": statistics.median(walls)}
+            wall = wall_ms(r, step, 20, warmup=3)
+            replay = graph_replay_ms(r, b, context, 20)
+            rec = {"replay_ms": replay, "wall_ms": wall}
             RES["engine_step"].setdefault(fmt, {})[b] = rec
             MD.append(f"| {fmt} | {b} | {replay if replay is None else round(replay, 3)} | {rec['wall_ms']:.3f} |")
             say(f"engine {fmt} b{b}: replay {replay} ms, wall {rec['wall_ms']:.2f} ms")
@@ -270,14 +221,19 @@ def smoke() -> int:
     return 0
 
 
-def main() -> int:
-    global OUT
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
     p.add_argument("--budget", type=float, default=120.0, help="seconds after which no new engine point starts")
     p.add_argument("--skip", default="", help="comma list of: kernels, check, step")
     p.add_argument("--smoke", action="store_true", help="step 2 only, tiny shapes, CPU interpreter")
-    a = p.parse_args()
+    p.add_argument("--model", default="", help="step 4: an existing 27-layer model directory (default: write one)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    global OUT
+    a = build_parser().parse_args(argv)
     OUT = a.out
     os.makedirs(OUT, exist_ok=True)
     if a.smoke:
@@ -312,9 +268,10 @@ def main() -> int:
             say(f"engine check FAILED {type(exc).__name__}: {str(exc)[:500]}")
     if "step" not in skip:
         try:
-            engine_step(tmp, a.budget)
+            engine_step(tmp, a.budget, model=a.model)
         except Exception as exc:
             say(f"engine step FAILED {type(exc).__name__}: {str(exc)[:500]}")
+    shutil.rmtree(tmp, ignore_errors=True)                 # the models written here
     flush()
     say("done")
     return 0

@@ -1,6 +1,10 @@
 """One GPU session in one command: machine ceilings, correctness of the fast paths, engine benchmarks.
 
-  PYTHONPATH=. PYTHONUNBUFFERED=1 python3 scripts/gpu_perf.py --out $OUT [--layers 27]
+  PYTHONPATH=.:scripts PYTHONUNBUFFERED=1 python3 scripts/gpu_perf.py --out $OUT [--layers 27]
+  PYTHONPATH=.:scripts PYTHONUNBUFFERED=1 python3 scripts/gpu_perf.py --session --out $OUT --pack DYNAMO_PACK
+
+`--session` runs the whole one-GPU session instead (scripts/gpu_session.py: these steps and the other
+GPU scripts as subprocesses, each under its own timeout, within one time budget; `--session --help`).
 
 Installs nothing, needs no network. Steps (each prints a line; a table comes last):
 1. ceilings: HBM (device-to-device copy, bytes read + written) and bf16 GEMM (8192^3), CUDA events;
@@ -8,8 +12,8 @@ Installs nothing, needs no network. Steps (each prints a line; a table comes las
    Triton kernels (model/kernels/: router, MLA prep, experts bf16/FP8, FP8 linear, dense SwiGLU)
    against torch references; SDPA vs reference prefill attention (fp32, bf16); one decode step from
    a CUDA graph vs eager, and the Triton MLA decode kernel vs the torch decode path (logits and KV);
-   the FP8-resident engine vs the dequantized bf16 model (logits); routed experts at the v2-lite
-   shapes timed three ways (torch._grouped_mm, Triton bf16, Triton FP8); GPU operations per decode
+   the FP8-resident engines (fp8-block; fp8-block-a8, W8A8 experts) vs the dequantized bf16 model
+   (logits); routed experts at the v2-lite shapes timed three ways (torch._grouped_mm, Triton bf16, Triton FP8); GPU operations per decode
    step with the fused kernels off/on; a kernel-time profile of one eager decode step;
 3. builds the v2-lite-shape random model (bf16, --layers deep) on the GPU;
 4. single-GPU engine benchmarks (`bench engine --strategy single`): decode batches from CUDA graphs
@@ -32,50 +36,15 @@ import sys
 import tempfile
 import time
 
-import torch
+if __name__ == "__main__" and "--session" in sys.argv[1:]:     # the session driver: no torch in its process
+    import gpu_session
 
-T0 = time.perf_counter()
+    sys.exit(gpu_session.main([x for x in sys.argv[1:] if x != "--session"]))
 
+import torch  # noqa: E402
 
-def say(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-# ------------------------------------------------------------------------------------------ ceilings
-def median_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
-def ceilings() -> dict:
-    n = 1 << 29                                             # 1 GiB of bf16
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src))
-    hbm = 2 * src.numel() * 2 / (ms / 1e3)
-    del src, dst
-    m = 8192
-    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    ms_mm = median_ms(lambda: a @ b, reps=10)
-    flops = 2 * m ** 3 / (ms_mm / 1e3)
-    del a, b
-    torch.cuda.empty_cache()
-    return {"hbm_copy_bytes_per_s": hbm, "bf16_gemm_flops": flops, "copy_ms_1GiB": ms, "gemm_ms_8192": ms_mm}
+from gpu_common import (block_tables, ceilings, decode_runner, fp8_engine_logits, graph_us, lite3, median_ms,  # noqa: F401
+                        rel, rotating, say, write_v2lite)
 
 
 # --------------------------------------------------------------------------------------- correctness
@@ -147,11 +116,9 @@ def check_decode_kernel(rows: list) -> None:
 def check_attention_and_graphs(rows: list, tmp: str) -> None:
     from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.model_runner import ModelRunner
-    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
     from dynamo_dwdp.model.moe_executor import LocalExecutor
 
-    lite = os.path.join(tmp, "lite3")
-    write_checkpoint(lite, "v2-lite-shape", seed=0, dtype="bf16", num_layers=3, quiet=True, device="cuda")
+    lite = lite3(tmp)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(5, 1000, (1000,), generator=g).tolist()
     table = list(range(63))
@@ -175,11 +142,7 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
     runner = ModelRunner(lite, cfg, LocalExecutor)
     lens = [7, 33, 80, 150, 260]
     prompts = [torch.randint(5, 1000, (n,), generator=g).tolist() for n in lens]
-    tables, nxt = [], 0
-    for n in lens:
-        need = (n + 1 + 15) // 16
-        tables.append(list(range(nxt, nxt + need)))
-        nxt += need
+    tables, _ = block_tables(lens, 1)
     runner.execute(prompts, [0] * len(lens), tables, [True] * len(lens))
     saved = runner.kv_pool.clone()
     new_tokens = torch.randint(5, 1000, (len(lens),), generator=g).tolist()
@@ -267,21 +230,6 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
                  f"KV rel err {ekv:.2e}; logits rel err {e:.2e}, argmax agree {agree:.0%}; {graphs.replays} replays",
                  "ok" if ekv < 1e-2 and graphs.replays == 1 else "FAIL"))
     torch.cuda.empty_cache()
-
-
-def graph_us(fn, reps: int = 50) -> float:
-    """Median microseconds of one call of `fn`, replayed from a CUDA graph (launch gaps excluded)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(10):
-            fn()
-    return median_ms(g.replay, reps) * 1e3 / 10
 
 
 def check_fused_kernels(rows: list) -> None:
@@ -428,13 +376,9 @@ def bench_expert_gemms(rows: list) -> list[dict]:
         ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
         wt = torch.rand(T, k, device="cuda", generator=g)
         touched = ids.unique().numel()
-        i = [0]
 
         def rot(fn, which):
-            def call():
-                i[0] = (i[0] + 1) % 3
-                return fn(x, ids, wt, sets[i[0]][which])
-            return call
+            return rotating(fn, x, ids, wt, sets, which)
         ref = routed_experts_grouped(x, ids, wt, sets[0][0]).float()
         err = rel(moe_gemm.routed_experts_fused(x, ids, wt, sets[0][0]), ref)     # bf16 weights both
         times = {"grouped_mm bf16": graph_us(rot(routed_experts_grouped, 0)),
@@ -454,45 +398,20 @@ def bench_expert_gemms(rows: list) -> list[dict]:
     return out
 
 
-def check_fp8_engine(rows: list, tmp: str) -> None:
+def check_fp8_engine(rows: list, tmp: str, fmt: str = "fp8-block", tol: float = 3e-2) -> None:
     """The FP8-resident engine (3-layer v2-lite-shape) vs the same model with its weights rounded
-    through FP8 and kept bf16 (the dequantized bf16 model): one prefill and one decode step, logits."""
-    from dynamo_dwdp.config.engine import EngineSettings
-    from dynamo_dwdp.engine.model_runner import ModelRunner
-    from dynamo_dwdp.model.fp8_weights import round_trip_fp8
-    from dynamo_dwdp.model.moe_executor import LocalExecutor
-
-    lite = os.path.join(tmp, "lite3")
-    gen = torch.Generator().manual_seed(4)
-    lens = [300, 77, 1000, 5]
-    prompts = [torch.randint(5, 1000, (n,), generator=gen).tolist() for n in lens]
-    tables, nxt = [], 0
-    for n in lens:
-        need = (n + 2 + 15) // 16
-        tables.append(list(range(nxt, nxt + need)))
-        nxt += need
-    nxt_tok = torch.randint(5, 1000, (len(lens),), generator=gen).tolist()
-    out = {}
-    for fmt in ("fp8-block", "round-trip"):
-        cfg = EngineSettings(block_size=16, num_kv_blocks=nxt + 1, device="cuda", dtype="bfloat16", cuda_graphs=True,
-                           max_num_seqs=4, max_num_batched_tokens=4096, max_model_len=1100,
-                           weight_format="fp8-block" if fmt == "fp8-block" else "native",
-                           capture_graphs_at_start=False)
-        r = ModelRunner(lite, cfg, LocalExecutor)
-        if fmt == "round-trip":
-            round_trip_fp8(r.model, r.executor)
-        pre = r.execute(prompts, [0] * len(lens), tables, [True] * len(lens)).float()
-        dec = r.execute([[t] for t in nxt_tok], lens, tables, [True] * len(lens)).float()
-        out[fmt] = (pre, dec, r.fp8)
-        del r
-        torch.cuda.empty_cache()
-    ep, ed = rel(out["fp8-block"][0], out["round-trip"][0]), rel(out["fp8-block"][1], out["round-trip"][1])
-    agree = (out["fp8-block"][1].argmax(-1) == out["round-trip"][1].argmax(-1)).float().mean().item()
-    st = out["fp8-block"][2]
-    rows.append(("FP8-resident engine vs dequantized bf16 model (3 layers): prefill / decode-graph logits "
-                 "(tolerance 3e-2)", f"rel err {ep:.2e} / {ed:.2e}, decode argmax agree {agree:.0%}; weights "
+    through FP8 and kept bf16 (the dequantized bf16 model): one prefill and one decode step, logits.
+    fp8-block-a8 also quantizes the routed experts' activations, hence its wider tolerance (8e-2, the
+    W8A8 experts' stated tolerance against the dequantized model)."""
+    out = fp8_engine_logits(lite3(tmp), (fmt, "round-trip"))
+    ep, ed = rel(out[fmt][0], out["round-trip"][0]), rel(out[fmt][1], out["round-trip"][1])
+    agree = (out[fmt][1].argmax(-1) == out["round-trip"][1].argmax(-1)).float().mean().item()
+    st = out[fmt][2]
+    name = "FP8-resident engine" if fmt == "fp8-block" else f"engine with weight_format {fmt}"
+    rows.append((f"{name} vs dequantized bf16 model (3 layers): prefill / decode-graph logits "
+                 f"(tolerance {tol:.0e})", f"rel err {ep:.2e} / {ed:.2e}, decode argmax agree {agree:.0%}; weights "
                  f"{st['bytes_before'] / 1e9:.2f} -> {st['bytes_after'] / 1e9:.2f} GB",
-                 "ok" if max(ep, ed) < 3e-2 else "HIGH"))
+                 "ok" if max(ep, ed) < tol else "HIGH"))
 
 
 def count_kernels(tmp: str, batch: int, context: int, fused: bool) -> int:
@@ -507,7 +426,7 @@ def count_kernels(tmp: str, batch: int, context: int, fused: bool) -> int:
     os.environ["DWDP_FUSED_KERNELS"] = "1" if fused else "0"
     kernels.available.cache_clear()
     try:
-        lite = os.path.join(tmp, "lite3")
+        lite = lite3(tmp)
         per = (context + 2 + 15) // 16
         r = ModelRunner(lite, EngineSettings(block_size=16, num_kv_blocks=batch * per + 1, device="cuda",
                                            dtype="bfloat16", max_num_seqs=batch, max_num_batched_tokens=8192),
@@ -534,23 +453,7 @@ def profile_decode(tmp: str, batch: int, context: int) -> str:
     what a graph replay executes, without the host gaps."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dynamo_dwdp.config.engine import EngineSettings
-    from dynamo_dwdp.engine.model_runner import ModelRunner
-    from dynamo_dwdp.model.moe_executor import LocalExecutor
-
-    lite = os.path.join(tmp, "lite3")
-    bs = 16
-    per = (context + 1 + bs - 1) // bs
-    cfg = EngineSettings(block_size=bs, num_kv_blocks=batch * per + 1, device="cuda", dtype="bfloat16",
-                       max_num_seqs=batch, max_num_batched_tokens=8192)
-    r = ModelRunner(lite, cfg, LocalExecutor)
-    g = torch.Generator().manual_seed(2)
-    tables = [list(range(i * per, (i + 1) * per)) for i in range(batch)]
-    for i in range(0, batch, 8):
-        chunk = list(range(i, min(batch, i + 8)))
-        r.execute([torch.randint(5, 1000, (context,), generator=g).tolist() for _ in chunk], [0] * len(chunk),
-                  [tables[j] for j in chunk], [True] * len(chunk))
-    step = ([[int(t)] for t in torch.randint(5, 1000, (batch,), generator=g)], [context] * batch, tables, [True] * batch)
+    r, step = decode_runner(lite3(tmp), batch, context, cuda_graphs=False)
     for _ in range(3):
         r.execute(*step)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -567,19 +470,9 @@ def _summed(out):
     return out
 
 
-def write_v2lite(tmp: str, layers: int) -> str:
-    """The v2-lite-shape random model (bf16, `layers` deep), generated on the GPU, under tmp/v2-lite."""
-    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
-
-    model = os.path.join(tmp, "v2-lite")
-    t = time.perf_counter()
-    write_checkpoint(model, "v2-lite-shape", seed=0, dtype="bf16", num_layers=layers, quiet=True, device="cuda",
-                     with_tokenizer=False)
-    say(f"v2-lite-shape {layers} layers written in {time.perf_counter() - t:.1f}s")
-    return model
-
-
-def bench(model: str, out_jsonl: str, setups: list, hw: str, on_done=None) -> list[dict]:
+def bench(model: str, out_jsonl: str, setups: list, hw: str, on_done=None, failed: list | None = None) -> list[dict]:
+    """`bench engine --strategy single` setups, one model load each: [(BenchSetup keywords, points, env)].
+    A setup that raises is said and appended to `failed` (setup, env, error); the next one still runs."""
     from dynamo_dwdp.bench.engine_bench import BenchSetup, append_jsonl, run_points
 
     results = []
@@ -593,6 +486,8 @@ def bench(model: str, out_jsonl: str, setups: list, hw: str, on_done=None) -> li
             res = run_points(setup, points)
         except Exception as exc:                           # keep going: one failed setup is a row, not a crash
             say(f"bench {kw} {env} FAILED: {str(exc)[:400]}")
+            if failed is not None:
+                failed.append({"setup": kw, "env": env, "error": str(exc)[:400]})
             continue
         finally:
             for k, v in saved.items():
@@ -602,6 +497,7 @@ def bench(model: str, out_jsonl: str, setups: list, hw: str, on_done=None) -> li
                     os.environ[k] = v
         for r in res:
             r["env"] = env
+            r["bench_setup"] = kw                          # as asked (the record's setup may not list every field)
         append_jsonl(out_jsonl, res)
         results += res
         gr = res[0].get("graphs") if res else None
@@ -626,6 +522,8 @@ def roofline_rows(results: list[dict], ceil: dict) -> list[dict]:
                 else ("sdpa" if st["attention"] == "auto" else st["attention"]))
         if st.get("weights", "native") != "native":
             mode += " " + st["weights"]
+        if st.get("async_scheduling") or r.get("bench_setup", {}).get("async_scheduling"):
+            mode += " async"
         if r.get("env", {}).get("DWDP_FUSED_KERNELS") == "0":
             mode += " unfused"
         if r.get("env", {}).get("DWDP_EXPERT_GEMM") == "grouped_mm":
@@ -671,6 +569,10 @@ def write_tables(out: str, info: dict, ceil: dict, checks: list, table: list[dic
             lines.append(f"\nstart-up capture ({r['mode']}): {gr['count']} decode graphs in {gr['capture_s']:.1f} s, "
                          f"{gr['capture_bytes'] / 2**20:.0f} MiB of graph memory, {gr['captures_after_start']} "
                          "captures after start")
+    if extra.get("async_scheduling"):
+        lines.append(f"\n--async-scheduling: {extra['async_scheduling']}")
+    for fail in extra.get("bench_failures", []):
+        lines.append(f"\nbench setup FAILED: {fail['setup']} {fail['env']}: {fail['error']}")
     with open(os.path.join(out, "gpu_perf.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -702,19 +604,35 @@ def run_matrices(model: str, ngpu: int, a) -> None:
         say(f"matrix {name} finished rc={rc}")
 
 
-STEPS = ("decode_kernel", "grouped_experts", "fused_kernels", "graphs", "fp8_engine", "expert_gemms", "op_count",
-         "profile", "bench_decode", "bench_fp8", "bench_eager", "bench_unfused", "matrix")
+STEPS = ("decode_kernel", "grouped_experts", "fused_kernels", "graphs", "fp8_engine", "fp8a8_engine",
+         "expert_gemms", "op_count",
+         "profile", "bench_decode", "bench_fp8", "bench_eager", "bench_prefill", "bench_unfused", "matrix")
+DEFAULT_STEPS = tuple(s for s in STEPS if s != "bench_prefill")     # bench_eager already runs the prefill points
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="The whole GPU session (these steps and the other GPU scripts, each under "
+                                       "its own timeout, one results file): scripts/gpu_perf.py --session --help")
+    p.add_argument("--session", action="store_true",
+                   help="run the whole GPU session instead (scripts/gpu_session.py; its flags follow)")
     p.add_argument("--out", default=".")
     p.add_argument("--layers", type=int, default=27, help="v2-lite-shape depth for the benchmarks (27 = full)")
+    p.add_argument("--model", default="", help="an existing model directory for the benchmarks (default: write the "
+                   "v2-lite shape, --layers deep, and delete it at the end)")
     p.add_argument("--decode-batches", default="1,8,32,64,128,256")
+    p.add_argument("--fp8-batches", default="1,64,256",
+                   help="bench_fp8: the decode batches (of --decode-batches' points or not) run per --fp8-weights")
+    p.add_argument("--fp8-weights", default="fp8-block",
+                   help="bench_fp8: comma list of weight formats, one model load each (fp8-block, fp8-block-a8)")
     p.add_argument("--context", type=int, default=1000, help="decode context (1000: the graphs' block bucket fits exactly)")
     p.add_argument("--prefill", default="2048,8192,16000")
     p.add_argument("--reference-prefill", default="4096", help="prefill lengths also run with reference attention")
     p.add_argument("--hw", default="h100-measured")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="bench_decode with engine.async_scheduling (host work overlapped with the GPU step); where "
+                        "this tree's bench has no such setting a line says so and the bench runs without it (the "
+                        "mode column ends in 'async' only when it ran with it)")
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--profile-batch", type=int, default=32,
                    help="decode batch of the kernel profile (0: none; skipped with --skip-checks)")
@@ -727,13 +645,62 @@ def main() -> int:
     p.add_argument("--matrix-only", action="store_true",
                    help="build the model and run the strategy matrix only (no ceilings' checks, no single bench)")
     p.add_argument("--only", default="",
-                   help="comma list of steps to run (default: all): " + ",".join(STEPS))
-    a = p.parse_args()
-    only = set(a.only.split(",")) - {""} or set(STEPS)
+                   help="comma list of steps to run (default: all but bench_prefill, which bench_eager "
+                        "includes): " + ",".join(STEPS))
+    return p
+
+
+def _ints(text: str) -> list[int]:
+    return [int(b) for b in text.split(",") if b]
+
+
+def bench_setups(a, only: set, graph_kw: dict) -> list[tuple[dict, list, dict]]:
+    """The `bench` setups the selected steps run, one model load each: (BenchSetup keywords, points, env)."""
+    from dynamo_dwdp.bench.engine_bench import Point
+
+    batches = _ints(a.decode_batches)
+    decode = [Point("decode", b, b, a.context, 0.0, 10, 3) for b in batches]
+    prefill = [Point("prefill", n, 1, 0, 0.0, 3, 1) for n in _ints(a.prefill)]
+    ref_prefill = [Point("prefill", n, 1, 0, 0.0, 3, 1) for n in _ints(a.reference_prefill)]
+    eager_decode = [pt for pt in decode if pt.batch in (1, 32)]
+    ref_decode = [pt for pt in decode if pt.batch in (32, 128)]
+    fp8_decode = [Point("decode", b, b, a.context, 0.0, 10, 3) for b in _ints(a.fp8_batches)]
+    before = [pt for pt in decode if pt.batch in (1, 64)]
+    eager = ((eager_decode if "bench_eager" in only else [])
+             + (prefill if only & {"bench_eager", "bench_prefill"} else []))
+    setups = [(graph_kw, decode if "bench_decode" in only else [], {})]        # fused kernels, bf16
+    setups += [({"cuda_graphs": True, "weights": w}, fp8_decode if "bench_fp8" in only else [], {})
+               for w in a.fp8_weights.split(",") if w]
+    setups += [({}, eager, {}),
+               ({"cuda_graphs": True}, before if "bench_unfused" in only else [], {"DWDP_FUSED_KERNELS": "0"})]
+    if a.more:
+        setups += [({"cuda_graphs": True}, [pt for pt in decode if pt.batch == 64], {"DWDP_EXPERT_GEMM": "grouped_mm"}),
+                   ({"cuda_graphs": True, "attention": "reference"}, ref_decode + ref_prefill, {})]
+    setups = [st for st in setups if st[1]]
+    return setups
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--session" in argv:
+        import gpu_session   # local import: the session driver, a torch-free module of its own
+
+        return gpu_session.main([x for x in argv if x != "--session"])
+    p = build_parser()
+    a = p.parse_args(argv)
+    only = set(a.only.split(",")) - {""} or set(DEFAULT_STEPS)
     if only - set(STEPS):
         p.error(f"--only: unknown step(s) {sorted(only - set(STEPS))}; choose from {','.join(STEPS)}")
+    bad = [w for w in a.fp8_weights.split(",") if w and w not in ("fp8-block", "fp8-block-a8")]
+    if bad:
+        p.error(f"--fp8-weights: {bad} (allowed: fp8-block, fp8-block-a8)")
     os.makedirs(a.out, exist_ok=True)
-    from dynamo_dwdp.bench.engine_bench import Point
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:     # the models written here go with it
+        return run(a, only, tmp)
+
+
+def run(a, only: set, tmp: str) -> int:
+    from dynamo_dwdp.bench.engine_bench import BenchSetup
 
     ngpu = torch.cuda.device_count()
     info = {"gpus": ngpu, "name": torch.cuda.get_device_name(0), "torch": torch.__version__,
@@ -748,7 +715,6 @@ def main() -> int:
                             "source": "scripts/gpu_perf.py ceilings"}) + "\n")
         f.write(json.dumps({"measure": "gemm", "dtype": "bf16", "flops_per_s": ceil["bf16_gemm_flops"],
                             "source": "scripts/gpu_perf.py ceilings"}) + "\n")
-    tmp = tempfile.mkdtemp()
     checks: list = []
     extra: dict = {}
     if not a.skip_checks:
@@ -756,6 +722,7 @@ def main() -> int:
                             ("fused_kernels", check_fused_kernels),
                             ("graphs", lambda rows: check_attention_and_graphs(rows, tmp)),
                             ("fp8_engine", lambda rows: check_fp8_engine(rows, tmp)),
+                            ("fp8a8_engine", lambda rows: check_fp8_engine(rows, tmp, "fp8-block-a8", 8e-2)),
                             ("expert_gemms", lambda rows: extra.update(experts=bench_expert_gemms(rows))),
                             ("op_count", lambda rows: rows.append((
                                 "GPU operations in one eager decode step, 3-layer model, batch 32: torch paths / "
@@ -769,11 +736,12 @@ def main() -> int:
                 import traceback
 
                 traceback.print_exc()
-                checks.append((getattr(check, "__name__", "check"), f"ERR {str(exc)[:200]}", "FAIL"))
+                checks.append((name, f"ERR {str(exc)[:200]}", "FAIL"))
+            write_tables(a.out, info, ceil, checks, [], extra)     # each check's rows on disk as it ends
         for c in checks:
             say(f"check: {c}")
         write_tables(a.out, info, ceil, checks, [], extra)
-    if a.profile_batch and not a.skip_checks and "profile" in only and os.path.isdir(os.path.join(tmp, "lite3")):
+    if a.profile_batch and not a.skip_checks and "profile" in only:
         try:
             text = profile_decode(tmp, a.profile_batch, a.context)
             with open(os.path.join(a.out, "profile_decode.txt"), "w") as f:
@@ -783,44 +751,40 @@ def main() -> int:
             import traceback
 
             traceback.print_exc()
+    checks_ok = all(c[2] in ("ok", "info") for c in checks)
     if a.skip_bench:
         say("done (checks only)")
-        return 0 if all(c[2] in ("ok", "info") for c in checks) else 1
-    model = write_v2lite(tmp, a.layers)
+        return 0 if checks_ok else 1
+    graph_kw: dict = {"cuda_graphs": True}
+    if a.async_scheduling:
+        import dataclasses
+
+        if "async_scheduling" in {f.name for f in dataclasses.fields(BenchSetup)}:
+            graph_kw["async_scheduling"] = True
+        else:                                              # the table's mode column says " async" only when it ran
+            extra["async_scheduling"] = "requested, but this tree's bench has no async_scheduling setting: not used"
+            say(f"--async-scheduling: {extra['async_scheduling']}")
+    model = a.model or write_v2lite(tmp, a.layers)
     if a.matrix_only:
         run_matrices(model, ngpu, a)
         say("done (matrix only)")
         return 0
     jsonl = os.path.join(a.out, "bench.jsonl")
-    batches = [int(b) for b in a.decode_batches.split(",") if b]
-    decode = [Point("decode", b, b, a.context, 0.0, 10, 3) for b in batches]
-    prefill = [Point("prefill", n, 1, 0, 0.0, 3, 1) for n in (int(x) for x in a.prefill.split(",") if x)]
-    ref_prefill = [Point("prefill", n, 1, 0, 0.0, 3, 1) for n in (int(x) for x in a.reference_prefill.split(",") if x)]
-    eager_decode = [pt for pt in decode if pt.batch in (1, 32)]
-    ref_decode = [pt for pt in decode if pt.batch in (32, 128)]
-    fp8_decode = [pt for pt in decode if pt.batch in (1, 64, 256)]
-    before = [pt for pt in decode if pt.batch in (1, 64)]
-    setups = [({"cuda_graphs": True}, decode if "bench_decode" in only else [], {}),   # fused kernels, bf16
-              ({"cuda_graphs": True, "weights": "fp8-block"}, fp8_decode if "bench_fp8" in only else [], {}),
-              ({}, eager_decode + prefill if "bench_eager" in only else [], {}),
-              ({"cuda_graphs": True}, before if "bench_unfused" in only else [], {"DWDP_FUSED_KERNELS": "0"})]
-    if a.more:
-        setups += [({"cuda_graphs": True}, [pt for pt in decode if pt.batch == 64], {"DWDP_EXPERT_GEMM": "grouped_mm"}),
-                   ({"cuda_graphs": True, "attention": "reference"}, ref_decode + ref_prefill, {})]
-    setups = [st for st in setups if st[1]]
+    setups = bench_setups(a, only, graph_kw)
+    failed: list = []
 
     def write(results):
         table = roofline_rows(results, ceil)
-        write_tables(a.out, info, ceil, checks, table, extra)
+        write_tables(a.out, info, ceil, checks, table, {**extra, "bench_failures": failed})
         return table
 
-    results = bench(model, jsonl, setups, a.hw, on_done=write)
+    results = bench(model, jsonl, setups, a.hw, on_done=write, failed=failed)
     write(results)
     if not a.skip_matrix and "matrix" in only:
         run_matrices(model, ngpu, a)
     print(open(os.path.join(a.out, "gpu_perf.md")).read())
-    say("done")
-    return 0 if all(c[2] in ("ok", "info") for c in checks) else 1
+    say("done" if not failed else f"done, {len(failed)} bench setup(s) FAILED (see above)")
+    return 0 if checks_ok and not failed else 1
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ import warnings
 
 import torch
 
-from gpu_perf import bench, ceilings, median_ms, rel, roofline_rows, say, write_v2lite
+from gpu_common import ceilings, lite3, median_ms, prefill_runner, rel, say, write_v2lite
+from gpu_perf import bench, roofline_rows
 
 H, NOPE, ROPE, VD = 16, 128, 64, 128                     # DeepSeek-V2-Lite / V3 per-head dims
 
@@ -127,20 +128,7 @@ def profile_prefill(tmp: str, tokens: int) -> str:
     DWDP_PREFILL_ATTENTION."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dynamo_dwdp.config.engine import EngineSettings
-    from dynamo_dwdp.engine.model_runner import ModelRunner
-    from dynamo_dwdp.model.moe_executor import LocalExecutor
-    from dynamo_dwdp.synthetic.checkpoint import write_checkpoint
-
-    lite = os.path.join(tmp, "lite3")
-    write_checkpoint(lite, "v2-lite-shape", seed=0, dtype="bf16", num_layers=3, quiet=True, device="cuda",
-                     with_tokenizer=False)
-    bs = 16
-    blocks = (tokens + bs - 1) // bs
-    r = ModelRunner(lite, EngineSettings(block_size=bs, num_kv_blocks=blocks + 1, device="cuda", dtype="bfloat16",
-                                         max_num_batched_tokens=tokens), LocalExecutor)
-    prompt = torch.randint(5, 1000, (tokens,), generator=torch.Generator().manual_seed(3)).tolist()
-    step = ([prompt], [0], [list(range(blocks))], [True])
+    r, step = prefill_runner(lite3(tmp), tokens)
     for _ in range(2):
         r.execute(*step)
     torch.cuda.synchronize()
@@ -152,7 +140,7 @@ def profile_prefill(tmp: str, tokens: int) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=80)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
     p.add_argument("--layers", type=int, default=27)
@@ -162,8 +150,19 @@ def main() -> int:
                    help="after the engine bench: the profile runs only before this many seconds, the former "
                         "path's bench only before budget - 40")
     p.add_argument("--impl", default="", help="skip the choice: run the engine with this implementation")
-    a = p.parse_args()
+    p.add_argument("--model", default="", help="an existing model directory for the engine bench (default: write "
+                   "the v2-lite shape, --layers deep, and delete it at the end)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:     # the models written here go with it
+        return run(a, tmp)
+
+
+def run(a, tmp: str) -> int:
     from dynamo_dwdp.bench.engine_bench import Point
 
     t0 = time.perf_counter()
@@ -185,7 +184,6 @@ def main() -> int:
     chosen = a.impl or (min(score, key=score.get) if score else "sdpa")
     say(f"fastest passing implementation (8K + 16K): {chosen} ({', '.join(f'{k} {v:.1f} ms' for k, v in score.items())})")
     os.environ["DWDP_PREFILL_ATTENTION"] = chosen
-    tmp = tempfile.mkdtemp()
     extra: dict = {"chosen": chosen, "score_ms": score}
 
     def dump(table=()):
@@ -215,7 +213,7 @@ def main() -> int:
             f.write("\n".join(lines) + "\n")
         return lines
 
-    model = write_v2lite(tmp, a.layers)
+    model = a.model or write_v2lite(tmp, a.layers)
     points = [Point("prefill", n, 1, 0, 0.0, 3, 1) for n in (int(x) for x in a.prefill.split(",") if x)]
     jsonl = os.path.join(a.out, "bench.jsonl")
     results = bench(model, jsonl, [({}, points, {"DWDP_PREFILL_ATTENTION": chosen})], a.hw)

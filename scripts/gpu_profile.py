@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 
 import torch
 
-from gpu_perf import ceilings, say, write_v2lite
+from gpu_common import ceilings, decode_runner, graph_replay_ms, prefill_runner, say, wall_ms, write_v2lite
 
 
 def kernel_events(prof) -> list:
@@ -51,59 +50,19 @@ def summarize(prof, steps: int, wall_ms: float) -> dict:
             "top": [{"us_per_step": round(us, 1), "calls_per_step": n, "name": k[:110]} for us, n, k in top[:25]]}
 
 
-def decode_runner(model: str, batch: int, context: int, weight_format: str):
-    from dynamo_dwdp.config.engine import EngineSettings
-    from dynamo_dwdp.engine.model_runner import ModelRunner
-    from dynamo_dwdp.model.moe_executor import LocalExecutor
-
-    bs = 16
-    per = (context + 1 + bs - 1) // bs
-    cfg = EngineSettings(block_size=bs, num_kv_blocks=batch * per + 1, device="cuda", dtype="bfloat16",
-                         max_num_seqs=batch, max_num_batched_tokens=8192, cuda_graphs=True,
-                         capture_graphs_at_start=False, weight_format=weight_format)
-    r = ModelRunner(model, cfg, LocalExecutor)
-    g = torch.Generator().manual_seed(2)
-    tables = [list(range(i * per, (i + 1) * per)) for i in range(batch)]
-    for i in range(0, batch, 8):
-        chunk = list(range(i, min(batch, i + 8)))
-        r.execute([torch.randint(5, 1000, (context,), generator=g).tolist() for _ in chunk], [0] * len(chunk),
-                  [tables[j] for j in chunk], [True] * len(chunk))
-    step = ([[int(t)] for t in torch.randint(5, 1000, (batch,), generator=g)], [context] * batch, tables,
-            [True] * batch)
-    return r, step
-
-
 def profile_decode(model: str, batch: int, context: int, weight_format: str, reps: int = 30) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     r, step = decode_runner(model, batch, context, weight_format)
-    for _ in range(5):
-        r.execute(*step)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        r.execute(*step)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
+    wall = wall_ms(r, step, reps, warmup=5)
     # GPU-only time of a replay: the graph itself, back to back (no host work between).
-    entry = r.graphs.graphs.get(r.graphs.key(batch, context + 1)) if r.graphs is not None else None
-    gpu_ms = None
-    if entry is not None:
-        graph = entry[0]
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(reps):
-            graph.replay()
-        e.record()
-        torch.cuda.synchronize()
-        gpu_ms = s.elapsed_time(e) / reps
+    gpu_ms = graph_replay_ms(r, batch, context, reps)
     steps = 3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             r.execute(*step)
         torch.cuda.synchronize()
-    out = summarize(prof, steps, statistics.median(times))
+    out = summarize(prof, steps, wall)
     out["graph_replay_ms"] = gpu_ms
     del r
     torch.cuda.empty_cache()
@@ -113,29 +72,12 @@ def profile_decode(model: str, batch: int, context: int, weight_format: str, rep
 def profile_prefill(model: str, tokens: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from dynamo_dwdp.config.engine import EngineSettings
-    from dynamo_dwdp.engine.model_runner import ModelRunner
-    from dynamo_dwdp.model.moe_executor import LocalExecutor
-
-    bs = 16
-    blocks = (tokens + bs - 1) // bs
-    r = ModelRunner(model, EngineSettings(block_size=bs, num_kv_blocks=blocks + 1, device="cuda", dtype="bfloat16",
-                                          max_num_batched_tokens=tokens), LocalExecutor)
-    prompt = torch.randint(5, 1000, (tokens,), generator=torch.Generator().manual_seed(3)).tolist()
-    step = ([prompt], [0], [list(range(blocks))], [True])
-    for _ in range(2):
-        r.execute(*step)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        r.execute(*step)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
+    r, step = prefill_runner(model, tokens)
+    wall = wall_ms(r, step, reps=3, warmup=2)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         r.execute(*step)
         torch.cuda.synchronize()
-    out = summarize(prof, 1, statistics.median(times))
+    out = summarize(prof, 1, wall)
     del r
     torch.cuda.empty_cache()
     return out
@@ -150,7 +92,7 @@ def table(title: str, res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
     p.add_argument("--layers", type=int, default=27)
@@ -159,13 +101,24 @@ def main() -> int:
     p.add_argument("--fp8-batches", default="1,64,256")
     p.add_argument("--fp8a8-batches", default="", help="batches for weight_format fp8-block-a8 (W8A8 experts)")
     p.add_argument("--prefill", default="8192,16000")
-    p.add_argument("--model", default="", help="an existing model directory (default: write the v2-lite shape)")
-    a = p.parse_args()
+    p.add_argument("--model", default="", help="an existing model directory (default: write the v2-lite shape, "
+                   "--layers deep, and delete it at the end)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:     # the models written here go with it
+        return run(a, tmp)
+
+
+def run(a, tmp: str) -> int:
+    """Every point in turn, results on disk after each; 1 when a point failed (the others still ran)."""
     ceil = ceilings()
     say(f"ceilings: {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, {ceil['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s")
-    model = a.model or write_v2lite(tempfile.mkdtemp(), a.layers)
-    results: dict = {"ceilings": ceil, "decode": {}, "fp8": {}, "fp8a8": {}, "prefill": {}}
+    model = a.model or write_v2lite(tmp, a.layers)
+    results: dict = {"ceilings": ceil, "decode": {}, "fp8": {}, "fp8a8": {}, "prefill": {}, "failed": []}
     md = [f"# Profile, {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"]
 
@@ -182,6 +135,8 @@ def main() -> int:
                 res = profile_decode(model, b, a.context, fmt)
             except Exception as exc:                     # one failed point is a line, the rest still run
                 say(f"{kind} b{b}: FAILED {type(exc).__name__}: {exc}")
+                results["failed"].append(f"{kind} b{b}: {type(exc).__name__}: {str(exc)[:300]}")
+                flush()
                 continue
             results[kind][b] = res
             md.append(table(f"{kind} ({fmt}) batch {b}, context {a.context}", res))
@@ -193,13 +148,15 @@ def main() -> int:
             res = profile_prefill(model, t)
         except Exception as exc:
             say(f"prefill {t}: FAILED {type(exc).__name__}: {exc}")
+            results["failed"].append(f"prefill {t}: {type(exc).__name__}: {str(exc)[:300]}")
+            flush()
             continue
         results["prefill"][t] = res
         md.append(table(f"prefill {t} tokens", res))
         say(f"prefill {t}: wall {res['wall_ms']:.2f} ms busy {res['busy_ms']:.2f}")
         flush()
     flush()
-    return 0
+    return 1 if results["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -333,13 +333,15 @@ def _concurrency_list(text: str) -> str:
     return ",".join(str(v) for v in values)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="results folder ($OUT on the GPU machine)")
     p.add_argument("--work", default=None, help="model, ab points and logs (default: a temporary folder)")
     p.add_argument("--pack", default=None, help="Dynamo pack folder to install first (GPU machine)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--layers", type=int, default=8, help="v2-lite-shape depth (27 = full; default 8)")
+    p.add_argument("--model", default=None, help="serve this existing model directory instead of writing one "
+                   "(cuda: a v2-lite-shape model --layers deep; the tables name it so)")
     p.add_argument("--config", action="append", default=None, help="settings files (default: the device's)")
     p.add_argument("--graphs", default="graphs/agg.yaml,graphs/disagg_single.yaml")
     p.add_argument("--kv", default="local", choices=("local", "nixl"), help="kv_transfer.backend of disagg graphs")
@@ -367,7 +369,11 @@ def main() -> int:
                         "prompts of --isl-mean tokens; with the decode point it gives the expected serving TPS")
     p.add_argument("--deadline", type=float, default=1e9, help="seconds after start past which no graph starts")
     p.add_argument("--graph-min-s", type=float, default=120.0, help="a graph starts only with this much time left")
-    a = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     os.environ.update(NO_MULTICAST)
     if a.no_fused_kernels:
         os.environ["DWDP_FUSED_KERNELS"] = "0"
@@ -392,11 +398,17 @@ def main() -> int:
         a.max_model_len = a.max_model_len or 9216
     import yaml
 
-    model_dir = os.path.join(work, "model")
-    t = time.monotonic()
-    make_model(a, model_dir)
-    say(f"model {'tiny' if a.device == 'cpu' else f'v2-lite-shape {a.layers} layers'} written in "
-        f"{time.monotonic() - t:.1f}s")
+    if a.model:
+        if not os.path.isfile(os.path.join(a.model, "config.json")):
+            raise SystemExit(f"error: --model {a.model}: no config.json there (allowed: a model directory)")
+        model_dir = os.path.abspath(a.model)
+        say(f"model {model_dir} (given)")
+    else:
+        model_dir = os.path.join(work, "model")
+        t = time.monotonic()
+        make_model(a, model_dir)
+        say(f"model {'tiny' if a.device == 'cpu' else f'v2-lite-shape {a.layers} layers'} written in "
+            f"{time.monotonic() - t:.1f}s")
     configs = list(a.config or (["configs/tiny-cpu.yaml"] if a.device == "cpu" else ["configs/h200-v2lite.yaml"]))
     overlay = os.path.join(work, "overlay.yaml")
     with open(overlay, "w") as f:

@@ -61,3 +61,25 @@ def test_expected_output_tps_adds_prompt_and_decode_time():
     prefill = {"tokens": {"counted": 50_000}, "wall_s": 5.0}
     assert mod.expected_output_tps(point, decode, prefill, 100) == pytest.approx(400 / 2.4)
     assert mod.expected_output_tps(point, None, prefill, 100) is None
+
+
+def test_gpu_serve_serves_a_given_model_without_writing_one(tmp_path):
+    """--model: the given folder is served as it is (not rewritten, nothing written in --work's model/);
+    a folder without config.json is a one-line error."""
+    model, out, work = tmp_path / "model", tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    subprocess.run([PY, "-m", "dynamo_dwdp.cli", "make-model", str(model), "--preset", "tiny", "-q"], cwd=str(REPO),
+                   env=env, check=True, timeout=300)
+    stamp = os.stat(model / "config.json").st_mtime_ns
+    p = subprocess.run([PY, "scripts/gpu_serve.py", "--device", "cpu", "--out", str(out), "--work", str(work),
+                        "--model", str(model), "--graphs", "graphs/agg.yaml", "--concurrency", "1",
+                        "--requests-per-point", "1", "--requests-per-concurrency", "0", "--warmup", "0",
+                        "--point-timeout", "120", "--skip-bench"],
+                       cwd=str(REPO), env=env, capture_output=True, text=True, timeout=540)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert os.stat(model / "config.json").st_mtime_ns == stamp and not (work / "model").exists()
+    points = json.loads((out / "serve.json").read_text())["summary"]["points"]
+    assert [(pt["graph"], pt["ok"], pt["sent"]) for pt in points] == [("agg", 1, 1)]
+    p = subprocess.run([PY, "scripts/gpu_serve.py", "--device", "cpu", "--out", str(out), "--model", str(tmp_path)],
+                       cwd=str(REPO), env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and f"error: --model {tmp_path}: no config.json there" in p.stderr
