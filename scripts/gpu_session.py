@@ -119,9 +119,11 @@ def plan(a, async_ok: bool) -> list[Step]:
                       cap_s=240 if a.full_checks else 150, min_s=60, script="gpu_perf"))
     steps.append(Step("fp8", f"decode at batch {a.fp8_batch}: fp8-block and fp8-block-a8 weights",
                       perf + ["--out", os.path.join(out, "fp8"), "--only", "bench_fp8", "--fp8-batches",
-                              str(a.fp8_batch), "--fp8-weights", "fp8-block,fp8-block-a8"] + common,
+                              str(a.fp8_batch), "--fp8-weights", "fp8-block,fp8-block-a8"] + common
+                      + (["--async-scheduling"] if async_ok else []),
                       cap_s=120, min_s=40, script="gpu_perf", needs_model=True,
-                      note=f"one engine per format, graphs captured up to batch {a.fp8_batch} only"))
+                      note=f"one engine per format, graphs captured up to batch {a.fp8_batch} only"
+                           + (", async scheduling as the bf16 decode step" if async_ok else "")))
     steps.append(Step("prefill", f"prefill {a.prefill} tokens, eager", perf + [
         "--out", os.path.join(out, "prefill"), "--only", "bench_prefill", "--prefill", a.prefill] + common,
         cap_s=90, min_s=30, script="gpu_perf", needs_model=True))
