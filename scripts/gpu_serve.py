@@ -180,10 +180,22 @@ def merge_reports(ab_dirs: list[tuple[str, str]], graphs: list[str], configs: li
     return res
 
 
+def served_async_scheduling(configs: list[str]) -> bool:
+    """engine.async_scheduling of the served settings files (the last file that sets it wins)."""
+    import yaml
+
+    on = False
+    for path in configs:
+        with open(path) as f:
+            on = ((yaml.safe_load(f) or {}).get("engine") or {}).get("async_scheduling", on)
+    return bool(on)
+
+
 def bench_engine(a, model_dir: str, batch: int, context: int, out_jsonl: str, phase: str = "decode",
-                 tokens: int = 0) -> dict | None:
+                 tokens: int = 0, async_scheduling: bool = False) -> dict | None:
     """One `bench engine` point on the served model: decode (`batch` sequences over `context` cached
-    tokens, CUDA graphs) or prefill (`tokens` per step in `batch` prompts)."""
+    tokens, CUDA graphs; `async_scheduling` as the served engine steps) or prefill (`tokens` per step in
+    `batch` prompts)."""
     argv = [sys.executable, "-m", "dynamo_dwdp.cli", "bench", "engine", "--model", model_dir, "--strategy", "single",
             "--ranks", "1", "--phase", phase, "--batch", str(batch), "--device", a.device,
             "--block-size", str(a.block_size), "--steps", "20" if phase == "decode" else "5", "--warmup", "5" if
@@ -191,6 +203,8 @@ def bench_engine(a, model_dir: str, batch: int, context: int, out_jsonl: str, ph
     argv += ["--context", str(context)] if phase == "decode" else ["--tokens-per-iter", str(tokens)]
     if a.device != "cpu":
         argv += ["--dtype", "bfloat16"] + (["--cuda-graphs"] if phase == "decode" else [])
+    if phase == "decode" and async_scheduling:
+        argv += ["--async-scheduling"]
     say("$ " + " ".join(argv))
     p = subprocess.run(argv, capture_output=True, text=True, timeout=a.point_timeout + 60)
     if p.returncode != 0:
@@ -467,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic()
         if step == "bench":
             try:
-                bench = bench_engine(a, model_dir, top, ctx, os.path.join(work, "bench.jsonl"))
+                bench = bench_engine(a, model_dir, top, ctx, os.path.join(work, "bench.jsonl"),
+                                     async_scheduling=served_async_scheduling(configs))
                 chunk = min(a.prefill_chunk, top * a.isl_mean)
                 prefill = bench_engine(a, model_dir, max(1, chunk // a.isl_mean), 0, os.path.join(work, "bench.jsonl"),
                                        phase="prefill", tokens=chunk)
