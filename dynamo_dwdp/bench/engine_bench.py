@@ -403,8 +403,15 @@ def _drive_point(rank_engine, probe: _Probe, setup: BenchSetup, point: Point, in
     vocab = cfg.vocab_size
     for seqs in sched.fill[rank]:
         runner.execute(*_inputs(sched, seqs, gen, vocab, bs))
-    for seqs in sched.steps[rank][:point.warmup]:
-        runner.execute(*_inputs(sched, seqs, gen, vocab, bs))
+    warm = [_inputs(sched, seqs, gen, vocab, bs) for seqs in sched.steps[rank][:point.warmup]]
+    if setup.async_scheduling and warm:      # the pipeline's own first uses (pinned buffers) out of the timing
+        _drive_async(runner, probe, warm, torch.zeros(len(warm), *probe.live.shape, dtype=torch.bool,
+                                                      device=runner.device),
+                     {k: [] for k in ("step_s", "forward_s", "prefetch_s", "sync_s", "tokens", "remote_bytes",
+                                      "t0_abs")}, point.phase == "decode")
+    else:
+        for args in warm:
+            runner.execute(*args)
     probe.flush_stalls()
     timed = [_inputs(sched, seqs, gen, vocab, bs) for seqs in sched.timed(rank)]
     hits = torch.zeros(point.steps, len(probe.moe_index), cfg.n_routed_experts, dtype=torch.bool,
