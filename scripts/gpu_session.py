@@ -137,7 +137,7 @@ def plan(a, async_ok: bool) -> list[Step]:
         skip="" if async_ok else "the decode step already ran without async scheduling"))
     steps.append(Step("serve", f"serving through Dynamo: agg at concurrency {a.concurrency} vs the engine alone",
                       _py(a) + [os.path.join("scripts", "gpu_serve.py"), "--out", os.path.join(out, "serve"),
-                                "--pack", os.path.abspath(a.pack or "DYNAMO_PACK"), "--model", model,
+                                "--pack", os.path.abspath(a.pack) if a.pack else "DYNAMO_PACK", "--model", model,
                                 "--layers", str(a.layers), "--graphs", "graphs/agg.yaml",
                                 "--concurrency", str(a.concurrency),
                                 "--requests-per-concurrency", str(a.requests_per_concurrency),
@@ -644,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default=sys.executable, help="the interpreter of every step (default this one)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and check every step's command line against its script's flags; run nothing")
+    p.add_argument("--bundle", action="store_true",
+                   help="at the end, pack everything under --out but session.md and session.json into "
+                        "OUT/session_files.tar.gz (for a transport that brings back only a few files)")
     return p
 
 
@@ -668,6 +671,21 @@ def settings(argv: list[str], p: argparse.ArgumentParser | None = None) -> argpa
 
 def _stopped(signum, frame):
     raise SystemExit(f"session stopped by signal {signum}")
+
+
+def bundle(out: str, keep: tuple[str, ...] = ("session.md", "session.json")) -> str:
+    """Move everything under `out` except `keep` into out/session_files.tar.gz; returns its path."""
+    import tarfile
+
+    path = os.path.join(out, "session_files.tar.gz")
+    names = sorted(n for n in os.listdir(out) if n not in keep and n != os.path.basename(path))
+    with tarfile.open(path, "w:gz") as tar:
+        for n in names:
+            tar.add(os.path.join(out, n), arcname=n)
+    for n in names:
+        full = os.path.join(out, n)
+        shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -708,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.own_work:
             shutil.rmtree(a.work, ignore_errors=True)
     print(render(rows, a, info), flush=True)
+    if a.bundle:
+        bundle(a.out)
     for r in rows:                                           # last, so that a short output tail still shows it
         print(f"{r.name:12s} {r.status}" + (f" ({r.seconds:.0f} s, log {r.log})" if r.log else ""))
     failed = [r for r in rows if r.status != "ok"]

@@ -272,9 +272,16 @@ def test_the_command_end_to_end_with_only_the_cpu_step(tmp_path):
     (out / "decode").mkdir(parents=True)
     shutil.copy(REPO / "docs" / "results" / "bench-h200-merged-2026-12-01.jsonl", out / "decode" / "bench.jsonl")
     p = subprocess.run([PY, "scripts/gpu_perf.py", "--session", "--out", str(out), "--only", "planner",
-                        "--async-scheduling", "off"], cwd=str(REPO), env=_env(), capture_output=True, text=True,
-                       timeout=300)
+                        "--async-scheduling", "off", "--bundle"], cwd=str(REPO), env=_env(), capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # --bundle: the tables stay beside one archive of everything else (logs, each step's files)
+    import tarfile
+
+    assert sorted(x.name for x in out.iterdir()) == ["session.json", "session.md", "session_files.tar.gz"]
+    with tarfile.open(out / "session_files.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"logs/planner.log", "decode/bench.jsonl", "planner/calibration.jsonl"} <= names
     md = (out / "session.md").read_text()
     assert "| planner | the planner's step model vs this session's steps (CPU) | ok | 0 |" in md
     assert "| decode | 64 | 10.13 | " in md                             # measured; predicted from the committed profile
