@@ -669,7 +669,7 @@ def bench_setups(a, only: set, graph_kw: dict) -> list[tuple[dict, list, dict]]:
     eager = ((eager_decode if "bench_eager" in only else [])
              + (prefill if only & {"bench_eager", "bench_prefill"} else []))
     setups = [(graph_kw, decode if "bench_decode" in only else [], {})]        # fused kernels, bf16
-    setups += [({"cuda_graphs": True, "weights": w}, fp8_decode if "bench_fp8" in only else [], {})
+    setups += [({**graph_kw, "weights": w}, fp8_decode if "bench_fp8" in only else [], {})   # as bf16 decode
                for w in a.fp8_weights.split(",") if w]
     setups += [({}, eager, {}),
                ({"cuda_graphs": True}, before if "bench_unfused" in only else [], {"DWDP_FUSED_KERNELS": "0"})]

@@ -474,11 +474,12 @@ def _fp8_section(out: str, a) -> list[str]:
     fp8 = [b for b in _bench_rows(out, "fp8") if b["phase"] == "decode"]
     if not fp8:
         return ["no FP8 results"]
-    bf16 = {b["batch"]: b for b in _bench_rows(out, "decode") if b["phase"] == "decode"}
-    bf16.update({b["batch"]: b for b in _bench_rows(out, "decode_sync") if b["phase"] == "decode"})   # same mode
+    # the bf16 step of the same batch and the same scheduling (async or not), from either decode step
+    bf16 = {(b["batch"], "async" in b["mode"]): b for step in ("decode", "decode_sync")
+            for b in _bench_rows(out, step) if b["phase"] == "decode"}
     md = ["| weights | batch | step ms | bf16 step ms (its mode) | vs bf16 |", "|---|---|---|---|---|"]
     for b in fp8:
-        ref = bf16.get(b["batch"])
+        ref = bf16.get((b["batch"], "async" in b["mode"]))
         ref_text = f"{ref['step_ms']:.2f} ({ref['mode']})" if ref else "—"
         md.append(f"| {b['mode']} | {b['batch']} | {b['step_ms']:.2f} | {ref_text} | "
                   f"{_f(ref and b['step_ms'] / ref['step_ms'])} |")

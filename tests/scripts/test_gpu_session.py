@@ -322,3 +322,19 @@ def test_a_stopped_session_ends_its_step_and_writes_what_it_has(tmp_path):
     assert not _alive(step_pid)
     md = (tmp_path / "out" / "session.md").read_text()
     assert "| decode | sleeps | interrupted: the session was stopped during this step |" in md
+
+
+def test_fp8_rows_are_compared_with_the_bf16_step_of_the_same_scheduling(tmp_path):
+    """An FP8 step run with async scheduling is divided by the async bf16 step, one run without it by the
+    synchronous bf16 step (decode and decode_sync hold one of each)."""
+    def bench(step, rows):
+        (tmp_path / step).mkdir()
+        (tmp_path / step / "gpu_perf.json").write_text(json.dumps({"bench": [
+            {"phase": "decode", "batch": 64, "mode": m, "step_ms": ms} for m, ms in rows]}))
+
+    bench("decode", [("graphs async", 8.0)])
+    bench("decode_sync", [("graphs", 10.0)])
+    bench("fp8", [("graphs fp8-block-a8 async", 6.0), ("graphs fp8-block-a8", 9.0)])
+    md = "\n".join(gpu_session._fp8_section(str(tmp_path), None))
+    assert "| graphs fp8-block-a8 async | 64 | 6.00 | 8.00 (graphs async) | 0.75" in md
+    assert "| graphs fp8-block-a8 | 64 | 9.00 | 10.00 (graphs) | 0.9" in md
