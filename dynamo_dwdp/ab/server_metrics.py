@@ -5,7 +5,8 @@ The DWDP workers export (labels `strategy`, `role`, `group`, `rank` on every ser
             dwdp_step_prefetch_wait_seconds_total (exposed DWDP prefetch stall),
             dwdp_step_sync_wait_seconds_total (DEP all-to-all, TP all-reduce, step agreement),
             dwdp_steps_total, dwdp_tokens_total (tokens computed), dwdp_remote_bytes_total (+ `peer`),
-            dwdp_kv_transfer_bytes_total, dwdp_generated_tokens_total
+            dwdp_kv_transfer_bytes_total, dwdp_generated_tokens_total,
+            dwdp_graph_steps_total, dwdp_graph_step_seconds_total (decode steps replayed from CUDA graphs)
   histogram dwdp_kv_transfer_seconds (_sum / _count used)
   gauges    dwdp_queue_depth, dwdp_queue_to_compute_ratio
 
@@ -36,6 +37,8 @@ KV_BYTES = "dwdp_kv_transfer_bytes_total"
 KV_SECONDS_SUM = "dwdp_kv_transfer_seconds_sum"
 KV_SECONDS_COUNT = "dwdp_kv_transfer_seconds_count"
 GENERATED = "dwdp_generated_tokens_total"
+GRAPH_STEPS = "dwdp_graph_steps_total"
+GRAPH_STEP_SECONDS = "dwdp_graph_step_seconds_total"
 QUEUE_DEPTH = "dwdp_queue_depth"
 QUEUE_RATIO = "dwdp_queue_to_compute_ratio"
 GAUGES = (QUEUE_DEPTH, QUEUE_RATIO)
@@ -141,6 +144,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def _diff(a: float | None, b: float | None) -> float | None:
+    """a - b, a missing b counting as 0."""
+    return None if a is None else a - (b or 0.0)
+
+
 def _scaled(x: float | None, k: float) -> float | None:
     return None if x is None else x * k
 
@@ -187,6 +195,10 @@ def pool_evidence(deltas: dict[Series, float], scraped: int = 0, failed: int = 0
         "tokens": _sum(deltas, TOKENS),
         "tokens_per_step": _ratio(_sum(deltas, TOKENS), _sum(deltas, STEPS)),
         "mean_step_ms": _scaled(_ratio(step, _sum(deltas, STEPS)), 1e3),
+        "graph_steps": _sum(deltas, GRAPH_STEPS),
+        "graph_step_ms_mean": _scaled(_ratio(_sum(deltas, GRAPH_STEP_SECONDS), _sum(deltas, GRAPH_STEPS)), 1e3),
+        "other_step_ms_mean": _scaled(_ratio(_diff(step, _sum(deltas, GRAPH_STEP_SECONDS)),
+                                             _diff(_sum(deltas, STEPS), _sum(deltas, GRAPH_STEPS))), 1e3),
         "remote_bytes": _sum(deltas, REMOTE_BYTES),
         "generated_tokens": _sum(deltas, GENERATED),
         "remote_bytes_per_generated_token": _ratio(_sum(deltas, REMOTE_BYTES), _sum(deltas, GENERATED)),

@@ -48,6 +48,7 @@ class _Launched:
     samplers: list[ScheduledChunk]
     tokens: ReadBack
     launch_seconds: float          # host seconds of the runner's launch (goes to step_seconds with the wait)
+    graph: bool = False            # replayed from a CUDA graph
 
 
 class EngineCore:
@@ -202,12 +203,14 @@ class EngineCore:
             token_chunks.append(tokens)
             flat += len(tokens)
         fed = FedTokens(fed_rows, self.in_flight[-1].tokens.device_tokens, fed_from) if fed_rows else None
+        stats = self.runner.executor.stats
+        graph_steps = stats.graph_steps
         logits = self.runner.launch(token_chunks, [c.seq.num_computed for c in chunks],
                                     [c.seq.block_table for c in chunks], [c.completes for c in chunks], fed)
-        launch_s = self.runner.last_launch_seconds
+        launch_s, graph = self.runner.last_launch_seconds, stats.graph_steps > graph_steps
         samplers = [c for c in chunks if c.completes]
         if not samplers:
-            return _Launched(chunks, samplers, ReadBack(None, self.runner.device), launch_s)
+            return _Launched(chunks, samplers, ReadBack(None, self.runner.device), launch_s, graph)
         ban_rows: list[int] = []
         ban_cols: list[int] = []
         for row, c in enumerate(samplers):
@@ -221,7 +224,7 @@ class EngineCore:
                 idx = device_tensor([ban_rows, ban_cols], torch.long, logits.device)
                 logits[idx[0], idx[1]] = float("-inf")
         tokens = sample_tokens(logits, [c.seq.params for c in samplers], [c.seq.generator for c in samplers])
-        return _Launched(chunks, samplers, ReadBack(tokens, self.runner.device), launch_s)
+        return _Launched(chunks, samplers, ReadBack(tokens, self.runner.device), launch_s, graph)
 
     def _book(self, step: _Launched) -> None:
         """Advance the launched step's sequences: computed tokens, full blocks hashed, a PENDING output per
@@ -249,7 +252,11 @@ class EngineCore:
         step = self.in_flight.popleft()
         t0 = time.perf_counter()
         tokens = step.tokens.result()
-        self.runner.executor.stats.step_seconds += step.launch_seconds + time.perf_counter() - t0
+        seconds = step.launch_seconds + time.perf_counter() - t0
+        stats = self.runner.executor.stats
+        stats.step_seconds += seconds
+        if step.graph:
+            stats.graph_step_seconds += seconds
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for c, tok in zip(step.samplers, tokens):

@@ -133,11 +133,16 @@ class ModelRunner:
     def execute(self, token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]],
                 want_logits: list[bool]) -> torch.Tensor:
         """One forward, waited for; returns float32 logits for the sequences with want_logits (in order)."""
+        stats = self.executor.stats
+        graph_steps = stats.graph_steps
         logits = self.launch(token_chunks, start_positions, block_tables, want_logits)
         t0 = time.perf_counter()
         if logits.is_cuda:
             torch.cuda.current_stream().synchronize()
-        self.executor.stats.step_seconds += self.last_launch_seconds + time.perf_counter() - t0
+        seconds = self.last_launch_seconds + time.perf_counter() - t0
+        stats.step_seconds += seconds
+        if stats.graph_steps > graph_steps:
+            stats.graph_step_seconds += seconds
         return logits
 
     def launch(self, token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]],

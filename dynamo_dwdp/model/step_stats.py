@@ -14,6 +14,7 @@ class ExecutorStats:
     sync_wait_s       time spent inside collectives (DEP all-to-all, TP all-reduce, step agreement)
     bytes_pulled      remote weight bytes pulled, per peer rank
     graph_steps       steps replayed from a CUDA graph (a subset of steps)
+    graph_step_seconds   the part of step_seconds those steps took (the rest: eager steps)
     compute = step_seconds - prefetch_wait_s - sync_wait_s
     """
     steps: int = 0
@@ -23,6 +24,7 @@ class ExecutorStats:
     bytes_pulled: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     tokens: int = 0
     graph_steps: int = 0
+    graph_step_seconds: float = 0.0
 
     @property
     def compute_seconds(self) -> float:

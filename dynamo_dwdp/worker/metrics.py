@@ -29,6 +29,8 @@ class WorkerMetrics:
                                  "Step time inside collectives (DEP all-to-all, TP all-reduce, step agreement)")
         self.steps = counter("dwdp_steps", "Model forward steps")
         self.graph_steps = counter("dwdp_graph_steps", "Decode steps replayed from CUDA graphs (engine.cuda_graphs)")
+        self.graph_step_seconds = counter("dwdp_graph_step_seconds",
+                                          "The part of dwdp_step_seconds that steps replayed from CUDA graphs took")
         self.tokens = counter("dwdp_tokens", "Tokens computed (prompt + generated)")
         self.generated = counter("dwdp_generated_tokens", "Tokens generated and returned")
         self.remote_bytes = counter("dwdp_remote_bytes", "Expert weight bytes pulled from peers", ["peer"])
@@ -71,6 +73,7 @@ class WorkerMetrics:
         self._inc(self.sync_wait, "sync", stats.sync_wait_s)
         self._inc(self.steps, "steps", stats.steps)
         self._inc(self.graph_steps, "graph_steps", stats.graph_steps)
+        self._inc(self.graph_step_seconds, "graph_step_seconds", stats.graph_step_seconds)
         self._inc(self.tokens, "tokens", stats.tokens)
         for peer, total in list(stats.bytes_pulled.items()):
             delta = total - self._last_bytes.get(peer, 0)

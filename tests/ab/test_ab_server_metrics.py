@@ -85,6 +85,19 @@ def test_pool_evidence_by_hand():
     assert ev["strategy"] == "dwdp" and ev["role"] == "decode"
 
 
+def test_graph_and_eager_steps_are_split():
+    """Steps replayed from CUDA graphs and the others (eager prefill or mixed steps): count and mean each."""
+    d = _series(0, dwdp_step_seconds_total=10.0, dwdp_steps_total=100.0, dwdp_graph_steps_total=80.0,
+                dwdp_graph_step_seconds_total=2.0)
+    ev = sm.pool_evidence(d)
+    assert ev["graph_steps"] == 80.0
+    assert ev["graph_step_ms_mean"] == pytest.approx(2.0 / 80 * 1e3)
+    assert ev["other_step_ms_mean"] == pytest.approx(8.0 / 20 * 1e3)
+    eager = sm.pool_evidence(_series(0, dwdp_step_seconds_total=10.0, dwdp_steps_total=100.0))
+    assert eager["graph_steps"] is None and eager["graph_step_ms_mean"] is None
+    assert eager["other_step_ms_mean"] == pytest.approx(100.0)
+
+
 def test_a_strategy_without_prefetch_still_gets_other_and_overlap_is_detected():
     dep = sm.pool_evidence(_series(0, dwdp_step_seconds_total=10.0, dwdp_step_compute_seconds_total=3.0,
                                    dwdp_step_sync_wait_seconds_total=5.0))

@@ -156,3 +156,28 @@ def test_reserve_waits_for_the_step_in_flight(ckpt, monkeypatch):
     eng.release("d")
     _drive(eng)
     assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_graph_steps_carry_their_share_of_the_step_seconds(async_scheduling):
+    """The engine books a step's seconds (launch + wait) to graph_step_seconds when the runner replayed it
+    from a graph (here: a runner that counts its decode-only steps as graph steps)."""
+    from tests.engine.test_host_path import ChainRunner, HostShape
+    from dynamo_dwdp.config.engine import EngineSettings
+    from dynamo_dwdp.engine.engine_core import EngineCore
+
+    class GraphCountingRunner(ChainRunner):
+        def launch(self, token_chunks, *args, **kwargs):
+            if token_chunks and all(len(c) == 1 for c in token_chunks):
+                self.executor.stats.graph_steps += 1
+            return super().launch(token_chunks, *args, **kwargs)
+
+    cfg = EngineSettings(block_size=4, num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=64,
+                         async_scheduling=async_scheduling)
+    eng = EngineCore(GraphCountingRunner(cfg, HostShape(vocab_size=64, max_position_embeddings=512,
+                                                        eos_token_ids=(63,))))
+    run_all(eng, [(f"r{i}", [3, 9, 27 + i], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+                  for i in range(3)])
+    st = eng.runner.executor.stats
+    assert st.graph_steps == 5 and st.steps == 6                 # one prompt step, five decode steps
+    assert 0 < st.graph_step_seconds < st.step_seconds
