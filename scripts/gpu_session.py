@@ -661,7 +661,7 @@ def settings(argv: list[str], p: argparse.ArgumentParser | None = None) -> argpa
         p.error(f"--pack {a.pack}: no wheels there (allowed: a pack-dynamo-for-gpu.sh output folder)")
     if a.layers < 1 or a.context < 1 or a.fp8_batch < 1 or a.concurrency < 1 or a.requests_per_concurrency < 1:
         p.error("--layers, --context, --fp8-batch, --concurrency and --requests-per-concurrency must be >= 1")
-    a.t0 = T0
+    a.t0 = time.monotonic()                          # the budget runs from here (not from the import)
     a.out = os.path.abspath(a.out)
     a.session_id = f"{os.getpid()}-{int(time.time())}"
     a.model_gb = MODEL_GB_BASE + MODEL_GB_PER_LAYER * a.layers
