@@ -17,6 +17,7 @@ from dynamo_dwdp.config.dwdp import DwdpSettings
 from dynamo_dwdp.errors import UserError
 from dynamo_dwdp.model.config import load_model_config
 from dynamo_dwdp.worker.flags import add_setting_flags, section_values
+from dynamo_dwdp.worker.main import SWITCH_INTERVAL_S as WORKER_SWITCH_INTERVAL_S
 
 DESCRIPTION = """\
 Engine micro-benchmarks: N rank processes drive the model runner directly with fixed shapes
@@ -137,6 +138,12 @@ def register(subparsers) -> None:
     h.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature (default 1.0: what the frontend sends when a request names none)")
     h.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
+    h.add_argument("--engine-busy-ms", type=float, default=0.0,
+                   help="dynamo level: a thread in the serving process holds the GIL like an engine thread, this "
+                        "many ms of Python work between hand-overs (default 0: no such thread)")
+    h.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="dynamo level: the serving process's GIL switch interval (default: the worker's, "
+                        f"{WORKER_SWITCH_INTERVAL_S * 1e3:g} ms)")
     h.add_argument("--profile", action="store_true", help="print a cProfile (by own time) of each timed window")
     h.add_argument("--json", action="store_true", help="print one JSON object per point (and nothing else)")
     h.set_defaults(func=run_host)
@@ -257,7 +264,13 @@ def run_host(args) -> int:
         from dynamo_dwdp.worker.host_path import dynamo_chunk_seconds, worker_stream  # local import: needs Dynamo
 
         setup, stream = worker_stream()
-        chunks = dynamo_chunk_seconds
+        switch_s = WORKER_SWITCH_INTERVAL_S if args.switch_interval_ms is None else args.switch_interval_ms / 1e3
+        if args.engine_busy_ms < 0 or switch_s <= 0:
+            raise UserError("--engine-busy-ms must be >= 0 and --switch-interval-ms > 0")
+
+        def dynamo_chunks(streams: int, n: int) -> tuple[float, float]:
+            return dynamo_chunk_seconds(streams, n, args.engine_busy_ms, switch_s)
+        chunks = dynamo_chunks
     results = []
     for level in levels:
         for point in points:

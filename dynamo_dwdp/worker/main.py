@@ -14,15 +14,19 @@ from dynamo_dwdp.errors import PeerError, UserError
 from dynamo_dwdp.strategies import get_strategy
 
 
+SWITCH_INTERVAL_S = 0.0005
+
+
 def _configure() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     threads = int(os.environ.get("DWDP_TORCH_THREADS", os.environ.get("OMP_NUM_THREADS", "1")))
     import torch
 
     torch.set_num_threads(max(1, threads))
-    # The engine thread and the asyncio thread share the GIL: hand it over often, so tokens stream
-    # as they are produced instead of in bursts (Python's default switch interval is 5 ms).
-    sys.setswitchinterval(0.0005)
+    # The engine thread, the asyncio thread and Dynamo's runtime threads share the GIL: hand it over
+    # often, so tokens stream as they are produced instead of in bursts (Python's default switch
+    # interval is 5 ms; `dynamo-dwdp bench host --levels dynamo --engine-busy-ms 2` measures the effect).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def _run_tp_follower(args) -> int:

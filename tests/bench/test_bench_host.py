@@ -38,3 +38,20 @@ def test_bench_host_bad_input_is_one_line():
     _error_line(cli("bench", "host", "--levels", "core,gpu", *SMALL), "--levels", "gpu")
     _error_line(cli("bench", "host", "--batch", "0", *SMALL), "--batch")
     _error_line(cli("bench", "host", "--batch", "2", "--top-p", "0", *SMALL[:-2]), "--top-p")
+
+
+def test_bench_host_dynamo_level_beside_an_engine_like_thread():
+    """--engine-busy-ms / --switch-interval-ms reach the echo's serving process (its argv round trip) and
+    the level runs with them; bad values are one line."""
+    from dynamo_dwdp.worker.host_path import echo_argv, parse_echo_argv
+
+    assert parse_echo_argv(echo_argv(2.5, 0.0005)) == (2.5, 0.0005)
+    assert parse_echo_argv(echo_argv()) == (0.0, None)
+    proc = cli("bench", "host", "--levels", "dynamo", "--batch", "2", "--steps", "4", "--json", "--engine-busy-ms", "2",
+               "--switch-interval-ms", "0.5", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.splitlines()[-1])
+    assert r["level"] == "dynamo" and r["batch"] == 2
+    _error_line(cli("bench", "host", "--levels", "dynamo", "--engine-busy-ms", "-1", *SMALL), "--engine-busy-ms")
+    _error_line(cli("bench", "host", "--levels", "dynamo", "--switch-interval-ms", "0", *SMALL),
+                "--switch-interval-ms")
