@@ -1,5 +1,7 @@
 """`ModelRunner`: owns the model, its executor and the KV pool; turns scheduled chunks into one
-forward pass. The KV pool layout is block-major, [num_blocks, num_layers, block_size, kv_dim], so
+forward pass: `launch` enqueues it and returns its logits without waiting (the engine reads its sampled
+tokens back through a `ReadBack`; with async scheduling the next step is launched first), `execute`
+waits for it. The KV pool layout is block-major, [num_blocks, num_layers, block_size, kv_dim], so
 one block of one sequence (all layers) is one contiguous region — a single descriptor for KV transfer.
 
 With `cuda_graphs` (CUDA, and an executor that is `graph_safe`) decode steps replay captured graphs
