@@ -36,7 +36,7 @@ from dynamo_dwdp.model.kernels import mla_prep
 from dynamo_dwdp.model.kernels.moe_gemm import fp8_linear
 from dynamo_dwdp.model.batch import ForwardBatch
 from dynamo_dwdp.model.config import ModelConfig
-from dynamo_dwdp.model.layers import Linear, RMSNorm
+from dynamo_dwdp.model.layers import Linear, RMSNorm, fuse_rows
 from dynamo_dwdp.model.rope import RotaryEmbedding
 from dynamo_dwdp.model.tensor_parallel import TensorParallel
 
@@ -80,20 +80,12 @@ class MLAttention(nn.Module):
         SDPA). Not under TP (q is split across ranks, kv_a is not); FP8 weights only when Nq is a
         multiple of the 128-row scale block (the scales then concatenate too). Call again after the
         weights change. Returns whether it fused."""
-        first = self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
-        kv = self.kv_a_proj_with_mqa
-        fp8 = first.weight.dtype == torch.float8_e4m3fn
-        nq = first.weight.shape[0]
-        if self.tp.size > 1 or fp8 != (kv.weight.dtype == torch.float8_e4m3fn) or (fp8 and nq % 128):
+        if self.tp.size > 1:
             return False
-        fused = torch.cat([first.weight.data, kv.weight.data])
-        first.weight = nn.Parameter(fused[:nq], requires_grad=False)
-        kv.weight = nn.Parameter(fused[nq:], requires_grad=False)
-        self.in_proj = fused
-        if fp8:
-            scale = torch.cat([first.weight_scale_inv, kv.weight_scale_inv])
-            first.weight_scale_inv, kv.weight_scale_inv = scale[:nq // 128], scale[nq // 128:]
-            self.in_proj_scale = scale
+        fused = fuse_rows(self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa)
+        if fused is None:
+            return False
+        self.in_proj, self.in_proj_scale = fused
         return True
 
     def _input_projections(self, x: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:

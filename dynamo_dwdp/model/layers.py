@@ -57,6 +57,25 @@ class Linear(nn.Module):
         return F.linear(x, self.weight)
 
 
+def fuse_rows(first: Linear, second: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Store two Linears that read the same input as one [N1 + N2, K] weight, the two keeping views of
+    it (no copy kept). FP8 weights only when both are FP8 and N1 is a multiple of the 128-row scale block
+    (the block scales then concatenate too). Returns (weight, its scale_inv or None), or None when the
+    two cannot be fused."""
+    fp8 = first.weight.dtype == torch.float8_e4m3fn
+    n1 = first.weight.shape[0]
+    if fp8 != (second.weight.dtype == torch.float8_e4m3fn) or (fp8 and n1 % 128):
+        return None
+    fused = torch.cat([first.weight.data, second.weight.data])
+    first.weight = nn.Parameter(fused[:n1], requires_grad=False)
+    second.weight = nn.Parameter(fused[n1:], requires_grad=False)
+    scale = None
+    if fp8:
+        scale = torch.cat([first.weight_scale_inv, second.weight_scale_inv])
+        first.weight_scale_inv, second.weight_scale_inv = scale[:n1 // 128], scale[n1 // 128:]
+    return fused, scale
+
+
 class DenseMLP(nn.Module):
     """down(silu(gate(x)) * up(x)); under TP the result is a partial sum (caller reduces).
 
@@ -73,21 +92,12 @@ class DenseMLP(nn.Module):
         self.gate_up_scale: torch.Tensor | None = None    # its block scale_inv when FP8
 
     def fuse_gate_up(self) -> bool:
-        """Store gate and up as one tensor (no copy kept). FP8 weights only when I is a multiple of
-        the 128-row scale block (the scales then concatenate too). Returns whether it fused."""
-        g, u = self.gate_proj, self.up_proj
-        fp8 = g.weight.dtype == torch.float8_e4m3fn
-        inter = g.weight.shape[0]
-        if fp8 and inter % 128:
+        """Store gate and up as one tensor (`fuse_rows`: no copy kept; FP8 when I is a multiple of the
+        128-row scale block). Returns whether it fused."""
+        fused = fuse_rows(self.gate_proj, self.up_proj)
+        if fused is None:
             return False
-        w13 = torch.cat([g.weight.data, u.weight.data])
-        g.weight = nn.Parameter(w13[:inter], requires_grad=False)
-        u.weight = nn.Parameter(w13[inter:], requires_grad=False)
-        self.gate_up = w13
-        if fp8:
-            s13 = torch.cat([g.weight_scale_inv, u.weight_scale_inv])
-            g.weight_scale_inv, u.weight_scale_inv = s13[:inter // 128], s13[inter // 128:]
-            self.gate_up_scale = s13
+        self.gate_up, self.gate_up_scale = fused
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

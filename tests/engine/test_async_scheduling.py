@@ -1,6 +1,7 @@
 """Async scheduling (`engine.async_scheduling`): step k+1 is launched before step k's tokens are read
 back, its new tokens fed on the device. References: the same prompts run one by one (test_engine's
 reference, whose logits match transformers) and the synchronous engine on the same requests.
+Preemption and the stop conditions run both ways in test_engine.py and test_host_path.py.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dynamo_dwdp.engine import engine_core
 from dynamo_dwdp.engine.sampling import SamplingParams
 from tests.conftest import SampleRecorder, make_engine, prompts_for, run_requests
 from tests.engine.test_engine import V, _drive, assert_same_as_alone, greedy, one_by_one
-from tests.engine.test_host_path import chain_engine, expected_chain, run_all
+from tests.engine.test_host_path import run_all
 
 
 @pytest.fixture(scope="module")
@@ -54,39 +55,6 @@ def test_chunked_continuous_batching_matches_one_by_one(ckpt, monkeypatch, separ
     assert feed.max_in_flight == 1
     assert not eng.in_flight and eng.blocks.num_free == eng.blocks.num_blocks
     assert_same_as_alone(res, rec, params, one_by_one(ckpt, prompts, n, monkeypatch))
-
-
-def test_preemption_keeps_outputs_identical(ckpt, monkeypatch):
-    prompts = prompts_for(V, [6, 9, 12, 7], seed=2)
-    n = 10
-    eng = make_engine(ckpt, block_size=4, num_kv_blocks=8, max_num_batched_tokens=16, async_scheduling=True)
-    rec = SampleRecorder(monkeypatch)
-    params = [greedy(n) for _ in prompts]
-    res = run_requests(eng, [(f"r{i}", p, params[i]) for i, p in enumerate(prompts)])
-    assert eng.scheduler.num_preemptions > 0
-    assert eng.blocks.num_free == eng.blocks.num_blocks
-    assert_same_as_alone(res, rec, params, one_by_one(ckpt, prompts, n, monkeypatch))
-
-
-def test_stop_conditions_match_the_synchronous_engine():
-    """Stop tokens, EOS and min_tokens are found one step late (the row launched after them is
-    discarded); the tokens and reasons are the synchronous engine's and the chain's."""
-    prompt = [3, 9, 27]
-    free = expected_chain(prompt, 12)
-    stop_tok, eos_tok = free[1], free[2]
-    g = dict(temperature=0)
-    reqs = [
-        ("stop", prompt, SamplingParams(max_tokens=12, stop_token_ids=(stop_tok,), ignore_eos=True, **g)),
-        ("eos", prompt, SamplingParams(max_tokens=12, eos_token_ids=(eos_tok,), **g)),
-        ("min-eos", prompt, SamplingParams(max_tokens=12, min_tokens=5, eos_token_ids=(eos_tok,), **g)),
-        ("length", prompt, SamplingParams(max_tokens=6, ignore_eos=True, **g)),
-    ]
-    sync = run_all(chain_engine(), reqs)
-    eng = chain_engine(async_scheduling=True)
-    got = run_all(eng, [(rid, p, SamplingParams(**vars(q))) for rid, p, q in reqs])
-    assert got == sync
-    assert got["stop"] == (free[:2], "stop") and got["eos"] == (free[:3], "eos")
-    assert eng.blocks.num_free == eng.blocks.num_blocks and not eng.in_flight
 
 
 def test_seeded_and_greedy_rows_equal_the_synchronous_engine(ckpt):

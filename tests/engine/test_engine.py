@@ -110,10 +110,12 @@ def test_separate_prefill_steps_never_mix_and_keep_outputs_identical(ckpt, monke
     assert_same_as_alone(res, rec, params, one_by_one(ckpt, prompts, n, monkeypatch))
 
 
-def test_preemption_keeps_outputs_identical(ckpt, monkeypatch):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_preemption_keeps_outputs_identical(ckpt, monkeypatch, async_scheduling):
     prompts = prompts_for(V, [6, 9, 12, 7], seed=2)
     n = 10
-    eng = make_engine(ckpt, block_size=4, num_kv_blocks=8, max_num_batched_tokens=16)
+    eng = make_engine(ckpt, block_size=4, num_kv_blocks=8, max_num_batched_tokens=16,
+                      async_scheduling=async_scheduling)
     rec = SampleRecorder(monkeypatch)
     params = [greedy(n) for _ in prompts]
     res = run_requests(eng, [(f"r{i}", p, params[i]) for i, p in enumerate(prompts)])

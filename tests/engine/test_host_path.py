@@ -158,8 +158,10 @@ def run_all(engine: EngineCore, reqs) -> dict[str, tuple[list[int], str]]:
     return {rid: (toks[rid], reasons[rid]) for rid in toks}
 
 
-def test_stop_conditions_of_several_requests_in_one_batch():
-    """min_tokens masks each row's own stop/eos ids (one batched scatter), then those ids stop it."""
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_stop_conditions_of_several_requests_in_one_batch(async_scheduling):
+    """min_tokens masks each row's own stop/eos ids (one batched scatter), then those ids stop it (with
+    async scheduling one step later: the row launched after a stop is discarded)."""
     prompt = [3, 9, 27]
     free = expected_chain(prompt, 12)
     stop_tok, eos_tok = free[1], free[2]
@@ -173,7 +175,9 @@ def test_stop_conditions_of_several_requests_in_one_batch():
         ("length", prompt, SamplingParams(max_tokens=6, ignore_eos=True, **greedy)),
         ("ignored-eos", prompt, SamplingParams(max_tokens=5, eos_token_ids=(eos_tok,), ignore_eos=True, **greedy)),
     ]
-    got = run_all(chain_engine(), reqs)
+    eng = chain_engine(async_scheduling=async_scheduling)
+    got = run_all(eng, reqs)
+    assert eng.blocks.num_free == eng.blocks.num_blocks and not eng.in_flight
     assert got["stop"] == (free[:2], "stop")
     assert got["eos"] == (free[:3], "eos")
     assert got["length"] == (free[:6], "length")
