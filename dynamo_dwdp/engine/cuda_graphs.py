@@ -32,6 +32,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from dynamo_dwdp.engine.sampling import device_tensor
 from dynamo_dwdp.model.batch import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -228,9 +229,7 @@ class DecodeGraphs:
         out = logits[:len(tokens)]
         if all(want_logits):
             return out.clone()
-        rows = [i for i, w in enumerate(want_logits) if w]
-        return out.index_select(0, torch.from_numpy(np.asarray(rows, dtype=np.int64)).pin_memory().to(
-            out.device, non_blocking=True))
+        return out.index_select(0, device_tensor([i for i, w in enumerate(want_logits) if w], torch.long, out.device))
 
     def _capture_and_restage(self, key, tokens, positions, block_tables):
         entry = self._capture(key)                  # capture overwrote the static inputs with dummies

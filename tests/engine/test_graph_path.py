@@ -98,3 +98,18 @@ def test_served_decode_steps_replay_the_graphs_with_the_eager_engines_tokens(ckp
     # every decode-only step replayed: the steps that did not are the prompt steps
     assert stats.steps - stats.graph_steps <= len(prompts)
     assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+def test_a_graph_step_returns_the_rows_that_want_logits(ckpt):
+    """run() with some rows not sampling (want_logits False) returns only the others, in order."""
+    eng = make_engine(ckpt, block_size=4, num_kv_blocks=64, max_num_seqs=4)
+    graphs = with_cpu_graphs(eng)
+    runner = eng.runner
+    prompts = prompts_for(V, [6, 9, 5], seed=8)
+    tables = [[1, 2, 3], [4, 5, 6], [7, 8]]
+    runner.execute(prompts, [0, 0, 0], tables, [True] * 3)
+    before = runner.kv_pool.clone()
+    every = graphs.run([11, 12, 13], [6, 9, 5], tables, [True] * 3)
+    runner.kv_pool.copy_(before)
+    some = graphs.run([11, 12, 13], [6, 9, 5], tables, [True, False, True])
+    assert some.shape[0] == 2 and torch.equal(some, every[[0, 2]])
