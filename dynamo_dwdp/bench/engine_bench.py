@@ -407,8 +407,7 @@ def _drive_point(rank_engine, probe: _Probe, setup: BenchSetup, point: Point, in
     if setup.async_scheduling and warm:      # the pipeline's own first uses (pinned buffers) out of the timing
         _drive_async(runner, probe, warm, torch.zeros(len(warm), *probe.live.shape, dtype=torch.bool,
                                                       device=runner.device),
-                     {k: [] for k in ("step_s", "forward_s", "prefetch_s", "sync_s", "tokens", "remote_bytes",
-                                      "t0_abs")}, point.phase == "decode")
+                     _new_record(), point.phase == "decode")
     else:
         for args in warm:
             runner.execute(*args)
@@ -418,8 +417,7 @@ def _drive_point(rank_engine, probe: _Probe, setup: BenchSetup, point: Point, in
                        device=runner.device)
     if not get_strategy(setup.strategy).leader_only:
         _barrier(rank_engine.group, f"p{index}")
-    rec: dict[str, list] = {k: [] for k in ("step_s", "forward_s", "prefetch_s", "sync_s", "tokens", "remote_bytes",
-                                            "t0_abs")}
+    rec = _new_record()
     t_start = time.time()
     if setup.async_scheduling:
         _drive_async(runner, probe, timed, hits, rec, point.phase == "decode")
@@ -468,6 +466,11 @@ def _drive_async(runner, probe: _Probe, timed: list, hits, rec: dict, decode: bo
         probe.stats.step_seconds += runner.last_launch_seconds + t1 - t_wait
         _append(rec, t1 - t_prev, before, _snapshot(probe.stats))
         prev, t_prev = tokens, t1
+
+
+def _new_record() -> dict[str, list]:
+    """Per-step lists of one rank's timed steps (`_append` fills them)."""
+    return {k: [] for k in ("step_s", "forward_s", "prefetch_s", "sync_s", "tokens", "remote_bytes", "t0_abs")}
 
 
 def _append(rec: dict, step_s: float, before, after) -> None:

@@ -6,6 +6,7 @@ Thin wrapper: the work lives in `dynamo_dwdp.bench.engine_bench` (measurement, J
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -267,10 +268,8 @@ def run_host(args) -> int:
         switch_s = WORKER_SWITCH_INTERVAL_S if args.switch_interval_ms is None else args.switch_interval_ms / 1e3
         if args.engine_busy_ms < 0 or switch_s <= 0:
             raise UserError("--engine-busy-ms must be >= 0 and --switch-interval-ms > 0")
-
-        def dynamo_chunks(streams: int, n: int) -> tuple[float, float]:
-            return dynamo_chunk_seconds(streams, n, args.engine_busy_ms, switch_s)
-        chunks = dynamo_chunks
+        chunks = functools.partial(dynamo_chunk_seconds, engine_busy_ms=args.engine_busy_ms,
+                                   switch_interval_s=switch_s)
     results = []
     for level in levels:
         for point in points:

@@ -62,12 +62,6 @@ def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> tor
     return t.to(device)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """`sample_tokens`, as a list on the host (syncs with the device)."""
-    return sample_tokens(logits, params, generators).tolist()
-
-
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
                   generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits [S, V] float32 -> one token id per row, a long tensor on the logits' device. No host sync

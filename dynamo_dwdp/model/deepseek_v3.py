@@ -79,7 +79,6 @@ class DeepseekV3ForCausalLM(nn.Module):
         attention's input projections (`MLAttention.fuse_input_projections`) and, with gate_up (CUDA
         kernels), the dense MLPs' gate and up. Anything that replaces weights afterwards (the loader, FP8
         quantization) calls `refuse_weights`."""
-        self.gate_up_fused = gate_up
         for mod in self.modules():
             if isinstance(mod, MLAttention):
                 mod.fuse_input_projections()

@@ -17,7 +17,7 @@ from dynamo_dwdp.bench.host_bench import CoreOnlyRank, FakeForwardRunner, HostSh
 from dynamo_dwdp.config.engine import EngineSettings
 from dynamo_dwdp.engine.async_engine import AsyncEngine
 from dynamo_dwdp.engine.engine_core import EngineCore
-from dynamo_dwdp.engine.sampling import SamplingParams, batched_probs, row_probs, sample
+from dynamo_dwdp.engine.sampling import SamplingParams, batched_probs, row_probs, sample_tokens
 from dynamo_dwdp.engine.sequence import Sequence
 
 V = 64
@@ -69,7 +69,7 @@ def test_batched_sampling_frequencies_follow_the_distribution():
     base = torch.tensor([2.0, 1.5, 1.0, 0.2, -1.0, 0.9, 1.4, -3.0])
     params = [SamplingParams(temperature=0.8, top_k=6, top_p=0.9)] * 3000 + [SamplingParams(temperature=1.0)] * 3000
     logits = base.repeat(len(params), 1)
-    picks = np.array(sample(logits, params, [None] * len(params)))
+    picks = sample_tokens(logits, params, [None] * len(params)).numpy()
     for sl, p in ((slice(0, 3000), params[0]), (slice(3000, 6000), params[-1])):
         freq = np.bincount(picks[sl], minlength=base.numel()) / 3000
         ref = reference_probs(base.numpy(), p)
@@ -87,11 +87,11 @@ def test_mixed_batch_greedy_seeded_and_unseeded_rows():
     def gen():
         return torch.Generator().manual_seed(42)
 
-    picks = sample(logits, params, [None, gen(), None, None, gen()])
+    picks = sample_tokens(logits, params, [None, gen(), None, None, gen()]).tolist()
     assert picks[0] == int(logits[0].argmax()) and picks[3] == int(logits[3].argmax())
-    alone = [sample(logits[i:i + 1], [seeded], [gen()])[0] for i in (1, 4)]
+    alone = [sample_tokens(logits[i:i + 1], [seeded], [gen()]).tolist()[0] for i in (1, 4)]
     assert [picks[1], picks[4]] == alone              # a seeded row does not depend on the rest of the batch
-    assert sample(logits[:0], [], []) == []
+    assert sample_tokens(logits[:0], [], []).tolist() == []
 
 
 # ----------------------------------------------------------------------------------- token slices
