@@ -233,6 +233,30 @@ def expected_output_tps(point: dict, decode: dict | None, prefill: dict | None, 
     return n * osl / t
 
 
+STEP_FIELDS = ("steps", "graph_steps", "mean_step_ms", "graph_step_ms_mean", "other_step_ms_mean", "launch_ms_mean",
+               "launch_cpu_ms_mean", "device_step_ms_mean", "tokens_per_step")
+
+
+def step_evidence(point: dict) -> dict:
+    """The workers' step accounting over a point, per pool (from the A/B server evidence): how many
+    steps replayed graphs, and where a step's wall time went (host launch wall vs the engine thread's
+    CPU in it, device time)."""
+    return {pool: {k: ev.get(k) for k in STEP_FIELDS} for pool, ev in (point.get("server") or {}).items()}
+
+
+def step_table(points: list[dict]) -> list[str]:
+    rows = [p for p in points if p.get("steps")]
+    if not rows:
+        return []
+    out = ["", "workers' steps per point (A/B server evidence; ms are means per step):", "",
+           "| graph | concurrency | pool | " + " | ".join(STEP_FIELDS) + " |", "|" + "---|" * (3 + len(STEP_FIELDS))]
+    for p in rows:
+        for pool, ev in p["steps"].items():
+            out.append(f"| {p['graph']} | {p['concurrency']} | {pool} | "
+                       + " | ".join(fmt(ev.get(k), 0 if k.endswith("steps") else 2) for k in STEP_FIELDS) + " |")
+    return out
+
+
 def fmt(v, nd=1) -> str:
     return "—" if v is None else f"{v:,.{nd}f}"
 
@@ -252,13 +276,13 @@ def table(res: dict | None, gpus: int, bench: dict | None, bench_batch: int, ben
                         f"{fmt(s['ttft_ms_p99'])} | {fmt(s['itl_ms_p50'], 2)} | {fmt(s['itl_ms_p99'], 2)} | "
                         f"{fmt(s['tps_user'])} | {fmt(s['output_tps'])} | {fmt(tps_gpu)} | {kv_text} |")
             summary["points"].append({"graph": g["name"], "concurrency": p["concurrency"], "tps_gpu": tps_gpu,
-                                      "kv": kv[0] if kv else None,
+                                      "kv": kv[0] if kv else None, "steps": step_evidence(p),
                                       "isl_mean": s.get("isl_mean"), **{k: s.get(k) for k in (
                                           "ok", "sent", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99",
                                           "tps_user", "output_tps", "first_error")}})
         if not str(g.get("status", "ok")).startswith("ok"):
             rows.append(f"| {g['name']} | — | {g['status'][:120]} | | | | | | | | |")
-    lines = rows
+    lines = rows + step_table(summary["points"])
     if bench:
         step = (bench.get("step_ms") or {}).get("mean")
         tps = bench.get("tokens_per_s_per_gpu")

@@ -520,6 +520,10 @@ def _serve_section(out: str, a) -> list[str]:
           "|---|---|---|---|---|---|---|"]
     md += [f"| {p['graph']} | {p['concurrency']} | {p['ok']}/{p['sent']} | {_f(p['ttft_ms_p50'], 1)} | "
            f"{_f(p['itl_ms_p50'])} | {_f(p['output_tps'], 1)} | {_f(p['tps_gpu'], 1)} |" for p in summ["points"]]
+    for p in summ["points"]:
+        for pool, ev in (p.get("steps") or {}).items():
+            md.append(f"\n{p['graph']} c{p['concurrency']} {pool}: " + ", ".join(
+                f"{k} {_f(v)}" for k, v in ev.items()))
     b = summ.get("bench") or {}
     if b:
         md.append(f"\nengine alone (`bench engine`, decode batch {b.get('batch')}, context {b.get('context')}): "

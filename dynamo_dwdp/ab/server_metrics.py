@@ -6,7 +6,9 @@ The DWDP workers export (labels `strategy`, `role`, `group`, `rank` on every ser
             dwdp_step_sync_wait_seconds_total (DEP all-to-all, TP all-reduce, step agreement),
             dwdp_steps_total, dwdp_tokens_total (tokens computed), dwdp_remote_bytes_total (+ `peer`),
             dwdp_kv_transfer_bytes_total, dwdp_generated_tokens_total,
-            dwdp_graph_steps_total, dwdp_graph_step_seconds_total (decode steps replayed from CUDA graphs)
+            dwdp_graph_steps_total, dwdp_graph_step_seconds_total (decode steps replayed from CUDA graphs),
+            dwdp_step_launch_seconds_total, dwdp_step_launch_cpu_seconds_total (the host's launches: wall
+            and engine-thread CPU), dwdp_device_steps_total, dwdp_step_device_seconds_total (CUDA)
   histogram dwdp_kv_transfer_seconds (_sum / _count used)
   gauges    dwdp_queue_depth, dwdp_queue_to_compute_ratio
 
@@ -39,6 +41,10 @@ KV_SECONDS_COUNT = "dwdp_kv_transfer_seconds_count"
 GENERATED = "dwdp_generated_tokens_total"
 GRAPH_STEPS = "dwdp_graph_steps_total"
 GRAPH_STEP_SECONDS = "dwdp_graph_step_seconds_total"
+LAUNCH_SECONDS = "dwdp_step_launch_seconds_total"
+LAUNCH_CPU_SECONDS = "dwdp_step_launch_cpu_seconds_total"
+DEVICE_STEPS = "dwdp_device_steps_total"
+DEVICE_SECONDS = "dwdp_step_device_seconds_total"
 QUEUE_DEPTH = "dwdp_queue_depth"
 QUEUE_RATIO = "dwdp_queue_to_compute_ratio"
 GAUGES = (QUEUE_DEPTH, QUEUE_RATIO)
@@ -199,6 +205,9 @@ def pool_evidence(deltas: dict[Series, float], scraped: int = 0, failed: int = 0
         "graph_step_ms_mean": _scaled(_ratio(_sum(deltas, GRAPH_STEP_SECONDS), _sum(deltas, GRAPH_STEPS)), 1e3),
         "other_step_ms_mean": _scaled(_ratio(_diff(step, _sum(deltas, GRAPH_STEP_SECONDS)),
                                              _diff(_sum(deltas, STEPS), _sum(deltas, GRAPH_STEPS))), 1e3),
+        "launch_ms_mean": _scaled(_ratio(_sum(deltas, LAUNCH_SECONDS), _sum(deltas, STEPS)), 1e3),
+        "launch_cpu_ms_mean": _scaled(_ratio(_sum(deltas, LAUNCH_CPU_SECONDS), _sum(deltas, STEPS)), 1e3),
+        "device_step_ms_mean": _scaled(_ratio(_sum(deltas, DEVICE_SECONDS), _sum(deltas, DEVICE_STEPS)), 1e3),
         "remote_bytes": _sum(deltas, REMOTE_BYTES),
         "generated_tokens": _sum(deltas, GENERATED),
         "remote_bytes_per_generated_token": _ratio(_sum(deltas, REMOTE_BYTES), _sum(deltas, GENERATED)),

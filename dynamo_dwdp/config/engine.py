@@ -56,6 +56,9 @@ class EngineSettings:
                                              "device (outputs are reported one step later; a sequence that stops "
                                              "at a token costs one discarded row in the step after). Ranks of a "
                                              "lock-step group (dep, tp) always step synchronously")
+    stream_interval: int = spec(1, doc="tokens per streamed chunk after a request's first (which goes out at "
+                                       "once): fewer chunks cost the serving process less host time per step; "
+                                       "a request's last chunk carries what is left", min=1, max=1024)
     weight_format: str = spec("native", doc="native, or fp8-block: experts and dense linears resident as FP8 with "
                                             "128x128 block scales (device cuda only); fp8-block-a8: the same, "
                                             "routed experts with FP8 activations too", choices=WEIGHT_FORMATS)

@@ -7,6 +7,11 @@ peer's request makes every rank step). A failing step (dead peer, broken collect
 in-flight request with that error and marks the engine `broken`: new requests fail fast and the
 worker reports unhealthy, instead of hanging.
 
+Streaming: a request's first output goes to its stream at once; after it, outputs are held until
+they carry `engine.stream_interval` new tokens (vLLM's and TensorRT-LLM's `stream_interval`), or the
+request finishes or fails, whichever comes first. Fewer chunks cost the serving process (Dynamo's
+per-chunk work, and the GIL the engine thread shares with it) less per step.
+
 Broken is not forever. A group that heals in place (DWDP/DP: no process group) leaves the broken
 state as soon as no peer is down any more (a paused peer came back; membership.py); the failed
 requests stay failed, new ones are served. A DEP/TP rank cannot re-form its process group in place:
@@ -47,6 +52,8 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = False
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.stream_interval = rank_engine.runner.config.stream_interval
+        self._held: dict[str, RequestOutput] = {}         # engine thread: outputs short of stream_interval
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.on_step: list[Callable[[], None]] = []
 
@@ -114,14 +121,25 @@ class AsyncEngine:
             if fut is not None:
                 loop.call_soon_threadsafe(_set_result, fut, result)
 
+    def _abort(self, engine, request_id: str) -> None:
+        self._held.pop(request_id, None)
+        engine.abort(request_id)
+
     def _deliver(self, outs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams: one wake-up per event loop per step (not one per
         output: each `call_soon_threadsafe` takes a lock and writes to the loop's self-pipe)."""
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outs:
+            held = self._held.pop(out.request_id, None)
+            if held is not None:
+                out = _merge(held, out)
             entry = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
+            elif (entry is not None and out.error is None and len(out.new_token_ids) < self.stream_interval
+                  and out.num_output_tokens > len(out.new_token_ids)):    # not the first tokens: wait for more
+                self._held[out.request_id] = out
+                continue
             if entry is not None:
                 loop, q = entry
                 batches.setdefault(loop, []).append((q, out))
@@ -183,12 +201,12 @@ class AsyncEngine:
         finally:
             if request_id in self._streams:          # the consumer went away early: abort
                 self._streams.pop(request_id, None)
-                self.post(lambda engine: engine.abort(request_id))
+                self.post(lambda engine: self._abort(engine, request_id))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its stream ends with a `cancelled` output (nothing waits forever)."""
         entry = self._streams.pop(request_id, None)
-        self.post(lambda engine: engine.abort(request_id))
+        self.post(lambda engine: self._abort(engine, request_id))
         if entry is not None:
             loop, q = entry
             loop.call_soon_threadsafe(q.put_nowait, RequestOutput(request_id, [], True, "cancelled", 0, 0, 0, 0))

@@ -179,7 +179,11 @@ class EngineCore:
         chunks = self.scheduler.schedule()
         if not chunks and not allow_empty:
             return self._read_back() if self.in_flight else []
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         self.in_flight.append(self._launch(chunks))
+        stats = self.runner.executor.stats
+        stats.launch_seconds += time.perf_counter() - t0
+        stats.launch_cpu_seconds += time.thread_time() - cpu0
         outputs = self._read_back() if len(self.in_flight) > 1 else []
         self._book(self.in_flight[-1])
         if not self.async_scheduling:
@@ -189,6 +193,10 @@ class EngineCore:
     def _launch(self, chunks: list[ScheduledChunk]) -> _Launched:
         """Launch the forward and the sampling of `chunks` (no host sync on CUDA)."""
         now = time.monotonic()
+        start = None
+        if self.runner.device.type == "cuda":       # the step's device time (stats.device_seconds)
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         token_chunks, fed_rows, fed_from = [], [], []
         flat = 0
         for c in chunks:
@@ -210,7 +218,7 @@ class EngineCore:
         launch_s, graph = self.runner.last_launch_seconds, stats.graph_steps > graph_steps
         samplers = [c for c in chunks if c.completes]
         if not samplers:
-            return _Launched(chunks, samplers, ReadBack(None, self.runner.device), launch_s, graph)
+            return _Launched(chunks, samplers, ReadBack(None, self.runner.device, start), launch_s, graph)
         ban_rows: list[int] = []
         ban_cols: list[int] = []
         for row, c in enumerate(samplers):
@@ -224,7 +232,7 @@ class EngineCore:
                 idx = device_tensor([ban_rows, ban_cols], torch.long, logits.device)
                 logits[idx[0], idx[1]] = float("-inf")
         tokens = sample_tokens(logits, [c.seq.params for c in samplers], [c.seq.generator for c in samplers])
-        return _Launched(chunks, samplers, ReadBack(tokens, self.runner.device), launch_s, graph)
+        return _Launched(chunks, samplers, ReadBack(tokens, self.runner.device, start), launch_s, graph)
 
     def _book(self, step: _Launched) -> None:
         """Advance the launched step's sequences: computed tokens, full blocks hashed, a PENDING output per
@@ -257,6 +265,10 @@ class EngineCore:
         stats.step_seconds += seconds
         if step.graph:
             stats.graph_step_seconds += seconds
+        device_s = step.tokens.device_seconds()
+        if device_s is not None:
+            stats.device_steps += 1
+            stats.device_seconds += device_s
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for c, tok in zip(step.samplers, tokens):

@@ -59,20 +59,29 @@ class ReadBack:
     sync: one non_blocking copy into pinned memory and an event (a `.tolist()` would wait for every step
     launched after this one)."""
 
-    def __init__(self, device_tokens: torch.Tensor | None, device: torch.device):
+    def __init__(self, device_tokens: torch.Tensor | None, device: torch.device,
+                 start: torch.cuda.Event | None = None):
         self.device_tokens = device_tokens
         self.host = device_tokens
         self.event = None
+        self.start = start
         if device.type == "cuda":
             if device_tokens is not None:
                 self.host = torch.empty(device_tokens.shape, dtype=device_tokens.dtype, pin_memory=True)
                 self.host.copy_(device_tokens, non_blocking=True)
-            self.event = torch.cuda.Event()
+            self.event = torch.cuda.Event(enable_timing=start is not None)
             self.event.record()
 
     def wait(self) -> None:
         if self.event is not None:
             self.event.synchronize()
+
+    def device_seconds(self) -> float | None:
+        """After `wait`: the step's device time, from `start` (recorded before its first kernel) to its
+        end; None off CUDA or without a start event."""
+        if self.event is None or self.start is None:
+            return None
+        return self.start.elapsed_time(self.event) / 1e3
 
     def result(self) -> list[int]:
         self.wait()

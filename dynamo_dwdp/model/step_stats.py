@@ -15,6 +15,11 @@ class ExecutorStats:
     bytes_pulled      remote weight bytes pulled, per peer rank
     graph_steps       steps replayed from a CUDA graph (a subset of steps)
     graph_step_seconds   the part of step_seconds those steps took (the rest: eager steps)
+    launch_seconds    wall time of launching the steps (batch build, forward and sampling launched)
+    launch_cpu_seconds   the launching thread's CPU time in those launches (wall far above CPU: the
+                      thread waited, e.g. for the GIL, while it launched)
+    device_steps, device_seconds   steps timed on the device and their device time (CUDA: from the
+                      step's first kernel to its sampled tokens; 0 elsewhere)
     compute = step_seconds - prefetch_wait_s - sync_wait_s
     """
     steps: int = 0
@@ -25,6 +30,10 @@ class ExecutorStats:
     tokens: int = 0
     graph_steps: int = 0
     graph_step_seconds: float = 0.0
+    launch_seconds: float = 0.0
+    launch_cpu_seconds: float = 0.0
+    device_steps: int = 0
+    device_seconds: float = 0.0
 
     @property
     def compute_seconds(self) -> float:

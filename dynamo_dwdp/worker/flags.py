@@ -128,6 +128,7 @@ WORKER_FLAGS: tuple[WorkerFlag, ...] = (
     WorkerFlag("--cuda-graphs", "settings:engine.cuda_graphs", kind="switch"),
     WorkerFlag("--separate-prefill-steps", "settings:engine.separate_prefill_steps", kind="switch"),
     WorkerFlag("--async-scheduling", "settings:engine.async_scheduling", kind="switch"),
+    WorkerFlag("--stream-interval", "settings:engine.stream_interval"),
     WorkerFlag("--weight-format", "settings:engine.weight_format"),
 )
 """Every flag the launcher emits, in argv order (the worker's argparse is generated from these)."""

@@ -31,6 +31,14 @@ class WorkerMetrics:
         self.graph_steps = counter("dwdp_graph_steps", "Decode steps replayed from CUDA graphs (engine.cuda_graphs)")
         self.graph_step_seconds = counter("dwdp_graph_step_seconds",
                                           "The part of dwdp_step_seconds that steps replayed from CUDA graphs took")
+        self.launch_seconds = counter("dwdp_step_launch_seconds",
+                                      "Wall time of launching steps (batch build, forward and sampling launched)")
+        self.launch_cpu_seconds = counter("dwdp_step_launch_cpu_seconds",
+                                          "The engine thread's CPU time in those launches (far below the wall "
+                                          "time: the thread waited, e.g. for the GIL)")
+        self.device_steps = counter("dwdp_device_steps", "Steps timed on the device (CUDA)")
+        self.device_seconds = counter("dwdp_step_device_seconds",
+                                      "Device time of those steps (first kernel to sampled tokens)")
         self.tokens = counter("dwdp_tokens", "Tokens computed (prompt + generated)")
         self.generated = counter("dwdp_generated_tokens", "Tokens generated and returned")
         self.remote_bytes = counter("dwdp_remote_bytes", "Expert weight bytes pulled from peers", ["peer"])
@@ -74,6 +82,10 @@ class WorkerMetrics:
         self._inc(self.steps, "steps", stats.steps)
         self._inc(self.graph_steps, "graph_steps", stats.graph_steps)
         self._inc(self.graph_step_seconds, "graph_step_seconds", stats.graph_step_seconds)
+        self._inc(self.launch_seconds, "launch", stats.launch_seconds)
+        self._inc(self.launch_cpu_seconds, "launch_cpu", stats.launch_cpu_seconds)
+        self._inc(self.device_steps, "device_steps", stats.device_steps)
+        self._inc(self.device_seconds, "device", stats.device_seconds)
         self._inc(self.tokens, "tokens", stats.tokens)
         for peer, total in list(stats.bytes_pulled.items()):
             delta = total - self._last_bytes.get(peer, 0)

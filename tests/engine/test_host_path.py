@@ -18,7 +18,7 @@ from dynamo_dwdp.config.engine import EngineSettings
 from dynamo_dwdp.engine.async_engine import AsyncEngine
 from dynamo_dwdp.engine.engine_core import EngineCore
 from dynamo_dwdp.engine.sampling import SamplingParams, batched_probs, row_probs, sample_tokens
-from dynamo_dwdp.engine.sequence import Sequence
+from dynamo_dwdp.engine.sequence import RequestOutput, Sequence
 
 V = 64
 
@@ -215,6 +215,65 @@ def test_async_engine_streams_match_the_engine_core_run(async_scheduling):
     for i, (toks, reason) in enumerate(got):
         assert (toks, reason) == ref[f"r{i}"] == (expected_chain(prompts[i], 5 + i), "length")
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("interval", [3, 16])
+def test_stream_interval_streams_the_same_tokens_in_fewer_chunks(interval):
+    """engine.stream_interval: every request's tokens and finish as with interval 1 (the single-threaded
+    run), every chunk but the first and the last carrying at least `interval` tokens."""
+    prompts = [[i + 1, 3 * i + 2, 9] for i in range(4)]
+    lengths = [1, 2, 11, 40]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
+    ref = run_all(chain_engine(), [(f"r{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params))])
+    engine = chain_engine(stream_interval=interval)
+    ae = AsyncEngine(CoreOnlyRank(engine)).start()
+
+    async def main():
+        async def one(i):
+            return [o async for o in ae.generate(f"r{i}", prompts[i], params[i])]
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    try:
+        got = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        ae.stop()
+    for i, outs in enumerate(got):
+        assert ([t for o in outs for t in o.new_token_ids], outs[-1].finish_reason) == ref[f"r{i}"]
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        assert all(len(o.new_token_ids) >= interval for o in outs[1:-1])
+        assert len(outs) <= 2 + (lengths[i] - 1) // interval
+    assert engine.blocks.num_free == engine.blocks.num_blocks and not ae._held
+
+
+def test_stream_interval_sends_the_first_token_at_once_and_holds_the_next_ones():
+    """The engine thread's delivery, step by step: the first output goes out alone, later ones wait
+    until `interval` tokens are held, the finishing one carries what is left, an error is not held."""
+    ae = AsyncEngine(CoreOnlyRank(chain_engine(stream_interval=4)))     # not started: deliveries by hand
+    loop = asyncio.new_event_loop()
+    try:
+        q: asyncio.Queue = asyncio.Queue()
+        ae._streams.update({"r": (loop, q), "e": (loop, q)})
+
+        def out(rid, token, n, finished=False, error=None):
+            return RequestOutput(rid, [token], finished, "length" if finished else None, 3, n, 0, 3, error)
+
+        sent = []
+        for n in range(1, 8):                        # tokens 1..7 of "r"; "e" fails at its second
+            ae._deliver([out("r", 100 + n, n)] + ([out("e", 200 + n, n, finished=n == 2, error="boom" if n == 2
+                                                                                             else None)]
+                                                    if n <= 2 else []))
+            loop.run_until_complete(asyncio.sleep(0))
+            while not q.empty():
+                o = q.get_nowait()
+                sent.append((n, o.request_id, o.new_token_ids, o.finished, o.error))
+        ae._deliver([out("r", 108, 8, finished=True)])
+        loop.run_until_complete(asyncio.sleep(0))
+        sent += [(8, o.request_id, o.new_token_ids, o.finished, o.error) for o in [q.get_nowait()]]
+    finally:
+        loop.close()
+    assert sent == [(1, "r", [101], False, None), (1, "e", [201], False, None), (2, "e", [202], True, "boom"),
+                    (5, "r", [102, 103, 104, 105], False, None), (8, "r", [106, 107, 108], True, None)]
+    assert not ae._held and not ae._streams
 
 
 def test_a_consumer_that_falls_behind_gets_the_queued_tokens_as_one_output():

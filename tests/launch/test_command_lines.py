@@ -50,6 +50,7 @@ def worker_spec() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--separate-prefill-steps", action="store_true")
     p.add_argument("--async-scheduling", action="store_true")
+    p.add_argument("--stream-interval", type=int)
     p.add_argument("--weight-format", required=True, choices=["native", "fp8-block", "fp8-block-a8"])
     return p
 
@@ -92,6 +93,7 @@ def test_worker_argv_parses_and_carries_the_settings(graph_file, config):
             assert (a.device, a.dtype, a.cuda_graphs) == (eng["device"], eng["dtype"], eng["cuda_graphs"])
             assert a.separate_prefill_steps == eng["separate_prefill_steps"]
             assert a.async_scheduling == eng["async_scheduling"]
+            assert a.stream_interval == eng["stream_interval"]
             assert a.kv_transfer == ("none" if rp["role"] == "agg" else raw["kv_transfer"]["backend"])
             if rp["strategy"] == "dwdp":
                 assert a.dwdp_transport == raw["dwdp"]["transport"]
