@@ -233,8 +233,9 @@ def expected_output_tps(point: dict, decode: dict | None, prefill: dict | None, 
     return n * osl / t
 
 
-STEP_FIELDS = ("steps", "graph_steps", "mean_step_ms", "graph_step_ms_mean", "other_step_ms_mean", "launch_ms_mean",
-               "launch_cpu_ms_mean", "device_step_ms_mean", "tokens_per_step")
+STEP_FIELDS = ("steps", "graph_steps", "tokens_per_step", "loop_ms_mean", "loop_cpu_ms_mean", "graph_step_ms_mean", "graph_launch_ms_mean",
+               "graph_launch_cpu_ms_mean", "graph_device_ms_mean", "other_step_ms_mean", "other_launch_ms_mean",
+               "other_launch_cpu_ms_mean", "other_device_ms_mean")
 
 
 def step_evidence(point: dict) -> dict:

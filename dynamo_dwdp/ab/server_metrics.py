@@ -8,7 +8,9 @@ The DWDP workers export (labels `strategy`, `role`, `group`, `rank` on every ser
             dwdp_kv_transfer_bytes_total, dwdp_generated_tokens_total,
             dwdp_graph_steps_total, dwdp_graph_step_seconds_total (decode steps replayed from CUDA graphs),
             dwdp_step_launch_seconds_total, dwdp_step_launch_cpu_seconds_total (the host's launches: wall
-            and engine-thread CPU), dwdp_device_steps_total, dwdp_step_device_seconds_total (CUDA)
+            and engine-thread CPU), dwdp_device_steps_total, dwdp_step_device_seconds_total (CUDA), and
+            the graph steps' parts of the three: dwdp_graph_step_{launch,launch_cpu,device}_seconds_total,
+            dwdp_engine_loop_seconds_total, dwdp_engine_loop_cpu_seconds_total (the engine thread's busy time)
   histogram dwdp_kv_transfer_seconds (_sum / _count used)
   gauges    dwdp_queue_depth, dwdp_queue_to_compute_ratio
 
@@ -45,6 +47,11 @@ LAUNCH_SECONDS = "dwdp_step_launch_seconds_total"
 LAUNCH_CPU_SECONDS = "dwdp_step_launch_cpu_seconds_total"
 DEVICE_STEPS = "dwdp_device_steps_total"
 DEVICE_SECONDS = "dwdp_step_device_seconds_total"
+GRAPH_LAUNCH_SECONDS = "dwdp_graph_step_launch_seconds_total"
+GRAPH_LAUNCH_CPU_SECONDS = "dwdp_graph_step_launch_cpu_seconds_total"
+GRAPH_DEVICE_SECONDS = "dwdp_graph_step_device_seconds_total"
+LOOP_SECONDS = "dwdp_engine_loop_seconds_total"
+LOOP_CPU_SECONDS = "dwdp_engine_loop_cpu_seconds_total"
 QUEUE_DEPTH = "dwdp_queue_depth"
 QUEUE_RATIO = "dwdp_queue_to_compute_ratio"
 GAUGES = (QUEUE_DEPTH, QUEUE_RATIO)
@@ -163,6 +170,15 @@ def _labels_of(deltas: dict[Series, float], key: str) -> list[str]:
     return sorted({dict(labels).get(key) for (n, labels) in deltas if n.startswith("dwdp_")} - {None})
 
 
+def _by_kind(deltas: dict[Series, float], name: str, total: str, graph: str, steps: str) -> dict[str, float | None]:
+    """Mean ms per step of a seconds counter over graph steps (`graph_<name>`) and the other steps
+    (`other_<name>`), from its total, its graph part and the step counts."""
+    t, g = _sum(deltas, total), _sum(deltas, graph)
+    n, ng = _sum(deltas, steps), _sum(deltas, GRAPH_STEPS)
+    return {f"graph_{name}": _scaled(_ratio(g, ng), 1e3),
+            f"other_{name}": _scaled(_ratio(_diff(t, g), _diff(n, ng)), 1e3)}
+
+
 def pool_evidence(deltas: dict[Series, float], scraped: int = 0, failed: int = 0) -> dict[str, Any]:
     """Derived numbers of one pool from its summed rank deltas (None where a family is missing).
 
@@ -205,9 +221,11 @@ def pool_evidence(deltas: dict[Series, float], scraped: int = 0, failed: int = 0
         "graph_step_ms_mean": _scaled(_ratio(_sum(deltas, GRAPH_STEP_SECONDS), _sum(deltas, GRAPH_STEPS)), 1e3),
         "other_step_ms_mean": _scaled(_ratio(_diff(step, _sum(deltas, GRAPH_STEP_SECONDS)),
                                              _diff(_sum(deltas, STEPS), _sum(deltas, GRAPH_STEPS))), 1e3),
-        "launch_ms_mean": _scaled(_ratio(_sum(deltas, LAUNCH_SECONDS), _sum(deltas, STEPS)), 1e3),
-        "launch_cpu_ms_mean": _scaled(_ratio(_sum(deltas, LAUNCH_CPU_SECONDS), _sum(deltas, STEPS)), 1e3),
-        "device_step_ms_mean": _scaled(_ratio(_sum(deltas, DEVICE_SECONDS), _sum(deltas, DEVICE_STEPS)), 1e3),
+        "loop_ms_mean": _scaled(_ratio(_sum(deltas, LOOP_SECONDS), _sum(deltas, STEPS)), 1e3),
+        "loop_cpu_ms_mean": _scaled(_ratio(_sum(deltas, LOOP_CPU_SECONDS), _sum(deltas, STEPS)), 1e3),
+        **_by_kind(deltas, "launch_ms_mean", LAUNCH_SECONDS, GRAPH_LAUNCH_SECONDS, STEPS),
+        **_by_kind(deltas, "launch_cpu_ms_mean", LAUNCH_CPU_SECONDS, GRAPH_LAUNCH_CPU_SECONDS, STEPS),
+        **_by_kind(deltas, "device_ms_mean", DEVICE_SECONDS, GRAPH_DEVICE_SECONDS, DEVICE_STEPS),
         "remote_bytes": _sum(deltas, REMOTE_BYTES),
         "generated_tokens": _sum(deltas, GENERATED),
         "remote_bytes_per_generated_token": _ratio(_sum(deltas, REMOTE_BYTES), _sum(deltas, GENERATED)),

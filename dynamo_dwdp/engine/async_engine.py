@@ -75,6 +75,7 @@ class AsyncEngine:
                         self._wake.wait(0.2)
                         self._wake.clear()
                         continue
+                t0, cpu0 = time.perf_counter(), time.thread_time()
                 try:
                     ran, outs = self.re.step()
                 except Exception as exc:  # a peer died, a collective failed: fail everything, clearly
@@ -90,6 +91,10 @@ class AsyncEngine:
                 self._deliver(outs)
                 for cb in self.on_step:
                     cb()
+                if ran:
+                    stats = self.re.stats
+                    stats.loop_seconds += time.perf_counter() - t0
+                    stats.loop_cpu_seconds += time.thread_time() - cpu0
                 if outs:
                     time.sleep(0)        # let the asyncio thread forward these tokens now, not in a burst
                 if not ran:

@@ -182,8 +182,12 @@ class EngineCore:
         t0, cpu0 = time.perf_counter(), time.thread_time()
         self.in_flight.append(self._launch(chunks))
         stats = self.runner.executor.stats
-        stats.launch_seconds += time.perf_counter() - t0
-        stats.launch_cpu_seconds += time.thread_time() - cpu0
+        wall, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
+        stats.launch_seconds += wall
+        stats.launch_cpu_seconds += cpu
+        if self.in_flight[-1].graph:
+            stats.graph_launch_seconds += wall
+            stats.graph_launch_cpu_seconds += cpu
         outputs = self._read_back() if len(self.in_flight) > 1 else []
         self._book(self.in_flight[-1])
         if not self.async_scheduling:
@@ -269,6 +273,8 @@ class EngineCore:
         if device_s is not None:
             stats.device_steps += 1
             stats.device_seconds += device_s
+            if step.graph:
+                stats.graph_device_seconds += device_s
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for c, tok in zip(step.samplers, tokens):

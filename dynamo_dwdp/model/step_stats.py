@@ -19,7 +19,11 @@ class ExecutorStats:
     launch_cpu_seconds   the launching thread's CPU time in those launches (wall far above CPU: the
                       thread waited, e.g. for the GIL, while it launched)
     device_steps, device_seconds   steps timed on the device and their device time (CUDA: from the
-                      step's first kernel to its sampled tokens; 0 elsewhere)
+                      step's start on its stream to its sampled tokens, host-starved gaps included; 0 elsewhere)
+    graph_launch_seconds, graph_launch_cpu_seconds, graph_device_seconds   the parts of the three above
+                      that graph steps took (the rest: eager steps, e.g. prefill)
+    loop_seconds, loop_cpu_seconds   wall and CPU time of the serving loop's iterations that ran a step
+                      (schedule, launch, read back, book, deliver, callbacks: `AsyncEngine`)
     compute = step_seconds - prefetch_wait_s - sync_wait_s
     """
     steps: int = 0
@@ -34,6 +38,11 @@ class ExecutorStats:
     launch_cpu_seconds: float = 0.0
     device_steps: int = 0
     device_seconds: float = 0.0
+    graph_launch_seconds: float = 0.0
+    graph_launch_cpu_seconds: float = 0.0
+    graph_device_seconds: float = 0.0
+    loop_seconds: float = 0.0
+    loop_cpu_seconds: float = 0.0
 
     @property
     def compute_seconds(self) -> float:

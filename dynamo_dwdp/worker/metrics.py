@@ -39,6 +39,16 @@ class WorkerMetrics:
         self.device_steps = counter("dwdp_device_steps", "Steps timed on the device (CUDA)")
         self.device_seconds = counter("dwdp_step_device_seconds",
                                       "Device time of those steps (first kernel to sampled tokens)")
+        self.graph_launch_seconds = counter("dwdp_graph_step_launch_seconds",
+                                            "The part of dwdp_step_launch_seconds that graph steps took")
+        self.graph_launch_cpu_seconds = counter("dwdp_graph_step_launch_cpu_seconds",
+                                                "The part of dwdp_step_launch_cpu_seconds that graph steps took")
+        self.graph_device_seconds = counter("dwdp_graph_step_device_seconds",
+                                            "The part of dwdp_step_device_seconds that graph steps took")
+        self.loop_seconds = counter("dwdp_engine_loop_seconds",
+                                    "Wall time of the engine thread's iterations that ran a step (schedule, launch, "
+                                    "read back, book, deliver, callbacks)")
+        self.loop_cpu_seconds = counter("dwdp_engine_loop_cpu_seconds", "The engine thread's CPU time in them")
         self.tokens = counter("dwdp_tokens", "Tokens computed (prompt + generated)")
         self.generated = counter("dwdp_generated_tokens", "Tokens generated and returned")
         self.remote_bytes = counter("dwdp_remote_bytes", "Expert weight bytes pulled from peers", ["peer"])
@@ -86,6 +96,11 @@ class WorkerMetrics:
         self._inc(self.launch_cpu_seconds, "launch_cpu", stats.launch_cpu_seconds)
         self._inc(self.device_steps, "device_steps", stats.device_steps)
         self._inc(self.device_seconds, "device", stats.device_seconds)
+        self._inc(self.graph_launch_seconds, "graph_launch", stats.graph_launch_seconds)
+        self._inc(self.graph_launch_cpu_seconds, "graph_launch_cpu", stats.graph_launch_cpu_seconds)
+        self._inc(self.graph_device_seconds, "graph_device", stats.graph_device_seconds)
+        self._inc(self.loop_seconds, "loop", stats.loop_seconds)
+        self._inc(self.loop_cpu_seconds, "loop_cpu", stats.loop_cpu_seconds)
         self._inc(self.tokens, "tokens", stats.tokens)
         for peer, total in list(stats.bytes_pulled.items()):
             delta = total - self._last_bytes.get(peer, 0)

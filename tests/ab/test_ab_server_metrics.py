@@ -93,13 +93,18 @@ def test_graph_and_eager_steps_are_split():
     assert ev["graph_steps"] == 80.0
     assert ev["graph_step_ms_mean"] == pytest.approx(2.0 / 80 * 1e3)
     assert ev["other_step_ms_mean"] == pytest.approx(8.0 / 20 * 1e3)
-    host = sm.pool_evidence(_series(0, dwdp_steps_total=100.0, dwdp_step_launch_seconds_total=0.5,
-                                    dwdp_step_launch_cpu_seconds_total=0.2, dwdp_device_steps_total=80.0,
-                                    dwdp_step_device_seconds_total=0.24))
-    assert host["launch_ms_mean"] == pytest.approx(5.0) and host["launch_cpu_ms_mean"] == pytest.approx(2.0)
-    assert host["device_step_ms_mean"] == pytest.approx(3.0)
+    host = sm.pool_evidence(_series(0, dwdp_steps_total=100.0, dwdp_graph_steps_total=80.0,
+                                    dwdp_step_launch_seconds_total=0.5, dwdp_graph_step_launch_seconds_total=0.1,
+                                    dwdp_step_launch_cpu_seconds_total=0.2, dwdp_graph_step_launch_cpu_seconds_total=0.08,
+                                    dwdp_device_steps_total=100.0, dwdp_step_device_seconds_total=4.24,
+                                    dwdp_graph_step_device_seconds_total=0.24, dwdp_engine_loop_seconds_total=0.9,
+                                    dwdp_engine_loop_cpu_seconds_total=0.3))
+    assert host["loop_ms_mean"] == pytest.approx(9.0) and host["loop_cpu_ms_mean"] == pytest.approx(3.0)
+    assert host["graph_launch_ms_mean"] == pytest.approx(100 / 80) and host["other_launch_ms_mean"] == pytest.approx(20)
+    assert host["graph_launch_cpu_ms_mean"] == pytest.approx(1.0) and host["other_launch_cpu_ms_mean"] == pytest.approx(6)
+    assert host["graph_device_ms_mean"] == pytest.approx(3.0) and host["other_device_ms_mean"] == pytest.approx(200)
     eager = sm.pool_evidence(_series(0, dwdp_step_seconds_total=10.0, dwdp_steps_total=100.0))
-    assert eager["launch_ms_mean"] is None and eager["device_step_ms_mean"] is None
+    assert eager["other_launch_ms_mean"] is None and eager["graph_device_ms_mean"] is None
     assert eager["graph_steps"] is None and eager["graph_step_ms_mean"] is None
     assert eager["other_step_ms_mean"] == pytest.approx(100.0)
 

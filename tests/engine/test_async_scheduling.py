@@ -150,4 +150,5 @@ def test_graph_steps_carry_their_share_of_the_step_seconds(async_scheduling):
     assert st.graph_steps == 5 and st.steps == 6                 # one prompt step, five decode steps
     assert 0 < st.graph_step_seconds < st.step_seconds
     assert 0 < st.launch_cpu_seconds <= st.launch_seconds * 1.05 + 1e-4   # this thread's CPU, within its wall
+    assert 0 < st.graph_launch_seconds < st.launch_seconds and st.graph_launch_cpu_seconds < st.launch_cpu_seconds
     assert st.device_steps == 0 and st.device_seconds == 0.0      # device time is CUDA's (events)

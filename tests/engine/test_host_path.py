@@ -243,6 +243,8 @@ def test_stream_interval_streams_the_same_tokens_in_fewer_chunks(interval):
         assert all(len(o.new_token_ids) >= interval for o in outs[1:-1])
         assert len(outs) <= 2 + (lengths[i] - 1) // interval
     assert engine.blocks.num_free == engine.blocks.num_blocks and not ae._held
+    st = engine.runner.executor.stats                # the serving loop's busy time, over its stepping iterations
+    assert 0 < st.loop_cpu_seconds <= st.loop_seconds * 1.05 + 1e-4 and st.launch_seconds < st.loop_seconds
 
 
 def test_stream_interval_sends_the_first_token_at_once_and_holds_the_next_ones():
