@@ -1,0 +1,190 @@
+"""The serving workload through the engine alone: the A/B point's requests (ISL lognormal 1K-8K, fixed
+OSL, a closed loop at one concurrency) driven straight into `EngineCore` with the serving settings, no
+Dynamo, no asyncio, no second thread. What a worker's steps would cost if nothing else ran beside them;
+the reference a serving point is compared with (same prompt mix, same scheduler, same step kinds).
+
+    PYTHONPATH=.:scripts python3 scripts/gpu_engine_mix.py --model DIR --out OUT [--concurrency 64]
+    PYTHONPATH=.:scripts python3 scripts/gpu_engine_mix.py --model DIR --out OUT --config configs/tiny-cpu.yaml \
+        --isl-mean 48 --isl-max 96 --isl-min 16 --osl 8 --requests 12 --concurrency 4      # CPU, tiny model
+
+Per step: its kind (decode replayed from a CUDA graph, or eager: prefill), tokens, wall time of
+`EngineCore.step`, the launch's wall and CPU time and the device time (ExecutorStats' deltas). Then,
+on CUDA, one eager step under the CUDA sync-debug mode (every host sync it makes, counted) and one
+under torch.profiler (top kernels, top host ops by self CPU time). Writes OUT/mix.json and OUT/mix.md.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from dynamo_dwdp.config.settings import load_settings
+from dynamo_dwdp.engine.sampling import SamplingParams
+from dynamo_dwdp.group.context import GroupSpec
+from dynamo_dwdp.rank.build import build_rank_engine
+
+FIELDS = ("launch_seconds", "launch_cpu_seconds", "device_seconds", "graph_steps", "steps", "tokens")
+
+
+def lognormal_lengths(rng: np.random.Generator, n: int, mean: int, cv: float, lo: int, hi: int) -> list[int]:
+    """The A/B workload's law (ab/workload.py LengthDist, lognormal): mean and cv of the unclipped law."""
+    s2 = math.log1p(cv ** 2)
+    raw = rng.lognormal(mean=math.log(mean) - s2 / 2, sigma=math.sqrt(s2), size=n)
+    return [int(v) for v in np.clip(np.rint(raw), lo, hi)]
+
+
+def snapshot(stats) -> dict:
+    return {k: getattr(stats, k) for k in FIELDS}
+
+
+def run(a) -> dict:
+    settings = load_settings(a.config)
+    eng = settings.engine
+    overrides = {"max_num_seqs": a.concurrency}
+    if a.max_model_len:
+        overrides["max_model_len"] = a.max_model_len
+    eng = dataclasses.replace(eng, **overrides)
+    t0 = time.perf_counter()
+    re = build_rank_engine(a.model, eng, GroupSpec(strategy="single", name="mix"))
+    print(f"engine built in {time.perf_counter() - t0:.1f}s", flush=True)
+    engine, stats = re.engine, re.stats
+    vocab = re.runner.model_config.vocab_size
+    rng = np.random.default_rng(a.seed)
+    isls = lognormal_lengths(rng, a.requests, a.isl_mean, a.isl_cv, a.isl_min, a.isl_max)
+    prompts = [rng.integers(0, vocab, n).tolist() for n in isls]
+    params = SamplingParams(max_tokens=a.osl, ignore_eos=True)
+    pending = collections.deque(range(a.requests))
+    running = set()
+
+    def admit() -> None:
+        while pending and len(running) < a.concurrency:
+            i = pending.popleft()
+            engine.add_request(f"mix-{i}", prompts[i], params)
+            running.add(f"mix-{i}")
+
+    steps: list[dict] = []
+    generated = 0
+    admit()
+    start = time.perf_counter()
+    sync_step = prof_step = None
+    while running:
+        before = snapshot(stats)
+        kind_probe = None
+        eager_next = engine.scheduler.waiting and len(steps) >= 4      # a prefill step is likely next
+        if torch.cuda.is_available() and eager_next and sync_step is None:
+            kind_probe = "sync"
+        elif torch.cuda.is_available() and eager_next and prof_step is None and sync_step is not None:
+            kind_probe = "profile"
+        t = time.perf_counter()
+        if kind_probe == "sync":
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                outs = engine.step()
+            torch.cuda.set_sync_debug_mode(0)
+            sites = collections.Counter()
+            for w in caught:
+                sites[str(w.message).splitlines()[0][:160]] += 1
+            sync_step = {"index": len(steps), "syncs": len(caught), "messages": sites.most_common(10)}
+        elif kind_probe == "profile":
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                outs = engine.step()
+                torch.cuda.synchronize()
+            ka = prof.key_averages()
+            cuda = sorted(ka, key=lambda e: e.self_device_time_total, reverse=True)[:20]
+            cpu = sorted(ka, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+            prof_step = {"index": len(steps),
+                         "kernels": [(e.key[:90], e.count, round(e.self_device_time_total / 1e3, 3)) for e in cuda],
+                         "host_ops": [(e.key[:90], e.count, round(e.self_cpu_time_total / 1e3, 3)) for e in cpu]}
+        else:
+            outs = engine.step()
+        wall = time.perf_counter() - t
+        after = snapshot(stats)
+        d = {k: after[k] - before[k] for k in FIELDS}
+        d.update(wall=wall, probe=kind_probe, kind="graph" if d["graph_steps"] else ("eager" if d["steps"] else "none"))
+        steps.append(d)
+        for o in outs:
+            generated += len(o.new_token_ids)
+            if o.finished:
+                running.discard(o.request_id)
+        admit()
+    total = time.perf_counter() - start
+    by_kind: dict[str, dict] = {}
+    for kind in ("graph", "eager"):
+        rows = [s for s in steps if s["kind"] == kind and not s["probe"]]
+        if rows:
+            n = len(rows)
+            by_kind[kind] = {"steps": n, "tokens_per_step": sum(r["tokens"] for r in rows) / n,
+                             **{f"{k}_ms_mean": 1e3 * sum(r[k] for r in rows) / n
+                                for k in ("wall", "launch_seconds", "launch_cpu_seconds", "device_seconds")}}
+    return {"requests": a.requests, "concurrency": a.concurrency, "osl": a.osl, "isl_mean": sum(isls) / len(isls),
+            "isl_max": max(isls), "seconds": total, "generated": generated, "output_tps": generated / total,
+            "by_kind": by_kind, "sync_step": sync_step, "profile_step": prof_step, "config": a.config,
+            "engine": {k: getattr(eng, k) for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                                                    "async_scheduling", "cuda_graphs", "separate_prefill_steps")}}
+
+
+def markdown(r: dict, command: str) -> str:
+    out = [f"# The serving workload through the engine alone ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+           "", f"command: `{command}`", "",
+           f"{r['requests']} requests, concurrency {r['concurrency']}, ISL mean {r['isl_mean']:.0f} (max "
+           f"{r['isl_max']}), OSL {r['osl']}; engine {json.dumps(r['engine'])}", "",
+           f"**{r['output_tps']:,.1f} output tokens/s** ({r['generated']} tokens in {r['seconds']:.2f} s)", "",
+           "| kind | steps | tokens/step | step wall ms | launch wall ms | launch CPU ms | device ms |",
+           "|---|---|---|---|---|---|---|"]
+    for kind, v in r["by_kind"].items():
+        out.append(f"| {kind} | {v['steps']} | {v['tokens_per_step']:.0f} | {v['wall_ms_mean']:.2f} | "
+                   f"{v['launch_seconds_ms_mean']:.2f} | {v['launch_cpu_seconds_ms_mean']:.2f} | "
+                   f"{v['device_seconds_ms_mean']:.2f} |")
+    if r.get("sync_step"):
+        s = r["sync_step"]
+        out += ["", f"host syncs in one eager step (step {s['index']}, CUDA sync-debug mode): {s['syncs']}"]
+        out += [f"- {n} x {m}" for m, n in s["messages"]]
+    if r.get("profile_step"):
+        p = r["profile_step"]
+        out += ["", f"profile of one eager step (step {p['index']}): top kernels (name, calls, ms)"]
+        out += [f"- {k} x{c}: {ms}" for k, c, ms in p["kernels"]]
+        out += ["", "top host ops by self CPU (name, calls, ms)"]
+        out += [f"- {k} x{c}: {ms}" for k, c, ms in p["host_ops"]]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory (a v2-lite-shape model on the GPU)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", action="append", default=None, help="settings files (default: configs/h200-v2lite.yaml)")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--requests", type=int, default=128, help="requests in all (the serving point: 2 x concurrency)")
+    p.add_argument("--isl-mean", type=int, default=3072)
+    p.add_argument("--isl-cv", type=float, default=0.6)
+    p.add_argument("--isl-min", type=int, default=1024)
+    p.add_argument("--isl-max", type=int, default=8192)
+    p.add_argument("--osl", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=9216, help="engine.max_model_len (gpu_serve's default)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    a.config = a.config or ["configs/h200-v2lite.yaml"]
+    os.makedirs(a.out, exist_ok=True)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "4"))))
+    r = run(a)
+    command = "python3 scripts/gpu_engine_mix.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    with open(os.path.join(a.out, "mix.json"), "w") as f:
+        json.dump(r, f, indent=2)
+    text = markdown(r, command)
+    with open(os.path.join(a.out, "mix.md"), "w") as f:
+        f.write(text)
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
