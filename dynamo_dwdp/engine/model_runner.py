@@ -119,6 +119,8 @@ class ModelRunner:
         self.model = model.eval()
         self.executor = executor
         self.load_seconds = time.perf_counter() - t0
+        if model.model.layers and model.model.layers[0].self_attn.warm_up_prefill(self.device, dtype):
+            log.info("prefill attention kernel compiled in %.1fs", time.perf_counter() - t0 - self.load_seconds)
         cfg = self.model_config
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and getattr(executor, "graph_safe", False)
         if config.cuda_graphs and not use_graphs:

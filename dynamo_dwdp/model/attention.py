@@ -13,7 +13,7 @@ Two implementations share one contract (query rows in, output rows out, the cach
   scaled_dot_product_attention (flash-style memory-efficient or cuDNN kernels on GPU: no S x S
   score matrix), with a bottom-right causal mask for chunks that follow cached tokens. The prefill
   path on CUDA (`backend="auto"`) runs the implementation `prefill_attention.impl_for` picks: by
-  default this function ("sdpa"); the Triton flash-attention kernel (`kernels/mla_prefill.py`),
+  default the Triton flash-attention kernel (`kernels/mla_prefill.py`); this function ("sdpa"),
   cuDNN or flash with v padded on request (`DWDP_PREFILL_ATTENTION`);
 On CUDA (unless backend "reference") the kv_a norm, both rotations and the cache write run as one
 kernel (`kernels/mla_prep.py`).
@@ -99,6 +99,14 @@ class MLAttention(nn.Module):
             both = F.linear(x, self.in_proj)
         nq = self.in_proj.shape[0] - self.kv_lora - self.rope_dim
         return both[:, :nq], both[:, nq:]
+
+    def warm_up_prefill(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Compile the prefill attention kernel for this layer's dims now (start-up), not on a prompt's
+        path; True if it ran (CUDA, backend not "reference", the Triton implementation chosen)."""
+        if device.type != "cuda" or self.backend == "reference":
+            return False
+        return prefill_attention.warm_up(self.num_heads, self.nope, self.rope_dim, self.v_dim, self.kv_lora, dtype,
+                                         device)
 
     def use_decode_kernel(self, query: torch.Tensor, batch: ForwardBatch) -> bool:
         """Decode steps (one row per sequence) on CUDA use the Triton kernel unless backend is

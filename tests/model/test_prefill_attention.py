@@ -40,6 +40,12 @@ def test_implementation_switch(monkeypatch):
         prefill_attention.impl_for(x)
     monkeypatch.setenv(prefill_attention.ENV, "triton")
     assert prefill_attention.impl_for(x) == "sdpa"          # off CUDA the torch path runs whatever is asked
+    on_cuda = type("CudaTensor", (), {"is_cuda": True})()    # only the device is looked at
+    assert prefill_attention.impl_for(on_cuda) == "triton"
+    monkeypatch.delenv(prefill_attention.ENV)                # CUDA's default: the kernel with Triton, else SDPA
+    assert prefill_attention.impl_for(on_cuda) == "triton"
+    monkeypatch.setattr(prefill_attention.fused_kernels, "available", lambda: False)   # no Triton here
+    assert prefill_attention.impl_for(on_cuda) == "sdpa"
     with pytest.raises(UserError, match="prefill attention 'nope'"):
         prefill_attention.attend("nope", *(torch.zeros(1, 1, 16),) * 2, torch.zeros(1, 1, 16), torch.zeros(1, 16),
                                  torch.zeros(1, 1, 16), 1.0)

@@ -16,14 +16,15 @@ diagonal run without masks; only the diagonal blocks are masked. fp32 inputs use
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 LOG2E = 1.4426950408889634
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on the GPU for 16-bit inputs, once
-# per head-dim set and context-length bucket (each compiles in seconds for sm_90)
-GPU_TILES = ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3))   # none spills (sm_90, Triton 3.6)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs on the GPU: the fastest of GPU_TILES at 8K
+# and 16K causal tokens on one H200 (0.850 / 2.614 ms vs 1.038 / 3.511 and 0.999 / 3.446;
+# docs/results/gpu_prefill_h200_2026-12-01.md). One fixed tile, not an autotuner: autotuning ran on a
+# request's path (three compiles and timed runs the first time each context-length bucket came).
+GPU_TILE = (128, 64, 8, 3)
+GPU_TILES = ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3))   # what scripts/gpu_prefill.py sweeps (none spills)
 # fp32 inputs (the correctness path) take one small tile: fp32 operands in large tiles spill so much
 # that ptxas needs tens of seconds or more per variant
 FP32_TILE = (32, 32, 4, 1)
@@ -72,12 +73,11 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return acc, m_new, l_i
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "S"])     # one compiled kernel for every chunk and context length
     def mla_prefill_kernel(QN, QP, KN, KP, V, O, T, S, qk_scale,
                            s_qn_t, s_qn_h, s_qp_t, s_qp_h, s_kn_s, s_kn_h, s_kp_s, s_v_s, s_v_h, s_o_t, s_o_h,
-                           bucket, N: tl.constexpr, R: tl.constexpr, DV: tl.constexpr,
+                           N: tl.constexpr, R: tl.constexpr, DV: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-        # bucket: unused here; the autotuner keys on it (the context length's power-of-two bucket)
         num_m = tl.cdiv(T, BLOCK_M)
         start_m = num_m - 1 - tl.program_id(0)            # longest rows first (causal load balance)
         head = tl.program_id(1)
@@ -116,13 +116,6 @@ def _kernel():
     return mla_prefill_kernel
 
 
-@functools.cache
-def _tuned():
-    """The kernel under triton.autotune over GPU_TILES, keyed on the head dims and the length bucket."""
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in GPU_TILES]
-    return triton.autotune(configs=configs, key=["N", "R", "DV", "IEEE", "bucket"])(_kernel())
-
-
 def _check(q_nope, q_pe, k_nope, k_pe, v) -> None:
     T, h, N = q_nope.shape
     S = k_nope.shape[0]
@@ -145,9 +138,10 @@ def _check(q_nope, q_pe, k_nope, k_pe, v) -> None:
 
 def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
                           v: torch.Tensor, scale: float, tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """out [T, h, V] (see the module docstring). tile = (BLOCK_M, BLOCK_N, warps, stages) fixes the
-    tiles; None autotunes over GPU_TILES on CUDA for 16-bit inputs, and takes FP32_TILE for fp32 and
-    INTERPRETER_TILE under the interpreter."""
+    """out [T, h, V] (see the module docstring). tile = (BLOCK_M, BLOCK_N, warps, stages); None takes
+    GPU_TILE on CUDA for 16-bit inputs, FP32_TILE for fp32 and INTERPRETER_TILE under the interpreter.
+    The lengths T and S are not specialized on: every length runs the kernel compiled once per tile,
+    dtype and head dims (`warm_up`)."""
     _check(q_nope, q_pe, k_nope, k_pe, v)
     T, h, N = q_nope.shape
     S = k_nope.shape[0]
@@ -155,16 +149,13 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torc
     if T == 0:
         return out
     ieee = q_nope.dtype == torch.float32
-    bucket = 1 << max(10, (S - 1).bit_length())
     args = (q_nope, q_pe, k_nope, k_pe, v, out, T, S, float(scale) * LOG2E,
             q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), k_nope.stride(0), k_nope.stride(1),
             k_pe.stride(0), v.stride(0), v.stride(1), out.stride(0), out.stride(1))
-    if tile is None and q_nope.is_cuda and not ieee:
-        grid = lambda meta: (triton_cdiv(T, meta["BLOCK_M"]), h)  # noqa: E731
-        _tuned()[grid](*args, bucket, N=N, R=q_pe.shape[-1], DV=v.shape[-1], IEEE=ieee)
-        return out
-    bm, bn, warps, stages = tile or (FP32_TILE if q_nope.is_cuda else INTERPRETER_TILE)
-    _kernel()[(triton_cdiv(T, bm), h)](*args, bucket, N=N, R=q_pe.shape[-1], DV=v.shape[-1], BLOCK_M=bm, BLOCK_N=bn,
+    if tile is None:
+        tile = (FP32_TILE if ieee else GPU_TILE) if q_nope.is_cuda else INTERPRETER_TILE
+    bm, bn, warps, stages = tile
+    _kernel()[(triton_cdiv(T, bm), h)](*args, N=N, R=q_pe.shape[-1], DV=v.shape[-1], BLOCK_M=bm, BLOCK_N=bn,
                                        IEEE=ieee, num_warps=warps, num_stages=stages)
     return out
 
