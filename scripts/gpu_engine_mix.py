@@ -31,7 +31,22 @@ from dynamo_dwdp.engine.sampling import SamplingParams
 from dynamo_dwdp.group.context import GroupSpec
 from dynamo_dwdp.rank.build import build_rank_engine
 
-FIELDS = ("launch_seconds", "launch_cpu_seconds", "device_seconds", "graph_steps", "steps", "tokens")
+FIELDS = ("launch_seconds", "launch_cpu_seconds", "device_seconds", "device_steps", "graph_steps", "steps", "tokens")
+GRAPH_PARTS = ("graph_launch_seconds", "graph_launch_cpu_seconds", "graph_device_seconds")
+
+
+def kinds(t: dict) -> dict:
+    """Per step kind (graph / eager), from the run's ExecutorStats totals: steps, and the mean launch
+    wall, launch CPU and device ms of a step. The engine books each step's device time to its own kind
+    when it reads the step back (with async scheduling that is the next call of `step`)."""
+    out = {}
+    n_graph, n_eager = t["graph_steps"], t["steps"] - t["graph_steps"]
+    for kind, n, part in (("graph", n_graph, lambda k: t[f"graph_{k}"]),
+                          ("eager", n_eager, lambda k: t[k] - t[f"graph_{k}"])):
+        if n:
+            out[kind] = {"steps": n, **{f"{k}_ms_mean": 1e3 * part(k) / n
+                                        for k in ("launch_seconds", "launch_cpu_seconds", "device_seconds")}}
+    return out
 
 
 def lognormal_lengths(rng: np.random.Generator, n: int, mean: int, cv: float, lo: int, hi: int) -> list[int]:
@@ -78,10 +93,10 @@ def run(a) -> dict:
     while running:
         before = snapshot(stats)
         kind_probe = None
-        eager_next = engine.scheduler.waiting and len(steps) >= 4      # a prefill step is likely next
-        if torch.cuda.is_available() and eager_next and sync_step is None:
+        maybe_eager = engine.scheduler.waiting and len(steps) >= 4     # prompts wait: this step may be a prefill
+        if torch.cuda.is_available() and maybe_eager and sync_step is None:
             kind_probe = "sync"
-        elif torch.cuda.is_available() and eager_next and prof_step is None and sync_step is not None:
+        elif torch.cuda.is_available() and maybe_eager and prof_step is None:
             kind_probe = "profile"
         t = time.perf_counter()
         if kind_probe == "sync":
@@ -111,6 +126,11 @@ def run(a) -> dict:
         after = snapshot(stats)
         d = {k: after[k] - before[k] for k in FIELDS}
         d.update(wall=wall, probe=kind_probe, kind="graph" if d["graph_steps"] else ("eager" if d["steps"] else "none"))
+        if d["kind"] != "eager":            # a probe keeps only an eager step's record: try the next one
+            if kind_probe == "sync":
+                sync_step = None
+            elif kind_probe == "profile":
+                prof_step = None
         steps.append(d)
         for o in outs:
             generated += len(o.new_token_ids)
@@ -118,14 +138,8 @@ def run(a) -> dict:
                 running.discard(o.request_id)
         admit()
     total = time.perf_counter() - start
-    by_kind: dict[str, dict] = {}
-    for kind in ("graph", "eager"):
-        rows = [s for s in steps if s["kind"] == kind and not s["probe"]]
-        if rows:
-            n = len(rows)
-            by_kind[kind] = {"steps": n, "tokens_per_step": sum(r["tokens"] for r in rows) / n,
-                             **{f"{k}_ms_mean": 1e3 * sum(r[k] for r in rows) / n
-                                for k in ("wall", "launch_seconds", "launch_cpu_seconds", "device_seconds")}}
+    end = {k: getattr(stats, k) for k in FIELDS + GRAPH_PARTS}
+    by_kind = kinds(end)
     return {"requests": a.requests, "concurrency": a.concurrency, "osl": a.osl, "isl_mean": sum(isls) / len(isls),
             "isl_max": max(isls), "seconds": total, "generated": generated, "output_tps": generated / total,
             "by_kind": by_kind, "sync_step": sync_step, "profile_step": prof_step, "config": a.config,
@@ -139,12 +153,12 @@ def markdown(r: dict, command: str) -> str:
            f"{r['requests']} requests, concurrency {r['concurrency']}, ISL mean {r['isl_mean']:.0f} (max "
            f"{r['isl_max']}), OSL {r['osl']}; engine {json.dumps(r['engine'])}", "",
            f"**{r['output_tps']:,.1f} output tokens/s** ({r['generated']} tokens in {r['seconds']:.2f} s)", "",
-           "| kind | steps | tokens/step | step wall ms | launch wall ms | launch CPU ms | device ms |",
-           "|---|---|---|---|---|---|---|"]
+           "| kind | steps | launch wall ms | launch CPU ms | device ms |", "|---|---|---|---|---|"]
     for kind, v in r["by_kind"].items():
-        out.append(f"| {kind} | {v['steps']} | {v['tokens_per_step']:.0f} | {v['wall_ms_mean']:.2f} | "
-                   f"{v['launch_seconds_ms_mean']:.2f} | {v['launch_cpu_seconds_ms_mean']:.2f} | "
-                   f"{v['device_seconds_ms_mean']:.2f} |")
+        out.append(f"| {kind} | {v['steps']} | {v['launch_seconds_ms_mean']:.2f} | "
+                   f"{v['launch_cpu_seconds_ms_mean']:.2f} | {v['device_seconds_ms_mean']:.2f} |")
+    out.append("\n(device ms: the step's span on the GPU, from its start on the stream to its sampled tokens, "
+               "host-starved gaps included; the probed steps below are in these means)")
     if r.get("sync_step"):
         s = r["sync_step"]
         out += ["", f"host syncs in one eager step (step {s['index']}, CUDA sync-debug mode): {s['syncs']}"]
