@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynamo_dwdp.model import kernels as fused_kernels
+from dynamo_dwdp.model import prefill_forms
 from dynamo_dwdp.model.config import ModelConfig
 from dynamo_dwdp.model.kernels import router as fused_router
 from dynamo_dwdp.model.layers import DenseMLP
@@ -122,9 +123,16 @@ class MoEBlock(nn.Module):
         """The block's output; with `separate` the pair (routed experts' output, shared experts' output
         or None) not yet summed, so that the decoder layer adds both to the residual in its next fused
         add + norm."""
-        ids, weights = self.gate(x)
-        out = self.executor.forward(self.layer_idx, x, ids, weights)
-        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        if self.shared_experts is not None and prefill_forms.use_side_stream(x):
+            # prefill: the shared experts' GEMMs beside the routing and routed experts (prefill_forms.py)
+            join = prefill_forms.start_beside(self.shared_experts, x)
+            ids, weights = self.gate(x)
+            out = self.executor.forward(self.layer_idx, x, ids, weights)
+            shared = join()
+        else:
+            ids, weights = self.gate(x)
+            out = self.executor.forward(self.layer_idx, x, ids, weights)
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
         if separate:
             return out, shared
         return out if shared is None else out + shared

@@ -72,3 +72,50 @@ def test_sdpa_path_without_concatenation_matches_absorbed_reference(cached, new)
         out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, scale, q_whole=q_whole)
         assert out.shape == (T, h, V)
         assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("forms", ["1", "0"], ids=["one-kv-gemm", "forms-before"])
+@pytest.mark.parametrize("cached,new", [([0], [29]), ([23, 0], [17, 30])], ids=["one-sequence", "two-sequences"])
+def test_sdpa_path_with_one_kv_gemm_matches_absorbed_reference(monkeypatch, forms, cached, new):
+    """sdpa_prefill_attention given the whole kv_b weight (`w_kv_b`, as MLAttention passes it): keys and
+    values from one GEMM over [h * (N + V), C] (the value a strided view of its output), or with
+    DWDP_PREFILL_FORMS=0 the batched GEMM over the expanded latents as before; both equal the
+    absorbed-form paged reference (fp32) and each other to rounding; bf16 within bf16 rounding."""
+    from dynamo_dwdp.model import prefill_forms
+    from dynamo_dwdp.model.attention import paged_latent_attention, sdpa_prefill_attention
+    from dynamo_dwdp.model.batch import ForwardBatch
+
+    monkeypatch.setenv(prefill_forms.ENV, forms)
+    g = torch.Generator().manual_seed(7 + sum(new))
+    h, N, R, V, C, bs = 4, 32, 16, 24, 64, 8          # V != N: the value's view is narrower than the key's part
+    kv_layer = torch.randn(20, bs, C + R, generator=g)
+    perm = torch.randperm(20, generator=g).tolist()
+    tables = [perm[:5], perm[5:9]][:len(new)]
+    batch = ForwardBatch.build([[1] * q for q in new], cached, tables, bs, [True] * len(new))
+    w = torch.randn(h * (N + V), C, generator=g).view(h, N + V, C) / C ** 0.5
+    w_uk, w_uv = w[:, :N], w[:, N:]
+    T = sum(new)
+    q = torch.randn(T, h, N + R, generator=g)
+    q_nope, q_pe = q[..., :N], q[..., N:]
+    scale = (N + R) ** -0.5
+    lat = paged_latent_attention(torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), q_pe], -1), batch,
+                                 kv_layer, C, scale)
+    ref = torch.einsum("thc,hvc->thv", lat, w_uv).double()
+    out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, scale, q_whole=q, w_kv_b=w)
+    assert out.shape == (T, h, V)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+    bf = sdpa_prefill_attention(q_nope.bfloat16(), q_pe.bfloat16(), batch, kv_layer.bfloat16(), w_uk.bfloat16(),
+                                w_uv.bfloat16(), scale, w_kv_b=w.bfloat16())
+    assert ((bf.double() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_prefill_forms_switch(monkeypatch):
+    """DWDP_PREFILL_FORMS=0 selects the forms before; off CUDA the side stream is never used."""
+    from dynamo_dwdp.model import prefill_forms
+
+    monkeypatch.delenv(prefill_forms.ENV, raising=False)
+    assert prefill_forms.enabled()
+    monkeypatch.setenv(prefill_forms.ENV, "0")
+    assert not prefill_forms.enabled()
+    monkeypatch.setenv(prefill_forms.ENV, "1")
+    assert not prefill_forms.use_side_stream(torch.zeros(prefill_forms.OVERLAP_MIN_ROWS, 4))
