@@ -1,5 +1,5 @@
-"""Prefill on one GPU: the forms of model/prefill_forms.py (keys and values from one kv_b GEMM, shared
-experts on a side stream) against the forms before, in one command.
+"""Prefill on one GPU: the forms of model/prefill_forms.py (the expanded keys from a plain GEMM, shared
+experts on a side stream, the routed pairs sorted by one kernel) against the forms before, in one command.
 
   PYTHONPATH=.:scripts PYTHONUNBUFFERED=1 python3 scripts/gpu_prefill_parts.py --out OUT [--layers 27]
 
@@ -8,7 +8,8 @@ Steps, in this order, each skipped when --budget-s would not allow it:
 2. one engine (`ModelRunner`, eager) sized for the longest prompt: the prefill logits of a --check-tokens
    prompt with the forms on against the forms off (relative error under --tol, the same argmax);
    one MoE block at 8192 tokens on and off (the side stream runs the same kernels: bitwise equal);
-3. the step's host wall time (execute + sync, median) at each --tokens, off and on, twice each in turn;
+3. the step's host wall time (execute + sync, median) at each --tokens for each DWDP_PREFILL_FORMS value
+   of VARIANTS (none, each form alone, all), twice each in turn, with the allocator's counters;
 4. a kernel profile of one prefill at the first --tokens, on and off: kernel time by name, the GPU's busy
    time (union over streams), the host time before the first kernel and after the last, and the idle
    gaps between kernels summed by their neighbours;
@@ -40,8 +41,12 @@ def left(a) -> float:
     return a.budget_s - (time.perf_counter() - T_START)
 
 
-def forms(on: bool) -> None:
-    os.environ[ENV] = "1" if on else "0"
+VARIANTS = ("0", "kv_gemm", "shared_beside", "pair_sort", "1")   # $DWDP_PREFILL_FORMS values timed: none, each, all
+
+
+def forms(on) -> None:
+    """on: True (all forms), False (none) or a $DWDP_PREFILL_FORMS value."""
+    os.environ[ENV] = on if isinstance(on, str) else ("1" if on else "0")
 
 
 def step_args(tokens: int, prompt: list[int], block: int = 16):
@@ -164,13 +169,17 @@ def run(a, tmp: str) -> int:
         say(f"check: {row}")
     flush()
     for t in tokens:
-        for on in (False, True, False, True):
+        for v in VARIANTS + VARIANTS:
             if left(a) < 120:
                 break
-            forms(on)
+            forms(v)
+            stats0 = torch.cuda.memory_stats()
             ms = wall_ms(r, step_args(t, prompt), reps=5, warmup=1)
-            res["wall"].setdefault(str(t), {}).setdefault("on" if on else "off", []).append(round(ms, 3))
-            say(f"wall {t} tokens forms {'on' if on else 'off'}: {ms:.2f} ms")
+            stats1 = torch.cuda.memory_stats()
+            res["wall"].setdefault(str(t), {}).setdefault(v, []).append(round(ms, 3))
+            res.setdefault("allocator", {})[f"{t} {v}"] = {k: stats1.get(k, 0) - stats0.get(k, 0) for k in (
+                "num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
+            say(f"wall {t} tokens forms {v}: {ms:.2f} ms; allocator {res['allocator'][f'{t} {v}']}")
         flush()
     for on in (True, False):
         if left(a) < 100:
@@ -205,9 +214,14 @@ def report(res: dict, tokens: list[int]) -> str:
     lines = [f"# Prefill forms, {res['device']}, torch {res['torch']}, {res['date']}", "",
              "| check | result | status |", "|---|---|---|"]
     lines += [f"| {c[0]} | {c[1]} | {c[2]} |" for c in res["checks"]]
-    lines += ["", "| tokens | wall ms, forms off | wall ms, forms on |", "|---|---|---|"]
+    lines += ["", "step wall ms (execute + sync, median of 5), each DWDP_PREFILL_FORMS value twice in turn", "",
+              "| tokens | " + " | ".join(f"forms {v}" for v in VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
     for t, w in res["wall"].items():
-        lines.append(f"| {t} | {', '.join(map(str, w.get('off', [])))} | {', '.join(map(str, w.get('on', [])))} |")
+        lines.append(f"| {t} | " + " | ".join(", ".join(map(str, w.get(v, []))) for v in VARIANTS) + " |")
+    if res.get("allocator"):
+        lines += ["", "allocator counters over each timing (retries, device allocs/frees): " + "; ".join(
+            f"{k}: {v['num_alloc_retries']}/{v['num_device_alloc']}/{v['num_device_free']}"
+            for k, v in res["allocator"].items())]
     for name in ("bench_off", "bench_on"):
         b = res.get(name)
         if not b:

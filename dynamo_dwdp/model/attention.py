@@ -152,8 +152,7 @@ class MLAttention(nn.Module):
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
         if sdpa_impl is not None:
             if sdpa_impl == "sdpa":
-                out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, self.scale, q_whole=q_whole,
-                                             w_kv_b=w)
+                out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, self.scale, q_whole=q_whole)
             else:                                  # triton / cudnn / flash_pad (model/prefill_attention.py)
                 out = prefill_attention.expanded_prefill_attention(sdpa_impl, q_nope, q_pe, batch, kv_layer, w,
                                                                    self.scale)
@@ -217,7 +216,7 @@ def paged_latent_attention(query: torch.Tensor, batch: ForwardBatch, kv_layer: t
 
 def sdpa_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch, kv_layer: torch.Tensor,
                            w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float,
-                           q_whole: torch.Tensor | None = None, w_kv_b: torch.Tensor | None = None) -> torch.Tensor:
+                           q_whole: torch.Tensor | None = None) -> torch.Tensor:
     """Expand-then-attend, one sequence at a time, through F.scaled_dot_product_attention.
 
     q_nope [T, h, N], q_pe [T, h, R]; the sequence's cached latents [ctx, C | R] are expanded to
@@ -230,30 +229,26 @@ def sdpa_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, batch: Forw
     is the query whose parts q_nope and q_pe are (the fused prep rotates q's rope part in place), else
     the two are concatenated. A batch of one sequence returns SDPA's output as it is (no copy).
 
-    `w_kv_b` [h, N+V, C], the contiguous weight whose views w_uk and w_uv are: with it (and
-    `prefill_forms.enabled()`) keys and values come from one GEMM over the whole weight, the key as the
-    nope part of its output joined with k_pe in one concatenation, the value a strided view of the output
-    (model/prefill_forms.py says why).
+    The key's nope part: one plain GEMM over kv_b's key rows, joined with k_pe in one concatenation
+    (`prefill_forms` "kv_gemm"), or else a batched GEMM written into the key buffer's slots.
     """
     T, h, N = q_nope.shape
     C = w_uk.shape[-1]
     R = q_pe.shape[-1]
     out = None
-    one_gemm = (w_kv_b is not None and w_kv_b.is_contiguous() and w_kv_b.shape == (h, N + w_uv.shape[1], C)
-                and prefill_forms.enabled())
+    kv_gemm = prefill_forms.enabled("kv_gemm")
     # fp32 on CUDA: the math backend (plain fp32 GEMMs); the memory-efficient kernel computes fp32 as 3xTF32
     math_only = q_nope.is_cuda and q_nope.dtype == torch.float32
     for rows, latent, k_pe in prefill_attention.cached_sequences(batch, kv_layer, C, q_nope.dtype):
         ctx, q_len = latent.shape[0], rows.stop - rows.start
-        if one_gemm:
-            kv = F.linear(latent, w_kv_b.view(-1, C)).view(ctx, h, -1)          # [ctx, h, N+V]
-            k = torch.cat([kv[..., :N], k_pe.unsqueeze(1).expand(ctx, h, R)], dim=-1)
-            v = kv[..., N:].transpose(0, 1)                                     # [h, ctx, V], strided
+        if kv_gemm:                                  # a plain GEMM, then one concatenation (prefill_forms.py)
+            k_nope = F.linear(latent, w_uk.reshape(h * N, C)).view(ctx, h, N)
+            k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(ctx, h, R)], dim=-1)
         else:
             k = latent.new_empty(ctx, h, N + R)
             torch.bmm(latent.expand(h, ctx, C), w_uk.transpose(1, 2), out=k[..., :N].transpose(0, 1))
             k[..., N:] = k_pe.unsqueeze(1)
-            v = torch.einsum("sc,hvc->hsv", latent, w_uv)
+        v = torch.einsum("sc,hvc->hsv", latent, w_uv)
         if q_whole is not None:
             q = q_whole[rows].transpose(0, 1)                                 # [h, q, N+R]
         else:
