@@ -41,7 +41,7 @@ def left(a) -> float:
     return a.budget_s - (time.perf_counter() - T_START)
 
 
-VARIANTS = ("0", "kv_gemm", "shared_beside", "pair_sort", "1")   # $DWDP_PREFILL_FORMS values timed: none, each, all
+VARIANTS = ("0", "kv_gemm", "shared_beside", "routed_first", "pair_sort", "1")   # DWDP_PREFILL_FORMS values timed
 
 
 def forms(on) -> None:
@@ -91,22 +91,23 @@ def profile_step(r, args) -> dict:
 
 
 def check_moe_block(r, rows: list) -> None:
-    """One MoE block at 8192 tokens with the forms on (shared experts on the side stream) and off."""
+    """One MoE block at 8192 tokens with each two-stream form and with the branches one after the other."""
     from dynamo_dwdp.model.moe import MoEBlock   # local import: the model after torch's CUDA set-up
 
     block = next(layer.mlp for layer in r.model.model.layers if isinstance(layer.mlp, MoEBlock))
     x = torch.randn(8192, r.model.cfg.hidden_size, device="cuda", dtype=torch.bfloat16,
                     generator=torch.Generator(device="cuda").manual_seed(5))
+    outs = {}
     with torch.inference_mode():
-        forms(False)
-        routed0, shared0 = block(x, separate=True)
-        forms(True)
-        routed1, shared1 = block(x, separate=True)
+        for v in ("0", "shared_beside", "routed_first"):
+            forms(v)
+            outs[v] = block(x, separate=True)
         torch.cuda.synchronize()
-    same = torch.equal(routed0, routed1) and torch.equal(shared0, shared1)
-    rows.append(("MoE block, 8192 tokens: shared experts on the side stream vs in line",
-                 "bitwise equal" if same else f"differ: routed {rel(routed1, routed0):.2e}, shared "
-                 f"{rel(shared1, shared0):.2e}", "ok" if same else "FAIL"))
+    for v in ("shared_beside", "routed_first"):
+        same = all(torch.equal(a, b) for a, b in zip(outs[v], outs["0"]))
+        rows.append((f"MoE block, 8192 tokens: {v} vs one stream",
+                     "bitwise equal" if same else f"differ: routed {rel(outs[v][0], outs['0'][0]):.2e}, shared "
+                     f"{rel(outs[v][1], outs['0'][1]):.2e}", "ok" if same else "FAIL"))
 
 
 def bench(a, on: bool, model: str) -> dict:

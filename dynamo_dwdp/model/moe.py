@@ -119,19 +119,26 @@ class MoEBlock(nn.Module):
                                if cfg.n_shared_experts else None)
         self.executor = executor
 
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.gate(x)
+        return self.executor.forward(self.layer_idx, x, ids, weights)
+
     def forward(self, x: torch.Tensor, separate: bool = False):
         """The block's output; with `separate` the pair (routed experts' output, shared experts' output
         or None) not yet summed, so that the decoder layer adds both to the residual in its next fused
         add + norm."""
-        if self.shared_experts is not None and prefill_forms.use_side_stream(x):
-            # prefill: the shared experts' GEMMs beside the routing and routed experts (prefill_forms.py)
+        form = (prefill_forms.stream_form(x, getattr(self.executor, "stream_agnostic", False))
+                if self.shared_experts is not None else None)
+        if form == "routed_first":                 # prefill: two streams (prefill_forms.py says why)
+            join = prefill_forms.start_beside(self._routed, x, high_priority=True)
+            shared = self.shared_experts(x)
+            out = join()
+        elif form == "shared_beside":
             join = prefill_forms.start_beside(self.shared_experts, x)
-            ids, weights = self.gate(x)
-            out = self.executor.forward(self.layer_idx, x, ids, weights)
+            out = self._routed(x)
             shared = join()
         else:
-            ids, weights = self.gate(x)
-            out = self.executor.forward(self.layer_idx, x, ids, weights)
+            out = self._routed(x)
             shared = self.shared_experts(x) if self.shared_experts is not None else None
         if separate:
             return out, shared

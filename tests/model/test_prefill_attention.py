@@ -74,13 +74,14 @@ def test_sdpa_path_without_concatenation_matches_absorbed_reference(cached, new)
         assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("forms", ["1", "0"], ids=["one-kv-gemm", "forms-before"])
+@pytest.mark.parametrize("forms", ["kv_gemm", "0"], ids=["kv-gemm", "forms-before"])
 @pytest.mark.parametrize("cached,new", [([0], [29]), ([23, 0], [17, 30])], ids=["one-sequence", "two-sequences"])
-def test_sdpa_path_with_one_kv_gemm_matches_absorbed_reference(monkeypatch, forms, cached, new):
-    """sdpa_prefill_attention given the whole kv_b weight (`w_kv_b`, as MLAttention passes it): keys and
-    values from one GEMM over [h * (N + V), C] (the value a strided view of its output), or with
-    DWDP_PREFILL_FORMS=0 the batched GEMM over the expanded latents as before; both equal the
-    absorbed-form paged reference (fp32) and each other to rounding; bf16 within bf16 rounding."""
+def test_sdpa_path_keys_from_plain_gemm_match_absorbed_reference(monkeypatch, forms, cached, new):
+    """sdpa_prefill_attention with the key's nope part from one plain GEMM over kv_b's key rows joined
+    with k_pe by one concatenation (prefill form "kv_gemm"), and with DWDP_PREFILL_FORMS=0 the batched
+    GEMM over the expanded latents as before: both equal the absorbed-form paged reference (fp32), with
+    V != N and kv_b's key and value rows interleaved per head as in the checkpoint; bf16 within bf16
+    rounding."""
     from dynamo_dwdp.model import prefill_forms
     from dynamo_dwdp.model.attention import paged_latent_attention, sdpa_prefill_attention
     from dynamo_dwdp.model.batch import ForwardBatch
@@ -101,21 +102,27 @@ def test_sdpa_path_with_one_kv_gemm_matches_absorbed_reference(monkeypatch, form
     lat = paged_latent_attention(torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), q_pe], -1), batch,
                                  kv_layer, C, scale)
     ref = torch.einsum("thc,hvc->thv", lat, w_uv).double()
-    out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, scale, q_whole=q, w_kv_b=w)
+    out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, scale, q_whole=q)
     assert out.shape == (T, h, V)
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
     bf = sdpa_prefill_attention(q_nope.bfloat16(), q_pe.bfloat16(), batch, kv_layer.bfloat16(), w_uk.bfloat16(),
-                                w_uv.bfloat16(), scale, w_kv_b=w.bfloat16())
+                                w_uv.bfloat16(), scale)
     assert ((bf.double() - ref).norm() / ref.norm()).item() < 2e-2
 
 
 def test_prefill_forms_switch(monkeypatch):
-    """DWDP_PREFILL_FORMS=0 selects the forms before; off CUDA the side stream is never used."""
+    """DWDP_PREFILL_FORMS: unset/1 = every form, 0 = none, a list = those; an unknown name is a
+    one-line error naming it; off CUDA no side stream is used."""
     from dynamo_dwdp.model import prefill_forms
 
     monkeypatch.delenv(prefill_forms.ENV, raising=False)
-    assert prefill_forms.enabled()
+    assert all(prefill_forms.enabled(f) for f in prefill_forms.FORMS)
     monkeypatch.setenv(prefill_forms.ENV, "0")
-    assert not prefill_forms.enabled()
+    assert not any(prefill_forms.enabled(f) for f in prefill_forms.FORMS)
+    monkeypatch.setenv(prefill_forms.ENV, "kv_gemm, pair_sort")
+    assert [f for f in prefill_forms.FORMS if prefill_forms.enabled(f)] == ["kv_gemm", "pair_sort"]
+    monkeypatch.setenv(prefill_forms.ENV, "kv_gemm,fast")
+    with pytest.raises(UserError, match="DWDP_PREFILL_FORMS='kv_gemm,fast': fast not among"):
+        prefill_forms.enabled("kv_gemm")
     monkeypatch.setenv(prefill_forms.ENV, "1")
-    assert not prefill_forms.use_side_stream(torch.zeros(prefill_forms.OVERLAP_MIN_ROWS, 4))
+    assert prefill_forms.stream_form(torch.zeros(prefill_forms.OVERLAP_MIN_ROWS, 4), True) is None
