@@ -3,18 +3,19 @@ experts on a side stream, the routed pairs sorted by one kernel) against the for
 
   PYTHONPATH=.:scripts PYTHONUNBUFFERED=1 python3 scripts/gpu_prefill_parts.py --out OUT [--layers 27]
 
-Steps, in this order, each skipped when --budget-s would not allow it:
+Steps, in this order (5 runs right after 2, with forms on, and last with them off), each skipped
+when --budget-s would not allow it:
 1. the v2-lite-shape model (bf16, --layers deep) written into a temporary folder, deleted at the end;
 2. one engine (`ModelRunner`, eager) sized for the longest prompt: the prefill logits of a --check-tokens
    prompt with the forms on against the forms off (relative error under --tol, the same argmax);
    one MoE block at 8192 tokens on and off (the side stream runs the same kernels: bitwise equal);
-3. the step's host wall time (execute + sync, median) at each --tokens for each DWDP_PREFILL_FORMS value
-   of VARIANTS (none, each form alone, all), twice each in turn, with the allocator's counters;
+3. the step's host wall time (execute + sync, median of 5) at each --tokens for each DWDP_PREFILL_FORMS
+   value of VARIANTS (none, each form alone, all), at the first length twice each in turn, with the
+   allocator's counters;
 4. a kernel profile of one prefill at the first --tokens, on and off: kernel time by name, the GPU's busy
-   time (union over streams), the host time before the first kernel and after the last, and the idle
-   gaps between kernels summed by their neighbours;
+   time (union over streams), and the idle gaps between kernels summed by their neighbours;
 5. `bench engine` prefill at --tokens through scripts/gpu_perf.py's bench_prefill (its own ceilings, so
-   '% GEMM peak' is the bench's figure), forms off, then on.
+   '% GEMM peak' is the bench's figure), forms on, then off.
 Writes OUT/prefill_parts.json and OUT/prefill_parts.md (tables; printed last), OUT/bench_off and
 OUT/bench_on (gpu_perf's files).
 """
@@ -30,7 +31,7 @@ import time
 
 import torch
 
-from gpu_common import ceilings, prefill_runner, rel, say, wall_ms, write_v2lite
+from gpu_common import prefill_runner, rel, say, wall_ms, write_v2lite
 from gpu_profile import kernel_events, summarize
 
 ENV = "DWDP_PREFILL_FORMS"
@@ -54,10 +55,9 @@ def step_args(tokens: int, prompt: list[int], block: int = 16):
 
 
 def gaps(prof) -> dict:
-    """Idle time between kernels (union over streams), summed by (kernel before, kernel after), and the
-    host time before the first kernel and after the last within the 'step' range."""
+    """Idle time between kernels (union over streams, first kernel to last), summed by (kernel before,
+    kernel after)."""
     evs = sorted(kernel_events(prof), key=lambda e: e.time_range.start)
-    step = [e for e in prof.events() if e.name == "step"]
     by_pair: dict[tuple[str, str], list[float]] = {}
     end, last = None, None
     for e in evs:
@@ -66,25 +66,20 @@ def gaps(prof) -> dict:
         if end is None or e.time_range.end > end:
             end, last = e.time_range.end, e
     pairs = sorted(((sum(v), len(v), k) for k, v in by_pair.items()), reverse=True)
-    out = {"idle_between_kernels_us": sum(sum(v) for v in by_pair.values()),
-           "top_gaps": [{"us": round(us, 1), "count": n, "before": k[0], "after": k[1]} for us, n, k in pairs[:15]]}
-    if step and evs:
-        s = step[0].time_range
-        out["host_before_first_kernel_us"] = evs[0].time_range.start - s.start
-        out["after_last_kernel_us"] = s.end - end
-        out["step_range_us"] = s.end - s.start
-    return out
+    return {"idle_between_kernels_us": sum(sum(v) for v in by_pair.values()),
+            "first_to_last_kernel_us": (end - evs[0].time_range.start) if evs else 0.0,
+            "top_gaps": [{"us": round(us, 1), "count": n, "before": k[0], "after": k[1]} for us, n, k in pairs[:15]]}
 
 
 def profile_step(r, args) -> dict:
-    from torch.profiler import ProfilerActivity, profile, record_function
+    """One step under the profiler (CUDA activity only, as scripts/gpu_profile.py), after one untimed."""
+    from torch.profiler import ProfilerActivity, profile
 
     r.execute(*args)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with record_function("step"):
-            r.execute(*args)
-            torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        r.execute(*args)
+        torch.cuda.synchronize()
     res = summarize(prof, 1, float("nan"))
     res.update(gaps(prof))
     return res
@@ -116,11 +111,23 @@ def bench(a, on: bool, model: str) -> dict:
     cmd = [sys.executable, "-u", os.path.join("scripts", "gpu_perf.py"), "--out", out, "--only", "bench_prefill",
            "--prefill", a.tokens, "--model", model, "--hw", "h200-measured", "--skip-checks", "--skip-matrix"]
     say(("forms on: " if on else "forms off: ") + " ".join(cmd[2:]))
-    p = subprocess.run(cmd, env=env, timeout=max(30.0, left(a)), capture_output=True, text=True)
+    p = subprocess.run(cmd, env=env, timeout=max(20.0, left(a)), capture_output=True, text=True)
     with open(out + ".log", "w") as f:
         f.write(p.stdout + p.stderr)
     doc = json.load(open(os.path.join(out, "gpu_perf.json"))) if os.path.isfile(os.path.join(out, "gpu_perf.json")) else {}
     return {"rc": p.returncode, "bench": doc.get("bench", []), "ceilings": doc.get("ceilings")}
+
+
+def run_bench(a, res: dict, on: bool, model: str, flush) -> None:
+    name = "bench_on" if on else "bench_off"
+    if left(a) < 30:
+        res.setdefault("skipped", []).append(name)
+        return
+    try:
+        res[name] = bench(a, on, model)
+    except subprocess.TimeoutExpired:
+        res.setdefault("skipped", []).append(f"{name} (timed out)")
+    flush()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", default="8192,16000", help="prefill lengths timed and benched (first: profiled)")
     p.add_argument("--check-tokens", type=int, default=2048)
     p.add_argument("--tol", type=float, default=2e-2, help="relative error of the logits, forms on vs off")
-    p.add_argument("--budget-s", type=float, default=230.0, help="seconds for the whole run (steps are skipped)")
+    p.add_argument("--budget-s", type=float, default=175.0, help="seconds for the whole run (steps are skipped)")
     return p
 
 
@@ -150,6 +157,8 @@ def run(a, tmp: str) -> int:
     def flush():
         with open(os.path.join(a.out, "prefill_parts.json"), "w") as f:
             json.dump(res, f, indent=1, default=str)
+        with open(os.path.join(a.out, "prefill_parts.md"), "w") as f:
+            f.write(report(res, tokens))
 
     model = write_v2lite(tmp, a.layers)
     r, full = prefill_runner(model, max(tokens + [a.check_tokens]))
@@ -169,10 +178,12 @@ def run(a, tmp: str) -> int:
     for row in rows:
         say(f"check: {row}")
     flush()
-    for t in tokens:
-        for v in VARIANTS + VARIANTS:
-            if left(a) < 120:
-                break
+    run_bench(a, res, True, model, flush)                # the forms' figure first: the one the issue is about
+    for i, t in enumerate(tokens):
+        for v in (VARIANTS + VARIANTS if i == 0 else VARIANTS):
+            if left(a) < 45:
+                res.setdefault("skipped", []).append(f"wall {t} {v}")
+                continue
             forms(v)
             stats0 = torch.cuda.memory_stats()
             ms = wall_ms(r, step_args(t, prompt), reps=5, warmup=1)
@@ -183,26 +194,18 @@ def run(a, tmp: str) -> int:
             say(f"wall {t} tokens forms {v}: {ms:.2f} ms; allocator {res['allocator'][f'{t} {v}']}")
         flush()
     for on in (True, False):
-        if left(a) < 100:
-            break
+        if left(a) < 38:
+            res.setdefault("skipped", []).append(f"profile {'on' if on else 'off'}")
+            continue
         forms(on)
         p = profile_step(r, step_args(tokens[0], prompt))
         res["profile"]["on" if on else "off"] = p
         say(f"profile {tokens[0]} forms {'on' if on else 'off'}: kernels {p['kernel_sum_ms']:.2f} ms, busy "
-            f"{p['busy_ms']:.2f} ms, idle between kernels {p['idle_between_kernels_us'] / 1e3:.2f} ms, host before "
-            f"first kernel {p.get('host_before_first_kernel_us', 0) / 1e3:.2f} ms")
+            f"{p['busy_ms']:.2f} ms, idle between kernels {p['idle_between_kernels_us'] / 1e3:.2f} ms")
         flush()
     del r
     torch.cuda.empty_cache()
-    for on in (False, True):
-        if left(a) < 45:
-            res.setdefault("skipped", []).append(f"bench forms {'on' if on else 'off'}")
-            continue
-        try:
-            res["bench_on" if on else "bench_off"] = bench(a, on, model)
-        except subprocess.TimeoutExpired:
-            res.setdefault("skipped", []).append(f"bench forms {'on' if on else 'off'} (timed out)")
-        flush()
+    run_bench(a, res, False, model, flush)
     flush()
     md = report(res, tokens)
     with open(os.path.join(a.out, "prefill_parts.md"), "w") as f:
@@ -236,9 +239,8 @@ def report(res: dict, tokens: list[int]) -> str:
     for name, p in res["profile"].items():
         lines += ["", f"## profile {tokens[0]} tokens, forms {name}", "",
                   f"kernels {p['kernels_per_step']:.0f}; kernel sum {p['kernel_sum_ms']:.3f} ms; GPU busy "
-                  f"{p['busy_ms']:.3f} ms; idle between kernels {p['idle_between_kernels_us'] / 1e3:.3f} ms; host "
-                  f"before the first kernel {p.get('host_before_first_kernel_us', 0) / 1e3:.3f} ms; after the last "
-                  f"{p.get('after_last_kernel_us', 0) / 1e3:.3f} ms; step range {p.get('step_range_us', 0) / 1e3:.3f} ms",
+                  f"{p['busy_ms']:.3f} ms; first kernel to last {p['first_to_last_kernel_us'] / 1e3:.3f} ms; idle "
+                  f"between kernels {p['idle_between_kernels_us'] / 1e3:.3f} ms",
                   "", "| us | calls | kernel |", "|---|---|---|"]
         lines += [f"| {k['us_per_step']} | {k['calls_per_step']} | `{k['name']}` |" for k in p["top"]]
         lines += ["", "| idle us | gaps | kernel before | kernel after |", "|---|---|---|---|"]
