@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from dynamo_dwdp.model import kernels as fused_kernels
-from dynamo_dwdp.model import mla_decode, prefill_attention, prefill_forms
+from dynamo_dwdp.model import mla_decode, prefill_attention
 from dynamo_dwdp.model.kernels import mla_prep
 from dynamo_dwdp.model.kernels.moe_gemm import fp8_linear
 from dynamo_dwdp.model.batch import ForwardBatch
@@ -228,26 +228,18 @@ def sdpa_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, batch: Forw
     slot of a [ctx, h, N+R] buffer and k_pe broadcast into the rest; `q_whole` [T, h, N+R], when given,
     is the query whose parts q_nope and q_pe are (the fused prep rotates q's rope part in place), else
     the two are concatenated. A batch of one sequence returns SDPA's output as it is (no copy).
-
-    The key's nope part: one plain GEMM over kv_b's key rows, joined with k_pe in one concatenation
-    (`prefill_forms` "kv_gemm"), or else a batched GEMM written into the key buffer's slots.
     """
     T, h, N = q_nope.shape
     C = w_uk.shape[-1]
     R = q_pe.shape[-1]
     out = None
-    kv_gemm = prefill_forms.enabled("kv_gemm")
     # fp32 on CUDA: the math backend (plain fp32 GEMMs); the memory-efficient kernel computes fp32 as 3xTF32
     math_only = q_nope.is_cuda and q_nope.dtype == torch.float32
     for rows, latent, k_pe in prefill_attention.cached_sequences(batch, kv_layer, C, q_nope.dtype):
         ctx, q_len = latent.shape[0], rows.stop - rows.start
-        if kv_gemm:                                  # a plain GEMM, then one concatenation (prefill_forms.py)
-            k_nope = F.linear(latent, w_uk.reshape(h * N, C)).view(ctx, h, N)
-            k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(ctx, h, R)], dim=-1)
-        else:
-            k = latent.new_empty(ctx, h, N + R)
-            torch.bmm(latent.expand(h, ctx, C), w_uk.transpose(1, 2), out=k[..., :N].transpose(0, 1))
-            k[..., N:] = k_pe.unsqueeze(1)
+        k = latent.new_empty(ctx, h, N + R)
+        torch.bmm(latent.expand(h, ctx, C), w_uk.transpose(1, 2), out=k[..., :N].transpose(0, 1))
+        k[..., N:] = k_pe.unsqueeze(1)
         v = torch.einsum("sc,hvc->hsv", latent, w_uv)
         if q_whole is not None:
             q = q_whole[rows].transpose(0, 1)                                 # [h, q, N+R]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dynamo_dwdp.model import kernels, prefill_forms
+from dynamo_dwdp.model import kernels
 from dynamo_dwdp.model.kernels import moe_prefill
 from dynamo_dwdp.model.kernels.moe_fp8a8 import routed_experts_fp8a8
 from dynamo_dwdp.model.kernels.moe_gemm import routed_experts_fused
@@ -130,15 +130,8 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     if T == 0 or not banks:
         return torch.zeros_like(x) if out is None else out
     fused = use_prefill_kernels(x)
-    rows = topk_ids.numel()
-    if (fused and rows > SYNC_FREE_MAX_ROWS and len(banks) == 1 and banks[0].first == 0
-            and prefill_forms.enabled("pair_sort")):
-        # one bank from expert 0 at prefill sizes: sort, offsets and inverse in one kernel (prefill_forms.py)
-        order, pos, ends = moe_prefill.sort_pairs(topk_ids.reshape(-1), banks[0].count)
-        xs = x.index_select(0, order // k)
-        y_sorted = _expert_ffn_grouped(xs, banks[0], ends, fused)
-        return moe_prefill.combine(y_sorted, pos.view(T, k), topk_weights, out)
     flat = topk_ids.reshape(-1).to(torch.int32)
+    rows = flat.numel()
     sorted_ids, order = torch.sort(flat, stable=True)
     xs = x[order // k]
     E = max(b.first + b.count for b in banks)

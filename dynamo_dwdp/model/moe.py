@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynamo_dwdp.model import kernels as fused_kernels
-from dynamo_dwdp.model import prefill_forms
 from dynamo_dwdp.model.config import ModelConfig
 from dynamo_dwdp.model.kernels import router as fused_router
 from dynamo_dwdp.model.layers import DenseMLP
@@ -119,27 +118,13 @@ class MoEBlock(nn.Module):
                                if cfg.n_shared_experts else None)
         self.executor = executor
 
-    def _routed(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.gate(x)
-        return self.executor.forward(self.layer_idx, x, ids, weights)
-
     def forward(self, x: torch.Tensor, separate: bool = False):
         """The block's output; with `separate` the pair (routed experts' output, shared experts' output
         or None) not yet summed, so that the decoder layer adds both to the residual in its next fused
         add + norm."""
-        form = (prefill_forms.stream_form(x, getattr(self.executor, "stream_agnostic", False))
-                if self.shared_experts is not None else None)
-        if form == "routed_first":                 # prefill: two streams (prefill_forms.py says why)
-            join = prefill_forms.start_beside(self._routed, x, high_priority=True)
-            shared = self.shared_experts(x)
-            out = join()
-        elif form == "shared_beside":
-            join = prefill_forms.start_beside(self.shared_experts, x)
-            out = self._routed(x)
-            shared = join()
-        else:
-            out = self._routed(x)
-            shared = self.shared_experts(x) if self.shared_experts is not None else None
+        ids, weights = self.gate(x)
+        out = self.executor.forward(self.layer_idx, x, ids, weights)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
         if separate:
             return out, shared
         return out if shared is None else out + shared

@@ -24,7 +24,6 @@ from dynamo_dwdp.model.step_stats import ExecutorStats
 class MoEExecutor(ABC):
     strategy: str = "?"
     graph_safe: bool = False      # its forward can be captured in a CUDA graph (no host-side protocol)
-    stream_agnostic: bool = False  # its forward may run on any stream (no state bound to the current stream)
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
         self.cfg = cfg
@@ -108,7 +107,6 @@ class LocalExecutor(MoEExecutor):
     """All experts in this process (`single`, and each rank of replicated `dp`)."""
 
     strategy = "single"
-    stream_agnostic = True        # plain tensor work: the MoE block may run it on a side stream (prefill_forms)
 
     @property
     def graph_safe(self) -> bool:

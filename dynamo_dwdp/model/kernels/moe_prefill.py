@@ -12,15 +12,6 @@
   back to (token, k) order (`index_copy`), the zeroing `where` and the per-token batched GEMV: one
   read of the expert outputs and one write of the result instead of four passes.
 
-- `sort_pairs(ids, E)`: the (token, k) pairs ordered by expert id (stable), with what the grouped
-  GEMMs and the combine need, in one kernel: `order` (pair index of each sorted row), `pos` (sorted row
-  of each pair, -1 for an id outside [0, E)) and `ends` (end of each expert's rows, the grouped GEMM's
-  offsets). One program per expert (and one for the ids outside) counts the pairs of lower ids, then
-  writes its own pairs in their order (the counting sort of `moe_gemm.align`, which serves decode), and
-  also the inverse. Replaces, per MoE layer at prefill sizes, the int32 cast, torch's radix sort (a
-  histogram pass, four one-sweep passes and their memsets), the searchsorted for the offsets and the
-  where + scatter of the inverse: about a dozen launches, each a few microseconds of work and a launch gap.
-
 Why hand-written Triton and not torch.compile: Inductor would fuse each of these into one kernel
 too (a pointwise op over two halves; an indirect load plus a k-reduction), but prefill row counts
 change with every chunk, so it would need dynamic-shape compilation in every engine process (seconds
@@ -74,28 +65,7 @@ def _kernels():
             acc += tl.load(dst, mask=hmask, other=0.0).to(tl.float32)
         tl.store(dst, acc.to(OUT.dtype.element_ty), mask=hmask)
 
-    @triton.jit
-    def sort_pairs_kernel(IDS, ORDER, POS, ENDS, rows, E, BLOCK_R: tl.constexpr):
-        e = tl.program_id(0)                                 # bucket e; bucket E: ids outside [0, E)
-        start = tl.zeros([BLOCK_R], tl.int32)
-        for r0 in range(0, rows, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            ids = tl.load(IDS + offs_r, mask=offs_r < rows, other=0)
-            bucket = tl.where((ids >= 0) & (ids < E), ids, E)
-            start += ((bucket < e) & (offs_r < rows)).to(tl.int32)
-        base = tl.sum(start, 0)
-        for r0 in range(0, rows, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            ids = tl.load(IDS + offs_r, mask=offs_r < rows, other=0)
-            bucket = tl.where((ids >= 0) & (ids < E), ids, E)
-            hit = ((bucket == e) & (offs_r < rows)).to(tl.int32)
-            dest = base + tl.cumsum(hit, 0) - 1
-            tl.store(ORDER + dest, offs_r.to(tl.int32), mask=hit > 0)
-            tl.store(POS + offs_r, tl.where(e < E, dest, -1), mask=hit > 0)
-            base += tl.sum(hit, 0)
-        tl.store(ENDS + e, base, mask=e < E)
-
-    return swiglu_kernel, combine_kernel, sort_pairs_kernel
+    return swiglu_kernel, combine_kernel
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -140,23 +110,3 @@ def combine(y_sorted: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor,
     _kernels()[1][grid](y_sorted, pos, weights, out, hidden, y_sorted.stride(0), out.stride(0),
                         K=K, ACCUMULATE=accumulate, BLOCK_H=block_h, num_warps=4)
     return out
-
-
-def sort_pairs(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids [rows] (any integer dtype) -> (order [rows] int32, pos [rows] int32, ends [num_experts] int32):
-    order[i] = the pair at sorted row i (ascending id, stable; ids outside [0, num_experts) last),
-    pos[order[i]] = i for the pairs inside, -1 for the others, ends[e] = number of pairs with id <= e.
-    No host sync."""
-    if ids.dim() != 1 or ids.is_floating_point() or num_experts < 1:
-        raise ValueError(f"sort_pairs: ids must be 1-D integer and num_experts >= 1, got {tuple(ids.shape)} "
-                         f"{ids.dtype}, {num_experts}")
-    rows = ids.numel()
-    order = torch.empty(rows, dtype=torch.int32, device=ids.device)
-    pos = torch.empty(rows, dtype=torch.int32, device=ids.device)
-    ends = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
-    if rows == 0:
-        return order, pos, ends.zero_()
-    ids = ids.contiguous()
-    _kernels()[2][(num_experts + 1,)](ids, order, pos, ends, rows, num_experts,
-                                      BLOCK_R=max(16, min(2048, next_pow2(rows))), num_warps=8)
-    return order, pos, ends
