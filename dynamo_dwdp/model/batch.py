@@ -9,6 +9,8 @@ regroups them per sequence through `pad_index`. Invariants:
 """
 from __future__ import annotations
 
+import array
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +70,7 @@ class ForwardBatch:
         pos = torch.tensor(start_positions, dtype=torch.long)[seq_of] + offset if B else offset
         slots = tables[seq_of, pos // block_size] * block_size + pos % block_size if max_blocks else pos * 0
         pad = seq_of * max_q + offset
-        ids = torch.tensor([t for c in token_chunks for t in c], dtype=torch.long)
+        ids = _token_tensor(token_chunks)
         logits_rows = (ends - 1)[torch.tensor(want_logits, dtype=torch.bool) & (q_lens_t > 0)] if B else ends
         parts = [ids, pos, slots, pad, torch.tensor(ctx, dtype=torch.long), q_lens_t, logits_rows, tables.reshape(-1)]
         packed = torch.cat(parts)
@@ -82,3 +84,13 @@ class ForwardBatch:
             context_lens=views[4], query_lens=q_lens, pad_index=views[3], logits_indices=views[6],
             max_q=max_q, max_context=max(ctx, default=0), query_lens_t=views[5], context_lens_list=ctx,
         )
+
+
+def _token_tensor(token_chunks: list[list[int]]) -> torch.Tensor:
+    """The chunks' token ids as one int64 tensor, through a machine-integer array: `torch.tensor` of a
+    Python list converts element by element (about 0.7 ms for an 8K-token prompt, the largest part of a
+    prefill batch's build); `array("q", ...)` packs the ints in C first, several times faster."""
+    flat = array.array("q", token_chunks[0] if len(token_chunks) == 1 else itertools.chain.from_iterable(token_chunks))
+    if not flat:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.frombuffer(flat, dtype=torch.long)
