@@ -355,6 +355,7 @@ def shared_expert(H: int = 2048, inter: int = 2816) -> None:
 ROUTING_BATCH = 256           # decode tokens recorded; 64 and 128 are the first rows of the same step
 ROUTING_MODEL: list[str] = []  # --routing-model
 ROUTING_COUNTS: list[str] = []  # --routing-counts
+VARIANT_FILTER: list[str] = []  # --routed-variants (empty: all)
 OUT_DIR: list[str] = []        # --out (the routed sweep writes its rows after each token count)
 
 
@@ -367,7 +368,15 @@ def routed_variants() -> dict:
         v[f"m{bm} work-list"] = TC(bm, 64, swap=True, work_list=True)
     v["m64 4 stages"] = TC(64, 64, swap=True, stages=4)     # the default budget gives M 64 three: MMA or depth?
     v["m64 4 stages work-list"] = TC(64, 64, swap=True, stages=4, work_list=True)
-    return v
+    # deeper pipelines and wider weight tiles on the work list ((swiglu, down) pairs: one TileConfig each)
+    v["m32 wl 5 stages"] = TC(32, 64, swap=True, stages=5, work_list=True)
+    v["m32 wl down 6 stages"] = (TC(32, 64, swap=True, work_list=True), TC(32, 64, swap=True, stages=6, work_list=True))
+    v["m32 wl k64 8 stages"] = TC(32, 64, block_k=64, swap=True, stages=8, work_list=True)
+    v["m32 wl n128 k64 w8"] = TC(32, 128, block_k=64, warps=8, swap=True, stages=4, work_list=True)
+    v["m32 wl w8"] = TC(32, 64, warps=8, swap=True, work_list=True)
+    v["m64 wl 4 stages down 6"] = (TC(64, 64, swap=True, stages=4, work_list=True),
+                                   TC(64, 64, swap=True, stages=6, work_list=True))
+    return {k: c for k, c in v.items() if not VARIANT_FILTER or k in VARIANT_FILTER}
 
 
 FOLD_VARIANTS = ("default", "m32 work-list", "m64 work-list", "m64 4 stages work-list")
@@ -380,7 +389,8 @@ def _override(label: str) -> None:
     moe_gemm.TILE_OVERRIDE.clear()
     cfg = routed_variants()[label]
     if cfg is not None:
-        moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg)
+        swiglu, down = cfg if isinstance(cfg, tuple) else (cfg, cfg)
+        moe_gemm.TILE_OVERRIDE.update(swiglu=swiglu, down=down)
 
 
 def _fp32_loop(x, ids, w, bank) -> torch.Tensor:
@@ -441,7 +451,7 @@ def shared_fold(seen: list, n_shared: int = 2) -> None:
         sep_err = float(f"{_rel(moe_gemm.routed_experts_fused(x, ids, w, [bank]).float() + mlp(x).float(), ref):.3g}")
         sep_us = graph_once_us(separate, len(runs))
         shared_us = graph_once_us(lambda: [mlp(x) for x, *_, mlp, _, _, _ in runs], len(runs))
-        for label in FOLD_VARIANTS:
+        for label in (v for v in FOLD_VARIANTS if v in routed_variants()):
             _override(label)
             try:
                 x = torch.randn(T, H, device=DEV, dtype=BF)             # fresh input: no stale buffer passes
@@ -616,8 +626,10 @@ def routed_routing(jobs: int = 12) -> None:
 
     t0 = time.perf_counter()
     labels = list(routed_variants())
-    plan = [(label, False, 64) for label in labels] + [(label, True, 64) for label in FOLD_VARIANTS[1:]] + \
-        [("default", True, T) for T in (1, 64, 256)]
+    plan = [(label, False, 64) for label in labels]
+    if FOLD_TOKENS:
+        plan += [(label, True, 64) for label in FOLD_VARIANTS[1:] if label in labels] + \
+            [("default", True, T) for T in (1, 64, 256)]
     n = min(jobs, len(plan))
     pool = mp.get_context("spawn").Pool(n) if n else None
     compiling = pool.map_async(_compile_routed, [plan[i::n] for i in range(n)]) if n else None
@@ -688,7 +700,8 @@ def routed_routing(jobs: int = 12) -> None:
             del torch_out
         _dump()
     print(f"routed: sweep done at {time.perf_counter() - t0:.0f} s", flush=True)
-    shared_fold(seen)
+    if FOLD_TOKENS:
+        shared_fold(seen)
     print(f"routed: fold done at {time.perf_counter() - t0:.0f} s\n\nsummary (us per layer; real routing):", flush=True)
     for T in ROUTED_TOKENS:
         rs = {r["variant"]: r for r in ROWS if r.get("what") == "routed experts real routing" and r["rows"] == T}
@@ -709,6 +722,11 @@ def main() -> int:
     p.add_argument("--mla-baseline", default="", help="mla_sweep: another mla_decode.py to time beside this tree's")
     p.add_argument("--routing-model", default="", help="routed_routing: the 27-layer v2-lite-shape model directory "
                                                         "(written there first when missing)")
+    p.add_argument("--routed-variants", default="", help="routed_routing: only these variants (comma-separated "
+                                                          "labels) beside the default")
+    p.add_argument("--routed-tokens", default=None, help="routed_routing: token counts (default 256,128,64)")
+    p.add_argument("--fold-tokens", default=None, help="routed_routing: shared-fold token counts (default "
+                                                       "256,128,64,1; empty: no fold)")
     p.add_argument("--routing-counts", default="", help="routed_routing: replay the per-expert row counts of an earlier "
                                                          "run's decode_kernels.json instead of recording a model's")
     a = p.parse_args()
@@ -721,6 +739,13 @@ def main() -> int:
     if a.routing_counts:
         ROUTING_COUNTS.append(os.path.abspath(a.routing_counts))
     OUT_DIR.append(a.out)
+    global ROUTED_TOKENS, FOLD_TOKENS
+    if a.routed_variants:
+        VARIANT_FILTER.extend(["default"] + a.routed_variants.split(","))
+    if a.routed_tokens is not None:
+        ROUTED_TOKENS = tuple(int(t) for t in a.routed_tokens.split(",") if t)
+    if a.fold_tokens is not None:
+        FOLD_TOKENS = tuple(int(t) for t in a.fold_tokens.split(",") if t)
     parts = {f.__name__: f for f in (add_norm, routers, pair_sums, mla, shared_expert, mla_sweep, routed_routing)}
     names = a.only.split(",") if a.only else [n for n in parts if n not in ("mla_sweep", "routed_routing")]
     if unknown := [n for n in names if n not in parts]:
