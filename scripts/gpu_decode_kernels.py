@@ -376,6 +376,14 @@ def routed_variants() -> dict:
     v["m32 wl w8"] = TC(32, 64, warps=8, swap=True, work_list=True)
     v["m64 wl 4 stages down 6"] = (TC(64, 64, swap=True, stages=4, work_list=True),
                                    TC(64, 64, swap=True, stages=6, work_list=True))
+    # K steps of 64: more, smaller copies in flight for the same shared memory
+    v["m32 k64 8 stages"] = TC(32, 64, block_k=64, swap=True, stages=8)
+    v["m32 wl k64 6 stages"] = TC(32, 64, block_k=64, swap=True, stages=6, work_list=True)
+    v["m32 wl k64 10 stages"] = TC(32, 64, block_k=64, swap=True, stages=10, work_list=True)
+    v["m32 wl k32 16 stages"] = TC(32, 64, block_k=32, swap=True, stages=16, work_list=True)
+    v["m32 wl n128 k64 w8 5 stages"] = TC(32, 128, block_k=64, warps=8, swap=True, stages=5, work_list=True)
+    v["m16 k64 8 stages"] = TC(16, 64, block_k=64, swap=True, stages=8)
+    v["m16 wl k64 8 stages"] = TC(16, 64, block_k=64, swap=True, stages=8, work_list=True)
     return {k: c for k, c in v.items() if not VARIANT_FILTER or k in VARIANT_FILTER}
 
 
