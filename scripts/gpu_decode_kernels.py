@@ -16,8 +16,15 @@ Writes $OUT/decode_kernels.json.
 
 `--only routed_routing --routing-model DIR` (not in the default set: it writes and loads a 27-layer
 model): the bf16 routed experts under the routing of the bench model's own decode step (recorded at
-256 tokens, 26 MoE layers; 64 and 128 tokens are its first rows) vs uniform routing, per M tile with
-and without the work list, each variant's error vs an fp32 loop beside the torch path's.
+256 tokens, 26 MoE layers; 64 and 128 tokens are its first rows) vs uniform routing, per tiling
+(`routed_variants`: M tile, weight rows, K step, pipeline depth, work list), each variant checked
+against an fp32 loop (beside the torch path's error) and against the torch path on all 26 layers;
+then the shared experts folded into the routed call (`shared_fold`). `--routing-counts FILE` replays
+the per-expert row counts an earlier run wrote (its decode_kernels.json) instead: no model, ~30 s:
+
+  PYTHONPATH=.:scripts python3 scripts/gpu_decode_kernels.py --only routed_routing \
+      --routing-counts docs/results/routed_routing_h200_2026-12-01.json --out $OUT [--routed-variants
+      LABEL,...] [--routed-tokens 256,128,64,32] [--fold-tokens '']
 """
 from __future__ import annotations
 
