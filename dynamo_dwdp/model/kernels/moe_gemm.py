@@ -27,7 +27,7 @@ past the list do nothing. An expert's tiles are adjacent rows, so the programs t
 tile run at the same time and all but the first read it from L2. Measured (one H200, 2026-12-02, the
 bench model's routing replayed; `routed_tiles` has the figures): at 256 tokens, where the most loaded
 expert holds 3-4x the mean rows, the work list with 128-row weight tiles takes 291 us per MoE layer
-against 328 for the best per-expert loop (M 64), 87% of copy bandwidth; at 64 tokens it is 2% slower
+against 328 for the previous rule (the per-expert loop at M 64), 87% of copy bandwidth; at 64 tokens it is 2% slower
 than the loop, so it stays off there. Running the experts most-loaded-first (2026-12-01) gained nothing.
 
 Weights are bf16 or FP8 e4m3 with the official 128x128 block scales (`model/fp8.py`); FP8 tiles are
@@ -333,7 +333,7 @@ def routed_tiles(rows_per_group: float) -> TileConfig:
       uniform routing +0.7%);
     - above (256 tokens): the work list with 128 weight rows per tile (two warpgroups, 8 warps), K 64 x 5
       stages: 291.2 vs 327.6 (-11%, 86.6% of copy bandwidth; uniform routing 295.6 vs 335.0).
-    Measured and not taken: deeper pipelines (K 64 x 10 stages, K 32 x 16, M 32 x 5 stages of K 128: 4-14%
+    Measured and not taken: deeper pipelines (K 64 x 10 stages, K 32 x 16, M 32 x 5 stages of K 128: 3-14%
     slower), the work list at M 16 and M 64, a 6-stage down projection alone. The most loaded expert holds
     3-4x the mean under this routing (77 rows of a mean 24 at 256 tokens), which is why the work list wins
     there and not at 64 tokens. Only the v2-lite shapes were measured (64 experts, top-6, H 2048, I 1408)."""
