@@ -470,7 +470,8 @@ def shared_fold(seen: list, n_shared: int = 2) -> None:
             _override(label)
             try:
                 x = torch.randn(T, H, device=DEV, dtype=BF)             # fresh input: no stale buffer passes
-                f_err = float(f"{_rel(moe_gemm.routed_experts_fused(x, ids2, w2, [merged]), _fp32_loop(x, ids2, w2, merged)):.3g}")
+                got = moe_gemm.routed_experts_fused(x, ids2, w2, [merged])
+                f_err = float(f"{_rel(got, _fp32_loop(x, ids2, w2, merged)):.3g}")
                 us = graph_once_us(folded, len(runs))
             except Exception as exc:
                 print(f"shared fold T={T} {label}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
@@ -478,7 +479,8 @@ def shared_fold(seen: list, n_shared: int = 2) -> None:
             finally:
                 moe_gemm.TILE_OVERRIDE.clear()
             row(f"routed + shared folded ({label}) vs routed + DenseMLP", T, us, sep_us,
-                f"rel_err_vs_fp32 folded={f_err} separate={sep_err}", variant=label, dense_mlp_alone_us=round(shared_us, 1),
+                f"rel_err_vs_fp32 folded={f_err} separate={sep_err}", variant=label,
+                dense_mlp_alone_us=round(shared_us, 1),
                 ok=bool(f_err < 1e-2 and f_err <= 2 * sep_err + 2e-3))
         _dump()
 
@@ -742,8 +744,9 @@ def main() -> int:
     p.add_argument("--routed-tokens", default=None, help="routed_routing: token counts (default 256,128,64)")
     p.add_argument("--fold-tokens", default=None, help="routed_routing: shared-fold token counts (default "
                                                        "256,128,64,1; empty: no fold)")
-    p.add_argument("--routing-counts", default="", help="routed_routing: replay the per-expert row counts of an earlier "
-                                                         "run's decode_kernels.json instead of recording a model's")
+    p.add_argument("--routing-counts", default="", help="routed_routing: replay the per-expert row counts of an "
+                                                         "earlier run's decode_kernels.json instead of recording a "
+                                                         "model's")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(0)

@@ -53,7 +53,8 @@ def work_list_matches_reference() -> None:
             ref = _loop_reference(x, ids, w, banks)
             torch_path = routed_experts(x, ids, w, banks)
             for cfg in [TC(16, 64, swap=True, work_list=True), TC(32, 64, swap=True, work_list=True),
-                        TC(64, 64, swap=True, work_list=True), TC(16, 64, swap=True), TC(16, 32, work_list=True)] + rule:
+                        TC(64, 64, swap=True, work_list=True), TC(16, 64, swap=True),
+                        TC(16, 32, work_list=True)] + rule:
                 moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg)
                 try:
                     got = moe_gemm.routed_experts_fused(x, ids, w, banks)
