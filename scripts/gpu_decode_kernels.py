@@ -16,8 +16,15 @@ Writes $OUT/decode_kernels.json.
 
 `--only routed_routing --routing-model DIR` (not in the default set: it writes and loads a 27-layer
 model): the bf16 routed experts under the routing of the bench model's own decode step (recorded at
-256 tokens, 26 MoE layers; 64 and 128 tokens are its first rows) vs uniform routing, per M tile with
-and without the work list, each variant's error vs an fp32 loop beside the torch path's.
+256 tokens, 26 MoE layers; 64 and 128 tokens are its first rows) vs uniform routing, per tiling
+(`routed_variants`: M tile, weight rows, K step, pipeline depth, work list), each variant checked
+against an fp32 loop (beside the torch path's error) and against the torch path on all 26 layers;
+then the shared experts folded into the routed call (`shared_fold`). `--routing-counts FILE` replays
+the per-expert row counts an earlier run wrote (its decode_kernels.json) instead: no model, ~30 s:
+
+  PYTHONPATH=.:scripts python3 scripts/gpu_decode_kernels.py --only routed_routing \
+      --routing-counts docs/results/routed_routing_h200_2026-12-01.json --out $OUT [--routed-variants
+      LABEL,...] [--routed-tokens 256,128,64,32] [--fold-tokens '']
 """
 from __future__ import annotations
 
@@ -354,6 +361,9 @@ def shared_expert(H: int = 2048, inter: int = 2816) -> None:
 # ---- routed experts under the bench model's real routing (moe_gemm's bf16 decode tiles) ----
 ROUTING_BATCH = 256           # decode tokens recorded; 64 and 128 are the first rows of the same step
 ROUTING_MODEL: list[str] = []  # --routing-model
+ROUTING_COUNTS: list[str] = []  # --routing-counts
+VARIANT_FILTER: list[str] = []  # --routed-variants (empty: all)
+OUT_DIR: list[str] = []        # --out (the routed sweep writes its rows after each token count)
 
 
 def routed_variants() -> dict:
@@ -364,17 +374,60 @@ def routed_variants() -> dict:
         v[f"m{bm}"] = TC(bm, 64, swap=True)
         v[f"m{bm} work-list"] = TC(bm, 64, swap=True, work_list=True)
     v["m64 4 stages"] = TC(64, 64, swap=True, stages=4)     # the default budget gives M 64 three: MMA or depth?
-    return v
+    v["m64 4 stages work-list"] = TC(64, 64, swap=True, stages=4, work_list=True)
+    # deeper pipelines and wider weight tiles on the work list ((swiglu, down) pairs: one TileConfig each)
+    v["m32 wl 5 stages"] = TC(32, 64, swap=True, stages=5, work_list=True)
+    v["m32 wl down 6 stages"] = (TC(32, 64, swap=True, work_list=True), TC(32, 64, swap=True, stages=6, work_list=True))
+    v["m32 wl k64 8 stages"] = TC(32, 64, block_k=64, swap=True, stages=8, work_list=True)
+    v["m32 wl n128 k64 w8"] = TC(32, 128, block_k=64, warps=8, swap=True, stages=4, work_list=True)
+    v["m32 wl w8"] = TC(32, 64, warps=8, swap=True, work_list=True)
+    v["m64 wl 4 stages down 6"] = (TC(64, 64, swap=True, stages=4, work_list=True),
+                                   TC(64, 64, swap=True, stages=6, work_list=True))
+    # K steps of 64: more, smaller copies in flight for the same shared memory
+    v["m32 k64 8 stages"] = TC(32, 64, block_k=64, swap=True, stages=8)
+    v["m32 wl k64 6 stages"] = TC(32, 64, block_k=64, swap=True, stages=6, work_list=True)
+    v["m32 wl k64 10 stages"] = TC(32, 64, block_k=64, swap=True, stages=10, work_list=True)
+    v["m32 wl k32 16 stages"] = TC(32, 64, block_k=32, swap=True, stages=16, work_list=True)
+    v["m32 wl n128 k64 w8 5 stages"] = TC(32, 128, block_k=64, warps=8, swap=True, stages=5, work_list=True)
+    v["m16 k64 8 stages"] = TC(16, 64, block_k=64, swap=True, stages=8)
+    v["m16 wl k64 8 stages"] = TC(16, 64, block_k=64, swap=True, stages=8, work_list=True)
+    return {k: c for k, c in v.items() if not VARIANT_FILTER or k in VARIANT_FILTER}
 
 
-FOLD_VARIANTS = ("default", "m32 work-list", "m64 work-list")
+FOLD_VARIANTS = ("default", "m32 work-list", "m64 work-list", "m64 4 stages work-list")
+FOLD_TOKENS = (256, 128, 64, 1)
+ROUTED_TOKENS = (256, 128, 64)   # the first, most loaded, first: a call cut short still has it
+REPLAY_SHAPE = {"k": 6, "H": 2048, "I": 1408}   # v2-lite
+
+
+def _override(label: str) -> None:
+    moe_gemm.TILE_OVERRIDE.clear()
+    cfg = routed_variants()[label]
+    if cfg is not None:
+        swiglu, down = cfg if isinstance(cfg, tuple) else (cfg, cfg)
+        moe_gemm.TILE_OVERRIDE.update(swiglu=swiglu, down=down)
+
+
+def _fp32_loop(x, ids, w, bank) -> torch.Tensor:
+    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) in fp32 over the bank's experts (the checks' reference)."""
+    ref = torch.zeros(x.shape[0], bank.w2.shape[1], device=DEV, dtype=torch.float32)
+    for e in ids.unique().tolist():
+        t, j = (ids == e).nonzero(as_tuple=True)
+        gate, up = (x[t].float() @ bank.w13[e].float().T).chunk(2, -1)
+        ref.index_add_(0, t, w[t, j, None].float() * ((F.silu(gate) * up) @ bank.w2[e].float().T))
+    return ref
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def shared_fold(seen: list, n_shared: int = 2) -> None:
     """The shared experts (n_shared x the routed width, one DenseMLP as the model runs it) folded into the
     routed call as always-selected experts with weight 1: one bank of E + n_shared experts (a merged
     copy here; the model would store it so), ids [T, k + n_shared], one launch per projection. Timed as
-    all 26 layers in one graph against routed call + DenseMLP, at 1-256 tokens; both sums' error vs fp32.
+    all 26 layers in one graph against routed call (default tiles) + DenseMLP, at 1-256 tokens; both sums'
+    error vs fp32 (fresh x per variant).
     Rounding: the torch path rounds the shared output once (K = n_shared x I in fp32) and the decoder adds
     the routed and shared outputs in fp32 (add_rmsnorm); folded, each shared half is rounded to bf16
     before pair_sum's fp32 sum of all k + n_shared terms, rounded once."""
@@ -393,7 +446,7 @@ def shared_fold(seen: list, n_shared: int = 2) -> None:
         s2 = mlp.down_proj.weight.view(H, n_shared, I).permute(1, 0, 2)  # [n_shared, H, I]
         merged = ExpertBank(0, torch.cat([bank.w13, s13]), torch.cat([bank.w2, s2]))
         layers.append((x, ids, w, bank, mlp, merged))
-    for T in (1, 64, 128, 256):
+    for T in FOLD_TOKENS:
         extra = torch.arange(E, E + n_shared, device=DEV).expand(T, n_shared)
         runs = [(x[:T], ids[:T], w[:T], bank, mlp, merged, torch.cat([ids[:T], extra], 1),
                  torch.cat([w[:T], torch.ones(T, n_shared, device=DEV)], 1)) for x, ids, w, bank, mlp, merged in layers]
@@ -407,24 +460,18 @@ def shared_fold(seen: list, n_shared: int = 2) -> None:
             for x, _, _, _, _, merged, ids2, w2 in runs:
                 moe_gemm.routed_experts_fused(x, ids2, w2, [merged])
 
-        x, ids, w, bank, mlp, merged, ids2, w2 = runs[0]
-        ref = torch.zeros(T, H, device=DEV)
-        for e in ids2.unique().tolist():
-            t, j = (ids2 == e).nonzero(as_tuple=True)
-            gate, up = (x[t].float() @ merged.w13[e].float().T).chunk(2, -1)
-            ref.index_add_(0, t, w2[t, j, None] * ((F.silu(gate) * up) @ merged.w2[e].float().T))
-
-        def err(y):
-            return float(f"{((y.double() - ref.double()).norm() / ref.double().norm()).item():.3g}")
-
-        sep_err = err(moe_gemm.routed_experts_fused(x, ids, w, [bank]).float() + mlp(x).float())
+        _, ids, w, bank, mlp, merged, ids2, w2 = runs[0]
+        x = torch.randn(T, H, device=DEV, dtype=BF)
+        ref = _fp32_loop(x, ids2, w2, merged)
+        sep_err = float(f"{_rel(moe_gemm.routed_experts_fused(x, ids, w, [bank]).float() + mlp(x).float(), ref):.3g}")
         sep_us = graph_once_us(separate, len(runs))
-        for label in FOLD_VARIANTS:
-            cfg = routed_variants()[label]
-            if cfg is not None:
-                moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg)
+        shared_us = graph_once_us(lambda: [mlp(x) for x, *_, mlp, _, _, _ in runs], len(runs))
+        for label in (v for v in FOLD_VARIANTS if v in routed_variants()):
+            _override(label)
             try:
-                f_err = err(moe_gemm.routed_experts_fused(x, ids2, w2, [merged]))
+                x = torch.randn(T, H, device=DEV, dtype=BF)             # fresh input: no stale buffer passes
+                got = moe_gemm.routed_experts_fused(x, ids2, w2, [merged])
+                f_err = float(f"{_rel(got, _fp32_loop(x, ids2, w2, merged)):.3g}")
                 us = graph_once_us(folded, len(runs))
             except Exception as exc:
                 print(f"shared fold T={T} {label}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
@@ -432,7 +479,10 @@ def shared_fold(seen: list, n_shared: int = 2) -> None:
             finally:
                 moe_gemm.TILE_OVERRIDE.clear()
             row(f"routed + shared folded ({label}) vs routed + DenseMLP", T, us, sep_us,
-                f"rel_err_vs_fp32 folded={f_err} separate={sep_err}")
+                f"rel_err_vs_fp32 folded={f_err} separate={sep_err}", variant=label,
+                dense_mlp_alone_us=round(shared_us, 1),
+                ok=bool(f_err < 1e-2 and f_err <= 2 * sep_err + 2e-3))
+        _dump()
 
 
 def graph_once_us(fn, per: int, reps: int = 5) -> float:
@@ -460,25 +510,28 @@ def graph_once_us(fn, per: int, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def _compile_routed(labels: list) -> list:
-    """Pool worker: run each variant once at the v2-lite expert shapes (fills Triton's on-disk cache)."""
+def _compile_routed(jobs: list) -> list:
+    """Pool worker: run each (variant label, folded, tokens) once at the v2-lite expert shapes (fills Triton's
+    on-disk cache; folded: a bank of 64 + 2 experts, ids with the two shared ones appended)."""
     torch.manual_seed(1)
-    E, H, I, k, T = 64, 2048, 1408, 6, 64
-    bank = ExpertBank(0, torch.randn(E, 2 * I, H, device=DEV, dtype=BF) * 0.02,
-                      torch.randn(E, H, I, device=DEV, dtype=BF) * 0.02)
-    x = torch.randn(T, H, device=DEV, dtype=BF)
-    ids = torch.rand(T, E, device=DEV).argsort(1)[:, :k]
+    E, H, I, k = 64, 2048, 1408, 6
+    bank = ExpertBank(0, torch.randn(E + 2, 2 * I, H, device=DEV, dtype=BF) * 0.02,
+                      torch.randn(E + 2, H, I, device=DEV, dtype=BF) * 0.02)
+    plain = ExpertBank(0, bank.w13[:E], bank.w2[:E])
     errs = []
-    for label in labels:
-        cfg = routed_variants()[label]
-        moe_gemm.TILE_OVERRIDE.clear()
-        if cfg is not None:
-            moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg)
+    for label, fold, T in jobs:
+        x = torch.randn(T, H, device=DEV, dtype=BF)
+        ids = torch.rand(T, E, device=DEV).argsort(1)[:, :k]
+        if fold:
+            ids = torch.cat([ids, torch.arange(E, E + 2, device=DEV).expand(T, 2)], 1)
+        _override(label)
         try:
-            moe_gemm.routed_experts_fused(x, ids, torch.rand(T, k, device=DEV), [bank])
+            moe_gemm.routed_experts_fused(x, ids, torch.rand(ids.shape, device=DEV), [bank if fold else plain])
             torch.cuda.synchronize()
         except Exception as exc:
-            errs.append(f"{label}: {str(exc)[:200]}")
+            errs.append(f"{label} fold={fold} T={T}: {str(exc)[:200]}")
+        finally:
+            moe_gemm.TILE_OVERRIDE.clear()
     return errs
 
 
@@ -520,6 +573,46 @@ def record_routing(model: str, batch: int, context: int = 1000) -> list:
     return seen
 
 
+def ids_from_counts(counts: dict, k: int, gen: torch.Generator) -> torch.Tensor:
+    """[T_max, k] expert ids whose first T rows give exactly `counts[T]` pairs per expert for every T
+    ({T: [E] ints}, T ascending, each block's counts <= the block's tokens): within each block of new
+    tokens the pairs are listed by expert and pair p goes to token p mod n (a shuffled token order),
+    so one token never gets an expert twice and every token gets k."""
+    rows, prev_T, prev = [], 0, torch.zeros_like(next(iter(counts.values())))
+    for T in sorted(counts):
+        c, n = counts[T] - prev, T - prev_T
+        if int(c.sum()) != n * k or int(c.min()) < 0 or int(c.max()) > n:
+            raise ValueError(f"routing counts at {T} tokens are not {k} distinct experts per token")
+        pairs = torch.repeat_interleave(torch.arange(c.numel()), c)
+        block = torch.empty(n, k, dtype=torch.long)
+        block[torch.arange(pairs.numel()) % n, torch.arange(pairs.numel()) // n] = pairs
+        rows.append(block[torch.randperm(n, generator=gen)])
+        prev_T, prev = T, counts[T]
+    return torch.cat(rows)
+
+
+def replay_routing(path: str, k: int = 6, H: int = 2048, I: int = 1408) -> list:
+    """Per MoE layer (x, ids, weights, bank) with the per-expert row counts that an earlier routed_routing
+    run recorded from the bench model's decode step (its "routing counts" rows at 64 / 128 / 256 tokens:
+    the same loads per layer and per expert, exactly; which token holds which pair differs): the sweep
+    without writing and running the 27-layer model. Random bf16 weights (0.02 randn, as the model's),
+    x randn, weights uniform in [0, 0.5)."""
+    with open(path) as f:
+        recorded = [r for r in json.load(f)["rows"] if r.get("what") == "routing counts"]
+    if not recorded:
+        raise ValueError(f"--routing-counts {path}: no 'routing counts' rows")
+    counts = {r["rows"]: torch.tensor(r["counts"]) for r in recorded}
+    T_max, (L, E) = max(counts), counts[max(counts)].shape
+    gen = torch.Generator().manual_seed(2)
+    seen = []
+    for layer in range(L):
+        ids = ids_from_counts({T: c[layer] for T, c in counts.items()}, k, gen).to(DEV)
+        bank = ExpertBank(0, torch.randn(E, 2 * I, H, device=DEV, dtype=BF) * 0.02,
+                          torch.randn(E, H, I, device=DEV, dtype=BF) * 0.02)
+        seen.append((torch.randn(T_max, H, device=DEV, dtype=BF), ids, torch.rand(T_max, k, device=DEV) * 0.5, bank))
+    return seen
+
+
 def layers_us(layers: list, reps: int = 5) -> float:
     """Microseconds per layer of routed_experts_fused over `layers` [(x, ids, weights, bank)], all of them
     captured in one CUDA graph (each layer its own weights: nothing served from L2), median of reps."""
@@ -529,32 +622,57 @@ def layers_us(layers: list, reps: int = 5) -> float:
     return graph_once_us(fn, len(layers), reps)
 
 
-def routed_routing(jobs: int = 8) -> None:
-    """Routed experts (bf16, v2-lite) at 64/128/256 tokens with the routing the bench model's router gives
-    (recorded from its decode step, 26 MoE layers) vs uniform routing, per tile variant: us per layer
-    (all 26 layers in one graph), GB/s over the touched experts' weight bytes, and the error of layer 0
-    vs an fp32 loop over its experts and of the torch path (torch._grouped_mm) vs the same."""
+def _dump() -> None:
+    if OUT_DIR:
+        with open(os.path.join(OUT_DIR[0], "decode_kernels.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": ROWS}, f, indent=1)
+
+
+def routed_routing(jobs: int = 12) -> None:
+    """Routed experts (bf16, v2-lite) at 256/128/64 tokens with the routing the bench model's router gives
+    (recorded from its decode step, 26 MoE layers; or replayed from recorded counts, --routing-counts) vs
+    uniform routing, per tile variant: us per layer (all 26 layers in one graph), GB/s over the touched
+    experts' weight bytes; checks per variant: layer 0 with a fresh x vs an fp32 loop over its experts
+    (beside the torch path's error vs the same), and every layer vs the torch path (torch._grouped_mm).
+    "default (repeat)" times the default again after the others: the spread of a repeated measurement.
+    Then the shared-experts fold (shared_fold)."""
     import multiprocessing as mp
+    import time
 
     from gpu_kernels import copy_bandwidth
-    from gpu_perf import write_v2lite
 
-    if not ROUTING_MODEL:
-        raise ValueError("routed_routing needs --routing-model DIR (the v2-lite-shape model; written there when missing)")
-    model = ROUTING_MODEL[0]
+    t0 = time.perf_counter()
     labels = list(routed_variants())
-    pool = mp.get_context("spawn").Pool(min(jobs, len(labels)))
-    compiling = pool.map_async(_compile_routed, [labels[i::jobs] for i in range(min(jobs, len(labels)))])
-    if not os.path.isdir(model):
-        write_v2lite(os.path.dirname(model), 27)
-    seen = record_routing(model, ROUTING_BATCH)
-    errs = sum(compiling.get(), [])
-    pool.close()
-    print(f"routed: {len(seen)} layers recorded; variants compiled, {len(errs)} errors {errs[:3]}", flush=True)
+    plan = [(label, False, 64) for label in labels]
+    if FOLD_TOKENS:
+        plan += [(label, True, 64) for label in FOLD_VARIANTS[1:] if label in labels] + \
+            [("default", True, T) for T in (1, 64, 256)]
+    n = min(jobs, len(plan))
+    pool = mp.get_context("spawn").Pool(n) if n else None
+    compiling = pool.map_async(_compile_routed, [plan[i::n] for i in range(n)]) if n else None
+    if ROUTING_COUNTS:
+        seen = replay_routing(ROUTING_COUNTS[0], **REPLAY_SHAPE)
+        source = f"replayed counts of {os.path.basename(ROUTING_COUNTS[0])}"
+    elif ROUTING_MODEL:
+        from gpu_perf import write_v2lite
+
+        model = ROUTING_MODEL[0]
+        if not os.path.isdir(model):
+            write_v2lite(os.path.dirname(model), 27)
+        seen = record_routing(model, ROUTING_BATCH)
+        source = "recorded from the model"
+    else:
+        raise ValueError("routed_routing needs --routing-model DIR or --routing-counts FILE")
+    errs = sum(compiling.get(), []) if n else []
+    if pool:
+        pool.close()
+    print(f"routed: {len(seen)} layers ({source}); {len(plan)} variants compiled in {time.perf_counter() - t0:.0f} s, "
+          f"{len(errs)} errors {errs[:3]}", flush=True)
     bw = copy_bandwidth()
+    ROWS.append({"what": "routed copy rate", "TBps": round(bw / 1e12, 3), "routing": source})
     E = seen[0][3].count
     I, H = seen[0][3].w2.shape[2], seen[0][3].w2.shape[1]
-    for T in (64, 128, 256):
+    for T in ROUTED_TOKENS:
         counts = torch.stack([torch.bincount(ids[:T].reshape(-1), minlength=E) for _, ids, _, _ in seen]).cpu()
         mean = T * seen[0][1].shape[1] / E
         print(f"routing T={T}: mean rows/expert {mean:.1f}; per-layer max: median {counts.max(1).values.median().item()} "
@@ -567,36 +685,50 @@ def routed_routing(jobs: int = 8) -> None:
         for name, layers in (("real", [(x[:T], ids[:T], w[:T], b) for x, ids, w, b in seen]), ("uniform", uniform)):
             touched = sum(ids.unique().numel() for _, ids, _, _ in layers) / len(layers)
             nbytes = touched * 3 * H * I * 2
-            x, ids, w, bank = layers[0]
-            ref = torch.zeros(T, H, device=DEV, dtype=torch.float32)
-            for e in ids.unique().tolist():
-                t, j = (ids == e).nonzero(as_tuple=True)
-                gate, up = (x[t].float() @ bank.w13[e].float().T).chunk(2, -1)
-                ref.index_add_(0, t, w[t, j, None] * ((F.silu(gate) * up) @ bank.w2[e].float().T))
-            torch_err = ((routed_experts_grouped(x, ids, w, [bank]).double() - ref.double()).norm()
-                         / ref.double().norm()).item()
-            for label, cfg in routed_variants().items():
-                moe_gemm.TILE_OVERRIDE.clear()
-                if cfg is not None:
-                    moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg)
+            torch_out = [routed_experts_grouped(x, ids, w, [b]) for x, ids, w, b in layers]
+            _, ids0, w0, bank0 = layers[0]
+            for label in labels + ["default (repeat)"]:
+                _override(label.replace(" (repeat)", ""))
                 try:
-                    got = moe_gemm.routed_experts_fused(x, ids, w, [bank])
-                    err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+                    x0 = torch.randn(T, H, device=DEV, dtype=BF)              # fresh input per check
+                    ref = _fp32_loop(x0, ids0, w0, bank0)
+                    err = _rel(moe_gemm.routed_experts_fused(x0, ids0, w0, [bank0]), ref)
+                    torch_err = _rel(routed_experts_grouped(x0, ids0, w0, [bank0]), ref)
+                    vs_torch = max(_rel(moe_gemm.routed_experts_fused(x, ids, w, [b]), t)
+                                   for (x, ids, w, b), t in zip(layers, torch_out))
                     us = layers_us(layers)
                 except Exception as exc:
                     print(f"routed {name} T={T} {label}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                     continue
                 finally:
                     moe_gemm.TILE_OVERRIDE.clear()
+                cfg = routed_variants()[label.replace(" (repeat)", "")]
+                ok = err < 1e-2 and err <= 2 * torch_err + 2e-3 and vs_torch < 1e-2
                 r = {"what": f"routed experts {name} routing", "rows": T, "variant": label, "us_per_layer": round(us, 1),
                      "gb_per_s": round(nbytes / us / 1e3), "pct_copy_bw": round(100 * nbytes / us / 1e-6 / bw, 1),
                      "rel_err_vs_fp32": float(f"{err:.3g}"), "torch_path_rel_err": float(f"{torch_err:.3g}"),
+                     "max_rel_diff_vs_torch_path_26_layers": float(f"{vs_torch:.3g}"), "ok": ok,
                      "default_tiles": str(moe_gemm.choose_tiles("swiglu", mean, min(T * 6, E), I, False,
                                                                 sm_count(DEV))) if cfg is None else ""}
                 ROWS.append(r)
-                print(f"routed {name:7s} T={T:3d} {label:20s} {us:7.1f} us/layer {r['gb_per_s']:5d} GB/s "
-                      f"{r['pct_copy_bw']:5.1f}% of copy  err {err:.2g} (torch path {torch_err:.2g})", flush=True)
-    shared_fold(seen)
+                print(f"routed {name:7s} T={T:3d} {label:24s} {us:7.1f} us/layer {r['gb_per_s']:5d} GB/s "
+                      f"{r['pct_copy_bw']:5.1f}% of copy  err {err:.2g} (torch path {torch_err:.2g}) "
+                      f"vs torch {vs_torch:.2g} {'ok' if ok else 'BAD'}", flush=True)
+            del torch_out
+        _dump()
+    print(f"routed: sweep done at {time.perf_counter() - t0:.0f} s", flush=True)
+    if FOLD_TOKENS:
+        shared_fold(seen)
+    print(f"routed: fold done at {time.perf_counter() - t0:.0f} s\n\nsummary (us per layer; real routing):", flush=True)
+    for T in ROUTED_TOKENS:
+        rs = {r["variant"]: r for r in ROWS if r.get("what") == "routed experts real routing" and r["rows"] == T}
+        if rs:
+            print(f"T={T:3d} " + "  ".join(f"{k}={v['us_per_layer']}{'' if v['ok'] else '!'}" for k, v in rs.items()))
+    for T in FOLD_TOKENS:
+        rs = [r for r in ROWS if r.get("what", "").startswith("routed + shared folded") and r["rows"] == T]
+        if rs:
+            print(f"fold T={T:3d} separate={rs[0]['old_us']} " +
+                  "  ".join(f"{r['variant']}={r['new_us']}{'' if r['ok'] else '!'}" for r in rs))
 
 
 def main() -> int:
@@ -607,6 +739,14 @@ def main() -> int:
     p.add_argument("--mla-baseline", default="", help="mla_sweep: another mla_decode.py to time beside this tree's")
     p.add_argument("--routing-model", default="", help="routed_routing: the 27-layer v2-lite-shape model directory "
                                                         "(written there first when missing)")
+    p.add_argument("--routed-variants", default="", help="routed_routing: only these variants (comma-separated "
+                                                          "labels) beside the default")
+    p.add_argument("--routed-tokens", default=None, help="routed_routing: token counts (default 256,128,64)")
+    p.add_argument("--fold-tokens", default=None, help="routed_routing: shared-fold token counts (default "
+                                                       "256,128,64,1; empty: no fold)")
+    p.add_argument("--routing-counts", default="", help="routed_routing: replay the per-expert row counts of an "
+                                                         "earlier run's decode_kernels.json instead of recording a "
+                                                         "model's")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(0)
@@ -614,6 +754,16 @@ def main() -> int:
         MLA_BASELINE.append(os.path.abspath(a.mla_baseline))
     if a.routing_model:
         ROUTING_MODEL.append(os.path.abspath(a.routing_model))
+    if a.routing_counts:
+        ROUTING_COUNTS.append(os.path.abspath(a.routing_counts))
+    OUT_DIR.append(a.out)
+    global ROUTED_TOKENS, FOLD_TOKENS
+    if a.routed_variants:
+        VARIANT_FILTER.extend(["default"] + a.routed_variants.split(","))
+    if a.routed_tokens is not None:
+        ROUTED_TOKENS = tuple(int(t) for t in a.routed_tokens.split(",") if t)
+    if a.fold_tokens is not None:
+        FOLD_TOKENS = tuple(int(t) for t in a.fold_tokens.split(",") if t)
     parts = {f.__name__: f for f in (add_norm, routers, pair_sums, mla, shared_expert, mla_sweep, routed_routing)}
     names = a.only.split(",") if a.only else [n for n in parts if n not in ("mla_sweep", "routed_routing")]
     if unknown := [n for n in names if n not in parts]:

@@ -1,5 +1,5 @@
 """Run by tests/model/test_routed_schedule.py in a fresh process with TRITON_INTERPRET=1. The bf16 routed
-experts' decode tilings (`moe_gemm.routed_rows_tile`, `TileConfig.work_list`) against an fp64 loop over
+experts' decode tilings (`moe_gemm.routed_tiles`, `TileConfig.work_list`) against an fp64 loop over
 the experts and against the torch path (`experts.routed_experts` on CPU), on skewed routing: uneven row
 counts, experts with several M tiles, empty experts, two banks with a gap and ids past the last bank.
 GPU arithmetic in the interpreter (tests/model/interpreter_numerics.py). Prints "ok routed schedule"."""
@@ -38,9 +38,12 @@ def banks_of(dtype, H: int, I: int) -> list[ExpertBank]:
 
 def work_list_matches_reference() -> None:
     """fp32 (IEEE dots: the fused result equals the fp64 loop to 1e-5) and bf16 (within twice the torch
-    path's error vs fp64, plus 2e-3), for each M tile with and without the work list; at 29 tokens the
-    most loaded experts hold several 16-row tiles."""
-    H, I, k = 64, 64, 3
+    path's error vs fp64, plus 2e-3), for each M tile with and without the work list and for each tiling
+    `routed_tiles` gives (K steps of 64, 128-row weight tiles with 8 warps); at 29 tokens the most loaded
+    experts hold several 16-row tiles. H 128 and I 192: two and three K steps of 64, and a partial
+    128-row weight tile."""
+    H, I, k = 128, 192, 3
+    rule = list(dict.fromkeys(moe_gemm.routed_tiles(mean) for mean in (2, 6, 12, 24)))
     for dtype in (torch.float32, torch.bfloat16):
         banks = banks_of(dtype, H, I)
         for T in (1, 29):
@@ -49,8 +52,9 @@ def work_list_matches_reference() -> None:
             w = torch.rand(T, k, generator=GEN)
             ref = _loop_reference(x, ids, w, banks)
             torch_path = routed_experts(x, ids, w, banks)
-            for cfg in (TC(16, 64, swap=True, work_list=True), TC(32, 64, swap=True, work_list=True),
-                        TC(64, 64, swap=True, work_list=True), TC(16, 64, swap=True), TC(16, 32, work_list=True)):
+            for cfg in [TC(16, 64, swap=True, work_list=True), TC(32, 64, swap=True, work_list=True),
+                        TC(64, 64, swap=True, work_list=True), TC(16, 64, swap=True),
+                        TC(16, 32, work_list=True)] + rule:
                 moe_gemm.TILE_OVERRIDE.update(swiglu=cfg, down=cfg)
                 try:
                     got = moe_gemm.routed_experts_fused(x, ids, w, banks)
@@ -83,19 +87,27 @@ def work_list_covers_every_tile() -> None:
 
 def default_rule_is_exercised() -> None:
     """The tiles choose_tiles gives bf16 experts at 1 / 32 / 64 / 128 / 256 tokens of v2-lite (64
-    experts, top-6): M 16 / 16 / 32 / 32 / 64 (the GPU sweep's best under the bench model's routing),
-    and each of them computes the reference here."""
+    experts, top-6; the GPU sweep's best under the bench model's routing, `routed_tiles`), and the
+    default path (no override) computing the fp64 loop's result in each of the rule's four bands of
+    mean rows per expert (two banks up to id 11, top-4: 8 / 20 / 40 / 80 tokens)."""
     sms = 132
-    want = {1: 16, 32: 16, 64: 32, 128: 32, 256: 64}
-    for T, bm in want.items():
-        cfg = moe_gemm.choose_tiles("swiglu", T * 6 / 64, min(T * 6, 64), 1408, False, sms)
-        assert (cfg.block_m, cfg.swap, cfg.work_list) == (bm, True, False), (T, cfg)
-    H, I, k, T = 64, 64, 4, 40
+    want = {1: TC(16, 64, swap=True), 32: TC(16, 64, swap=True),
+            64: TC(32, 64, block_k=64, stages=8, swap=True),
+            128: TC(32, 64, block_k=64, stages=8, swap=True, work_list=True),
+            256: TC(32, 128, block_k=64, warps=8, stages=5, swap=True, work_list=True)}
+    for T, cfg in want.items():
+        got = moe_gemm.choose_tiles("swiglu", T * 6 / 64, min(T * 6, 64), 1408, False, sms)
+        assert got == cfg == moe_gemm.choose_tiles("down", T * 6 / 64, min(T * 6, 64), 2048, False, sms), (T, got)
+    H, I, k = 128, 192, 4
     banks = banks_of(torch.float32, H, I)
-    x = torch.randn(T, H, generator=GEN)
-    ids = skewed_ids(T, k, 12)
-    w = torch.rand(T, k, generator=GEN)
-    assert rel(moe_gemm.routed_experts_fused(x, ids, w, banks), _loop_reference(x, ids, w, banks)) < 1e-5
+    seen = set()
+    for T in (8, 20, 40, 80):
+        seen.add(moe_gemm.choose_tiles("swiglu", T * k / 11, min(T * k, 11), I, False, sms))
+        x = torch.randn(T, H, generator=GEN)
+        ids = skewed_ids(T, k, 12)
+        w = torch.rand(T, k, generator=GEN)
+        assert rel(moe_gemm.routed_experts_fused(x, ids, w, banks), _loop_reference(x, ids, w, banks)) < 1e-5, T
+    assert seen == set(want.values()), seen
 
 
 if __name__ == "__main__":

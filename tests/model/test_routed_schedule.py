@@ -38,21 +38,21 @@ def _compile_for_hopper(cfg, swiglu: bool, groups: int = 64):
     sig = {n: ("constexpr" if n in const else "*i32" if n in ("ORDER", "OFFS") else "*fp32" if n == "PART"
                else "*bf16" if n in POINTERS else "i32") for n in kernel.arg_names}
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED}
-    per_stage = (cfg.block_m * 2 + (2 if swiglu else 1) * cfg.block_n * 2) * cfg.block_k
-    stages = cfg.stages or max(1, min(4, 160 * 1024 // per_stage))             # as moe_gemm._launch
+    _, stages = moe_gemm.pipeline_stages(cfg, 2, 2, swiglu)                    # as moe_gemm._launch
     return triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=cfg.warps, num_stages=stages, enable_fp_fusion=True))
 
 
 def test_routed_expert_tiles_compile_to_hopper_pipelines():
-    """The bf16 routed tiles that choose_tiles gives at 64 and 256 tokens, and the work list, compile for
-    sm_90 to warpgroup MMAs fed by software-pipelined async copies within the shared memory an H200
-    gives one program (227 KB); the interpreter checks the arithmetic, this the GPU build."""
+    """The bf16 routed tiles that choose_tiles gives at 1, 64, 128 and 256 tokens (K steps of 64 in 8 and
+    5 stages, the work list, 128-row weight tiles on 8 warps) compile for sm_90 to warpgroup MMAs fed by
+    software-pipelined async copies within the shared memory an H200 gives one program (227 KB); the
+    interpreter checks the arithmetic, this the GPU build."""
     pytest.importorskip("triton")
     from dynamo_dwdp.model.kernels import moe_gemm
 
-    cfgs = [moe_gemm.choose_tiles("swiglu", T * 6 / 64, min(T * 6, 64), 1408, False, 132) for T in (64, 256)]
-    cfgs.append(moe_gemm.TileConfig(32, 64, swap=True, work_list=True))
+    cfgs = [moe_gemm.choose_tiles("swiglu", T * 6 / 64, min(T * 6, 64), 1408, False, 132) for T in (1, 64, 128, 256)]
+    assert len(set(cfgs)) == 4, cfgs
     for cfg in cfgs:
         for swiglu in (True, False):
             compiled = _compile_for_hopper(cfg, swiglu)

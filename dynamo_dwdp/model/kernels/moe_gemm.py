@@ -17,17 +17,18 @@ computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose exp
    as the torch path's batched product does: deterministic, no atomics; pairs of experts in no bank
    are skipped by id, so y needs no zero fill.
 Experts that received no pair cost one program launch that returns at once: no weight bytes read.
-Work list (`TileConfig.work_list`, bf16 experts, off by default: not yet measured on a GPU): instead of one
-row of programs per expert looping over the expert's M tiles (an expert with more rows than the tile
-streams its weights once per tile, from HBM again in practice, and its programs end the launch as a
-tail), one row per M tile of an expert, found on the device from `offs` (each program sums the tile
-counts; no host sync, capturable); the grid holds the most tiles there can be (experts + rows /
-block_m) and rows past the list do nothing. An expert's tiles are adjacent rows, so the programs that
-read one weight tile run at the same time and all but the first read it from L2. Why (one H200,
-docs/performance.md): under the bench model's routing the most loaded expert of a layer holds 3-4x the
-mean rows; an M tile sized by the mean (the previous rule) was 9-24% slower at 128-256 tokens than the
-best fixed tile (`routed_rows_tile`), and that one reaches 78% of copy bandwidth at 256 tokens, 92% at
-128; running the experts most-loaded-first instead gained nothing (-1% to +5%), so that was dropped.
+Work list (`TileConfig.work_list`, bf16 experts; on by `routed_tiles` above a mean of 8 rows per expert,
+i.e. from 128 tokens of v2-lite): instead of one row of programs per expert looping over the expert's M
+tiles (an expert with more rows than the tile streams its weights once per tile, from HBM again in
+practice, and its programs end the launch as a tail), one row per M tile of an expert, found on the
+device from `offs` (each program sums the tile counts; no host sync, capturable: the grid depends on
+the token count only); the grid holds the most tiles there can be (experts + rows / block_m) and rows
+past the list do nothing. An expert's tiles are adjacent rows, so the programs that read one weight
+tile run at the same time and all but the first read it from L2. Measured (one H200, 2026-12-02, the
+bench model's routing replayed; `routed_tiles` has the figures): at 256 tokens, where the most loaded
+expert holds 3-4x the mean rows, the work list with 128-row weight tiles takes 291 us per MoE layer
+against 328 for the previous rule (the per-expert loop at M 64), 87% of copy bandwidth; at 64 tokens it is 2% slower
+than the loop, so it stays off there. Running the experts most-loaded-first (2026-12-01) gained nothing.
 
 Weights are bf16 or FP8 e4m3 with the official 128x128 block scales (`model/fp8.py`); FP8 tiles are
 converted to bf16 in registers (exact: e4m3 is a subset of bf16; on the GPU with integer operations,
@@ -317,16 +318,43 @@ fma.rn.bf16x2 $1, s1, k, nz;
 }"""
 
 
-def routed_rows_tile(rows_per_group: float) -> int:
-    """M tile of the bf16 routed experts by the mean rows per expert, from the routed-experts sweep under
-    the bench model's recorded routing (scripts/gpu_decode_kernels.py --only routed_routing; one H200,
-    docs/performance.md): 32 rows at a mean of 6 and 12 (64 and 128 tokens of v2-lite: -4% and -19% vs
-    16), 64 at a mean of 24 (256 tokens: -8% vs 32; the most loaded experts hold 3-4x the mean there, and
-    a second pass over their weights costs more than the wider MMA of every tile). 16 at a mean <= 4 (1-32
-    tokens), as before (measured at 1 and 8 tokens). A tile of 128 rows measured 1.5x slower everywhere.
-    The rule follows that routing: under uniform routing 32 rows is the better tile at a mean of 24 too
-    (11% faster than 64). Only the v2-lite shapes were measured (64 experts, top-6, I 1408)."""
-    return 16 if rows_per_group <= 4 else 32 if rows_per_group <= 16 else 64
+def routed_tiles(rows_per_group: float) -> TileConfig:
+    """The bf16 routed experts' tiling (both projections) by the mean (token, k) rows per expert, from the
+    routed-experts sweep under the bench model's routing (scripts/gpu_decode_kernels.py --only routed_routing
+    --routing-counts docs/results/routed_routing_h200_2026-12-01.json; one H200, 2026-12-02,
+    docs/performance.md "Routed experts at 256 tokens, real routing"; us per MoE layer, all 26 layers in one
+    CUDA graph, against the previous rule in the same call):
+    - mean <= 4 (1-32 tokens of v2-lite): M 16, K 128, stages by the shared-memory budget, as before (at 32
+      tokens M 16 with K 64 x 8 stages measured 195.2 vs 197.2: 1%, not taken; batch 1 was not measured);
+    - mean <= 8 (64 tokens): M 32, K steps of 64 in 8 stages (160 KB of copies in flight): 223.0 vs 225.7
+      (-1.2%; uniform routing -1.1%);
+    - mean <= 16 (128 tokens): the same with the work list (one program row per M tile of an expert: a
+      loaded expert's passes run side by side and share its weight reads in L2): 251.9 vs 263.5 (-4.4%;
+      uniform routing +0.7%);
+    - above (256 tokens): the work list with 128 weight rows per tile (two warpgroups, 8 warps), K 64 x 5
+      stages: 291.2 vs 327.6 (-11%, 86.6% of copy bandwidth; uniform routing 295.6 vs 335.0).
+    Measured and not taken: deeper pipelines (K 64 x 10 stages, K 32 x 16, M 32 x 5 stages of K 128: 3-14%
+    slower), the work list at M 16 and M 64, a 6-stage down projection alone. The most loaded expert holds
+    3-4x the mean under this routing (77 rows of a mean 24 at 256 tokens), which is why the work list wins
+    there and not at 64 tokens. Only the v2-lite shapes were measured (64 experts, top-6, H 2048, I 1408)."""
+    if rows_per_group <= 4:
+        return TileConfig(16, 64, swap=True)
+    if rows_per_group <= 8:
+        return TileConfig(32, 64, block_k=64, stages=8, swap=True)
+    if rows_per_group <= 16:
+        return TileConfig(32, 64, block_k=64, stages=8, swap=True, work_list=True)
+    return TileConfig(32, 128, block_k=64, warps=8, stages=5, swap=True, work_list=True)
+
+
+def pipeline_stages(cfg: TileConfig, a_bytes: int, w_bytes: int, swiglu: bool) -> tuple[int, int]:
+    """(K step, pipeline stages) of one launch: fp32 activations take K steps of at most 64; `cfg.stages`
+    0 means as deep as 160 KB of shared memory allows (at most 4); an explicit depth is capped at 224 KB
+    (an H200 gives one program at most 227 KB)."""
+    block_k = cfg.block_k if a_bytes <= 2 else min(cfg.block_k, 64)
+    per_stage = (cfg.block_m * a_bytes + (2 if swiglu else 1) * cfg.block_n * w_bytes) * block_k
+    if cfg.stages:
+        return block_k, max(1, min(cfg.stages, 224 * 1024 // per_stage))
+    return block_k, max(1, min(4, 160 * 1024 // per_stage))
 
 
 def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, fp8: bool, sms: int,
@@ -334,8 +362,8 @@ def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, f
     """The tiling of one launch (kind "swiglu" / "down": routed experts, "dense": one weight matrix of
     n x k over `rows` rows), chosen from `scripts/gpu_kernels.py` on one H200 at the v2-lite shapes
     (docs/performance.md):
-    - bf16 experts: the swapped orientation with 64-row weight tiles (Hopper's warpgroup MMA), best at
-      1-256 tokens; M tile by `routed_rows_tile`;
+    - bf16 experts: the swapped orientation (weight rows on the warpgroup MMA's M side), best at 1-256
+      tokens; M tile, weight rows, K step, depth and work list by `routed_tiles`;
     - FP8 experts: the plain orientation (the swapped one feeds the converted weights through
       registers and was 1.1-1.9x slower); N 64 when that gives >= 4 programs per SM over the experts
       that have rows, else 32;
@@ -353,7 +381,7 @@ def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, f
             split *= 2
         return TileConfig(16, block_n, split_k=split)
     if kind != "dense" and not fp8 and n >= 64:
-        return TileConfig(routed_rows_tile(rows_per_group), 64, swap=True)
+        return routed_tiles(rows_per_group)
     block_n = 64 if active_groups * -(-n // 64) >= 4 * sms else 32   # 16-row tiles measured slower at T=1
     block_n = min(block_n, max(16, next_pow2(n)))
     return TileConfig(block_m, block_n)
@@ -365,9 +393,7 @@ def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, t
     fp8 = ws is not None
     cfg = TILE_OVERRIDE.get(kind) or choose_tiles(kind, rows_per_group, active_groups, n, fp8, sm_count(a.device),
                                                   k, dense_rows)
-    block_k = cfg.block_k if a.element_size() <= 2 else min(cfg.block_k, 64)      # fp32 models: half the K step
-    per_stage = (cfg.block_m * a.element_size() + (2 if swiglu else 1) * cfg.block_n * w.element_size()) * block_k
-    stages = cfg.stages or max(1, min(4, 160 * 1024 // per_stage))
+    block_k, stages = pipeline_stages(cfg, a.element_size(), w.element_size(), swiglu)
     if not a.is_cuda:
         stages = 1
     dense = offs is None
