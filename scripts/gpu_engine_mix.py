@@ -8,9 +8,10 @@ the reference a serving point is compared with (same prompt mix, same scheduler,
         --isl-mean 48 --isl-max 96 --isl-min 16 --osl 8 --requests 12 --concurrency 4      # CPU, tiny model
 
 Per step: its kind (decode replayed from a CUDA graph, or eager: prefill), tokens, wall time of
-`EngineCore.step`, the launch's wall and CPU time and the device time (ExecutorStats' deltas). Then,
-on CUDA, one eager step under the CUDA sync-debug mode (every host sync it makes, counted) and one
-under torch.profiler (top kernels, top host ops by self CPU time). Writes OUT/mix.json and OUT/mix.md.
+`EngineCore.step`, the launch's wall and CPU time and the device time (ExecutorStats' totals, split by
+kind by the engine). With --probe, on CUDA, one eager step also runs under the CUDA sync-debug mode
+(every host sync it makes, counted) and one under torch.profiler (top kernels, top host ops by self CPU
+time); both slow their steps, which are in the timed window. Writes OUT/mix.json and OUT/mix.md.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def run(a) -> dict:
     while running:
         before = snapshot(stats)
         kind_probe = None
-        maybe_eager = engine.scheduler.waiting and len(steps) >= 4     # prompts wait: this step may be a prefill
+        maybe_eager = a.probe and engine.scheduler.waiting and len(steps) >= 4    # this step may be a prefill
         if torch.cuda.is_available() and maybe_eager and sync_step is None:
             kind_probe = "sync"
         elif torch.cuda.is_available() and maybe_eager and prof_step is None:
@@ -140,7 +141,7 @@ def run(a) -> dict:
     total = time.perf_counter() - start
     end = {k: getattr(stats, k) for k in FIELDS + GRAPH_PARTS}
     by_kind = kinds(end)
-    return {"requests": a.requests, "concurrency": a.concurrency, "osl": a.osl, "isl_mean": sum(isls) / len(isls),
+    return {"requests": a.requests, "concurrency": a.concurrency, "probe": a.probe, "osl": a.osl, "isl_mean": sum(isls) / len(isls),
             "isl_max": max(isls), "seconds": total, "generated": generated, "output_tps": generated / total,
             "by_kind": by_kind, "sync_step": sync_step, "profile_step": prof_step, "config": a.config,
             "engine": {k: getattr(eng, k) for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len",
@@ -184,8 +185,11 @@ def main(argv=None) -> None:
     p.add_argument("--isl-min", type=int, default=1024)
     p.add_argument("--isl-max", type=int, default=8192)
     p.add_argument("--osl", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=9216, help="engine.max_model_len (gpu_serve's default)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="engine.max_model_len (default: the settings'; gpu_serve passes its own, 9216 on the GPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe", action="store_true",
+                   help="CUDA: one eager step under the sync-debug mode and one under torch.profiler (in the timing)")
     a = p.parse_args(argv)
     a.config = a.config or ["configs/h200-v2lite.yaml"]
     os.makedirs(a.out, exist_ok=True)

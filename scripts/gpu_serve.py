@@ -17,7 +17,9 @@ Steps (each printed with its wall time; a step that fails is reported and the ne
 4. `bench engine` (single rank, decode, CUDA graphs) at the batch of the largest concurrency and the
    mean context of that point, and a prefill point (`--prefill-chunk` tokens per step), the same model:
    the serving-vs-engine comparison, raw (decode TPS) and against the TPS the engine alone would give
-   for the point's prompts and decode tokens (`expected_output_tps`).
+   for the point's prompts and decode tokens (`expected_output_tps`). Then the like-for-like reference:
+   the largest point's workload (same ISL/OSL law, concurrency and request count) through the engine
+   alone, no Dynamo (`scripts/gpu_engine_mix.py`; `engine_mix`), and serving / that ratio.
 5. The other graphs as in 3, each only if `--graph-min-s` is left before `--deadline`.
    Then the probe's prompts once more in one process (`scripts/first_token_paths.py`): greedy through the
    prefill path and through the decode path for the last prompt token (what a disaggregated decode worker
@@ -213,6 +215,28 @@ def bench_engine(a, model_dir: str, batch: int, context: int, out_jsonl: str, ph
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def engine_mix(a, model_dir: str, configs: list[str], wl: dict, concurrency: int, requests: int) -> dict | None:
+    """The largest point's workload through the engine alone (`scripts/gpu_engine_mix.py`: the same
+    settings, ISL/OSL law, concurrency and request count, no Dynamo): the like-for-like reference of
+    a serving point. Returns its mix.json (None if it failed)."""
+    isl, out = wl["isl"], os.path.join(a.work_dir, "engine-mix")
+    argv = [sys.executable, os.path.join(ROOT, "scripts", "gpu_engine_mix.py"), "--model", model_dir, "--out", out,
+            "--concurrency", str(concurrency), "--requests", str(requests), "--isl-mean", str(isl["mean"]),
+            "--isl-cv", str(isl.get("cv", 0.0)), "--isl-min", str(isl.get("min", 1)),
+            "--isl-max", str(isl.get("max", isl["mean"])), "--osl", str(wl["osl"]["mean"])]
+    if a.max_model_len:
+        argv += ["--max-model-len", str(a.max_model_len)]
+    for c in configs:
+        argv += ["--config", c]
+    say("$ " + " ".join(argv))
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=a.point_timeout + 120)
+    if p.returncode != 0:
+        say(f"engine mix failed ({p.returncode}): {p.stderr[-2000:]}")
+        return None
+    with open(os.path.join(out, "mix.json")) as f:
+        return json.load(f)
+
+
 def expected_output_tps(point: dict, decode: dict | None, prefill: dict | None, osl: int) -> float | None:
     """Output tokens/s the engine alone would give for a serving point's work, from `bench engine`:
     every request's prompt at the measured prefill rate (tokens per second of a prefill step), plus its
@@ -263,7 +287,7 @@ def fmt(v, nd=1) -> str:
 
 
 def table(res: dict | None, gpus: int, bench: dict | None, bench_batch: int, bench_ctx: int,
-          prefill: dict | None = None, osl: int = 0) -> tuple[str, dict]:
+          prefill: dict | None = None, osl: int = 0, mix: dict | None = None) -> tuple[str, dict]:
     rows = ["| graph | concurrency | requests ok/sent | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
             "TPS/user | output TPS | TPS/GPU | KV hand-offs, mean ms |", "|" + "---|" * 11]
     summary: dict = {"points": []}
@@ -305,6 +329,18 @@ def table(res: dict | None, gpus: int, bench: dict | None, bench_batch: int, ben
                     lines.append(f"{g['name']} at concurrency {top['concurrency']}: expected from bench engine "
                                  f"(prompts at the prefill rate + decode steps) {exp:,.0f} tokens/s; serving / "
                                  f"expected = {top['summary']['output_tps'] / exp:.3f}")
+    if mix:
+        summary["engine_mix"] = {k: mix.get(k) for k in ("output_tps", "isl_mean", "requests", "concurrency", "osl")}
+        lines += ["", f"engine alone on the largest point's workload (scripts/gpu_engine_mix.py: {mix['requests']} "
+                      f"requests, concurrency {mix['concurrency']}, ISL mean {mix['isl_mean']:.0f}): "
+                      f"{mix['output_tps']:,.1f} output tokens/s"]
+        for g in (res or {}).get("graphs", []):
+            top = max(g["points"], key=lambda p: p["concurrency"] or 0, default=None)
+            if top and top["summary"].get("output_tps") and mix.get("output_tps"):
+                r = top["summary"]["output_tps"] / mix["output_tps"]
+                summary.setdefault("vs_engine_mix", {})[g["name"]] = r
+                lines.append(f"{g['name']} at concurrency {top['concurrency']}: serving / engine alone on the same "
+                             f"workload = {r:.3f}")
     if prefill:
         rate = prefill["tokens"]["counted"] / prefill["wall_s"] if prefill.get("wall_s") else None
         summary["bench_prefill"] = {"tokens_per_iter": prefill.get("setup", {}).get("tokens_per_iter"),
@@ -462,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     statuses: dict = {}
     top = max(wl["load"]["concurrency"])
     ctx = a.isl_mean + a.osl // 2
-    bench = prefill = None
+    bench = prefill = mix = None
+    a.work_dir = work
     ab_dirs = []
     # order: the first graph, then bench engine (the comparison), then the other graphs, each graph in
     # its own `ab` run so that a graph that fails or runs out of time costs only itself
@@ -472,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         """Everything measured so far into --out (after every step: a run cut short still reports)."""
         res = merge_reports(ab_dirs, graphs, configs + [overlay], workload, os.path.join(work, "ab"), statuses)
         ab_dir = os.path.join(work, "ab")
-        text, summary = table(res, a.gpus, bench, top, ctx, prefill, a.osl)
+        text, summary = table(res, a.gpus, bench, top, ctx, prefill, a.osl, mix)
         text += probe_text(probes, probes_extra.get("paths"))
         summary["probes"] = probes
         summary["first_token_paths"] = probes_extra.get("paths")
@@ -483,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(a.out, "serve.md"), "w") as f:
             f.write(head + text)
         with open(os.path.join(a.out, "serve.json"), "w") as f:
-            json.dump({"args": vars(a), "workload": wl, "summary": summary, "bench": bench, "bench_prefill": prefill},
+            json.dump({"args": vars(a), "workload": wl, "summary": summary, "bench": bench, "bench_prefill": prefill,
+                       "engine_mix": mix},
                       f, indent=2, default=str)
         for name in ("pareto.png", "report.md", "results.json"):
             src = os.path.join(ab_dir, name)
@@ -511,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
                 chunk = min(a.prefill_chunk, top * a.isl_mean)
                 prefill = bench_engine(a, model_dir, max(1, chunk // a.isl_mean), 0, os.path.join(work, "bench.jsonl"),
                                        phase="prefill", tokens=chunk)
+            except Exception:
+                traceback.print_exc()
+            try:
+                mix = engine_mix(a, model_dir, configs, wl, top,
+                                 max(a.requests_per_point, a.requests_per_concurrency * top))
             except Exception:
                 traceback.print_exc()
             say(f"bench engine in {time.monotonic() - t:.1f}s")

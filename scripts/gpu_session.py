@@ -17,7 +17,8 @@ What it runs, in this priority order (each step a subprocess of the GPU scripts,
   prefill     prefill 8K and 16K tokens, % of the bf16 GEMM peak
   profile     where a decode step's time goes (graph replay, kernels, host) at batch 1/64/256, prefill 8K
   decode_sync the decode bench without async scheduling (batch 1/64; only when `decode` ran with it)
-  serve       serving through Dynamo (agg, largest concurrency) against the engine alone (needs --pack)
+  serve       serving through Dynamo (agg, largest concurrency) against the engine alone: `bench engine` and the
+              same workload through the engine without Dynamo (scripts/gpu_engine_mix.py) (needs --pack)
   planner     (CPU) the planner's step model, calibrated with this session's profile, against this
               session's decode and prefill steps
 A step starts only when the time left, less the minimum kept for every later step, covers its own
@@ -142,7 +143,7 @@ def plan(a, async_ok: bool) -> list[Step]:
                                 "--concurrency", str(a.concurrency),
                                 "--requests-per-concurrency", str(a.requests_per_concurrency),
                                 "--work", os.path.join(a.work, "serve")],
-                      cap_s=300, min_s=120, script="gpu_serve", needs_model=True,
+                      cap_s=330, min_s=150, script="gpu_serve", needs_model=True,
                       note="launch (load, capture), a greedy probe, --requests-per-concurrency x concurrency "
                            "requests, then bench engine at that batch and context", skip="" if a.pack else "no --pack (the Dynamo pack folder)"))
     steps.append(Step("planner", "the planner's step model vs this session's steps (CPU)",
@@ -529,6 +530,11 @@ def _serve_section(out: str, a) -> list[str]:
         md.append(f"\nengine alone (`bench engine`, decode batch {b.get('batch')}, context {b.get('context')}): "
                   f"{_f(b.get('tokens_per_s_per_gpu'), 0)} tokens/s per GPU")
     md += [f"{g}: serving TPS/GPU / engine decode TPS = {r:.3f}" for g, r in (summ.get("ratio") or {}).items()]
+    mix = summ.get("engine_mix") or {}
+    if mix.get("output_tps"):
+        md.append(f"engine alone on the same workload (`scripts/gpu_engine_mix.py`, {mix.get('requests')} requests, "
+                  f"ISL mean {_f(mix.get('isl_mean'), 0)}): {_f(mix['output_tps'], 1)} output tokens/s")
+    md += [f"{g}: **serving / engine alone on the same workload = {r:.3f}**" for g, r in (summ.get("vs_engine_mix") or {}).items()]
     md += [f"{g}: serving / expected from the engine alone (prompts at the prefill rate + decode steps) = "
            f"{r['ratio']:.3f} (expected {r['expected_tps']:,.0f} tokens/s)"
            for g, r in (summ.get("vs_expected") or {}).items()]

@@ -44,6 +44,9 @@ def test_gpu_serve_flow_on_cpu(tmp_path):
     assert doc["bench_prefill"]["setup"]["phase"] == "prefill" and doc["summary"]["bench_prefill"]["tokens_per_s"] > 0
     assert set(doc["summary"]["vs_expected"]) == {"agg", "disagg-single"}
     assert all(v["ratio"] > 0 for v in doc["summary"]["vs_expected"].values())
+    mix = doc["engine_mix"]                     # the engine alone on the largest point's workload
+    assert (mix["concurrency"], mix["requests"], mix["osl"]) == (2, 2, 8) and mix["generated"] == 2 * 8
+    assert set(doc["summary"]["vs_engine_mix"]) == {"agg", "disagg-single"}
     results = json.loads((out / "results.json").read_text())
     assert [g["name"] for g in results["graphs"]] == ["agg", "disagg-single"]
 
