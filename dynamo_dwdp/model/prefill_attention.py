@@ -14,14 +14,15 @@ context), the rotated shared key k_pe joins every head, and query position c - q
 The SDPA ones fall back to the memory-efficient kernel for chunks after cached tokens (bottom-right
 causal), which only that kernel takes without a materialised mask.
 
-`DWDP_PREFILL_ATTENTION` (read per call) picks one on CUDA. The default there is "triton" (with
-Triton; "sdpa" without): served prompts have a new length almost every time, and torch's SDPA runs
-these head dims on cuDNN, which builds an execution graph for every new (query, key) length: on one
-H200 a served prefill step (about 15K tokens of prompts 1K-8K long) spent ~0.5 s of host time in its
-launch, against ~0.17 s of GPU work (`scripts/gpu_serve.py`'s step evidence). The Triton kernel is
-compiled once for every length (`warm_up`, at start-up), and in scripts/gpu_prefill.py's timings
-it runs a fresh causal 8K prompt within ~6% of cuDNN and a chunk after cached tokens ~3x faster than
-SDPA's memory-efficient kernel.
+`DWDP_PREFILL_ATTENTION` (read per call) picks one on CUDA. The default there, for 16-bit inputs, is
+"triton" (with Triton; "sdpa" without, and for fp32, whose SDPA path is the exact math reference):
+served prompts have a new length almost every time, and torch's SDPA runs these head dims on cuDNN,
+which builds an execution graph for every new (query, key) length. On one H200 a prefill step of
+about 15K tokens of prompts 1K-8K long spent ~0.43 s of host time in its launch that way, and ~0.12 s
+with the Triton kernel, whose GPU span was ~0.18 s (the same workload through the engine alone:
+docs/performance.md, "Serving on one H200", 2026-12-02). The kernel is compiled once for every length
+(`warm_up`, at start-up); in scripts/gpu_prefill.py's timings it runs a fresh causal 8K prompt within
+~6-10% of cuDNN and a chunk after cached tokens ~3x faster than SDPA's memory-efficient kernel.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ ENV = "DWDP_PREFILL_ATTENTION"
 
 def impl_for(x: torch.Tensor) -> str:
     """The implementation a prefill chunk on x's device runs: $DWDP_PREFILL_ATTENTION on CUDA
-    (default "triton" where Triton is available, else "sdpa"); "sdpa" off CUDA."""
+    (default "triton" for 16-bit x where Triton is available, else "sdpa"); "sdpa" off CUDA."""
     want = os.environ.get(ENV, "")
     if want and want not in IMPLS:
         raise UserError(f"{ENV}={want!r} is not one of {', '.join(IMPLS)}")
@@ -51,7 +52,7 @@ def impl_for(x: torch.Tensor) -> str:
         return "sdpa"
     if want == "triton" and not fused_kernels.available():
         raise UserError(f"{ENV}=triton needs Triton (not importable here, or DWDP_FUSED_KERNELS=0)")
-    return want or ("triton" if fused_kernels.available() else "sdpa")
+    return want or ("triton" if fused_kernels.available() and x.dtype != torch.float32 else "sdpa")
 
 
 def warm_up(heads: int, nope: int, rope: int, v_dim: int, latent_dim: int, dtype: torch.dtype,
@@ -59,8 +60,7 @@ def warm_up(heads: int, nope: int, rope: int, v_dim: int, latent_dim: int, dtype
     """Compile the Triton kernel for this model's dims and dtype now (engine start-up), in the layouts
     the engine passes (`expanded_prefill_attention`: k_nope and v views of one expansion, k_pe a view
     of the gathered cache rows), so that no prompt waits for a compile. True if the kernel ran."""
-    x = torch.empty(0, device=device)
-    if impl_for(x) != "triton":
+    if impl_for(torch.empty(0, dtype=dtype, device=device)) != "triton":
         return False
     T = 2
     q_nope = torch.zeros(T, heads, nope + rope, dtype=dtype, device=device)[..., :nope]

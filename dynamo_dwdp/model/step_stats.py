@@ -17,7 +17,8 @@ class ExecutorStats:
     graph_step_seconds   the part of step_seconds those steps took (the rest: eager steps)
     launch_seconds    wall time of launching the steps (batch build, forward and sampling launched)
     launch_cpu_seconds   the launching thread's CPU time in those launches (wall far above CPU: the
-                      thread waited, e.g. for the GIL, while it launched)
+                      thread waited, e.g. for the GIL; CPU near wall: it worked, or spun in the driver,
+                      e.g. on a full CUDA launch queue)
     device_steps, device_seconds   steps timed on the device and their device time (CUDA: from the
                       step's start on its stream to its sampled tokens, host-starved gaps included; 0 elsewhere)
     graph_launch_seconds, graph_launch_cpu_seconds, graph_device_seconds   the parts of the three above

@@ -40,10 +40,13 @@ def test_implementation_switch(monkeypatch):
         prefill_attention.impl_for(x)
     monkeypatch.setenv(prefill_attention.ENV, "triton")
     assert prefill_attention.impl_for(x) == "sdpa"          # off CUDA the torch path runs whatever is asked
-    on_cuda = type("CudaTensor", (), {"is_cuda": True})()    # only the device is looked at
+    on_cuda = type("CudaTensor", (), {"is_cuda": True, "dtype": torch.bfloat16})()   # device and dtype looked at
     assert prefill_attention.impl_for(on_cuda) == "triton"
     monkeypatch.delenv(prefill_attention.ENV)                # CUDA's default: the kernel with Triton, else SDPA
     assert prefill_attention.impl_for(on_cuda) == "triton"
+    on_cuda.dtype = torch.float32                            # fp32: SDPA's exact math path stays the default
+    assert prefill_attention.impl_for(on_cuda) == "sdpa"
+    on_cuda.dtype = torch.bfloat16
     monkeypatch.setattr(prefill_attention.fused_kernels, "available", lambda: False)   # no Triton here
     assert prefill_attention.impl_for(on_cuda) == "sdpa"
     with pytest.raises(UserError, match="prefill attention 'nope'"):
