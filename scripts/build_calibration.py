@@ -8,10 +8,13 @@ Every record is a microbenchmark or a per-kernel time, never a step time the mod
 
 - ceilings (hbm_copy, gemm bf16): every run's own probe (kernel sweep, gpu_perf, gpu_prefill, profile);
   the planner keeps the best of each;
+- kernel routed_experts bf16 at 64/128/256 tokens: the real-routing sweep of 2026-12-02 (the tiling
+  `moe_gemm.routed_tiles` runs; routed_routing_h200_2026-12-02.json);
 - kernel routed_experts (bf16, fp8), mla_decode, dense_linear (bf16: cuBLAS; fp8: the Triton
   kernel): the "chosen" / "cublas bf16" rows of kernel sweep 2 (the configuration the code runs);
 - kernel prefill_attention: the isolated attention timings of gpu_prefill for the implementation the
-  engine ran (--prefill-attention, cudnn in that run), fresh causal prompts only;
+  engine runs (--prefill-attention: triton, the engine's default since 2026-12-02; cudnn before),
+  fresh causal prompts only;
 - kernel router, mla_prep: gpu_perf's isolated checks (64 tokens) and the profile's per-kernel times
   (decode batch 1 / 64 / 256, prefill 8192);
 - kernel grouped_gemm: the profile's grouped-GEMM kernel at prefill 8192 (FLOPs of the routed experts);
@@ -41,6 +44,7 @@ DECODE_COVERED = (("grouped_kernel", "experts / shared / dense MLP (Triton)"), (
                   ("prep_kernel", "mla_prep"), ("nvjet", "dense_linear"), ("splitKreduce", "dense_linear"),
                   ("splitk_reduce_kernel", "dense_linear"))
 PREFILL_COVERED = (("GemmUniversal", "grouped_gemm"), ("cudnn_generated", "prefill_attention"),
+                   ("mla_prefill_kernel", "prefill_attention"),
                    ("nvjet", "dense GEMMs"), ("prep_kernel", "mla_prep"), ("sm80_xmma_gemm_f32", "router"),
                    ("select_kernel", "router"))
 
@@ -101,6 +105,25 @@ def gpu_perf_records(path: str, src: str) -> list[dict]:
             out.append(rec(measure="kernel", op="mla_prep", dtype="bf16", tokens=tokens, seconds=us * 1e-6,
                            source=f"{src} check: {name}"))
     return out
+
+
+# moe_gemm.routed_tiles' choice per token count, as named in the 2026-12-02 real-routing sweep
+ROUTED_NOW_ON = {64: "m32 k64 8 stages", 128: "m32 wl k64 8 stages", 256: "m32 wl n128 k64 w8 5 stages"}
+
+
+def routed_routing_records(path: str, src: str) -> list[dict]:
+    """bf16 routed_experts records from the real-routing sweep (routed_routing_h200_2026-12-02.json): the
+    tiling the engine now runs at 64/128/256 tokens, under the bench model's own routing, from the
+    last call that measured it (they replace the uniform-routing sweep's records at those sizes)."""
+    found: dict[int, dict] = {}
+    for call in json.load(open(path))["calls"]:
+        for r in call["rows"]:
+            if r.get("what") == "routed experts real routing" and ROUTED_NOW_ON.get(r["rows"]) == r["variant"]:
+                found[r["rows"]] = dict(r, call=call["call"])
+    return [rec(measure="kernel", op="routed_experts", dtype="bf16", tokens=n,
+                bytes=round(r["gb_per_s"] * r["us_per_layer"] * 1e3), seconds=r["us_per_layer"] * 1e-6,
+                source=f"{src} call {r['call']} real routing {n} tokens, {r['variant']}")
+            for n, r in sorted(found.items())]
 
 
 def prefill_records(path: str, src: str, impl: str) -> list[dict]:
@@ -180,10 +203,17 @@ def small_kernels(p: dict, phase: str, tokens: int, table, src: str) -> list[dic
 
 
 def build(results: str, prefill_attention: str = "cudnn", profile: str = f"profile_h200_graphs_{DAY}.json",
-          prefill_profile: str | None = None) -> list[dict]:
+          prefill_profile: str | None = None, routed_routing: str | None = None) -> list[dict]:
+    """The records; the defaults rebuild calibration_h200_2026-12-01.jsonl exactly (the command's
+    defaults follow the engine as it is now: Triton prefill attention, the real-routing expert tiles)."""
     def at(name: str) -> tuple[str, str]:
         return os.path.join(results, name), f"docs/results/{name}"
     recs = sweep_records(*at(f"gpu_kernels_sweep2_h200_{DAY}.json"))
+    if routed_routing:
+        routed = routed_routing_records(*at(routed_routing))
+        replaced = {r["tokens"] for r in routed}
+        recs = [r for r in recs if not (r.get("op") == "routed_experts" and r.get("dtype") == "bf16"
+                                        and r["tokens"] in replaced)] + routed
     recs += gpu_perf_records(*at(f"gpu_perf_h200_kernels_{DAY}.json"))
     recs += prefill_records(*at(f"gpu_prefill_h200_{DAY}.md"), prefill_attention)
     if prefill_profile and prefill_profile != profile:      # decode points from one profile, prefill from another
@@ -215,7 +245,8 @@ def compare(results: str, calibration: str, bench_files: tuple[str, ...] = BENCH
         for line in open(os.path.join(results, name)):
             r = json.loads(line)
             s, rank = r["setup"], r["per_rank"][0]
-            kw = (dict(phase="decode", tokens=s["batch"], context=s["context"]) if s["phase"] == "decode"
+            kw = (dict(phase="decode", tokens=s["batch"], context=s["context"],
+                       overlap_host=bool(s.get("async_scheduling"))) if s["phase"] == "decode"
                   else dict(phase="prefill", tokens=s["tokens_per_iter"], batch=s["batch"]))
             touched = rank["experts_touched_per_moe_layer"] if s["phase"] == "decode" else None
             p = predict_step(model, hw, cal, experts_touched=touched, **kw).total_ms
@@ -231,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=os.path.join(here, "docs", "results"), help="folder of the result files")
     ap.add_argument("--out", default=None, help=f"output JSONL (default RESULTS/calibration_h200_{DAY}.jsonl)")
-    ap.add_argument("--prefill-attention", default="cudnn", help="the attention implementation the engine ran")
+    ap.add_argument("--prefill-attention", default="triton",
+                    help="the attention implementation the engine ran (DWDP_PREFILL_ATTENTION; cudnn before 2026-12-02)")
+    ap.add_argument("--routed-routing", default="routed_routing_h200_2026-12-02.json",
+                    help="the real-routing expert sweep whose now-on tiles replace the bf16 routed_experts records at "
+                         "its token counts ('' to keep the uniform-routing sweep's)")
     ap.add_argument("--compare", action="store_true", help="then print the prediction against the bench step times")
     ap.add_argument("--profile", default=f"profile_h200_graphs_{DAY}.json",
                     help="the scripts/gpu_profile.py JSON (in --results, or an absolute path) the small-kernel and "
@@ -246,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     out = a.out or os.path.join(a.results, f"calibration_h200_{DAY}.jsonl")
-    recs = build(a.results, a.prefill_attention, a.profile, a.prefill_profile)
+    recs = build(a.results, a.prefill_attention, a.profile, a.prefill_profile, a.routed_routing or None)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         for r in recs:

@@ -806,7 +806,7 @@ def step_model_prediction(setup: BenchSetup, point: Point, shape, step_ms: float
     if point.phase == "decode":
         pred = predict_step(shape, hw, cal, phase="decode", tokens=point.batch, context=point.context,
                             weight_dtype=weight, dense_dtype=weight, kv_dtype="bf16",
-                            experts_touched=experts_touched)
+                            experts_touched=experts_touched, overlap_host=setup.async_scheduling)
     else:
         pred = predict_step(shape, hw, cal, phase="prefill", tokens=point.tokens_per_iter, batch=point.batch,
                             weight_dtype=weight, dense_dtype=weight, kv_dtype="bf16")

@@ -25,7 +25,9 @@ Terms (L decoder layers, M of them MoE, T tokens in the step; decode: T sequence
 - small_kernels  per decoder layer: sum of calls x time per call of the `small_kernel` records of the
   phase (decode: fixed; prefill: scaled by T / the record's tokens) + `layer_fixed`.
 - host  `host_step` records of the phase, piecewise linear in tokens: step wall time not covered by
-  GPU kernels.
+  GPU kernels (the records are taken from steps run one at a time). With `overlap_host` (the engine's
+  async scheduling: the next step is prepared while this one runs) only what the host needs beyond
+  the GPU terms is exposed: max(0, host - GPU).
 
 Pure Python (no torch). Interpolation, not fitting to the step times this model is compared with.
 """
@@ -192,12 +194,13 @@ def _latency_bandwidth(pts: list[KernelPoint], min_slope: float) -> tuple[float,
 def predict_step(model: ModelShape, hw: Hardware, cal: Calibration | None = None, *, phase: str, tokens: float,
                  context: float = 0.0, batch: float = 1, weight_dtype: str | None = None,
                  dense_dtype: str | None = None, kv_dtype: str | None = None,
-                 experts_touched: float | None = None) -> StepPrediction:
+                 experts_touched: float | None = None, overlap_host: bool = False) -> StepPrediction:
     """One step on one GPU holding the whole model (strategy `single`).
 
     prefill: `tokens` fresh prompt tokens in `batch` sequences (context unused); decode: `tokens`
     sequences each adding one token over `context` cached tokens. experts_touched: routed experts
-    read per MoE layer (default: the uniform-routing expectation)."""
+    read per MoE layer (default: the uniform-routing expectation). overlap_host: the host's work
+    overlaps the GPU's (async scheduling), so the host term is only its excess over the GPU terms."""
     if phase not in PHASES:
         raise UserError(f"--phase {phase!r} not allowed; choose prefill or decode")
     if not tokens > 0:
@@ -312,7 +315,13 @@ def predict_step(model: ModelShape, hw: Hardware, cal: Calibration | None = None
     hs = cal.host_steps.get(phase, [])
     if hs:
         s = interpolate([(tk, sec) for tk, sec, _ in hs], T)
-        add(Term("host", s * 1e3, f"host_step at {T:g} tokens", where_ranges([w for _, _, w in hs])))
+        where = where_ranges([w for _, _, w in hs])
+        if overlap_host:
+            gpu = sum(t.ms for t in out.terms)
+            add(Term("host", max(0.0, s * 1e3 - gpu), f"host_step at {T:g} tokens ({s * 1e3:.3f} ms) overlapped "
+                                                      f"with {gpu:.3f} ms of GPU terms (async scheduling)", where))
+        else:
+            add(Term("host", s * 1e3, f"host_step at {T:g} tokens", where))
     else:
         add(Term("host", 0.0, "not modelled without a record", "none"))
     return out

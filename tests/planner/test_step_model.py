@@ -142,6 +142,21 @@ def tiny_cal(tmp_path):
     return calibrate(TINY_HW, read_records(write(tmp_path, recs)))
 
 
+def test_async_scheduling_exposes_only_the_host_time_beyond_the_gpu_terms(tiny_cal):
+    """overlap_host: the host term is max(0, host - GPU terms); the GPU terms are unchanged."""
+    hw, cal = tiny_cal
+    sync = predict_step(TINY, hw, cal, phase="decode", tokens=4, context=9, experts_touched=3)
+    over = predict_step(TINY, hw, cal, phase="decode", tokens=4, context=9, experts_touched=3, overlap_host=True)
+    host = {t.name: t.ms for t in sync.terms}["host"]
+    gpu = sync.total_ms - host
+    assert host > 0 and [t.ms for t in over.terms][:-1] == [t.ms for t in sync.terms][:-1]
+    assert over.total_ms == pytest.approx(max(gpu, host))
+    # the calibration's host record, ten times longer: the host now bounds the step
+    cal.host_steps["decode"] = [(tk, sec * 10, w) for tk, sec, w in cal.host_steps["decode"]]
+    slow = predict_step(TINY, hw, cal, phase="decode", tokens=4, context=9, experts_touched=3, overlap_host=True)
+    assert slow.total_ms == pytest.approx(max(gpu, 10 * host))
+
+
 def test_tiny_decode_terms_follow_their_formulas(tiny_cal):
     hw, cal = tiny_cal
     p = predict_step(TINY, hw, cal, phase="decode", tokens=4, context=9, experts_touched=3)
