@@ -40,7 +40,7 @@ examples:
 
   # one GPU's whole step, term by term, from the measured kernel records (docs/performance.md)
   dynamo-dwdp plan models/DeepSeek-V2-Lite --gpu h200 --ranks 2 --tokens-per-iter 8192 --decode-batch 64 \\
-      --context 1000 --calibrate docs/results/calibration_h200_2026-12-02.jsonl --explain
+      --context 1000 --calibrate docs/results/calibration_h200_2026-12-02.jsonl --explain --async-scheduling
 
   # deployment question: strategy and placement per pool, calibrated with measurements
   dynamo-dwdp plan models/DeepSeek-R1 --gpu gb200 --ranks 4 --weight-dtype nvfp4 --recommend \\
@@ -94,6 +94,9 @@ def register(subparsers) -> None:
     p.add_argument("--experts-touched", type=float, metavar="U",
                    help="with --explain: routed experts read per MoE layer in a decode step (e.g. measured; "
                         "default: the uniform-routing expectation)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="with --explain: the decode step's host work overlaps its GPU work (engine.async_scheduling): "
+                        "only the host time beyond the GPU terms counts")
     r = p.add_argument_group("deployment recommendation (dynamo_dwdp/planner/recommend.py)")
     r.add_argument("--recommend", action="store_true",
                    help="which strategy and DWDP placement per pool (prefill, decode), with predicted TPS/GPU")
@@ -161,12 +164,15 @@ def run(args: argparse.Namespace) -> int:
                 ctx = args.context if args.context is not None else args.tokens_per_iter / args.batch
                 steps[phase] = predict_step(model, hw, cal, phase="decode", tokens=args.decode_batch, context=ctx,
                                             weight_dtype=args.weight_dtype, dense_dtype=args.dense_dtype,
-                                            kv_dtype=args.kv_dtype, experts_touched=args.experts_touched)
+                                            kv_dtype=args.kv_dtype, experts_touched=args.experts_touched,
+                                            overlap_host=args.async_scheduling)
         report["single_gpu_step"] = {ph: pred.as_dict() for ph, pred in steps.items()}
         if cal is not None:
             report["calibration"] = cal.as_dict()
     elif args.experts_touched is not None:
         raise UserError("--experts-touched needs --explain")
+    elif args.async_scheduling:
+        raise UserError("--async-scheduling needs --explain")
     if args.json:
         print(json.dumps(report, indent=2))
     else:

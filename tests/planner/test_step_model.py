@@ -284,6 +284,13 @@ def test_cli_explain_json(tmp_path):
         assert all(t["source"] for t in step["terms"].values())
     assert "52.1 experts" in rep["single_gpu_step"]["decode"]["terms"]["routed_experts"]["how"]
     assert rep["calibration"]["host_step_records"] == {"decode": 3, "prefill": 1}
+    over = subprocess.run([PY, "-m", "dynamo_dwdp.cli", "plan", str(REPO / "tests/fixtures/deepseek-v2-lite"),
+                           "--gpu", "h200", "--ranks", "2", "--tokens-per-iter", "8192", "--decode-batch", "64",
+                           "--context", "1000", "--calibrate", str(CALIBRATION), "--explain", "--experts-touched",
+                           "52.1", "--async-scheduling", "--json"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    dec, dec_over = rep["single_gpu_step"]["decode"], json.loads(over.stdout)["single_gpu_step"]["decode"]
+    gpu = dec["step_ms"] - dec["terms"]["host"]["ms"]
+    assert dec_over["step_ms"] == pytest.approx(max(gpu, dec["terms"]["host"]["ms"]), abs=1e-3)
 
 
 @pytest.mark.parametrize("extra,msg", [(["--experts-touched", "8"], "--experts-touched needs --explain"),
