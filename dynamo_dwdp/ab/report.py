@@ -338,7 +338,33 @@ def _server_section(graphs: list[dict]) -> list[str]:
         lines += ["", f"(!) above 100% of step time ({'; '.join(over)}): the worker's counters overlap or count "
                       "time outside `dwdp_step_seconds_total`, so the split is not a partition of the step; check "
                       "the worker's metrics."]
-    return lines + [""]
+    return lines + [""] + _step_kinds(graphs)
+
+
+STEP_KINDS = (("graph", "decode steps replayed from CUDA graphs"), ("other", "eager steps (prefill, mixed)"))
+
+
+def _step_kinds(graphs: list[dict]) -> list[str]:
+    """Per step kind: count and mean ms of the step, its launch (wall, and the engine thread's CPU in
+    it) and its span on the device; only where the workers export these families."""
+    rows = []
+    for g in graphs:
+        for pt in g.get("points", []):
+            for pool, ev in sorted((pt.get("server") or {}).items()):
+                if ev.get("graph_launch_ms_mean") is None and ev.get("other_launch_ms_mean") is None:
+                    continue
+                steps, graph_steps = ev.get("steps"), ev.get("graph_steps") or 0
+                for kind, _ in STEP_KINDS:
+                    n = graph_steps if kind == "graph" else (None if steps is None else steps - graph_steps)
+                    rows.append([f"{g['label']} {pt['label']}", pool, kind, fmt(n, 0),
+                                 *(fmt(ev.get(f"{kind}_{k}"), 2) for k in ("step_ms_mean", "launch_ms_mean",
+                                                                           "launch_cpu_ms_mean", "device_ms_mean"))])
+    if not rows:
+        return []
+    return ["Where a step's time goes, by kind (" + "; ".join(f"{k}: {what}" for k, what in STEP_KINDS) + "): "
+            "launch wall far above its CPU = the engine thread waited (e.g. for the GIL); device = the step's "
+            "span on the GPU, host-starved gaps included.", ""] + _table(
+        ["point", "pool", "kind", "steps", "step ms", "launch ms", "launch CPU ms", "device ms"], rows) + [""]
 
 
 def _plan_section(graphs: list[dict]) -> list[str]:

@@ -105,6 +105,14 @@ def test_graph_and_eager_steps_are_split():
     assert host["graph_device_ms_mean"] == pytest.approx(3.0) and host["other_device_ms_mean"] == pytest.approx(200)
     eager = sm.pool_evidence(_series(0, dwdp_step_seconds_total=10.0, dwdp_steps_total=100.0))
     assert eager["other_launch_ms_mean"] is None and eager["graph_device_ms_mean"] is None
+    # the A/B report's table by step kind shows these means; a pool without the families gets no table
+    from dynamo_dwdp.ab.report import _server_section
+    host.update(graph_step_ms_mean=3.5, other_step_ms_mean=150.0)
+    md = "\n".join(_server_section([{"label": "G", "points": [{"label": "c64", "server": {"decode": host}}]}]))
+    assert "| G c64 | decode | graph | 80 | 3.50 | 1.25 | 1.00 | 3.00 |" in md
+    assert "| G c64 | decode | other | 20 | 150.00 | 20.00 | 6.00 | 200.00 |" in md
+    bare = "\n".join(_server_section([{"label": "G", "points": [{"label": "c64", "server": {"decode": eager}}]}]))
+    assert "by kind" not in bare
     assert eager["graph_steps"] is None and eager["graph_step_ms_mean"] is None
     assert eager["other_step_ms_mean"] == pytest.approx(100.0)
 
