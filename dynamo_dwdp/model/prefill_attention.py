@@ -26,6 +26,7 @@ docs/performance.md, "Serving on one H200", 2026-12-02). The kernel is compiled 
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -40,6 +41,8 @@ from dynamo_dwdp.model.kernels import mla_prefill
 
 IMPLS = ("triton", "cudnn", "flash_pad", "sdpa")
 ENV = "DWDP_PREFILL_ATTENTION"
+log = logging.getLogger(__name__)
+_triton_failed: str | None = None      # set by `warm_up` when the kernel does not build here: SDPA by default
 
 
 def impl_for(x: torch.Tensor) -> str:
@@ -52,14 +55,21 @@ def impl_for(x: torch.Tensor) -> str:
         return "sdpa"
     if want == "triton" and not fused_kernels.available():
         raise UserError(f"{ENV}=triton needs Triton (not importable here, or DWDP_FUSED_KERNELS=0)")
-    return want or ("triton" if fused_kernels.available() and x.dtype != torch.float32 else "sdpa")
+    if want == "triton" and _triton_failed:
+        raise UserError(f"{ENV}=triton: the kernel did not build on this GPU ({_triton_failed})")
+    default_ok = fused_kernels.available() and x.dtype != torch.float32 and not _triton_failed
+    return want or ("triton" if default_ok else "sdpa")
 
 
 def warm_up(heads: int, nope: int, rope: int, v_dim: int, latent_dim: int, dtype: torch.dtype,
             device: torch.device) -> bool:
     """Compile the Triton kernel for this model's dims and dtype now (engine start-up), in the layouts
     the engine passes (`expanded_prefill_attention`: k_nope and v views of one expansion, k_pe a view
-    of the gathered cache rows), so that no prompt waits for a compile. True if the kernel ran."""
+    of the gathered cache rows), so that no prompt waits for a compile. True if the kernel ran. A kernel
+    that does not build here (a GPU whose shared memory the tile exceeds, a Triton without this target)
+    is logged and the default becomes SDPA for this process; an explicit $DWDP_PREFILL_ATTENTION=triton
+    is then refused with that reason."""
+    global _triton_failed
     if impl_for(torch.empty(0, dtype=dtype, device=device)) != "triton":
         return False
     T = 2
@@ -67,7 +77,14 @@ def warm_up(heads: int, nope: int, rope: int, v_dim: int, latent_dim: int, dtype
     q_pe = torch.zeros(T, heads, rope, dtype=dtype, device=device)
     kv = torch.zeros(T, heads, nope + v_dim, dtype=dtype, device=device)
     k_pe = torch.zeros(T, latent_dim + rope, dtype=dtype, device=device)[:, latent_dim:]
-    mla_prefill.mla_prefill_attention(q_nope, q_pe, kv[..., :nope], k_pe, kv[..., nope:], 1.0)
+    try:
+        mla_prefill.mla_prefill_attention(q_nope, q_pe, kv[..., :nope], k_pe, kv[..., nope:], 1.0)
+    except Exception as exc:        # the kernel's compile or launch failed: fall back, and say why
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        _triton_failed = f"{type(exc).__name__}: {first}"
+        log.warning("prefill attention: the Triton kernel did not build (%s); SDPA runs prefill attention",
+                    _triton_failed)
+        return False
     return True
 
 

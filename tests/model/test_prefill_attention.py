@@ -54,6 +54,30 @@ def test_implementation_switch(monkeypatch):
                                  torch.zeros(1, 1, 16), 1.0)
 
 
+def test_a_kernel_that_does_not_build_leaves_sdpa_as_the_default(monkeypatch, caplog):
+    """warm_up: the kernel's build fails (here: raised by a stand-in) -> a warning, False, SDPA by default
+    from then on; an explicit DWDP_PREFILL_ATTENTION=triton is refused with the reason."""
+    monkeypatch.delenv(prefill_attention.ENV, raising=False)
+    monkeypatch.setattr(prefill_attention, "_triton_failed", None)
+    monkeypatch.setattr(prefill_attention.fused_kernels, "available", lambda: True)
+    on_cuda = type("CudaTensor", (), {"is_cuda": True, "dtype": torch.bfloat16})()
+    assert prefill_attention.impl_for(on_cuda) == "triton"
+
+    def no_build(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory, required: 245760, hardware limit: 232448")
+
+    with monkeypatch.context() as m:                 # warm_up on this CPU machine, as if on a GPU
+        m.setattr(prefill_attention, "impl_for", lambda x: "triton")
+        m.setattr(prefill_attention.mla_prefill, "mla_prefill_attention", no_build)
+        with caplog.at_level("WARNING"):
+            assert prefill_attention.warm_up(2, 32, 16, 32, 64, torch.bfloat16, torch.device("cpu")) is False
+    assert "did not build" in caplog.text and "shared memory" in caplog.text
+    assert prefill_attention.impl_for(on_cuda) == "sdpa"
+    monkeypatch.setenv(prefill_attention.ENV, "triton")
+    with pytest.raises(UserError, match="did not build on this GPU"):
+        prefill_attention.impl_for(on_cuda)
+
+
 @pytest.mark.parametrize("cached,new", [([0], [29]), ([23, 0], [17, 30])], ids=["one-sequence", "two-sequences"])
 def test_sdpa_path_without_concatenation_matches_absorbed_reference(cached, new):
     """sdpa_prefill_attention with the whole query given (`q_whole`, as the fused prep leaves it) and
