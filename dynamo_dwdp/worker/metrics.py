@@ -11,6 +11,26 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
+STEP_TIME = (   # (ExecutorStats field, counter, help): model/step_stats.py says what each field counts
+    ("launch_seconds", "dwdp_step_launch_seconds",
+     "Wall time of launching steps (batch build, forward and sampling launched)"),
+    ("launch_cpu_seconds", "dwdp_step_launch_cpu_seconds",
+     "The engine thread's CPU time in those launches (far below the wall time: the thread waited, e.g. for the GIL)"),
+    ("device_steps", "dwdp_device_steps", "Steps timed on the device (CUDA)"),
+    ("device_seconds", "dwdp_step_device_seconds", "Device time of those steps (first kernel to sampled tokens)"),
+    ("graph_launch_seconds", "dwdp_graph_step_launch_seconds",
+     "The part of dwdp_step_launch_seconds that graph steps took"),
+    ("graph_launch_cpu_seconds", "dwdp_graph_step_launch_cpu_seconds",
+     "The part of dwdp_step_launch_cpu_seconds that graph steps took"),
+    ("graph_device_seconds", "dwdp_graph_step_device_seconds",
+     "The part of dwdp_step_device_seconds that graph steps took"),
+    ("loop_seconds", "dwdp_engine_loop_seconds",
+     "Wall time of the engine thread's iterations that ran a step (schedule, launch, read back, book, deliver, "
+     "callbacks)"),
+    ("loop_cpu_seconds", "dwdp_engine_loop_cpu_seconds", "The engine thread's CPU time in them"),
+)
+
+
 class WorkerMetrics:
     def __init__(self, strategy: str, role: str, group: str, rank: int):
         self.registry = CollectorRegistry()
@@ -31,24 +51,8 @@ class WorkerMetrics:
         self.graph_steps = counter("dwdp_graph_steps", "Decode steps replayed from CUDA graphs (engine.cuda_graphs)")
         self.graph_step_seconds = counter("dwdp_graph_step_seconds",
                                           "The part of dwdp_step_seconds that steps replayed from CUDA graphs took")
-        self.launch_seconds = counter("dwdp_step_launch_seconds",
-                                      "Wall time of launching steps (batch build, forward and sampling launched)")
-        self.launch_cpu_seconds = counter("dwdp_step_launch_cpu_seconds",
-                                          "The engine thread's CPU time in those launches (far below the wall "
-                                          "time: the thread waited, e.g. for the GIL)")
-        self.device_steps = counter("dwdp_device_steps", "Steps timed on the device (CUDA)")
-        self.device_seconds = counter("dwdp_step_device_seconds",
-                                      "Device time of those steps (first kernel to sampled tokens)")
-        self.graph_launch_seconds = counter("dwdp_graph_step_launch_seconds",
-                                            "The part of dwdp_step_launch_seconds that graph steps took")
-        self.graph_launch_cpu_seconds = counter("dwdp_graph_step_launch_cpu_seconds",
-                                                "The part of dwdp_step_launch_cpu_seconds that graph steps took")
-        self.graph_device_seconds = counter("dwdp_graph_step_device_seconds",
-                                            "The part of dwdp_step_device_seconds that graph steps took")
-        self.loop_seconds = counter("dwdp_engine_loop_seconds",
-                                    "Wall time of the engine thread's iterations that ran a step (schedule, launch, "
-                                    "read back, book, deliver, callbacks)")
-        self.loop_cpu_seconds = counter("dwdp_engine_loop_cpu_seconds", "The engine thread's CPU time in them")
+        # where a step's time goes (ExecutorStats field -> counter): launch wall and CPU, device span, by kind
+        self.step_time = {field: counter(name, doc) for field, name, doc in STEP_TIME}
         self.tokens = counter("dwdp_tokens", "Tokens computed (prompt + generated)")
         self.generated = counter("dwdp_generated_tokens", "Tokens generated and returned")
         self.remote_bytes = counter("dwdp_remote_bytes", "Expert weight bytes pulled from peers", ["peer"])
@@ -92,15 +96,8 @@ class WorkerMetrics:
         self._inc(self.steps, "steps", stats.steps)
         self._inc(self.graph_steps, "graph_steps", stats.graph_steps)
         self._inc(self.graph_step_seconds, "graph_step_seconds", stats.graph_step_seconds)
-        self._inc(self.launch_seconds, "launch", stats.launch_seconds)
-        self._inc(self.launch_cpu_seconds, "launch_cpu", stats.launch_cpu_seconds)
-        self._inc(self.device_steps, "device_steps", stats.device_steps)
-        self._inc(self.device_seconds, "device", stats.device_seconds)
-        self._inc(self.graph_launch_seconds, "graph_launch", stats.graph_launch_seconds)
-        self._inc(self.graph_launch_cpu_seconds, "graph_launch_cpu", stats.graph_launch_cpu_seconds)
-        self._inc(self.graph_device_seconds, "graph_device", stats.graph_device_seconds)
-        self._inc(self.loop_seconds, "loop", stats.loop_seconds)
-        self._inc(self.loop_cpu_seconds, "loop_cpu", stats.loop_cpu_seconds)
+        for field, metric in self.step_time.items():
+            self._inc(metric, field, getattr(stats, field))
         self._inc(self.tokens, "tokens", stats.tokens)
         for peer, total in list(stats.bytes_pulled.items()):
             delta = total - self._last_bytes.get(peer, 0)

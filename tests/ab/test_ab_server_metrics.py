@@ -175,3 +175,27 @@ def test_group_by_pool_merges_launcher_groups():
     got = sm.group_by_pool(urls, ["decode", "prefill", "agg", "prefill-big"])
     assert got == {"decode": ["a", "b", "c"], "prefill": ["p"], "decode-extra": ["x"], "agg": ["g"],
                    "prefill-big": ["q"]}
+
+
+def test_the_workers_step_time_counters_reach_the_evidence_by_name():
+    """A worker's `WorkerMetrics` refreshed from ExecutorStats, scraped before and after a point, gives
+    the evidence its per-kind means: the exporter's and the reader's metric names agree."""
+    from prometheus_client import generate_latest
+
+    from dynamo_dwdp.model.step_stats import ExecutorStats
+    from dynamo_dwdp.worker.metrics import WorkerMetrics
+
+    m, st = WorkerMetrics("dwdp", "decode", "g0", 0), ExecutorStats()
+    m.refresh(st)
+    before = generate_latest(m.registry).decode()
+    st.steps, st.graph_steps, st.device_steps = 10, 8, 10
+    st.launch_seconds, st.graph_launch_seconds = 0.05, 0.016
+    st.launch_cpu_seconds, st.graph_launch_cpu_seconds = 0.03, 0.008
+    st.device_seconds, st.graph_device_seconds = 0.5, 0.1
+    st.loop_seconds, st.loop_cpu_seconds = 0.6, 0.2
+    m.refresh(st)
+    ev = sm.evidence({"u": before}, {"u": generate_latest(m.registry).decode()}, {"decode": ["u"]})["decode"]
+    assert ev["graph_launch_ms_mean"] == pytest.approx(2.0) and ev["other_launch_ms_mean"] == pytest.approx(17.0)
+    assert ev["graph_launch_cpu_ms_mean"] == pytest.approx(1.0) and ev["other_launch_cpu_ms_mean"] == pytest.approx(11.0)
+    assert ev["graph_device_ms_mean"] == pytest.approx(12.5) and ev["other_device_ms_mean"] == pytest.approx(200.0)
+    assert ev["loop_ms_mean"] == pytest.approx(60.0) and ev["loop_cpu_ms_mean"] == pytest.approx(20.0)
