@@ -19,7 +19,6 @@ import argparse
 import collections
 import dataclasses
 import json
-import math
 import os
 import time
 import warnings
@@ -27,8 +26,11 @@ import warnings
 import numpy as np
 import torch
 
+from dynamo_dwdp.ab.workload import LengthDist
+from dynamo_dwdp.config.schema import build
 from dynamo_dwdp.config.settings import load_settings
 from dynamo_dwdp.engine.sampling import SamplingParams
+from dynamo_dwdp.errors import UserError
 from dynamo_dwdp.group.context import GroupSpec
 from dynamo_dwdp.rank.build import build_rank_engine
 
@@ -50,19 +52,14 @@ def kinds(t: dict) -> dict:
     return out
 
 
-def lognormal_lengths(rng: np.random.Generator, n: int, mean: int, cv: float, lo: int, hi: int) -> list[int]:
-    """The A/B workload's law (ab/workload.py LengthDist, lognormal): mean and cv of the unclipped law."""
-    s2 = math.log1p(cv ** 2)
-    raw = rng.lognormal(mean=math.log(mean) - s2 / 2, sigma=math.sqrt(s2), size=n)
-    return [int(v) for v in np.clip(np.rint(raw), lo, hi)]
-
-
 def snapshot(stats) -> dict:
     return {k: getattr(stats, k) for k in FIELDS}
 
 
 def run(a) -> dict:
     settings = load_settings(a.config)
+    isl = build(LengthDist, {"mean": a.isl_mean, "cv": a.isl_cv, "min": a.isl_min, "max": a.isl_max},
+                where="gpu_engine_mix --isl-*", path="isl")           # the A/B workload's law, checked as there
     eng = settings.engine
     overrides = {"max_num_seqs": a.concurrency}
     if a.max_model_len:
@@ -74,7 +71,7 @@ def run(a) -> dict:
     engine, stats = re.engine, re.stats
     vocab = re.runner.model_config.vocab_size
     rng = np.random.default_rng(a.seed)
-    isls = lognormal_lengths(rng, a.requests, a.isl_mean, a.isl_cv, a.isl_min, a.isl_max)
+    isls = isl.sample(rng, a.requests)
     prompts = [rng.integers(0, vocab, n).tolist() for n in isls]
     params = SamplingParams(max_tokens=a.osl, ignore_eos=True)
     pending = collections.deque(range(a.requests))
@@ -194,7 +191,10 @@ def main(argv=None) -> None:
     a.config = a.config or ["configs/h200-v2lite.yaml"]
     os.makedirs(a.out, exist_ok=True)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "4"))))
-    r = run(a)
+    try:
+        r = run(a)
+    except UserError as exc:                         # bad flags, settings or model: one line, no traceback
+        raise SystemExit(f"error: {exc}") from None
     command = "python3 scripts/gpu_engine_mix.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     with open(os.path.join(a.out, "mix.json"), "w") as f:
         json.dump(r, f, indent=2)

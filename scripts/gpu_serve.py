@@ -215,11 +215,12 @@ def bench_engine(a, model_dir: str, batch: int, context: int, out_jsonl: str, ph
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def engine_mix(a, model_dir: str, configs: list[str], wl: dict, concurrency: int, requests: int) -> dict | None:
+def engine_mix(a, model_dir: str, configs: list[str], wl: dict, concurrency: int, requests: int,
+               out: str) -> dict | None:
     """The largest point's workload through the engine alone (`scripts/gpu_engine_mix.py`: the same
     settings, ISL/OSL law, concurrency and request count, no Dynamo): the like-for-like reference of
     a serving point. Returns its mix.json (None if it failed)."""
-    isl, out = wl["isl"], os.path.join(a.work_dir, "engine-mix")
+    isl = wl["isl"]
     argv = [sys.executable, os.path.join(ROOT, "scripts", "gpu_engine_mix.py"), "--model", model_dir, "--out", out,
             "--concurrency", str(concurrency), "--requests", str(requests), "--isl-mean", str(isl["mean"]),
             "--isl-cv", str(isl.get("cv", 0.0)), "--isl-min", str(isl.get("min", 1)),
@@ -499,7 +500,6 @@ def main(argv: list[str] | None = None) -> int:
     top = max(wl["load"]["concurrency"])
     ctx = a.isl_mean + a.osl // 2
     bench = prefill = mix = None
-    a.work_dir = work
     ab_dirs = []
     # order: the first graph, then bench engine (the comparison), then the other graphs, each graph in
     # its own `ab` run so that a graph that fails or runs out of time costs only itself
@@ -553,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
             try:
                 mix = engine_mix(a, model_dir, configs, wl, top,
-                                 max(a.requests_per_point, a.requests_per_concurrency * top))
+                                 max(a.requests_per_point, a.requests_per_concurrency * top),
+                                 os.path.join(work, "engine-mix"))
             except Exception:
                 traceback.print_exc()
             say(f"bench engine in {time.monotonic() - t:.1f}s")
