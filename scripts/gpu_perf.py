@@ -10,7 +10,8 @@ Installs nothing, needs no network. Steps (each prints a line; a table comes las
 1. ceilings: HBM (device-to-device copy, bytes read + written) and bf16 GEMM (8192^3), CUDA events;
 2. correctness on the GPU: sync-free vs host-synced grouped-GEMM experts against fp32; the fused
    Triton kernels (model/kernels/: router, MLA prep, experts bf16/FP8, FP8 linear, dense SwiGLU)
-   against torch references; SDPA vs reference prefill attention (fp32, bf16); one decode step from
+   against torch references; the prefill attention the engine runs vs the reference path (fp32, bf16),
+   the Triton MLA prefill kernel vs float64 at 4K tokens and after 4.5K cached; one decode step from
    a CUDA graph vs eager, and the Triton MLA decode kernel vs the torch decode path (logits and KV);
    the FP8-resident engines (fp8-block; fp8-block-a8, W8A8 experts) vs the dequantized bf16 model
    (logits); routed experts at the v2-lite shapes timed three ways (torch._grouped_mm, Triton bf16, Triton FP8); GPU operations per decode
@@ -116,6 +117,7 @@ def check_decode_kernel(rows: list) -> None:
 def check_attention_and_graphs(rows: list, tmp: str) -> None:
     from dynamo_dwdp.config.engine import EngineSettings
     from dynamo_dwdp.engine.model_runner import ModelRunner
+    from dynamo_dwdp.model import prefill_attention
     from dynamo_dwdp.model.moe_executor import LocalExecutor
 
     lite = lite3(tmp)
@@ -133,8 +135,10 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
             del r
             torch.cuda.empty_cache()
         e = rel(out["sdpa"], out["reference"])
-        rows.append((f"prefill attention SDPA vs reference, {dtype}, 600+400 tokens", f"rel err {e:.2e}",
+        impl = prefill_attention.impl_for(torch.empty(0, dtype=getattr(torch, dtype), device="cuda"))
+        rows.append((f"prefill attention ({impl}) vs reference, {dtype}, 600+400 tokens", f"rel err {e:.2e}",
                      "ok" if e < tol else "HIGH"))
+    check_prefill_kernel(rows)
     # decode from graphs vs eager: the same step (same KV, same tokens) both ways, logits compared
     # (greedy tokens of a random-weight model flip on near-ties, so tokens alone prove little in bf16)
     cfg = EngineSettings(block_size=16, num_kv_blocks=160, device="cuda", dtype="bfloat16", cuda_graphs=True,
@@ -230,6 +234,26 @@ def check_attention_and_graphs(rows: list, tmp: str) -> None:
                  f"KV rel err {ekv:.2e}; logits rel err {e:.2e}, argmax agree {agree:.0%}; {graphs.replays} replays",
                  "ok" if ekv < 1e-2 and graphs.replays == 1 else "FAIL"))
     torch.cuda.empty_cache()
+
+
+def check_prefill_kernel(rows: list) -> None:
+    """The Triton MLA prefill kernel with the tile the engine runs, against its float64 reference at
+    prompt lengths the engine serves (a fresh causal prompt, and a chunk after cached tokens), bf16,
+    DeepSeek-V2-Lite's head dims (16 heads, nope 128, rope 64, v 128)."""
+    from dynamo_dwdp.model.kernels import mla_prefill
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    for T, S in ((4093, 4093), (1500, 6000)):
+        q_n, k_n, v = (torch.randn(n, 16, 128, device="cuda", generator=g).bfloat16() for n in (T, S, S))
+        q_p = torch.randn(T, 16, 64, device="cuda", generator=g).bfloat16()
+        k_p = torch.randn(S, 64, device="cuda", generator=g).bfloat16()
+        scale = 192 ** -0.5
+        e = rel(mla_prefill.mla_prefill_attention(q_n, q_p, k_n, k_p, v, scale).double(),
+                mla_prefill.reference(q_n, q_p, k_n, k_p, v, scale))
+        rows.append((f"Triton MLA prefill kernel vs float64, bf16, {T} queries / {S} keys", f"rel err {e:.2e}",
+                     "ok" if e < 2e-2 else "HIGH"))
+        del q_n, k_n, v, q_p, k_p
+        torch.cuda.empty_cache()
 
 
 def check_fused_kernels(rows: list) -> None:
