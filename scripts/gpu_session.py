@@ -9,13 +9,14 @@ What it runs, in this priority order (each step a subprocess of the GPU scripts,
   decode      `bench engine` decode from CUDA graphs at batch 1/32/64/128/256, % of the HBM roofline,
               start-up capture (graphs, seconds, MiB); with engine.async_scheduling where the bench has it
   checks      the GPU-only correctness checks: Triton kernels vs fp64/torch on the GPU, grouped experts
-              (sync-free and host-synced) vs fp32, SDPA prefill vs the reference, a decode step from a
+              (sync-free and host-synced) vs fp32, the engine's prefill attention vs the reference path and
+              the Triton prefill kernel vs float64 at 4K tokens, a decode step from a
               CUDA graph vs eager (bitwise), the fp8-block and fp8-block-a8 engines' logits within
               tolerance (--full-checks adds expert GEMM timings, operation counts with the fused kernels
               off/on and an eager kernel profile: figures, not checks)
   fp8         decode at batch 64 with `fp8-block` and `fp8-block-a8` weights, against the bf16 step
-  prefill     prefill 8K and 16K tokens, % of the bf16 GEMM peak
-  profile     where a decode step's time goes (graph replay, kernels, host) at batch 1/64/256, prefill 8K
+  prefill     prefill 2K, 8K and 16K tokens, % of the bf16 GEMM peak
+  profile     where a decode step's time goes (graph replay, kernels, host) at batch 1/64/256, prefill 2K and 8K
   decode_sync the decode bench without async scheduling (batch 1/64; only when `decode` ran with it)
   serve       serving through Dynamo (agg, largest concurrency) against the engine alone: `bench engine` and the
               same workload through the engine without Dynamo (scripts/gpu_engine_mix.py) (needs --pack)
