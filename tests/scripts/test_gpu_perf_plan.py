@@ -36,7 +36,7 @@ def test_the_sessions_bench_steps_load_the_model_once_per_format(tmp_path):
     assert setups == [({"cuda_graphs": True, "weights": w}, [("decode", 64, 64, 1000)], {})
                       for w in ("fp8-block", "fp8-block-a8")]               # only batch 64: graphs up to 64
     _, setups = _setups(_session_argv(tmp_path, "prefill"))
-    assert setups == [({}, [("prefill", 1, 8192, 0), ("prefill", 1, 16000, 0)], {})]
+    assert setups == [({}, [("prefill", 1, n, 0) for n in (2048, 8192, 16000)], {})]
     a, _ = _setups(_session_argv(tmp_path, "checks"))
     assert a.skip_bench and set(a.only.split(",")) == {"decode_kernel", "grouped_experts", "fused_kernels", "graphs",
                                                        "fp8_engine", "fp8a8_engine"}
