@@ -59,7 +59,13 @@ def impl_for(x: torch.Tensor) -> str:
     if want == "triton" and _triton_failed:
         raise UserError(f"{ENV}=triton: the kernel did not build on this GPU ({_triton_failed})")
     default_ok = fused_kernels.available() and x.dtype != torch.float32 and not _triton_failed
-    return want or ("triton" if default_ok else "sdpa")
+    impl = want or ("triton" if default_ok else "sdpa")
+    if impl == "triton":
+        try:
+            mla_prefill.gpu_tile()          # $DWDP_PREFILL_TILE, if set, names one of the kernel's tiles
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    return impl
 
 
 def warm_up(heads: int, nope: int, rope: int, v_dim: int, latent_dim: int, dtype: torch.dtype,
