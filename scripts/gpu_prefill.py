@@ -14,13 +14,13 @@ Installs nothing, needs no network. Steps:
    cached tokens and one query, fp32 (each tile's code with mla_prefill.FP32_TILE's blocks) and bf16,
    fresh random inputs, every output element finite;
 3. attention alone timed (CUDA events, median of 10) at 2K, 8K and 16K causal tokens and a 2K chunk after
-   6K cached: every implementation, and every tile that passed; the former default tile once more at the
-   end (the spread of one form timed twice); achieved TFLOP/s counts the causal (query, key) pairs,
+   6K cached: every implementation, and every tile that passed, in two rounds (each form once per round,
+   in turn: the spread of one form timed twice); achieved TFLOP/s counts the causal (query, key) pairs,
    2 * h * (192 + 128) FLOPs each;
-4. the fastest passing tile (smallest summed time at 8K and 16K causal);
+4. the fastest passing tile (smallest summed time at 8K and 16K causal, mean of the rounds);
 5. `scripts/gpu_perf.py --only bench_prefill --prefill 8192,16000` (`bench engine`, its own ceilings)
-   with DWDP_PREFILL_TILE = that tile, then with the former default tile.
-Writes $OUT/gpu_prefill.json, $OUT/gpu_prefill.md (the tables), $OUT/bench_<tile>/ (gpu_perf's files).
+   with DWDP_PREFILL_TILE = that tile, then with the former default tile, then that tile again.
+Writes $OUT/gpu_prefill.json, $OUT/gpu_prefill.md (the tables), $OUT/bench_<n>_<tile>/ (gpu_perf's files).
 """
 from __future__ import annotations
 
@@ -142,24 +142,26 @@ def check_forms(rows: list, forms: list) -> dict:
 SIZES = ((2048, 2048), (8192, 8192), (16000, 16000), (2048, 8192))
 
 
-def time_forms(rows: list, forms: list, again: str) -> dict:
-    """ms of one sequence's attention per form and size (bf16); `again` is timed a second time last."""
+def time_forms(rows: list, forms: list, rounds: int = 2) -> dict:
+    """ms of one sequence's attention per form and size (bf16): {(form, T, S): [ms of each round]}; every
+    form is timed once per round, in turn, so that each has `rounds` figures taken apart."""
     gen = torch.Generator(device="cuda").manual_seed(7)
     scale = (NOPE + ROPE) ** -0.5
     times: dict = {}
     for T, S in SIZES:
         args = inputs(T, S, torch.bfloat16, gen)
-        for form in forms + [again]:
-            key = (form if len(times.get((form, T, S), [])) == 0 else form + " (again)", T, S)
-            try:
-                ms = median_ms(lambda: run_form(form, args, scale), reps=10)
-            except Exception as exc:
-                rows.append((f"time {form} {T}/{S}", f"failed: {str(exc)[:100]}", "FAIL"))
-                continue
-            times.setdefault((form, T, S), []).append(ms)
-            tf = causal_flops(T, S) / (ms / 1e3) / 1e12
-            rows.append((f"attention {key[0]}, {T} queries / {S} keys, bf16", f"{ms:.3f} ms, {tf:.0f} TFLOP/s", "info"))
-            say(f"attention {key[0]} {T}/{S}: {ms:.3f} ms {tf:.0f} TFLOP/s")
+        for r in range(rounds):
+            for form in forms:
+                try:
+                    ms = median_ms(lambda: run_form(form, args, scale), reps=10)
+                except Exception as exc:
+                    rows.append((f"time {form} {T}/{S}", f"failed: {str(exc)[:100]}", "FAIL"))
+                    continue
+                times.setdefault((form, T, S), []).append(ms)
+                tf = causal_flops(T, S) / (ms / 1e3) / 1e12
+                rows.append((f"attention {form}, {T} queries / {S} keys, bf16, round {r + 1}",
+                             f"{ms:.3f} ms, {tf:.0f} TFLOP/s", "info"))
+                say(f"attention {form} {T}/{S} round {r + 1}: {ms:.3f} ms {tf:.0f} TFLOP/s")
         del args
         torch.cuda.empty_cache()
     return times
@@ -186,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(a, tmp)
 
 
-def bench_step(a, model: str, tile: str) -> str:
-    """gpu_perf.py's bench_prefill with DWDP_PREFILL_TILE=tile; its output's table lines."""
-    out = os.path.join(a.out, f"bench_{tile}")
+def bench_step(a, model: str, tile: str, label: str) -> str:
+    """gpu_perf.py's bench_prefill with DWDP_PREFILL_TILE=tile into OUT/bench_<label>; its table lines."""
+    out = os.path.join(a.out, f"bench_{label}")
     cmd = [sys.executable, os.path.join(HERE, "gpu_perf.py"), "--out", out, "--only", "bench_prefill", "--prefill",
            a.prefill, "--model", model, "--hw", a.hw, "--skip-checks", "--skip-matrix", "--context", "1000"]
     env = dict(os.environ, DWDP_PREFILL_TILE=tile)
@@ -199,7 +201,7 @@ def bench_step(a, model: str, tile: str) -> str:
     except subprocess.TimeoutExpired as exc:
         text = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         text += f"\nbench with tile {tile}: timed out after {a.bench_timeout:.0f}s"
-    with open(os.path.join(a.out, f"bench_{tile}.log"), "w") as f:
+    with open(os.path.join(a.out, f"bench_{label}.log"), "w") as f:
         f.write(" ".join(cmd) + f"\nDWDP_PREFILL_TILE={tile}\n" + text)
     lines = [ln for ln in text.splitlines() if ln.startswith(("| prefill", "ceilings", "|---", "| phase"))]
     print(f"bench, DWDP_PREFILL_TILE={tile}:\n" + "\n".join(lines), flush=True)
@@ -231,10 +233,9 @@ def run(a, tmp: str) -> int:
     say(f"ceilings: HBM copy {ceil['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM "
         f"{ceil['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s")
     passing = [f for f in forms if ok[f]]
-    former = f"tile:{mla_prefill.GPU_TILE}"
-    times = time_forms(rows, passing, former if former in passing else passing[0])
-    score = {f[5:]: times[(f, 8192, 8192)][0] + times[(f, 16000, 16000)][0] for f in passing
-             if f.startswith("tile:") and (f, 8192, 8192) in times and (f, 16000, 16000) in times}
+    times = time_forms(rows, passing)
+    score = {f[5:]: (sum(times[(f, 8192, 8192)]) + sum(times[(f, 16000, 16000)])) / len(times[(f, 8192, 8192)])
+             for f in passing if f.startswith("tile:") and (f, 8192, 8192) in times and (f, 16000, 16000) in times}
     chosen = min(score, key=score.get) if score else mla_prefill.GPU_TILE
     say(f"fastest passing tile (8K + 16K): {chosen} ({', '.join(f'{k} {v:.3f} ms' for k, v in score.items())})")
     extra = {"chosen": chosen, "score_ms": score, "compiled": compiled,
@@ -249,7 +250,7 @@ def run(a, tmp: str) -> int:
                  f"{ceil['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s; fastest tile {chosen}", "",
                  "| check / timing | result | status |", "|---|---|---|"]
         lines += [f"| {c[0]} | {c[1]} | {c[2]} |" for c in rows]
-        lines += ["", "attention ms (bf16, median of 10; TFLOP/s in the rows above):", "",
+        lines += ["", "attention ms (bf16, median of 10, one figure a round; TFLOP/s in the rows above):", "",
                   "| form | " + " | ".join(f"{T}/{S}" for T, S in SIZES) + " |", "|---" * (len(SIZES) + 1) + "|"]
         for f in dict.fromkeys(f for f, _, _ in times):
             lines.append(f"| {f} | " + " | ".join(", ".join(f"{x:.3f}" for x in times.get((f, T, S), []))
@@ -262,8 +263,9 @@ def run(a, tmp: str) -> int:
     dump()
     bench_text = ""
     if make.returncode == 0:
-        for tile in dict.fromkeys([chosen, mla_prefill.GPU_TILE]):
-            bench_text += f"\nDWDP_PREFILL_TILE={tile}\n" + bench_step(a, model, tile) + "\n"
+        order = [chosen, mla_prefill.GPU_TILE, chosen] if chosen != mla_prefill.GPU_TILE else [chosen]
+        for i, tile in enumerate(order):              # A B A: the fastest tile twice, around the former one
+            bench_text += f"\nbench {i + 1}: DWDP_PREFILL_TILE={tile}\n" + bench_step(a, model, tile, f"{i + 1}_{tile}") + "\n"
             dump(bench_text)
     print("\n".join(dump(bench_text)), flush=True)
     say("done")

@@ -34,7 +34,11 @@ class Tile:
     tma: q, k, v and the output through host-built tensor descriptors (Hopper's bulk copy engine;
     out-of-range rows read as zeros and are not written), taken only where every operand meets the
     descriptors' 16-byte alignment (else the pointer form with the same blocks runs);
-    warp_specialize: Triton's automatic warp specialization of the unmasked key loop."""
+    warp_specialize: Triton's automatic warp specialization of the unmasked key loop;
+    heads_inner: the grid is (heads, query blocks), so that the hardware, which starts programs in
+    order, starts every head's longest (causal) query block before any shorter one: longest work first
+    over the whole grid, the shortest programs last (else each head's blocks run longest first, but
+    the last head's long blocks start late)."""
     block_m: int
     block_n: int
     warps: int
@@ -43,6 +47,7 @@ class Tile:
     keys_by_row: bool = False
     tma: bool = False
     warp_specialize: bool = False
+    heads_inner: bool = False
 
 
 # The forms scripts/gpu_prefill.py checks and times on the GPU (16-bit inputs). "base" is the tile of
@@ -51,13 +56,13 @@ class Tile:
 GPU_TILES = {
     "base": Tile(128, 64, 8, 3),
     "fma": Tile(128, 64, 8, 3, fused_scale=True),
-    "fma_krow": Tile(128, 64, 8, 3, fused_scale=True, keys_by_row=True),
-    "fma_s2": Tile(128, 64, 8, 2, fused_scale=True),
-    "bn128": Tile(128, 128, 8, 2, fused_scale=True),
-    "tma": Tile(128, 64, 8, 3, fused_scale=True, tma=True),
-    "tma_bn128": Tile(128, 128, 8, 2, fused_scale=True, tma=True),
-    "tma_ws": Tile(128, 64, 8, 3, fused_scale=True, tma=True, warp_specialize=True),
     "ws": Tile(128, 64, 8, 3, fused_scale=True, warp_specialize=True),
+    "tma_ws": Tile(128, 64, 8, 3, fused_scale=True, tma=True, warp_specialize=True),
+    "lpt": Tile(128, 64, 8, 3, fused_scale=True, heads_inner=True),
+    "lpt_krow": Tile(128, 64, 8, 3, fused_scale=True, keys_by_row=True, heads_inner=True),
+    "lpt_s4": Tile(128, 64, 8, 4, fused_scale=True, heads_inner=True),
+    "lpt_ws": Tile(128, 64, 8, 3, fused_scale=True, warp_specialize=True, heads_inner=True),
+    "lpt_tma_ws": Tile(128, 64, 8, 3, fused_scale=True, tma=True, warp_specialize=True, heads_inner=True),
 }
 # The tile 16-bit inputs run on CUDA by default (`tile_for`); $DWDP_PREFILL_TILE names another of
 # GPU_TILES (for measurements). One fixed tile, not an autotuner: autotuning ran on a request's path
@@ -156,10 +161,15 @@ if triton is not None:
                            s_qn_t, s_qn_h, s_qp_t, s_qp_h, s_kn_s, s_kn_h, s_kp_s, s_v_s, s_v_h, s_o_t, s_o_h,
                            N: tl.constexpr, R: tl.constexpr, DV: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                           FUSED_SCALE: tl.constexpr, KEYS_BY_ROW: tl.constexpr, WS: tl.constexpr):
+                           FUSED_SCALE: tl.constexpr, KEYS_BY_ROW: tl.constexpr, WS: tl.constexpr,
+                           HEADS_INNER: tl.constexpr):
         num_m = tl.cdiv(T, BLOCK_M)
-        start_m = num_m - 1 - tl.program_id(0)            # longest rows first (causal load balance)
-        head = tl.program_id(1)
+        if HEADS_INNER:                                   # every head's longest block before any shorter one
+            head = tl.program_id(0)
+            start_m = num_m - 1 - tl.program_id(1)
+        else:                                             # each head's blocks longest first, head after head
+            start_m = num_m - 1 - tl.program_id(0)
+            head = tl.program_id(1)
         offset = S - T                                    # cached keys before the chunk
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -214,12 +224,16 @@ if triton is not None:
                                 s_qn_h, s_qp_h, s_kn_h, s_v_h, s_o_h,
                                 N: tl.constexpr, R: tl.constexpr, DV: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                                FUSED_SCALE: tl.constexpr, WS: tl.constexpr):
+                                FUSED_SCALE: tl.constexpr, WS: tl.constexpr, HEADS_INNER: tl.constexpr):
         """mla_prefill_kernel's algorithm with every operand a 2-D descriptor [rows, the row's used
         columns]: head h's part of a row starts at column h * s_x_h."""
         num_m = tl.cdiv(T, BLOCK_M)
-        start_m = num_m - 1 - tl.program_id(0)
-        head = tl.program_id(1)
+        if HEADS_INNER:
+            head = tl.program_id(0)
+            start_m = num_m - 1 - tl.program_id(1)
+        else:
+            start_m = num_m - 1 - tl.program_id(0)
+            head = tl.program_id(1)
         offset = S - T
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -306,9 +320,9 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torc
             raise ValueError(f"mla_prefill: tile {tile!r} is not one of {', '.join(GPU_TILES)}")
         tile = GPU_TILES[tile]
     bm, bn = tile.block_m, tile.block_n
-    grid = (triton_cdiv(T, bm), h)
+    grid = (h, triton_cdiv(T, bm)) if tile.heads_inner else (triton_cdiv(T, bm), h)
     consts = dict(N=N, R=R, DV=DV, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, FUSED_SCALE=tile.fused_scale,
-                  WS=tile.warp_specialize, num_warps=tile.warps, num_stages=tile.stages)
+                  WS=tile.warp_specialize, HEADS_INNER=tile.heads_inner, num_warps=tile.warps, num_stages=tile.stages)
     qk_scale = float(scale) * LOG2E
     if tile.tma and _descriptors_fit((q_nope, q_pe, k_nope, k_pe, v, out), q_nope.dtype):
         descs = (_rows_desc(q_nope, [bm, N]), _rows_desc(q_pe, [bm, R]), _rows_desc(k_nope, [bn, N]),
