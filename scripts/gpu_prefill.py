@@ -19,7 +19,7 @@ Installs nothing, needs no network. Steps:
    2 * h * (192 + 128) FLOPs each;
 4. the fastest passing tile (smallest summed time at 8K and 16K causal, mean of the rounds);
 5. `scripts/gpu_perf.py --only bench_prefill --prefill 8192,16000` (`bench engine`, its own ceilings)
-   with DWDP_PREFILL_TILE = that tile, then with the former default tile, then that tile again.
+   with DWDP_PREFILL_TILE = that tile, then with the former default tile (--aba: then that tile again).
 Writes $OUT/gpu_prefill.json, $OUT/gpu_prefill.md (the tables), $OUT/bench_<n>_<tile>/ (gpu_perf's files).
 """
 from __future__ import annotations
@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hw", default="h200-measured")
     p.add_argument("--compile-timeout", type=float, default=150.0)
     p.add_argument("--bench-timeout", type=float, default=150.0, help="each gpu_perf.py bench call")
+    p.add_argument("--aba", action="store_true", help="bench the fastest tile once more after the former one")
     p.add_argument("--compile-only", default="", help=argparse.SUPPRESS)
     return p
 
@@ -263,8 +264,8 @@ def run(a, tmp: str) -> int:
     dump()
     bench_text = ""
     if make.returncode == 0:
-        order = [chosen, mla_prefill.GPU_TILE, chosen] if chosen != mla_prefill.GPU_TILE else [chosen]
-        for i, tile in enumerate(order):              # A B A: the fastest tile twice, around the former one
+        order = [chosen] + [mla_prefill.GPU_TILE] * (chosen != mla_prefill.GPU_TILE) + [chosen] * a.aba
+        for i, tile in enumerate(order):
             bench_text += f"\nbench {i + 1}: DWDP_PREFILL_TILE={tile}\n" + bench_step(a, model, tile, f"{i + 1}_{tile}") + "\n"
             dump(bench_text)
     print("\n".join(dump(bench_text)), flush=True)
