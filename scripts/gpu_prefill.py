@@ -1,17 +1,17 @@
 """MLA prefill attention on one GPU in one command: every form of the Triton kernel (mla_prefill.GPU_TILES)
 and the SDPA options checked and timed, then the engine's prefill step measured with the fastest form and
-with the former default, with the machine's ceilings of the same run.
+with the default tile (GPU_TILE), with the machine's ceilings of the same run.
 
   PYTHONPATH=.:scripts PYTHONUNBUFFERED=1 python3 scripts/gpu_prefill.py --out $OUT [--layers 27]
 
 Installs nothing, needs no network. Steps:
-0. in the background: every tile compiled (bf16 and fp32) in its own process into Triton's disk cache
+0. in the background: every tile compiled (bf16, and FP32_TILE) in its own process into Triton's disk cache
    (a tile that does not compile in time is left out), and the model written by `dynamo-dwdp make-model`
    (v2-lite-shape, bf16, --layers deep, on the GPU);
 1. ceilings: HBM copy and bf16 GEMM 8192^3 (scripts/gpu_perf.py's measurement);
 2. correctness of each implementation of model/prefill_attention.py and of each tile against a float64
    softmax on the GPU, DeepSeek dims (16 heads, nope 128, rope 64, v 128), causal prefill, a chunk after
-   cached tokens and one query, fp32 (each tile's code with mla_prefill.FP32_TILE's blocks) and bf16,
+   cached tokens and one query, fp32 (mla_prefill.FP32_TILE) and bf16,
    fresh random inputs, every output element finite;
 3. attention alone timed (CUDA events, median of 10) at 2K, 8K and 16K causal tokens and a 2K chunk after
    6K cached: every implementation, and every tile that passed, in two rounds (each form once per round,
@@ -19,13 +19,12 @@ Installs nothing, needs no network. Steps:
    2 * h * (192 + 128) FLOPs each;
 4. the fastest passing tile (smallest summed time at 8K and 16K causal, mean of the rounds);
 5. `scripts/gpu_perf.py --only bench_prefill --prefill 8192,16000` (`bench engine`, its own ceilings)
-   with DWDP_PREFILL_TILE = that tile, then with the former default tile (--aba: then that tile again).
+   with DWDP_PREFILL_TILE = that tile, then with GPU_TILE if that differs (--aba: then that tile again).
 Writes $OUT/gpu_prefill.json, $OUT/gpu_prefill.md (the tables), $OUT/bench_<n>_<tile>/ (gpu_perf's files).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -58,23 +57,13 @@ def causal_flops(T: int, S: int) -> float:
     return pairs * 2.0 * H * (NOPE + ROPE + VD)
 
 
-def fp32_form(tile):
-    """The fp32 check of a tile: its code options with FP32_TILE's blocks, warps and stages."""
-    from dynamo_dwdp.model.kernels import mla_prefill
-
-    f = mla_prefill.FP32_TILE
-    return dataclasses.replace(tile, block_m=f.block_m, block_n=f.block_n, warps=f.warps, stages=f.stages)
-
-
 def run_form(form: str, args, scale: float):
-    """One attention call: 'tile:NAME' (a Triton tile; fp32 inputs take its fp32 form) or an implementation."""
+    """One attention call: 'tile:NAME' (a Triton tile; fp32 inputs take FP32_TILE) or an implementation."""
     from dynamo_dwdp.model.kernels import mla_prefill
     from dynamo_dwdp.model.prefill_attention import attend
 
     if form.startswith("tile:"):
-        tile = mla_prefill.GPU_TILES[form[5:]]
-        if args[0].dtype == torch.float32:
-            tile = fp32_form(tile)
+        tile = mla_prefill.FP32_TILE if args[0].dtype == torch.float32 else mla_prefill.GPU_TILES[form[5:]]
         return mla_prefill.mla_prefill_attention(*args, scale, tile=tile)
     return attend(form, *args, scale)
 
@@ -98,7 +87,8 @@ def precompile(names, timeout: float) -> dict:
     for n, p in procs.items():
         try:
             out, _ = p.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
-            result[n] = "ok" if p.returncode == 0 else f"compile failed: {out.strip().splitlines()[-1][:160] if out.strip() else p.returncode}"
+            last = out.strip().splitlines()[-1][:160] if out.strip() else f"exit {p.returncode}"
+            result[n] = "ok" if p.returncode == 0 else f"compile failed: {last}"
         except subprocess.TimeoutExpired:
             p.kill()
             p.communicate()
@@ -266,7 +256,8 @@ def run(a, tmp: str) -> int:
     if make.returncode == 0:
         order = [chosen] + [mla_prefill.GPU_TILE] * (chosen != mla_prefill.GPU_TILE) + [chosen] * a.aba
         for i, tile in enumerate(order):
-            bench_text += f"\nbench {i + 1}: DWDP_PREFILL_TILE={tile}\n" + bench_step(a, model, tile, f"{i + 1}_{tile}") + "\n"
+            table = bench_step(a, model, tile, f"{i + 1}_{tile}")
+            bench_text += f"\nbench {i + 1}: DWDP_PREFILL_TILE={tile}\n{table}\n"
             dump(bench_text)
     print("\n".join(dump(bench_text)), flush=True)
     say("done")

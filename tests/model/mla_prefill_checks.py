@@ -5,7 +5,6 @@ reference, and the paged expanded-form path around it against the absorbed-form 
 not trustworthy; bf16 is checked on the GPU by scripts/gpu_prefill.py). Prints "ok <n> checks"."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
@@ -29,7 +28,8 @@ def kernel_matches_float64() -> None:
     keys (bottom-right causal), one query; k_nope and v as strided views of one expanded tensor, as
     the engine passes them; the DeepSeek dims (128/64/128) once."""
     for T, S, h, N, R, V, tile in ((37, 37, 2, 32, 16, 32, None), (20, 53, 3, 32, 16, 32, None),
-                                   (1, 29, 2, 32, 16, 32, None), (70, 70, 1, 32, 16, 32, mla_prefill.Tile(32, 16, 4, 1)),
+                                   (1, 29, 2, 32, 16, 32, None),
+                                   (70, 70, 1, 32, 16, 32, mla_prefill.Tile(32, 16, 4, 1)),
                                    (24, 40, 1, 128, 64, 128, None)):
         q_nope = torch.randn(T, h, N + R, generator=GEN)[..., :N]           # strided, like the engine's q view
         q_pe = torch.randn(T, h, R, generator=GEN)
@@ -42,23 +42,22 @@ def kernel_matches_float64() -> None:
         assert torch.isfinite(out).all() and e < 1e-5, (T, S, h, e)
 
 
-def every_gpu_form_matches_float64() -> None:
-    """Each tile of mla_prefill.GPU_TILES (its code options: fused scale, row-major keys, tensor
-    descriptors, warp specialization, heads-inner grid) with interpreter-sized blocks, causal and after
-    cached keys, with k_pe a strided view of cache rows as the engine passes it."""
-    for name, tile in mla_prefill.GPU_TILES.items():
-        small = dataclasses.replace(tile, block_m=16, block_n=16, stages=1)
-        for T, S in ((37, 37), (20, 53)):
-            h, N, R, V = 2, 32, 16, 32
-            q_nope = torch.randn(T, h, N + R, generator=GEN)[..., :N]
-            q_pe = torch.randn(T, h, R, generator=GEN)
-            kv = torch.randn(S, h, N + V, generator=GEN)
-            k_pe = torch.randn(S, 64 + R, generator=GEN)[:, 64:]
-            scale = (N + R) ** -0.5
-            out = mla_prefill.mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], scale, tile=small)
-            ref = mla_prefill.reference(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], scale)
-            e = rel(out, ref)
-            assert torch.isfinite(out).all() and e < 1e-5, (name, T, S, e)
+def many_blocks_and_heads_match_float64() -> None:
+    """The (heads, query blocks) grid, longest block first: many query blocks and heads, causal and after
+    cached keys, a key block wider than the query block (as GPU_TILES' block_n128), k_pe a strided view
+    of cache rows as the engine passes it."""
+    for T, S, tile in ((90, 90, None), (40, 130, None), (75, 75, mla_prefill.Tile(16, 32, 4, 1)),
+                       (33, 101, mla_prefill.Tile(16, 32, 4, 1))):
+        h, N, R, V = 3, 32, 16, 32
+        q_nope = torch.randn(T, h, N + R, generator=GEN)[..., :N]
+        q_pe = torch.randn(T, h, R, generator=GEN)
+        kv = torch.randn(S, h, N + V, generator=GEN)
+        k_pe = torch.randn(S, 64 + R, generator=GEN)[:, 64:]
+        scale = (N + R) ** -0.5
+        out = mla_prefill.mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], scale, tile=tile)
+        ref = mla_prefill.reference(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], scale)
+        e = rel(out, ref)
+        assert torch.isfinite(out).all() and e < 1e-5, (T, S, tile, e)
 
 
 def paged_path_matches_absorbed_reference() -> None:
@@ -95,9 +94,12 @@ def bad_shapes_are_refused() -> None:
                       ((q, torch.randn(4, 2, 16), torch.randn(5, 2, 32), torch.randn(5, 8), torch.randn(5, 2, 32)),
                        "k_pe has shape"),
                       ((torch.randn(4, 2, 24), torch.randn(4, 2, 16), torch.randn(5, 2, 24), torch.randn(5, 16),
-                        torch.randn(5, 2, 32)), "power of two")):
+                        torch.randn(5, 2, 32)), "power of two"),
+                      ((q, torch.randn(4, 2, 16), torch.randn(5, 2, 32), torch.randn(5, 16), torch.randn(5, 2, 32),
+                        -1.0),
+                       "must be > 0")):
         try:
-            mla_prefill.mla_prefill_attention(*args, 1.0)
+            mla_prefill.mla_prefill_attention(*(args if len(args) == 6 else (*args, 1.0)))
         except ValueError as exc:
             assert msg in str(exc), (msg, exc)
         else:
@@ -105,7 +107,7 @@ def bad_shapes_are_refused() -> None:
 
 
 if __name__ == "__main__":
-    checks = (kernel_matches_float64, every_gpu_form_matches_float64, paged_path_matches_absorbed_reference,
+    checks = (kernel_matches_float64, many_blocks_and_heads_match_float64, paged_path_matches_absorbed_reference,
               bad_shapes_are_refused)
     for check in checks:
         check()

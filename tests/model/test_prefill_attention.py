@@ -15,8 +15,8 @@ from tests.conftest import run_under_triton_interpreter
 
 def test_prefill_kernel_under_the_interpreter():
     """tests/model/mla_prefill_checks.py in a fresh process: the kernel vs a float64 softmax (causal,
-    chunks after cached keys, one query, strided k/v views, DeepSeek dims), every GPU tile's code options
-    at small blocks, the paged expanded path vs the absorbed-form reference and the SDPA path, shape errors."""
+    chunks after cached keys, one query, strided k/v views, DeepSeek dims), many query blocks and heads,
+    the paged expanded path vs the absorbed-form reference and the SDPA path, shape errors."""
     out = run_under_triton_interpreter(Path(__file__).with_name("mla_prefill_checks.py"))
     assert out.strip().endswith("ok 4 checks"), out
 

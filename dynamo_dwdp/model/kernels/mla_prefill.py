@@ -11,8 +11,9 @@ Why hand-written: PyTorch's flash backend refuses the MLA head dims (qk 192, v 1
 back to its memory-efficient kernel, and no flash_attn package is installed. This kernel
 also reads the query as its two parts and k_pe once for all heads, so neither the query
 concatenation nor a per-head copy of k_pe is built. Key blocks wholly below a query block's
-diagonal run without masks; only the diagonal blocks are masked. fp32 inputs use IEEE fp32 dots
-(the correctness reference path); 16-bit inputs the tensor cores with fp32 accumulation.
+diagonal run without masks; only the diagonal blocks are masked; programs start longest first over all
+heads (`mla_prefill_kernel`). fp32 inputs use IEEE fp32 dots (the correctness reference path); 16-bit
+inputs the tensor cores with fp32 accumulation.
 """
 from __future__ import annotations
 
@@ -26,48 +27,25 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class Tile:
-    """One compiled form of the kernel: block sizes, warps, pipeline stages, and code options.
-    fused_scale: the softmax scale is applied inside exp2's argument (one FMA per score: the row max
-    is taken on the raw scores) instead of a separate multiply of every score, and the dots accumulate
-    in place (the rope part onto the nope part's scores, p @ v onto the rescaled accumulator);
-    keys_by_row: keys loaded [BLOCK_N, d] (their memory order) and transposed for the dot;
-    tma: q, k, v and the output through host-built tensor descriptors (Hopper's bulk copy engine;
-    out-of-range rows read as zeros and are not written), taken only where every operand meets the
-    descriptors' 16-byte alignment (else the pointer form with the same blocks runs);
-    warp_specialize: Triton's automatic warp specialization of the unmasked key loop;
-    heads_inner: the grid is (heads, query blocks), so that the hardware, which starts programs in
-    order, starts every head's longest (causal) query block before any shorter one: longest work first
-    over the whole grid, the shortest programs last (else each head's blocks run longest first, but
-    the last head's long blocks start late)."""
+    """One compiled form of the kernel: query rows and keys per block, warps, pipeline stages."""
     block_m: int
     block_n: int
     warps: int
     stages: int
-    fused_scale: bool = False
-    keys_by_row: bool = False
-    tma: bool = False
-    warp_specialize: bool = False
-    heads_inner: bool = False
 
 
-# The forms scripts/gpu_prefill.py checks and times on the GPU (16-bit inputs). "base" is the tile of
-# 2026-12-01 (0.850 / 2.614 ms per layer at 8K / 16K causal on one H200, the fastest of its sweep:
-# docs/results/gpu_prefill_h200_2026-12-01.md). None of them spills.
+# Tiles for 16-bit inputs on the GPU, which scripts/gpu_prefill.py checks and times; "default" runs
+# unless $DWDP_PREFILL_TILE names another (for measurements). One fixed tile, not an autotuner:
+# autotuning ran on a request's path (three compiles and timed runs the first time each context-length
+# bucket came). On one H200 (docs/results/gpu_prefill_tiles_h200_2026-12-02.md) "default" ran a
+# causal 8K prompt in 0.73 ms per layer, against 0.80 for cuDNN and 0.82-0.86 for this kernel before
+# its grid order and fused scale; "stages4" and block_n 128 were slower. None of them spills.
 GPU_TILES = {
-    "base": Tile(128, 64, 8, 3),
-    "fma": Tile(128, 64, 8, 3, fused_scale=True),
-    "ws": Tile(128, 64, 8, 3, fused_scale=True, warp_specialize=True),
-    "tma_ws": Tile(128, 64, 8, 3, fused_scale=True, tma=True, warp_specialize=True),
-    "lpt": Tile(128, 64, 8, 3, fused_scale=True, heads_inner=True),
-    "lpt_krow": Tile(128, 64, 8, 3, fused_scale=True, keys_by_row=True, heads_inner=True),
-    "lpt_s4": Tile(128, 64, 8, 4, fused_scale=True, heads_inner=True),
-    "lpt_ws": Tile(128, 64, 8, 3, fused_scale=True, warp_specialize=True, heads_inner=True),
-    "lpt_tma_ws": Tile(128, 64, 8, 3, fused_scale=True, tma=True, warp_specialize=True, heads_inner=True),
+    "default": Tile(128, 64, 8, 3),
+    "stages4": Tile(128, 64, 8, 4),
+    "block_n128": Tile(128, 128, 8, 2),
 }
-# The tile 16-bit inputs run on CUDA by default (`tile_for`); $DWDP_PREFILL_TILE names another of
-# GPU_TILES (for measurements). One fixed tile, not an autotuner: autotuning ran on a request's path
-# (three compiles and timed runs the first time each context-length bucket came).
-GPU_TILE = "base"
+GPU_TILE = "default"
 TILE_ENV = "DWDP_PREFILL_TILE"
 # fp32 inputs (the correctness path) take one small tile: fp32 operands in large tiles spill so much
 # that ptxas needs tens of seconds or more per variant
@@ -89,87 +67,55 @@ try:                                   # kernels at module level: Triton resolve
 except ImportError:                    # no Triton: available() is False and nothing here is called
     triton = None
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:                    # a Triton without host descriptors: the pointer form only
-    TensorDescriptor = None
-
 if triton is not None:
     @triton.jit
-    def online_softmax_step(acc, m_i, l_i, s, v, start_n, S, offset, offs_m, offs_n, qk_scale,
-                            MASK: tl.constexpr, IEEE: tl.constexpr, FUSED_SCALE: tl.constexpr):
-        """Fold one key block's raw scores s [BLOCK_M, BLOCK_N] and values v [BLOCK_N, DV] into the
-        running (acc, max, sum); MASK: the block crosses the diagonal or the end of the keys."""
-        if MASK:
-            visible = ((start_n + offs_n)[None, :] <= (offset + offs_m)[:, None]) & ((start_n + offs_n) < S)[None, :]
-            s = tl.where(visible, s, float("-inf"))
-        if FUSED_SCALE:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        else:
-            s = s * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        elif FUSED_SCALE:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        return acc, m_new, l_i
-
-    @triton.jit
     def attend_block(acc, m_i, l_i, q_n, q_p, KN, KP, V, start_n, S, offset, offs_m, offs_n, offs_d, offs_r, offs_v,
-                     qk_scale, s_kn_s, s_kp_s, s_v_s, MASK: tl.constexpr, IEEE: tl.constexpr,
-                     FUSED_SCALE: tl.constexpr, KEYS_BY_ROW: tl.constexpr):
-        """One key block through pointers (KN, V: this head's base pointers)."""
+                     qk_scale, s_kn_s, s_kp_s, s_v_s, MASK: tl.constexpr, IEEE: tl.constexpr):
+        """One key block of the online softmax (KN, V: this head's base pointers); MASK: the block
+        crosses the diagonal or the end of the keys. The scale is applied inside exp2's argument (one
+        FMA per score; the row max is taken on the raw scores, scale > 0), and the 16-bit dots
+        accumulate in place (the rope part onto the nope part's scores, p @ v onto the rescaled sum)."""
         keys = start_n + offs_n                 # int32 offsets (S * stride < 2**31, checked by the wrapper)
         key_ok = keys < S
-        if KEYS_BY_ROW:
-            if MASK:
-                k_n = tl.load(KN + keys[:, None] * s_kn_s + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-                k_p = tl.load(KP + keys[:, None] * s_kp_s + offs_r[None, :], mask=key_ok[:, None], other=0.0)
-            else:
-                k_n = tl.load(KN + keys[:, None] * s_kn_s + offs_d[None, :])
-                k_p = tl.load(KP + keys[:, None] * s_kp_s + offs_r[None, :])
-            k_n = tl.trans(k_n)
-            k_p = tl.trans(k_p)
+        if MASK:
+            k_n = tl.load(KN + keys[None, :] * s_kn_s + offs_d[:, None], mask=key_ok[None, :], other=0.0)
+            k_p = tl.load(KP + keys[None, :] * s_kp_s + offs_r[:, None], mask=key_ok[None, :], other=0.0)
         else:
-            if MASK:
-                k_n = tl.load(KN + keys[None, :] * s_kn_s + offs_d[:, None], mask=key_ok[None, :], other=0.0)
-                k_p = tl.load(KP + keys[None, :] * s_kp_s + offs_r[:, None], mask=key_ok[None, :], other=0.0)
-            else:
-                k_n = tl.load(KN + keys[None, :] * s_kn_s + offs_d[:, None])
-                k_p = tl.load(KP + keys[None, :] * s_kp_s + offs_r[:, None])
+            k_n = tl.load(KN + keys[None, :] * s_kn_s + offs_d[:, None])
+            k_p = tl.load(KP + keys[None, :] * s_kp_s + offs_r[:, None])
         if IEEE:
             s = tl.dot(q_n, k_n, input_precision="ieee") + tl.dot(q_p, k_p, input_precision="ieee")
-        elif FUSED_SCALE:
-            s = tl.dot(q_p, k_p, tl.dot(q_n, k_n))
         else:
-            s = tl.dot(q_n, k_n) + tl.dot(q_p, k_p)
+            s = tl.dot(q_p, k_p, tl.dot(q_n, k_n))
         if MASK:
             v = tl.load(V + keys[:, None] * s_v_s + offs_v[None, :], mask=key_ok[:, None], other=0.0)
         else:
             v = tl.load(V + keys[:, None] * s_v_s + offs_v[None, :])
-        return online_softmax_step(acc, m_i, l_i, s, v, start_n, S, offset, offs_m, offs_n, qk_scale, MASK, IEEE,
-                                   FUSED_SCALE)
+        if MASK:
+            visible = (keys[None, :] <= (offset + offs_m)[:, None]) & key_ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        return acc, m_new, l_i
 
     @triton.jit(do_not_specialize=["T", "S"])     # one compiled kernel for every chunk and context length
     def mla_prefill_kernel(QN, QP, KN, KP, V, O, T, S, qk_scale,
                            s_qn_t, s_qn_h, s_qp_t, s_qp_h, s_kn_s, s_kn_h, s_kp_s, s_v_s, s_v_h, s_o_t, s_o_h,
                            N: tl.constexpr, R: tl.constexpr, DV: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                           FUSED_SCALE: tl.constexpr, KEYS_BY_ROW: tl.constexpr, WS: tl.constexpr,
-                           HEADS_INNER: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        """Grid (heads, query blocks), longest block first: the hardware starts programs in order, so
+        every head's longest (causal) query block starts before any shorter one and the shortest run
+        last (a grid of (query blocks, heads) started the last heads' longest blocks last: 11% slower
+        at 8K causal tokens on one H200)."""
         num_m = tl.cdiv(T, BLOCK_M)
-        if HEADS_INNER:                                   # every head's longest block before any shorter one
-            head = tl.program_id(0)
-            start_m = num_m - 1 - tl.program_id(1)
-        else:                                             # each head's blocks longest first, head after head
-            start_m = num_m - 1 - tl.program_id(0)
-            head = tl.program_id(1)
+        head = tl.program_id(0)
+        start_m = num_m - 1 - tl.program_id(1)
         offset = S - T                                    # cached keys before the chunk
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -188,75 +134,17 @@ if triton is not None:
         first_pos = offset + start_m * BLOCK_M            # position of the block's first query
         full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N  # keys [0, full_end) are visible to every row (<= S)
         hi = tl.minimum(S, first_pos + BLOCK_M)
-        for start_n in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):   # below the diagonal: no masks
+        for start_n in range(0, full_end, BLOCK_N):        # below the diagonal: no masks
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, m_i, l_i = attend_block(acc, m_i, l_i, q_n, q_p, KN_h, KP, V_h, start_n, S, offset, offs_m, offs_n,
-                                         offs_d, offs_r, offs_v, qk_scale, s_kn_s, s_kp_s, s_v_s, False, IEEE,
-                                         FUSED_SCALE, KEYS_BY_ROW)
+                                         offs_d, offs_r, offs_v, qk_scale, s_kn_s, s_kp_s, s_v_s, False, IEEE)
         for start_n in range(full_end, hi, BLOCK_N):       # the diagonal (and the last, partial) blocks
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, m_i, l_i = attend_block(acc, m_i, l_i, q_n, q_p, KN_h, KP, V_h, start_n, S, offset, offs_m, offs_n,
-                                         offs_d, offs_r, offs_v, qk_scale, s_kn_s, s_kp_s, s_v_s, True, IEEE,
-                                         FUSED_SCALE, KEYS_BY_ROW)
+                                         offs_d, offs_r, offs_v, qk_scale, s_kn_s, s_kp_s, s_v_s, True, IEEE)
         out = acc / l_i[:, None]
         tl.store(O + rows[:, None] * s_o_t + head * s_o_h + offs_v[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None])
-
-    @triton.jit
-    def attend_block_desc(acc, m_i, l_i, q_n, q_p, desc_kn, desc_kp, desc_v, col_kn, col_v, start_n, S, offset,
-                          offs_m, offs_n, qk_scale, MASK: tl.constexpr, IEEE: tl.constexpr,
-                          FUSED_SCALE: tl.constexpr):
-        """One key block through tensor descriptors (keys past the descriptors' rows read as zeros,
-        and are masked in the diagonal blocks, the only ones that reach past S)."""
-        k_n = desc_kn.load([start_n, col_kn])
-        k_p = desc_kp.load([start_n, 0])
-        if IEEE:
-            s = (tl.dot(q_n, tl.trans(k_n), input_precision="ieee")
-                 + tl.dot(q_p, tl.trans(k_p), input_precision="ieee"))
-        else:
-            s = tl.dot(q_p, tl.trans(k_p), tl.dot(q_n, tl.trans(k_n)))
-        v = desc_v.load([start_n, col_v])
-        return online_softmax_step(acc, m_i, l_i, s, v, start_n, S, offset, offs_m, offs_n, qk_scale, MASK, IEEE,
-                                   FUSED_SCALE)
-
-    @triton.jit(do_not_specialize=["T", "S"])
-    def mla_prefill_desc_kernel(desc_qn, desc_qp, desc_kn, desc_kp, desc_v, desc_o, T, S, qk_scale,
-                                s_qn_h, s_qp_h, s_kn_h, s_v_h, s_o_h,
-                                N: tl.constexpr, R: tl.constexpr, DV: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                                FUSED_SCALE: tl.constexpr, WS: tl.constexpr, HEADS_INNER: tl.constexpr):
-        """mla_prefill_kernel's algorithm with every operand a 2-D descriptor [rows, the row's used
-        columns]: head h's part of a row starts at column h * s_x_h."""
-        num_m = tl.cdiv(T, BLOCK_M)
-        if HEADS_INNER:
-            head = tl.program_id(0)
-            start_m = num_m - 1 - tl.program_id(1)
-        else:
-            start_m = num_m - 1 - tl.program_id(0)
-            head = tl.program_id(1)
-        offset = S - T
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        q_n = desc_qn.load([start_m * BLOCK_M, head * s_qn_h])
-        q_p = desc_qp.load([start_m * BLOCK_M, head * s_qp_h])
-        col_kn = head * s_kn_h
-        col_v = head * s_v_h
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, DV], tl.float32)
-        first_pos = offset + start_m * BLOCK_M
-        full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(S, first_pos + BLOCK_M)
-        for start_n in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, m_i, l_i = attend_block_desc(acc, m_i, l_i, q_n, q_p, desc_kn, desc_kp, desc_v, col_kn, col_v,
-                                              start_n, S, offset, offs_m, offs_n, qk_scale, False, IEEE, FUSED_SCALE)
-        for start_n in range(full_end, hi, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, m_i, l_i = attend_block_desc(acc, m_i, l_i, q_n, q_p, desc_kn, desc_kp, desc_v, col_kn, col_v,
-                                              start_n, S, offset, offs_m, offs_n, qk_scale, True, IEEE, FUSED_SCALE)
-        out = acc / l_i[:, None]
-        desc_o.store([start_m * BLOCK_M, head * s_o_h], out.to(q_n.dtype))
 
 
 def _kernel():
@@ -283,22 +171,6 @@ def _check(q_nope, q_pe, k_nope, k_pe, v) -> None:
         raise ValueError(f"mla_prefill: {T} queries but only {S} keys (the queries are the last T positions)")
 
 
-def _descriptors_fit(tensors, dtype) -> bool:
-    """Tensor descriptors need 16-byte aligned bases and row strides (unit last stride is checked)."""
-    size = torch.empty(0, dtype=dtype).element_size()
-    return TensorDescriptor is not None and all(
-        t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0 for t in tensors)
-
-
-def _rows_desc(t: torch.Tensor, block: list[int]):
-    """A [rows, heads, d] tensor as a 2-D descriptor [rows, the columns its heads use]: head h's d
-    columns start at column h * stride(1); k_pe ([rows, d]) as itself."""
-    if t.dim() == 2:
-        return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
-    cols = (t.shape[1] - 1) * t.stride(1) + t.shape[2]
-    return TensorDescriptor(t, [t.shape[0], cols], [t.stride(0), 1], block)
-
-
 def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
                           v: torch.Tensor, scale: float, tile: Tile | str | None = None) -> torch.Tensor:
     """out [T, h, V] (see the module docstring). tile: a Tile or a name of GPU_TILES; None takes
@@ -306,6 +178,8 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torc
     interpreter. The lengths T and S are not specialized on: every length runs the kernel compiled
     once per tile, dtype and head dims (`warm_up`)."""
     _check(q_nope, q_pe, k_nope, k_pe, v)
+    if not scale > 0:
+        raise ValueError(f"mla_prefill: scale {scale} must be > 0 (the row max is taken before scaling)")
     T, h, N = q_nope.shape
     S = k_nope.shape[0]
     R, DV = q_pe.shape[-1], v.shape[-1]
@@ -319,21 +193,13 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torc
         if tile not in GPU_TILES:
             raise ValueError(f"mla_prefill: tile {tile!r} is not one of {', '.join(GPU_TILES)}")
         tile = GPU_TILES[tile]
-    bm, bn = tile.block_m, tile.block_n
-    grid = (h, triton_cdiv(T, bm)) if tile.heads_inner else (triton_cdiv(T, bm), h)
-    consts = dict(N=N, R=R, DV=DV, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, FUSED_SCALE=tile.fused_scale,
-                  WS=tile.warp_specialize, HEADS_INNER=tile.heads_inner, num_warps=tile.warps, num_stages=tile.stages)
-    qk_scale = float(scale) * LOG2E
-    if tile.tma and _descriptors_fit((q_nope, q_pe, k_nope, k_pe, v, out), q_nope.dtype):
-        descs = (_rows_desc(q_nope, [bm, N]), _rows_desc(q_pe, [bm, R]), _rows_desc(k_nope, [bn, N]),
-                 _rows_desc(k_pe, [bn, R]), _rows_desc(v, [bn, DV]), _rows_desc(out, [bm, DV]))
-        mla_prefill_desc_kernel[grid](*descs, T, S, qk_scale, q_nope.stride(1), q_pe.stride(1), k_nope.stride(1),
-                                      v.stride(1), out.stride(1), **consts)
-        return out
-    args = (q_nope, q_pe, k_nope, k_pe, v, out, T, S, qk_scale,
+    if triton_cdiv(T, tile.block_m) > 65535:          # the grid's second dimension
+        raise ValueError(f"mla_prefill: {T} queries exceed {65535 * tile.block_m} for one launch")
+    args = (q_nope, q_pe, k_nope, k_pe, v, out, T, S, float(scale) * LOG2E,
             q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), k_nope.stride(0), k_nope.stride(1),
             k_pe.stride(0), v.stride(0), v.stride(1), out.stride(0), out.stride(1))
-    _kernel()[grid](*args, KEYS_BY_ROW=tile.keys_by_row, **consts)
+    _kernel()[(h, triton_cdiv(T, tile.block_m))](*args, N=N, R=R, DV=DV, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                                                 IEEE=ieee, num_warps=tile.warps, num_stages=tile.stages)
     return out
 
 
