@@ -21,9 +21,11 @@ which builds an execution graph for every new (query, key) length. On one H200 a
 about 15K tokens of prompts 1K-8K long spent ~0.43 s of host time in its launch that way, and ~0.12 s
 with the Triton kernel, whose GPU span was ~0.18 s (the same workload through the engine alone:
 docs/performance.md, "Serving on one H200", 2026-12-02). The kernel is compiled once for every length
-(`warm_up`, at start-up); in scripts/gpu_prefill.py's timings (gpu_prefill_h200_2026-12-01.md) its tile
-runs a fresh causal 8K prompt in 0.850 ms per layer against cuDNN's 0.800, and the kernel (autotuned then)
-a 2K chunk after 6K cached tokens in 0.419 ms against SDPA's memory-efficient kernel's 1.246.
+(`warm_up`, at start-up; $DWDP_PREFILL_TILE picks another of its tiles, for measurements). In
+scripts/gpu_prefill.py's timings on one H200 (docs/results/gpu_prefill_tiles_h200_2026-12-02.md, two
+rounds) it runs a fresh causal 8K prompt in 0.732 / 0.735 ms per layer against cuDNN's 0.801 / 0.801,
+a causal 16K one in 2.645 / 2.606 ms against 2.445 / 2.560, and a 2K chunk after 6K cached tokens in
+0.358 / 0.345 ms against SDPA's memory-efficient kernel's 1.241 / 1.242.
 """
 from __future__ import annotations
 
@@ -59,7 +61,13 @@ def impl_for(x: torch.Tensor) -> str:
     if want == "triton" and _triton_failed:
         raise UserError(f"{ENV}=triton: the kernel did not build on this GPU ({_triton_failed})")
     default_ok = fused_kernels.available() and x.dtype != torch.float32 and not _triton_failed
-    return want or ("triton" if default_ok else "sdpa")
+    impl = want or ("triton" if default_ok else "sdpa")
+    if impl == "triton":
+        try:
+            mla_prefill.gpu_tile()          # $DWDP_PREFILL_TILE, if set, names one of the kernel's tiles
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    return impl
 
 
 def warm_up(heads: int, nope: int, rope: int, v_dim: int, latent_dim: int, dtype: torch.dtype,

@@ -28,7 +28,8 @@ def kernel_matches_float64() -> None:
     keys (bottom-right causal), one query; k_nope and v as strided views of one expanded tensor, as
     the engine passes them; the DeepSeek dims (128/64/128) once."""
     for T, S, h, N, R, V, tile in ((37, 37, 2, 32, 16, 32, None), (20, 53, 3, 32, 16, 32, None),
-                                   (1, 29, 2, 32, 16, 32, None), (70, 70, 1, 32, 16, 32, (32, 16, 4, 1)),
+                                   (1, 29, 2, 32, 16, 32, None),
+                                   (70, 70, 1, 32, 16, 32, mla_prefill.Tile(32, 16, 4, 1)),
                                    (24, 40, 1, 128, 64, 128, None)):
         q_nope = torch.randn(T, h, N + R, generator=GEN)[..., :N]           # strided, like the engine's q view
         q_pe = torch.randn(T, h, R, generator=GEN)
@@ -39,6 +40,24 @@ def kernel_matches_float64() -> None:
         ref = mla_prefill.reference(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], scale)
         e = rel(out, ref)
         assert torch.isfinite(out).all() and e < 1e-5, (T, S, h, e)
+
+
+def many_blocks_and_heads_match_float64() -> None:
+    """The (heads, query blocks) grid, longest block first: many query blocks and heads, causal and after
+    cached keys, a key block wider than the query block (as GPU_TILES' block_n128), k_pe a strided view
+    of cache rows as the engine passes it."""
+    for T, S, tile in ((90, 90, None), (40, 130, None), (75, 75, mla_prefill.Tile(16, 32, 4, 1)),
+                       (33, 101, mla_prefill.Tile(16, 32, 4, 1))):
+        h, N, R, V = 3, 32, 16, 32
+        q_nope = torch.randn(T, h, N + R, generator=GEN)[..., :N]
+        q_pe = torch.randn(T, h, R, generator=GEN)
+        kv = torch.randn(S, h, N + V, generator=GEN)
+        k_pe = torch.randn(S, 64 + R, generator=GEN)[:, 64:]
+        scale = (N + R) ** -0.5
+        out = mla_prefill.mla_prefill_attention(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], scale, tile=tile)
+        ref = mla_prefill.reference(q_nope, q_pe, kv[..., :N], k_pe, kv[..., N:], scale)
+        e = rel(out, ref)
+        assert torch.isfinite(out).all() and e < 1e-5, (T, S, tile, e)
 
 
 def paged_path_matches_absorbed_reference() -> None:
@@ -75,9 +94,12 @@ def bad_shapes_are_refused() -> None:
                       ((q, torch.randn(4, 2, 16), torch.randn(5, 2, 32), torch.randn(5, 8), torch.randn(5, 2, 32)),
                        "k_pe has shape"),
                       ((torch.randn(4, 2, 24), torch.randn(4, 2, 16), torch.randn(5, 2, 24), torch.randn(5, 16),
-                        torch.randn(5, 2, 32)), "power of two")):
+                        torch.randn(5, 2, 32)), "power of two"),
+                      ((q, torch.randn(4, 2, 16), torch.randn(5, 2, 32), torch.randn(5, 16), torch.randn(5, 2, 32),
+                        -1.0),
+                       "must be > 0")):
         try:
-            mla_prefill.mla_prefill_attention(*args, 1.0)
+            mla_prefill.mla_prefill_attention(*(args if len(args) == 6 else (*args, 1.0)))
         except ValueError as exc:
             assert msg in str(exc), (msg, exc)
         else:
@@ -85,7 +107,8 @@ def bad_shapes_are_refused() -> None:
 
 
 if __name__ == "__main__":
-    checks = (kernel_matches_float64, paged_path_matches_absorbed_reference, bad_shapes_are_refused)
+    checks = (kernel_matches_float64, many_blocks_and_heads_match_float64, paged_path_matches_absorbed_reference,
+              bad_shapes_are_refused)
     for check in checks:
         check()
         print(f"{check.__name__}: ok", flush=True)

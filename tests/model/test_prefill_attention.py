@@ -15,10 +15,10 @@ from tests.conftest import run_under_triton_interpreter
 
 def test_prefill_kernel_under_the_interpreter():
     """tests/model/mla_prefill_checks.py in a fresh process: the kernel vs a float64 softmax (causal,
-    chunks after cached keys, one query, strided k/v views, DeepSeek dims), the paged expanded path
-    vs the absorbed-form reference and the SDPA path, shape errors."""
+    chunks after cached keys, one query, strided k/v views, DeepSeek dims), many query blocks and heads,
+    the paged expanded path vs the absorbed-form reference and the SDPA path, shape errors."""
     out = run_under_triton_interpreter(Path(__file__).with_name("mla_prefill_checks.py"))
-    assert out.strip().endswith("ok 3 checks"), out
+    assert out.strip().endswith("ok 4 checks"), out
 
 
 def test_sdpa_attend_matches_float64_on_cpu():
@@ -105,3 +105,19 @@ def test_sdpa_path_without_concatenation_matches_absorbed_reference(cached, new)
         out = sdpa_prefill_attention(q_nope, q_pe, batch, kv_layer, w_uk, w_uv, scale, q_whole=q_whole)
         assert out.shape == (T, h, V)
         assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_tile_switch(monkeypatch):
+    """$DWDP_PREFILL_TILE picks one of the kernel's GPU tiles; a wrong name is one clear error."""
+    on_cuda = type("CudaTensor", (), {"is_cuda": True, "dtype": torch.bfloat16})()
+    monkeypatch.setattr(prefill_attention.fused_kernels, "available", lambda: True)
+    monkeypatch.setattr(prefill_attention, "_triton_failed", None)
+    monkeypatch.delenv(prefill_attention.ENV, raising=False)
+    monkeypatch.delenv(mla_prefill.TILE_ENV, raising=False)
+    assert mla_prefill.gpu_tile() == mla_prefill.GPU_TILES[mla_prefill.GPU_TILE]
+    name = next(n for n in mla_prefill.GPU_TILES if n != mla_prefill.GPU_TILE)
+    monkeypatch.setenv(mla_prefill.TILE_ENV, name)
+    assert mla_prefill.gpu_tile() == mla_prefill.GPU_TILES[name]
+    monkeypatch.setenv(mla_prefill.TILE_ENV, "huge")
+    with pytest.raises(UserError, match="DWDP_PREFILL_TILE='huge' is not one of"):
+        prefill_attention.impl_for(on_cuda)

@@ -11,24 +11,54 @@ Why hand-written: PyTorch's flash backend refuses the MLA head dims (qk 192, v 1
 back to its memory-efficient kernel, and no flash_attn package is installed. This kernel
 also reads the query as its two parts and k_pe once for all heads, so neither the query
 concatenation nor a per-head copy of k_pe is built. Key blocks wholly below a query block's
-diagonal run without masks; only the diagonal blocks are masked. fp32 inputs use IEEE fp32 dots
-(the correctness reference path); 16-bit inputs the tensor cores with fp32 accumulation.
+diagonal run without masks; only the diagonal blocks are masked; programs start longest first over all
+heads (`mla_prefill_kernel`). fp32 inputs use IEEE fp32 dots (the correctness reference path); 16-bit
+inputs the tensor cores with fp32 accumulation.
 """
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 
 LOG2E = 1.4426950408889634
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs on the GPU: the fastest of GPU_TILES at 8K
-# and 16K causal tokens on one H200 (0.850 / 2.614 ms vs 1.038 / 3.511 and 0.999 / 3.446;
-# docs/results/gpu_prefill_h200_2026-12-01.md). One fixed tile, not an autotuner: autotuning ran on a
-# request's path (three compiles and timed runs the first time each context-length bucket came).
-GPU_TILE = (128, 64, 8, 3)
-GPU_TILES = ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3))   # what scripts/gpu_prefill.py sweeps (none spills)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One compiled form of the kernel: query rows and keys per block, warps, pipeline stages."""
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+
+# Tiles for 16-bit inputs on the GPU, which scripts/gpu_prefill.py checks and times; "default" runs
+# unless $DWDP_PREFILL_TILE names another (for measurements). One fixed tile, not an autotuner:
+# autotuning ran on a request's path (three compiles and timed runs the first time each context-length
+# bucket came). On one H200 (docs/results/gpu_prefill_tiles_h200_2026-12-02.md) "default" ran a
+# causal 8K prompt in 0.73 ms per layer, against 0.80 for cuDNN and 0.82-0.86 for this kernel before
+# its grid order and fused scale; "stages4" and block_n 128 were slower. None of them spills.
+GPU_TILES = {
+    "default": Tile(128, 64, 8, 3),
+    "stages4": Tile(128, 64, 8, 4),
+    "block_n128": Tile(128, 128, 8, 2),
+}
+GPU_TILE = "default"
+TILE_ENV = "DWDP_PREFILL_TILE"
 # fp32 inputs (the correctness path) take one small tile: fp32 operands in large tiles spill so much
 # that ptxas needs tens of seconds or more per variant
-FP32_TILE = (32, 32, 4, 1)
-INTERPRETER_TILE = (16, 16, 4, 1)
+FP32_TILE = Tile(32, 32, 4, 1)
+INTERPRETER_TILE = Tile(16, 16, 4, 1)
+
+
+def gpu_tile() -> Tile:
+    """The tile 16-bit inputs run on CUDA: $DWDP_PREFILL_TILE if set (a name of GPU_TILES), else GPU_TILE."""
+    name = os.environ.get(TILE_ENV, "") or GPU_TILE
+    if name not in GPU_TILES:
+        raise ValueError(f"{TILE_ENV}={name!r} is not one of {', '.join(GPU_TILES)}")
+    return GPU_TILES[name]
 
 
 try:                                   # kernels at module level: Triton resolves helper calls as globals
@@ -42,10 +72,12 @@ if triton is not None:
     def attend_block(acc, m_i, l_i, q_n, q_p, KN, KP, V, start_n, S, offset, offs_m, offs_n, offs_d, offs_r, offs_v,
                      qk_scale, s_kn_s, s_kp_s, s_v_s, MASK: tl.constexpr, IEEE: tl.constexpr):
         """One key block of the online softmax (KN, V: this head's base pointers); MASK: the block
-        crosses the diagonal or the end of the keys."""
+        crosses the diagonal or the end of the keys. The scale is applied inside exp2's argument (one
+        FMA per score; the row max is taken on the raw scores, scale > 0), and the 16-bit dots
+        accumulate in place (the rope part onto the nope part's scores, p @ v onto the rescaled sum)."""
         keys = start_n + offs_n                 # int32 offsets (S * stride < 2**31, checked by the wrapper)
+        key_ok = keys < S
         if MASK:
-            key_ok = (start_n + offs_n) < S
             k_n = tl.load(KN + keys[None, :] * s_kn_s + offs_d[:, None], mask=key_ok[None, :], other=0.0)
             k_p = tl.load(KP + keys[None, :] * s_kp_s + offs_r[:, None], mask=key_ok[None, :], other=0.0)
         else:
@@ -54,23 +86,22 @@ if triton is not None:
         if IEEE:
             s = tl.dot(q_n, k_n, input_precision="ieee") + tl.dot(q_p, k_p, input_precision="ieee")
         else:
-            s = tl.dot(q_n, k_n) + tl.dot(q_p, k_p)
-        s = s * qk_scale
-        if MASK:
-            visible = ((start_n + offs_n)[None, :] <= (offset + offs_m)[:, None]) & key_ok[None, :]
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+            s = tl.dot(q_p, k_p, tl.dot(q_n, k_n))
         if MASK:
             v = tl.load(V + keys[:, None] * s_v_s + offs_v[None, :], mask=key_ok[:, None], other=0.0)
         else:
             v = tl.load(V + keys[:, None] * s_v_s + offs_v[None, :])
+        if MASK:
+            visible = (keys[None, :] <= (offset + offs_m)[:, None]) & key_ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         return acc, m_new, l_i
 
     @triton.jit(do_not_specialize=["T", "S"])     # one compiled kernel for every chunk and context length
@@ -78,9 +109,13 @@ if triton is not None:
                            s_qn_t, s_qn_h, s_qp_t, s_qp_h, s_kn_s, s_kn_h, s_kp_s, s_v_s, s_v_h, s_o_t, s_o_h,
                            N: tl.constexpr, R: tl.constexpr, DV: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        """Grid (heads, query blocks), longest block first: the hardware starts programs in order, so
+        every head's longest (causal) query block starts before any shorter one and the shortest run
+        last (a grid of (query blocks, heads) started the last heads' longest blocks last: 11% slower
+        at 8K causal tokens on one H200)."""
         num_m = tl.cdiv(T, BLOCK_M)
-        start_m = num_m - 1 - tl.program_id(0)            # longest rows first (causal load balance)
-        head = tl.program_id(1)
+        head = tl.program_id(0)
+        start_m = num_m - 1 - tl.program_id(1)
         offset = S - T                                    # cached keys before the chunk
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -137,26 +172,34 @@ def _check(q_nope, q_pe, k_nope, k_pe, v) -> None:
 
 
 def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
-                          v: torch.Tensor, scale: float, tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """out [T, h, V] (see the module docstring). tile = (BLOCK_M, BLOCK_N, warps, stages); None takes
-    GPU_TILE on CUDA for 16-bit inputs, FP32_TILE for fp32 and INTERPRETER_TILE under the interpreter.
-    The lengths T and S are not specialized on: every length runs the kernel compiled once per tile,
-    dtype and head dims (`warm_up`)."""
+                          v: torch.Tensor, scale: float, tile: Tile | str | None = None) -> torch.Tensor:
+    """out [T, h, V] (see the module docstring). tile: a Tile or a name of GPU_TILES; None takes
+    `gpu_tile()` on CUDA for 16-bit inputs, FP32_TILE for fp32 and INTERPRETER_TILE under the
+    interpreter. The lengths T and S are not specialized on: every length runs the kernel compiled
+    once per tile, dtype and head dims (`warm_up`)."""
     _check(q_nope, q_pe, k_nope, k_pe, v)
+    if not scale > 0:
+        raise ValueError(f"mla_prefill: scale {scale} must be > 0 (the row max is taken before scaling)")
     T, h, N = q_nope.shape
     S = k_nope.shape[0]
-    out = torch.empty(T, h, v.shape[-1], device=q_nope.device, dtype=q_nope.dtype)
+    R, DV = q_pe.shape[-1], v.shape[-1]
+    out = torch.empty(T, h, DV, device=q_nope.device, dtype=q_nope.dtype)
     if T == 0:
         return out
     ieee = q_nope.dtype == torch.float32
+    if tile is None:
+        tile = (FP32_TILE if ieee else gpu_tile()) if q_nope.is_cuda else INTERPRETER_TILE
+    elif isinstance(tile, str):
+        if tile not in GPU_TILES:
+            raise ValueError(f"mla_prefill: tile {tile!r} is not one of {', '.join(GPU_TILES)}")
+        tile = GPU_TILES[tile]
+    if triton_cdiv(T, tile.block_m) > 65535:          # the grid's second dimension
+        raise ValueError(f"mla_prefill: {T} queries exceed {65535 * tile.block_m} for one launch")
     args = (q_nope, q_pe, k_nope, k_pe, v, out, T, S, float(scale) * LOG2E,
             q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), k_nope.stride(0), k_nope.stride(1),
             k_pe.stride(0), v.stride(0), v.stride(1), out.stride(0), out.stride(1))
-    if tile is None:
-        tile = (FP32_TILE if ieee else GPU_TILE) if q_nope.is_cuda else INTERPRETER_TILE
-    bm, bn, warps, stages = tile
-    _kernel()[(triton_cdiv(T, bm), h)](*args, N=N, R=q_pe.shape[-1], DV=v.shape[-1], BLOCK_M=bm, BLOCK_N=bn,
-                                       IEEE=ieee, num_warps=warps, num_stages=stages)
+    _kernel()[(h, triton_cdiv(T, tile.block_m))](*args, N=N, R=R, DV=DV, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                                                 IEEE=ieee, num_warps=tile.warps, num_stages=tile.stages)
     return out
 
 
