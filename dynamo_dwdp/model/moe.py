@@ -121,11 +121,12 @@ def fused_decode_path(x: torch.Tensor) -> bool:
     return x.is_cuda and fused_kernels.available()
 
 
-# Shared experts folded into the routed call (`MoEBlock.folded_shared`) up to this many tokens: at 1 token one
-# launch per projection over routed + shared experts took 45.8 us per layer against 55.6 for the routed call
-# plus DenseMLP (one H200, 2026-12-02, docs/performance.md "Routed experts at 256 tokens, real routing"); from
-# 64 tokens it ties or loses. 0 switches it off.
-FOLD_SHARED_MAX_TOKENS = int(os.environ.get("DWDP_FOLD_SHARED_MAX_TOKENS", "0"))
+# Shared experts folded into the routed call (`MoEBlock.folded_shared`) up to this many tokens. One H200,
+# 2026-12-02, v2-lite shapes (scripts/gpu_b1.py, docs/performance.md "Decode at batch 1"): the MoE part of a layer
+# folded vs routed call + DenseMLP, us: 1 token 47.0 vs 55.2, 2: 69.4 vs 77.8, 4: 107.7 vs 117.8, 8: 163.7 vs
+# 173.0, 16: 213.0 vs 223.8; at 64 tokens it tied or lost (246 vs 243, 2026-12-02 sweep). The batch-1 decode
+# step (bench engine, 27 layers): 3.026 -> 2.797 ms. 0 switches it off.
+FOLD_SHARED_MAX_TOKENS = int(os.environ.get("DWDP_FOLD_SHARED_MAX_TOKENS", "16"))
 
 
 class MoEBlock(nn.Module):

@@ -17,6 +17,9 @@ computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose exp
    as the torch path's batched product does: deterministic, no atomics; pairs of experts in no bank
    are skipped by id, so y needs no zero fill.
 Experts that received no pair cost one program launch that returns at once: no weight bytes read.
+Shared experts folded in (`SharedExperts`, small batches, `model/moe.py`): the program rows past the bank's
+experts read a second weight tensor in place (the dense MLP's [gate; up] and down, by their own strides), so
+that the always-selected shared experts share the routed experts' two launches.
 Work list (`TileConfig.work_list`, bf16 experts; on by `routed_tiles` above a mean of 8 rows per expert,
 i.e. from 128 tokens of v2-lite): instead of one row of programs per expert looping over the expert's M
 tiles (an expert with more rows than the tile streams its weights once per tile, from HBM again in

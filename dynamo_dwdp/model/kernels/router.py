@@ -17,7 +17,8 @@ the lower expert id.
    are exact in fp32, so the logits are the fp32 product up to summation order, like cuBLAS's, at
    tensor-core speed (the IEEE dots took 25 us per layer at 256 tokens on an H200).
 2. `select_kernel`: sums the partials in a fixed order and does the whole selection in registers.
-   Up to FUSED_SELECT_MAX_ROWS tokens (off until measured on a GPU) it is no second launch: each
+   Up to FUSED_SELECT_MAX_ROWS tokens and FUSED_SELECT_MAX_EXPERTS experts (measured below) it is no second
+   launch: each
    logits program counts itself in on its token tile's counter (an acq_rel atomic, which publishes its partial sums) and the last one
    to arrive runs the same selection code (bitwise the same result; one launch instead of two, the
    second being a few-microsecond latency-bound launch in every layer of a small decode batch).
@@ -62,9 +63,13 @@ def stacked_split3(weight: torch.Tensor) -> torch.Tensor:
 
 
 LOGITS_KERNEL_MAX_ROWS = 512      # decode's CUDA-graph batches (<= 256 rows) stay on the Triton logits kernel
-# rows up to which the logits kernel's last program per token tile selects (one launch): 0 = off until its
-# GPU check and timing (scripts/gpu_decode_kernels.py, "router one launch") have run; 64 is the intended value
-FUSED_SELECT_MAX_ROWS = int(os.environ.get("DWDP_ROUTER_FUSED_SELECT_ROWS", "0"))
+# Rows (and experts) up to which the logits kernel's last program per token tile selects (one launch). One
+# H200, 2026-12-02 (scripts/gpu_b1.py; CUDA graph, bitwise equal to the two kernels in 200 repeats): 64 experts,
+# H 2048: 1 row 6.99 vs 7.81 us, 8 rows 7.01 vs 8.09, 64 rows 10.67 vs 8.76 (slower); 256 experts, H 7168: 41.1
+# vs 25.5 us at 1 row, 45.9 vs 28.2 at 8 (slower: the last program's selection over 256 experts is serial
+# work on one SM after the logits). The batch-1 decode step: 3.058 -> 3.026 ms (docs/performance.md).
+FUSED_SELECT_MAX_ROWS = int(os.environ.get("DWDP_ROUTER_FUSED_SELECT_ROWS", "8"))
+FUSED_SELECT_MAX_EXPERTS = 64
 FUSED_SELECT_ROWS_TESTED = 64
 SPLITS_OVERRIDE: int | None = None   # benchmark hook (scripts/gpu_decode_kernels.py): the logits kernel's K splits
 
@@ -264,7 +269,8 @@ def noaux_tc_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sk
         splits = -(-H // k_per)
         partial = torch.empty(splits, T, E, dtype=torch.float32, device=x.device)
         tiles_t = -(-T // block_t)
-        counters = _counters(weight) if T <= FUSED_SELECT_MAX_ROWS and block_t * next_pow2(E) <= 4096 else None
+        one_launch = T <= FUSED_SELECT_MAX_ROWS and E <= FUSED_SELECT_MAX_EXPERTS and block_t * next_pow2(E) <= 4096
+        counters = _counters(weight) if one_launch else None
         logits_kernel[(tiles_t, -(-E // block_e), splits)](
             x, weight, partial, T, E, H, k_per, x.stride(0), weight.stride(0), partial.stride(0), partial.stride(1),
             counters if counters is not None else partial, bias, skew, ids, wts, topk_group,
