@@ -17,6 +17,8 @@ benchmark knob added to the selection scores of every method; it is zero for rea
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,7 @@ from torch import nn
 from dynamo_dwdp.model import kernels as fused_kernels
 from dynamo_dwdp.model.config import ModelConfig
 from dynamo_dwdp.model.kernels import router as fused_router
+from dynamo_dwdp.model.kernels.moe_gemm import SharedExperts
 from dynamo_dwdp.model.layers import DenseMLP
 from dynamo_dwdp.model.tensor_parallel import TensorParallel
 
@@ -87,24 +90,43 @@ class Router(nn.Module):
         # Benchmark knob ("hot experts"): added to the selection scores only; zero for real models.
         self.register_buffer("selection_skew", torch.zeros(E, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (topk_ids [T, k] long, topk_weights [T, k] float32)."""
+    def forward(self, x: torch.Tensor, always_on: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (topk_ids [T, k] long, topk_weights [T, k] float32); `always_on` > 0 appends that many
+        columns of ids E, E+1, .. with weight 1 (the shared experts folded into the routed call)."""
         method = self.cfg.topk_method
-        if method == "noaux_tc":
-            cfg = self.cfg
-            if x.is_cuda and fused_kernels.available():
-                # the V3 router as two Triton kernels (kernels/router.py)
-                return fused_router.noaux_tc_route(x, self.weight, self.e_score_correction_bias, self.selection_skew,
-                                                   cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
-                                                   cfg.norm_topk_prob, cfg.routed_scaling_factor)
-            logits = F.linear(x.float(), self.weight.float())
-            return route_noaux_tc(logits, cfg, self.e_score_correction_bias, self.selection_skew)
+        if method == "noaux_tc" and fused_decode_path(x):
+            cfg = self.cfg     # the V3 router as Triton kernels (kernels/router.py), the extra columns included
+            return fused_router.noaux_tc_route(x, self.weight, self.e_score_correction_bias, self.selection_skew,
+                                               cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
+                                               cfg.norm_topk_prob, cfg.routed_scaling_factor, always_on)
         logits = F.linear(x.float(), self.weight.float())
-        if method == "greedy":
-            return route_greedy(logits, self.cfg, self.selection_skew)
-        if method == "group_limited_greedy":
-            return route_group_limited_greedy(logits, self.cfg, self.selection_skew)
-        raise ValueError(f"topk_method {method!r} has no router")   # config.py refuses it first
+        if method == "noaux_tc":
+            ids, weights = route_noaux_tc(logits, self.cfg, self.e_score_correction_bias, self.selection_skew)
+        elif method == "greedy":
+            ids, weights = route_greedy(logits, self.cfg, self.selection_skew)
+        elif method == "group_limited_greedy":
+            ids, weights = route_group_limited_greedy(logits, self.cfg, self.selection_skew)
+        else:
+            raise ValueError(f"topk_method {method!r} has no router")   # config.py refuses it first
+        if always_on:
+            T, E = x.shape[0], self.cfg.n_routed_experts
+            extra = torch.arange(E, E + always_on, device=x.device).expand(T, always_on)
+            ids = torch.cat([ids, extra], dim=1)
+            weights = torch.cat([weights, weights.new_ones(T, always_on)], dim=1)
+        return ids, weights
+
+
+def fused_decode_path(x: torch.Tensor) -> bool:
+    """The Triton decode kernels apply (CUDA, Triton importable and not switched off)."""
+    return x.is_cuda and fused_kernels.available()
+
+
+# Shared experts folded into the routed call (`MoEBlock.folded_shared`) up to this many tokens. One H200,
+# 2026-12-02, v2-lite shapes (scripts/gpu_b1.py, docs/performance.md "Decode at batch 1"): the MoE part of a layer
+# folded vs routed call + DenseMLP, us: 1 token 47.0 vs 55.2, 2: 69.4 vs 77.8, 4: 107.7 vs 117.8, 8: 163.7 vs
+# 173.0, 16: 213.0 vs 223.8; at 64 tokens it tied or lost (246 vs 243, 2026-12-02 sweep). The batch-1 decode
+# step (bench engine, 27 layers): 3.026 -> 2.797 ms. 0 switches it off.
+FOLD_SHARED_MAX_TOKENS = int(os.environ.get("DWDP_FOLD_SHARED_MAX_TOKENS", "16"))
 
 
 class MoEBlock(nn.Module):
@@ -118,10 +140,33 @@ class MoEBlock(nn.Module):
                                if cfg.n_shared_experts else None)
         self.executor = executor
 
+    def folded_shared(self, x: torch.Tensor) -> SharedExperts | None:
+        """The shared experts as always-selected experts of the routed call for this batch, or None (the
+        separate DenseMLP): up to FOLD_SHARED_MAX_TOKENS tokens on the fused decode path, when the executor
+        takes them (`MoEExecutor.folds_shared`) and the shared MLP is bf16, unsharded, with fused [gate; up]
+        rows of the routed experts' intermediate size."""
+        mlp = self.shared_experts
+        if (mlp is None or not 0 < x.shape[0] <= FOLD_SHARED_MAX_TOKENS or not getattr(self.executor, "folds_shared",
+                                                                                         False)
+                or mlp.gate_up is None or mlp.gate_up.dtype != torch.bfloat16 or x.dtype != torch.bfloat16
+                or not fused_decode_path(x)):
+            return None
+        cfg = self.gate.cfg
+        S, inter = cfg.n_shared_experts, cfg.moe_intermediate_size
+        down = mlp.down_proj.weight
+        if mlp.gate_up.shape != (2 * S * inter, cfg.hidden_size) or down.shape != (cfg.hidden_size, S * inter):
+            return None                                  # sharded (TP) or another shape
+        return SharedExperts(mlp.gate_up, down, S)
+
     def forward(self, x: torch.Tensor, separate: bool = False):
         """The block's output; with `separate` the pair (routed experts' output, shared experts' output
         or None) not yet summed, so that the decoder layer adds both to the residual in its next fused
         add + norm."""
+        shared = self.folded_shared(x)
+        if shared is not None:          # one routed call computes both (the shared experts' ids after the routed)
+            ids, weights = self.gate(x, always_on=shared.count)
+            out = self.executor.forward_folded(self.layer_idx, x, ids, weights, shared)
+            return (out, None) if separate else out
         ids, weights = self.gate(x)
         out = self.executor.forward(self.layer_idx, x, ids, weights)
         shared = self.shared_experts(x) if self.shared_experts is not None else None

@@ -18,6 +18,7 @@ import torch
 
 from dynamo_dwdp.model.config import ModelConfig
 from dynamo_dwdp.model.experts import ExpertBank, routed_experts
+from dynamo_dwdp.model.kernels.moe_gemm import SharedExperts, routed_experts_fused
 from dynamo_dwdp.model.step_stats import ExecutorStats
 
 
@@ -50,6 +51,14 @@ class MoEExecutor(ABC):
     @abstractmethod
     def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor: ...
+
+    folds_shared: bool = False     # forward_folded exists (the shared experts in the routed call, small batches)
+
+    def forward_folded(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       shared: SharedExperts) -> torch.Tensor:
+        """forward() plus the shared experts, run as always-selected experts E.. of the same launches; topk_ids
+        [T, k + shared.count] holds their ids (weight 1) after the routed ones. Executors with folds_shared."""
+        raise NotImplementedError(f"strategy {self.strategy} does not fold the shared experts")
 
     # CUDA-graph protocol (engine/cuda_graphs.py); no-ops for executors without host-side state.
     def graph_epoch(self) -> object:
@@ -128,3 +137,12 @@ class LocalExecutor(MoEExecutor):
 
     def forward(self, layer, x, topk_ids, topk_weights):
         return routed_experts(x, topk_ids, topk_weights, [self.banks[layer]])
+
+    @property
+    def folds_shared(self) -> bool:
+        """The fold runs the fused kernels over one bf16 bank holding every expert (not FP8-resident)."""
+        bank = next(iter(self.banks.values()), None)             # every layer's bank has the same format
+        return self.dtype == torch.bfloat16 and bank is not None and bank.w13_scale is None
+
+    def forward_folded(self, layer, x, topk_ids, topk_weights, shared):
+        return routed_experts_fused(x, topk_ids, topk_weights, [self.banks[layer]], shared=shared)

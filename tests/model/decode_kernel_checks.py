@@ -69,6 +69,7 @@ def add_rmsnorm_matches_torch() -> None:
 
 def router_bf16_logits_pick_the_reference_experts() -> None:
     router.FUSED_SELECT_MAX_ROWS = router.FUSED_SELECT_ROWS_TESTED          # the one-launch form under test
+    router.FUSED_SELECT_MAX_EXPERTS = 1 << 20                               # at 256 experts too
     """bf16 activations (the three-way bf16 split of the fp32 weight on tensor cores) at every token
     tile (1, 20, 70 tokens, and a prefill-sized batch: one GEMM against the stacked parts) vs the torch
     router on the same bf16 x (fp32 logits): same expert sets,

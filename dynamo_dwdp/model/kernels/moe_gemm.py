@@ -17,6 +17,9 @@ computes (sum over k of w[t,k] * SwiGLU-expert_{ids[t,k]}(x[t]); pairs whose exp
    as the torch path's batched product does: deterministic, no atomics; pairs of experts in no bank
    are skipped by id, so y needs no zero fill.
 Experts that received no pair cost one program launch that returns at once: no weight bytes read.
+Shared experts folded in (`SharedExperts`, small batches, `model/moe.py`): the program rows past the bank's
+experts read a second weight tensor in place (the dense MLP's [gate; up] and down, by their own strides), so
+that the always-selected shared experts share the routed experts' two launches.
 Work list (`TileConfig.work_list`, bf16 experts; on by `routed_tiles` above a mean of 8 rows per expert,
 i.e. from 128 tokens of v2-lite): instead of one row of programs per expert looping over the expert's M
 tiles (an expert with more rows than the tile streams its weights once per tile, from HBM again in
@@ -93,7 +96,8 @@ def _kernels():
                        SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DENSE: tl.constexpr,
                        FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SWAP: tl.constexpr, FAST_CVT: tl.constexpr, CVT_ASM: tl.constexpr,
-                       SPLIT_K: tl.constexpr, IEEE: tl.constexpr, WORK_LIST: tl.constexpr):
+                       SPLIT_K: tl.constexpr, IEEE: tl.constexpr, WORK_LIST: tl.constexpr,
+                       WB, n_a, stride_we_b, stride_wn_b, up_a, up_b, TWO_BANKS: tl.constexpr):
         pn = tl.program_id(0)
         el = tl.program_id(1)
         if WORK_LIST > 0:       # program row el = the el-th M tile of the bank's work list (no tile: nothing)
@@ -123,7 +127,19 @@ def _kernels():
             hi = tl.load(OFFS + first + el + 1)
         offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
-        w_base = W + el.to(tl.int64) * stride_we          # dense: stride_we = stride_se = 0
+        if TWO_BANKS:         # groups n_a.. read a second weight tensor (the shared experts' own, in place)
+            if el >= n_a:
+                w_base = WB + (el - n_a).to(tl.int64) * stride_we_b
+                s_wn = stride_wn_b
+                up_off = up_b
+            else:
+                w_base = W + el.to(tl.int64) * stride_we
+                s_wn = stride_wn
+                up_off = up_a
+        else:
+            w_base = W + el.to(tl.int64) * stride_we          # dense: stride_we = stride_se = 0
+            s_wn = stride_wn
+            up_off = 0
         s_base = WS + el * stride_se
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -144,7 +160,7 @@ def _kernels():
                 a = tl.load(A + arow[:, None].to(tl.int64) * stride_am + offs_k[None, :],
                             mask=mmask[:, None] & kmask[None, :], other=0.0)
                 wmask = nmask[:, None] & kmask[None, :]
-                w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
+                w = tl.load(w_base + offs_n[:, None] * s_wn + offs_k[None, :], mask=wmask, other=0.0)
                 if FP8:      # e4m3 is exact in bf16; the block scale (one per output row in this K tile) after the dot
                     sc = tl.load(s_base + (offs_n // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
                     if FAST_CVT:
@@ -169,7 +185,12 @@ def _kernels():
                         part = part * sc[None, :]
                 acc += part
                 if SWIGLU:
-                    w2 = tl.load(w_base + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0.0)
+                    if TWO_BANKS:     # up rows up_off elements after the gate rows
+                        w2 = tl.load(w_base + up_off + offs_n[:, None] * s_wn + offs_k[None, :], mask=wmask,
+                                     other=0.0)
+                    else:
+                        w2 = tl.load(w_base + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=wmask,
+                                     other=0.0)
                     if FP8:
                         sc2 = tl.load(s_base + ((N + offs_n) // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
                         if FAST_CVT:
@@ -388,7 +409,9 @@ def choose_tiles(kind: str, rows_per_group: float, active_groups: int, n: int, f
 
 
 def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, topk, swiglu, gather, scatter,
-            rows_per_group, active_groups):
+            rows_per_group, active_groups, second: tuple | None = None):
+    """One grouped_kernel launch (and its split-K reduce). `second` = (n_a, weight view, stride per expert, stride
+    per weight row, up offset of `w`, up offset of the view): groups from n_a on read the view (bf16 only)."""
     _, grouped_kernel, splitk_reduce_kernel, _ = _kernels()
     fp8 = ws is not None
     cfg = TILE_OVERRIDE.get(kind) or choose_tiles(kind, rows_per_group, active_groups, n, fp8, sm_count(a.device),
@@ -417,6 +440,9 @@ def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, t
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SWAP=cfg.swap, FAST_CVT=fast_cvt,
         CVT_ASM=FP8_TO_BF16_ASM if fast_cvt else "", SPLIT_K=split,
         IEEE=a.dtype == torch.float32, WORK_LIST=max(2, next_pow2(groups)) if work_list else 0,
+        WB=second[1] if second else w, n_a=second[0] if second else groups,
+        stride_we_b=second[2] if second else 0, stride_wn_b=second[3] if second else 0,
+        up_a=second[4] if second else 0, up_b=second[5] if second else 0, TWO_BANKS=second is not None,
         num_warps=cfg.warps, num_stages=stages)
     if split > 1:
         block = min(1024, max(16, next_pow2(n)))
@@ -424,9 +450,29 @@ def _launch(kind, a, order, offs, w, ws, out, first, groups, dense_rows, n, k, t
                                                             SPLIT_K=split, SWIGLU=swiglu, BLOCK=block, num_warps=4)
 
 
+@dataclass(frozen=True)
+class SharedExperts:
+    """A dense SwiGLU MLP of intermediate count * I (the MoE's shared experts) seen as `count` experts of
+    intermediate I, read in place: gate_up [2 * count * I, H] = [gate; up], down [H, count * I]; expert j is gate
+    rows jI.., up rows count * I + jI.., down columns jI... Its output is the sum of the `count` experts' outputs
+    (SwiGLU is per intermediate row, the down projection a sum over them)."""
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    count: int
+
+    @property
+    def intermediate(self) -> int:
+        return self.down.shape[1] // self.count
+
+
 def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, banks: list,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
-    """See the module docstring. banks: `model.experts.ExpertBank`s (bf16, or FP8 with scales)."""
+                         out: torch.Tensor | None = None, shared: SharedExperts | None = None) -> torch.Tensor:
+    """See the module docstring. banks: `model.experts.ExpertBank`s (bf16, or FP8 with scales).
+
+    `shared` (one bf16 bank, bf16 shared experts of the bank's intermediate size): the shared experts run as
+    always-selected experts bank.first + bank.count + j in the same two launches as the routed ones (their
+    programs fill the GPU beside the few routed experts of a small batch); topk_ids / topk_weights must then
+    hold those ids with weight 1 (`kernels/router.noaux_tc_route(always_on=)`)."""
     T, k = topk_ids.shape
     if T == 0 or not banks:
         return torch.zeros_like(x) if out is None else out
@@ -435,20 +481,32 @@ def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     Hd = x.shape[1]
     rows = T * k
     E = max(b.first + b.count for b in banks)
-    order, offs = align(topk_ids.reshape(-1), E)
     I = banks[0].w13.shape[1] // 2
+    second_up = second_down = None
+    if shared is not None:
+        (b,) = banks
+        if b.w13_scale is not None or shared.gate_up.dtype != b.w13.dtype or shared.intermediate != I \
+                or b.first + b.count != E or shared.gate_up.stride(1) != 1 or shared.down.stride(1) != 1:
+            raise ValueError("shared experts fold: needs one bf16 bank ending at the last expert id and shared "
+                             f"experts of the same intermediate size {I} (got {shared.intermediate})")
+        S, g = shared.count, shared.gate_up
+        second_up = (b.count, g, I * g.stride(0), g.stride(0), I * b.w13.stride(1), S * I * g.stride(0))
+        second_down = (b.count, shared.down, I, shared.down.stride(0), 0, 0)
+        E += S
+    order, offs = align(topk_ids.reshape(-1), E)
     h = torch.empty(rows, I, dtype=x.dtype, device=x.device)
-    ranges = bank_ranges(banks)
+    ranges = bank_ranges(banks) if shared is None else [(banks[0].first, E)]
     # rows of pairs outside every bank are never written: pair_sum skips them by id (<= 4 id ranges), else zeros
     y = (torch.empty if len(ranges) <= 4 else torch.zeros)(rows, Hd, dtype=x.dtype, device=x.device)
     per_group = rows / max(1, E)
     active = min(rows, E)                                   # experts that can have rows
+    extra = shared.count if shared is not None else 0
     for b in banks:
-        _launch("swiglu", x, order, offs, b.w13, b.w13_scale, h, b.first, b.count, 0, I, Hd, k, True, True, False,
-                per_group, min(active, b.count))
+        _launch("swiglu", x, order, offs, b.w13, b.w13_scale, h, b.first, b.count + extra, 0, I, Hd, k, True, True,
+                False, per_group, min(active, b.count + extra), second_up)
     for b in banks:
-        _launch("down", h, order, offs, b.w2, b.w2_scale, y, b.first, b.count, 0, Hd, I, k, False, False, True,
-                per_group, min(active, b.count))
+        _launch("down", h, order, offs, b.w2, b.w2_scale, y, b.first, b.count + extra, 0, Hd, I, k, False, False,
+                True, per_group, min(active, b.count + extra), second_down)
     return pair_sum(y, topk_weights, topk_ids, ranges, out)
 
 

@@ -17,7 +17,8 @@ the lower expert id.
    are exact in fp32, so the logits are the fp32 product up to summation order, like cuBLAS's, at
    tensor-core speed (the IEEE dots took 25 us per layer at 256 tokens on an H200).
 2. `select_kernel`: sums the partials in a fixed order and does the whole selection in registers.
-   Up to FUSED_SELECT_MAX_ROWS tokens (off until measured on a GPU) it is no second launch: each
+   Up to FUSED_SELECT_MAX_ROWS tokens and FUSED_SELECT_MAX_EXPERTS experts (measured below) it is no second
+   launch: each
    logits program counts itself in on its token tile's counter (an acq_rel atomic, which publishes its partial sums) and the last one
    to arrive runs the same selection code (bitwise the same result; one launch instead of two, the
    second being a few-microsecond latency-bound launch in every layer of a small decode batch).
@@ -34,6 +35,7 @@ on FMA units: 1.6 ms of an 8K prefill's 100 ms in the same profile).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -61,9 +63,13 @@ def stacked_split3(weight: torch.Tensor) -> torch.Tensor:
 
 
 LOGITS_KERNEL_MAX_ROWS = 512      # decode's CUDA-graph batches (<= 256 rows) stay on the Triton logits kernel
-# rows up to which the logits kernel's last program per token tile selects (one launch): 0 = off until its
-# GPU check and timing (scripts/gpu_decode_kernels.py, "router one launch") have run; 64 is the intended value
-FUSED_SELECT_MAX_ROWS = 0
+# Rows (and experts) up to which the logits kernel's last program per token tile selects (one launch). One
+# H200, 2026-12-02 (scripts/gpu_b1.py; CUDA graph, bitwise equal to the two kernels in 200 repeats): 64 experts,
+# H 2048: 1 row 6.99 vs 7.81 us, 8 rows 7.01 vs 8.09, 64 rows 10.67 vs 8.76 (slower); 256 experts, H 7168: 41.1
+# vs 25.5 us at 1 row, 45.9 vs 28.2 at 8 (slower: the last program's selection over 256 experts is serial
+# work on one SM after the logits). The batch-1 decode step: 3.058 -> 3.026 ms (docs/performance.md).
+FUSED_SELECT_MAX_ROWS = int(os.environ.get("DWDP_ROUTER_FUSED_SELECT_ROWS", "8"))
+FUSED_SELECT_MAX_EXPERTS = 64
 FUSED_SELECT_ROWS_TESTED = 64
 SPLITS_OVERRIDE: int | None = None   # benchmark hook (scripts/gpu_decode_kernels.py): the logits kernel's K splits
 
@@ -81,7 +87,7 @@ def _kernels():
                       CNT, BIAS, SKEW, IDS, WTS, TOPK_GROUP, scaling,
                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT3: tl.constexpr,
                       FUSED: tl.constexpr, TOPK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, EP: tl.constexpr,
-                      NORM: tl.constexpr, KP: tl.constexpr):
+                      NORM: tl.constexpr, KP: tl.constexpr, EXTRA: tl.constexpr, XP: tl.constexpr):
         pt = tl.program_id(0)
         pe = tl.program_id(1)
         s = tl.program_id(2)
@@ -118,15 +124,16 @@ def _kernels():
             if arrived == n - 1:
                 tl.atomic_xchg(CNT + pt, 0, sem="relaxed", scope="gpu")         # ready for the next launch
                 _select_tile(P, BIAS, SKEW, IDS, WTS, offs_t, T, E, tl.num_programs(2), TOPK_GROUP, stride_ps,
-                             stride_pt, scaling, TOPK, G, GP, EP, BLOCK_T, NORM, KP, True)
+                             stride_pt, scaling, TOPK, G, GP, EP, BLOCK_T, NORM, KP, True, EXTRA, XP)
 
     @triton.jit
     def select_kernel(P, BIAS, SKEW, IDS, WTS, T, E, S, TOPK_GROUP, stride_ps, stride_pt, scaling,
                       K: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, EP: tl.constexpr,
-                      BLOCK_T: tl.constexpr, NORM: tl.constexpr, KP: tl.constexpr):
+                      BLOCK_T: tl.constexpr, NORM: tl.constexpr, KP: tl.constexpr, EXTRA: tl.constexpr,
+                      XP: tl.constexpr):
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         _select_tile(P, BIAS, SKEW, IDS, WTS, offs_t, T, E, S, TOPK_GROUP, stride_ps, stride_pt, scaling,
-                     K, G, GP, EP, BLOCK_T, NORM, KP, False)
+                     K, G, GP, EP, BLOCK_T, NORM, KP, False, EXTRA, XP)
 
     return logits_kernel, select_kernel
 
@@ -139,8 +146,10 @@ def _select_fn():
     @triton.jit
     def _select_tile(P, BIAS, SKEW, IDS, WTS, offs_t, T, E, S, TOPK_GROUP, stride_ps, stride_pt, scaling,
                      K: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, EP: tl.constexpr,
-                     BLOCK_T: tl.constexpr, NORM: tl.constexpr, KP: tl.constexpr, L2: tl.constexpr):
-        # the selection of tokens offs_t from the S partial logits (L2: read past L1, other programs wrote them)
+                     BLOCK_T: tl.constexpr, NORM: tl.constexpr, KP: tl.constexpr, L2: tl.constexpr,
+                     EXTRA: tl.constexpr, XP: tl.constexpr):
+        # the selection of tokens offs_t from the S partial logits (L2: read past L1, other programs wrote them);
+        # rows of K + EXTRA: the EXTRA always-on experts E.. E + EXTRA - 1 follow the k picks with weight 1
         offs_e = tl.arange(0, EP)
         tmask = offs_t < T
         emask = offs_e < E
@@ -197,10 +206,16 @@ def _select_fn():
             w_all = w_all * (scaling / (total + 1e-20))[:, None]
         else:
             w_all = w_all * scaling
-        out = offs_t[:, None] * K + offs_k[None, :]
+        out = offs_t[:, None] * (K + EXTRA) + offs_k[None, :]
         omask = tmask[:, None] & kmask[None, :]
         tl.store(IDS + out, id_all, mask=omask)
         tl.store(WTS + out, w_all, mask=omask)
+        if EXTRA > 0:
+            offs_x = tl.arange(0, XP)
+            xout = offs_t[:, None] * (K + EXTRA) + K + offs_x[None, :]
+            xmask = tmask[:, None] & (offs_x < EXTRA)[None, :]
+            tl.store(IDS + xout, tl.zeros([BLOCK_T, XP], tl.int64) + (E + offs_x)[None, :].to(tl.int64), mask=xmask)
+            tl.store(WTS + xout, tl.full([BLOCK_T, XP], 1.0, tl.float32), mask=xmask)
 
     return _select_tile
 
@@ -219,15 +234,18 @@ def logits_tiles(T: int, E: int, dtype: torch.dtype) -> tuple[int, int, int, boo
 
 def noaux_tc_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, skew: torch.Tensor,
                    top_k: int, n_group: int, topk_group: int, norm_topk_prob: bool,
-                   routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """See the module docstring. No host sync (CUDA-graph capturable)."""
+                   routed_scaling_factor: float, always_on: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """See the module docstring. No host sync (CUDA-graph capturable). `always_on` > 0: rows of
+    top_k + always_on, the last always_on columns the ids E .. E + always_on - 1 with weight 1.0 (the
+    shared experts folded into the routed call, `model/moe.py`), written by the same kernel."""
     logits_kernel, select_kernel = _kernels()
     T, H = x.shape
     E = weight.shape[0]
     if E % n_group or top_k > E:
         raise ValueError(f"router: {E} experts do not split into {n_group} groups / top-{top_k}")
-    ids = torch.empty(T, top_k, dtype=torch.long, device=x.device)
-    wts = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, top_k + always_on, dtype=torch.long, device=x.device)
+    wts = torch.empty(T, top_k + always_on, dtype=torch.float32, device=x.device)
+    extra = dict(EXTRA=always_on, XP=max(2, next_pow2(always_on)))
     if T == 0:
         return ids, wts
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -251,13 +269,14 @@ def noaux_tc_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sk
         splits = -(-H // k_per)
         partial = torch.empty(splits, T, E, dtype=torch.float32, device=x.device)
         tiles_t = -(-T // block_t)
-        counters = _counters(weight) if T <= FUSED_SELECT_MAX_ROWS and block_t * next_pow2(E) <= 4096 else None
+        one_launch = T <= FUSED_SELECT_MAX_ROWS and E <= FUSED_SELECT_MAX_EXPERTS and block_t * next_pow2(E) <= 4096
+        counters = _counters(weight) if one_launch else None
         logits_kernel[(tiles_t, -(-E // block_e), splits)](
             x, weight, partial, T, E, H, k_per, x.stride(0), weight.stride(0), partial.stride(0), partial.stride(1),
             counters if counters is not None else partial, bias, skew, ids, wts, topk_group,
             float(routed_scaling_factor), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, SPLIT3=split3,
             FUSED=counters is not None, TOPK=top_k, G=n_group, GP=max(2, next_pow2(n_group)), EP=next_pow2(E),
-            NORM=bool(norm_topk_prob), KP=next_pow2(top_k), num_warps=4)
+            NORM=bool(norm_topk_prob), KP=next_pow2(top_k), num_warps=4, **extra)
         if counters is not None:
             return ids, wts
     ep = next_pow2(E)
@@ -265,7 +284,7 @@ def noaux_tc_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sk
     select_kernel[(-(-T // sel_t),)](
         partial, bias, skew, ids, wts, T, E, splits, topk_group, partial.stride(0), partial.stride(1),
         float(routed_scaling_factor), K=top_k, G=n_group, GP=max(2, next_pow2(n_group)), EP=ep,
-        BLOCK_T=sel_t, NORM=bool(norm_topk_prob), KP=next_pow2(top_k), num_warps=4)
+        BLOCK_T=sel_t, NORM=bool(norm_topk_prob), KP=next_pow2(top_k), num_warps=4, **extra)
     return ids, wts
 
 
