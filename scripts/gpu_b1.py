@@ -24,11 +24,8 @@ import time
 OFF = {"DWDP_ROUTER_FUSED_SELECT_ROWS": "0", "DWDP_FOLD_SHARED_MAX_TOKENS": "0"}
 VARIANTS = {"base": OFF,
             "select+fold": {"DWDP_ROUTER_FUSED_SELECT_ROWS": "64", "DWDP_FOLD_SHARED_MAX_TOKENS": "8"},
-            "select": {"DWDP_ROUTER_FUSED_SELECT_ROWS": "64", "DWDP_FOLD_SHARED_MAX_TOKENS": "0"},
-            "base-noprobe": {**OFF, "B1_PROBE": "none"}}          # the bench's own per-layer probe kernels left out
+            "select": {"DWDP_ROUTER_FUSED_SELECT_ROWS": "64", "DWDP_FOLD_SHARED_MAX_TOKENS": "0"}}
 
-# The bench runs under scripts/gpu_b1_site/sitecustomize.py (B1_BENCH=1): the probe hook of folded layers, and
-# B1_PROBE=none (no probe kernels), in the spawned rank processes too.
 BENCH = r"""
 import json, sys
 from dynamo_dwdp.bench.engine_bench import BenchSetup, Point, run_points
@@ -78,7 +75,7 @@ def checks_and_kernels(out: dict) -> None:
     import torch.nn.functional as F
 
     from dynamo_dwdp.model.experts import ExpertBank
-    from dynamo_dwdp.model.kernels import moe_gemm, router
+    from dynamo_dwdp.model.kernels import router
     from dynamo_dwdp.model.kernels.moe_gemm import SharedExperts, dense_swiglu, routed_experts_fused
 
     dev, BF = "cuda", torch.bfloat16
@@ -186,13 +183,10 @@ def main() -> int:
             json.dump(out, f, indent=1)
         torch.cuda.empty_cache()
     for v in a.variants.split(","):
-        site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_b1_site")
-        env = {**os.environ, **VARIANTS[v], "PYTHONUNBUFFERED": "1", "B1_BENCH": "1",
-               "PYTHONPATH": site + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, **VARIANTS[v], "PYTHONUNBUFFERED": "1"}
         say(f"bench {v}: {VARIANTS[v]}")
         t0 = time.time()
-        batches = "1" if v.endswith("noprobe") else a.batches
-        res = subprocess.run([sys.executable, "-c", BENCH, a.model, batches, str(a.context)], env=env,
+        res = subprocess.run([sys.executable, "-c", BENCH, a.model, a.batches, str(a.context)], env=env,
                              capture_output=True, text=True, timeout=400)
         line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:

@@ -331,6 +331,16 @@ class _Probe:
             self.live[self.moe_index[layer]].index_fill_(0, topk_ids.reshape(-1), True)
             return inner_forward(layer, x, topk_ids, topk_weights)
 
+        if getattr(ex, "folds_shared", False):
+            inner_folded, k = ex.forward_folded, cfg.num_experts_per_tok
+
+            def forward_folded(layer, x, topk_ids, topk_weights, shared):
+                """A folded layer (shared experts in the routed call): its routed columns only."""
+                self.live[self.moe_index[layer]].index_fill_(0, topk_ids[:, :k].reshape(-1), True)
+                return inner_folded(layer, x, topk_ids, topk_weights, shared)
+
+            ex.forward_folded = forward_folded
+
         def begin_step():
             if self.on_begin is not None:
                 self.on_begin()
