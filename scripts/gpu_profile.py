@@ -7,7 +7,7 @@ the torch profiler (CUPTI sees the kernels inside graph replays) over a few repl
 kernel name, the sum of kernel time, and the GPU's busy time (union of kernel intervals) against the
 step's span, i.e. how much of the step is launch gaps between kernels rather than kernels. The same
 for FP8-resident weights (`--fp8-batches`; `--fp8a8-batches`: W8A8 experts, off by default) and for
-prefill lengths (eager, one forward).
+prefill lengths (eager, one forward; their walls measured first, before any profiler session).
 Writes $OUT/profile.md (tables) and $OUT/profile.json.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from gpu_common import ceilings, decode_runner, graph_replay_ms, prefill_runner, say, wall_ms, write_v2lite
+from gpu_common import BLOCK, ceilings, decode_runner, graph_replay_ms, prefill_runner, say, wall_ms, write_v2lite
 
 
 def kernel_events(prof) -> list:
@@ -69,7 +69,25 @@ def profile_decode(model: str, batch: int, context: int, weight_format: str, rep
     return out
 
 
-def profile_prefill(model: str, tokens: int) -> dict:
+def prefill_walls(model: str, lengths: list[int]) -> dict[int, float]:
+    """Wall ms of one eager prefill of each length (median of 3 after 2 warm-ups), all measured before any
+    profiler session of this process, with one runner sized for the longest. A short prefill is host-bound
+    (launches), and its wall is the planner's host record: measured after profiler sessions, as
+    `profile_prefill` does, it may include the profiler's leftover cost per launch (both are recorded)."""
+    r, _ = prefill_runner(model, max(lengths))
+    prompt = torch.randint(5, 1000, (max(lengths),), generator=torch.Generator().manual_seed(3)).tolist()
+    walls = {}
+    for n in lengths:
+        walls[n] = wall_ms(r, ([prompt[:n]], [0], [list(range(-(-n // BLOCK)))], [True]), reps=3, warmup=2)
+        say(f"prefill {n}: wall {walls[n]:.2f} ms before any profiler session")
+    del r
+    torch.cuda.empty_cache()
+    return walls
+
+
+def profile_prefill(model: str, tokens: int, first_wall: float | None = None) -> dict:
+    """The prefill point; wall_ms = `first_wall` (from `prefill_walls`) when given, the wall measured here
+    (after the process's earlier profiler sessions) as wall_ms_after_profiling."""
     from torch.profiler import ProfilerActivity, profile
 
     r, step = prefill_runner(model, tokens)
@@ -77,7 +95,8 @@ def profile_prefill(model: str, tokens: int) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         r.execute(*step)
         torch.cuda.synchronize()
-    out = summarize(prof, 1, wall)
+    out = summarize(prof, 1, wall if first_wall is None else first_wall)
+    out["wall_ms_after_profiling"] = wall
     del r
     torch.cuda.empty_cache()
     return out
@@ -128,6 +147,14 @@ def run(a, tmp: str) -> int:
         with open(os.path.join(a.out, "profile.md"), "w") as f:
             f.write("\n".join(md))
 
+    lengths = [int(x) for x in a.prefill.split(",") if x]
+    first_walls: dict[int, float] = {}
+    if lengths:
+        try:
+            first_walls = prefill_walls(model, lengths)
+        except Exception as exc:                     # the points below then keep their own walls
+            say(f"prefill walls: FAILED {type(exc).__name__}: {exc}")
+            results["failed"].append(f"prefill walls: {type(exc).__name__}: {str(exc)[:300]}")
     for kind, batches, fmt in (("decode", a.batches, "native"), ("fp8", a.fp8_batches, "fp8-block"),
                                ("fp8a8", a.fp8a8_batches, "fp8-block-a8")):
         for b in [int(x) for x in batches.split(",") if x]:
@@ -143,9 +170,9 @@ def run(a, tmp: str) -> int:
             say(f"{kind} b{b}: wall {res['wall_ms']:.2f} ms replay {res['graph_replay_ms']} busy "
                 f"{res['busy_ms']:.2f} kernels {res['kernels_per_step']:.0f}")
             flush()
-    for t in [int(x) for x in a.prefill.split(",") if x]:
+    for t in lengths:
         try:
-            res = profile_prefill(model, t)
+            res = profile_prefill(model, t, first_walls.get(t))
         except Exception as exc:
             say(f"prefill {t}: FAILED {type(exc).__name__}: {exc}")
             results["failed"].append(f"prefill {t}: {type(exc).__name__}: {str(exc)[:300]}")
@@ -153,7 +180,8 @@ def run(a, tmp: str) -> int:
             continue
         results["prefill"][t] = res
         md.append(table(f"prefill {t} tokens", res))
-        say(f"prefill {t}: wall {res['wall_ms']:.2f} ms busy {res['busy_ms']:.2f}")
+        say(f"prefill {t}: wall {res['wall_ms']:.2f} ms (after profiling: {res['wall_ms_after_profiling']:.2f}) "
+            f"busy {res['busy_ms']:.2f}")
         flush()
     flush()
     return 1 if results["failed"] else 0
