@@ -20,8 +20,8 @@ Every record is a microbenchmark or a per-kernel time, never a step time the mod
 - kernel grouped_gemm: the profile's grouped-GEMM kernel at prefill 8192 (FLOPs of the routed experts);
 - small_kernel: the profile's kernels that no named term covers, at decode batch 64 and prefill 8192
   (kernels past the profile's top 25 as one "other" entry);
-- host_step: the profile's step wall time minus its GPU kernel time (decode batch 1 / 64 / 256, and
-  every prefill length the profile ran: 8192, and 2048 in the sessions that profile it).
+- host_step: the profile's step wall time minus its GPU kernel time (decode batch 1 / 64 / 256,
+  prefill 8192).
 The v2-lite shape (H 2048, 64 experts top-6, I 1408, 16 heads, 27 layers) is what all of them ran.
 """
 from __future__ import annotations
@@ -143,12 +143,8 @@ def prefill_records(path: str, src: str, impl: str) -> list[dict]:
     return out
 
 
-def profile_records(path: str, src: str, decode: bool = True, prefill: bool = True,
-                    prefill_host: str = "8192") -> list[dict]:
-    """Records from a scripts/gpu_profile.py JSON: its ceilings, and its decode points and/or its 8192-token
-    prefill; the prefill host_step from the 8192-token point alone, or (prefill_host "all") from every
-    prefill length the profile ran (short eager prefills are host-bound: their wall - GPU time is the
-    launch time the GPU waits for)."""
+def profile_records(path: str, src: str, decode: bool = True, prefill: bool = True) -> list[dict]:
+    """Records from a scripts/gpu_profile.py JSON: its ceilings, and its decode points and/or its 8192-token prefill."""
     d = json.load(open(path))
     out = [rec(measure="hbm_copy", bytes_per_s=d["ceilings"]["hbm_copy_bytes_per_s"], source=f"{src} ceilings"),
            rec(measure="gemm", dtype="bf16", flops_per_s=d["ceilings"]["bf16_gemm_flops"], source=f"{src} ceilings")]
@@ -167,13 +163,10 @@ def profile_records(path: str, src: str, decode: bool = True, prefill: bool = Tr
             out += small_kernels(p, "decode", b, DECODE_COVERED, f"{src} decode batch 64")
     if not prefill:
         return out
-    for n, p in sorted(d["prefill"].items(), key=lambda kv: int(kv[0])):
-        if prefill_host == "all" or n == "8192":
-            out.append(rec(measure="host_step", phase="prefill", tokens=int(n),
-                           seconds=(p["wall_ms"] - p["busy_ms"]) * 1e-3,
-                           source=f"{src} prefill {n}: wall - GPU kernel time"))
     p = d["prefill"]["8192"]
     n = 8192
+    out.append(rec(measure="host_step", phase="prefill", tokens=n, seconds=(p["wall_ms"] - p["busy_ms"]) * 1e-3,
+                   source=f"{src} prefill {n}: wall - GPU kernel time"))
     grouped = sum(t["us_per_step"] for t in p["top"] if "GemmUniversal" in t["name"]) / MOE_LAYERS
     out.append(rec(measure="kernel", op="grouped_gemm", dtype="bf16", tokens=n, flops=2.0 * 3 * H * I * TOPK * n,
                    seconds=grouped * 1e-6, source=f"{src} prefill {n}: grouped GEMM kernels per MoE layer"))
@@ -210,11 +203,9 @@ def small_kernels(p: dict, phase: str, tokens: int, table, src: str) -> list[dic
 
 
 def build(results: str, prefill_attention: str = "cudnn", profile: str = f"profile_h200_graphs_{DAY}.json",
-          prefill_profile: str | None = None, routed_routing: str | None = None,
-          prefill_host: str = "8192") -> list[dict]:
+          prefill_profile: str | None = None, routed_routing: str | None = None) -> list[dict]:
     """The records; the defaults rebuild calibration_h200_2026-12-01.jsonl exactly (the command's
-    defaults follow the engine as it is now: Triton prefill attention, the real-routing expert tiles,
-    prefill host records from every length the profile ran)."""
+    defaults follow the engine as it is now: Triton prefill attention, the real-routing expert tiles)."""
     def at(name: str) -> tuple[str, str]:
         return os.path.join(results, name), f"docs/results/{name}"
     recs = sweep_records(*at(f"gpu_kernels_sweep2_h200_{DAY}.json"))
@@ -227,9 +218,9 @@ def build(results: str, prefill_attention: str = "cudnn", profile: str = f"profi
     recs += prefill_records(*at(f"gpu_prefill_h200_{DAY}.md"), prefill_attention)
     if prefill_profile and prefill_profile != profile:      # decode points from one profile, prefill from another
         recs += profile_records(*at(profile), prefill=False)
-        recs += profile_records(*at(prefill_profile), decode=False, prefill_host=prefill_host)
+        recs += profile_records(*at(prefill_profile), decode=False)
     else:
-        recs += profile_records(*at(profile), prefill_host=prefill_host)
+        recs += profile_records(*at(profile))
     return recs
 
 
@@ -282,9 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "host records come from")
     ap.add_argument("--prefill-profile", default=None,
                     help="a second gpu_profile.py JSON for the 8192-token prefill records (default: --profile)")
-    ap.add_argument("--prefill-host-steps", choices=("all", "8192"), default="all",
-                    help="prefill host_step records from every prefill length the profile ran (default), or from "
-                         "8192 tokens alone (how the 2026-12-01 file was built)")
     ap.add_argument("--bench", default=",".join(BENCH_FILES),
                     help="comma list of bench JSONL files (in --results, or absolute paths) that --compare predicts")
     return ap
@@ -293,8 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     out = a.out or os.path.join(a.results, f"calibration_h200_{DAY}.jsonl")
-    recs = build(a.results, a.prefill_attention, a.profile, a.prefill_profile, a.routed_routing or None,
-                 a.prefill_host_steps)
+    recs = build(a.results, a.prefill_attention, a.profile, a.prefill_profile, a.routed_routing or None)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         for r in recs:

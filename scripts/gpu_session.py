@@ -644,12 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-batches", default="1,64", help="decode_sync's batches (default 1,64: graphs captured "
                    "up to batch 64 only)")
     p.add_argument("--fp8-batch", type=int, default=64, help="the FP8 decode batch (default 64)")
-    p.add_argument("--prefill", default="2048,8192,16000", help="prefill lengths (default 2048,8192,16000: the "
-                   "issue's 8K and 16K points, and 2K for the planner's short-prefill check)")
+    p.add_argument("--prefill", default="8192,16000", help="prefill lengths (default 8192,16000)")
     p.add_argument("--profile-batches", default="1,64,256", help="the profile's decode batches, one engine each "
                    "(default 1,64,256: the planner's host and small-kernel records)")
-    p.add_argument("--profile-prefill", default="2048,8192", help="the profile's prefill lengths (default "
-                   "2048,8192: the planner's prefill records at 8192, its host records at both)")
+    p.add_argument("--profile-prefill", default="8192", help="the profile's prefill lengths (default 8192: the "
+                   "planner's prefill records)")
     p.add_argument("--concurrency", type=int, default=64, help="serving concurrency (default 64)")
     p.add_argument("--requests-per-concurrency", type=int, default=2,
                    help="serving: requests sent = this x concurrency (default 2)")

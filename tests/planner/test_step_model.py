@@ -300,21 +300,3 @@ def test_cli_experts_touched_checked(extra, msg):
                           "--gpu", "h200", "--ranks", "2", "--tokens-per-iter", "2048", *extra],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 2 and msg in out.stderr and "Traceback" not in out.stderr
-
-
-def test_prefill_host_records_from_every_profiled_length():
-    """--prefill-host-steps all: one prefill host_step per length the profile ran, each its wall minus
-    its GPU time; the default build keeps 8192 alone (the committed 2026-12-01 file)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import build_calibration
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    profile = json.loads((RESULTS / "profile_h200_graphs_2026-12-01.json").read_text())["prefill"]
-    want = {int(n): (p["wall_ms"] - p["busy_ms"]) * 1e-3 for n, p in profile.items()}
-    assert len(want) >= 2
-    every = build_calibration.build(str(RESULTS), prefill_host="all")
-    got = {r["tokens"]: r["seconds"] for r in every if r["measure"] == "host_step" and r["phase"] == "prefill"}
-    assert got == pytest.approx(want)
-    default = build_calibration.build(str(RESULTS))
-    assert [r["tokens"] for r in default if r["measure"] == "host_step" and r["phase"] == "prefill"] == [8192]
