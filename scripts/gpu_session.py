@@ -16,7 +16,7 @@ What it runs, in this priority order (each step a subprocess of the GPU scripts,
               off/on and an eager kernel profile: figures, not checks)
   fp8         decode at batch 64 with `fp8-block` and `fp8-block-a8` weights, against the bf16 step
   prefill     prefill 2K, 8K and 16K tokens, % of the bf16 GEMM peak
-  profile     where a decode step's time goes (graph replay, kernels, host) at batch 1/64/256, prefill 2K and 8K
+  profile     where a decode step's time goes (graph replay, kernels, host) at batch 1/64/256, prefill 8K
   decode_sync the decode bench without async scheduling (batch 1/64; only when `decode` ran with it)
   serve       serving through Dynamo (agg, largest concurrency) against the engine alone: `bench engine` and the
               same workload through the engine without Dynamo (scripts/gpu_engine_mix.py) (needs --pack)
@@ -644,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-batches", default="1,64", help="decode_sync's batches (default 1,64: graphs captured "
                    "up to batch 64 only)")
     p.add_argument("--fp8-batch", type=int, default=64, help="the FP8 decode batch (default 64)")
-    p.add_argument("--prefill", default="8192,16000", help="prefill lengths (default 8192,16000)")
+    p.add_argument("--prefill", default="2048,8192,16000", help="prefill lengths (default 2048,8192,16000: the "
+                   "issue's 8K and 16K points, and 2K for the planner's short-prefill check)")
     p.add_argument("--profile-batches", default="1,64,256", help="the profile's decode batches, one engine each "
                    "(default 1,64,256: the planner's host and small-kernel records)")
     p.add_argument("--profile-prefill", default="8192", help="the profile's prefill lengths (default 8192: the "

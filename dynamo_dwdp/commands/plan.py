@@ -40,7 +40,7 @@ examples:
 
   # one GPU's whole step, term by term, from the measured kernel records (docs/performance.md)
   dynamo-dwdp plan models/DeepSeek-V2-Lite --gpu h200 --ranks 2 --tokens-per-iter 8192 --decode-batch 64 \\
-      --context 1000 --calibrate docs/results/calibration_h200_2026-12-02.jsonl --explain --async-scheduling
+      --context 1000 --calibrate docs/results/calibration_h200_2026-12-02b.jsonl --explain --async-scheduling
 
   # deployment question: strategy and placement per pool, calibrated with measurements
   dynamo-dwdp plan models/DeepSeek-R1 --gpu gb200 --ranks 4 --weight-dtype nvfp4 --recommend \\
