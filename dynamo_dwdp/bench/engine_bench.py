@@ -667,6 +667,7 @@ def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict 
     per_rank, split_acc = [], {"compute": [], "prefetch_wait": [], "sync_wait": []}
     touched = _touched(setup.strategy, n, records, cfg.n_routed_experts)
     elem = 2 if setup.dtype == "bfloat16" else 4
+    weight_bytes = flops.FP8_BLOCK_BYTES if setup.weights != "native" else None     # FP8-resident formats
     tp = n if get_strategy(setup.strategy).leader_only else 1
     hbm_by: dict[str, float] = {}
     for r, rec in enumerate(records):
@@ -676,7 +677,7 @@ def summarize(setup: BenchSetup, point: Point, records: list[dict], model: dict 
         split_acc["sync_wait"].append(_mean(rec["sync_s"]))
         src = 0 if get_strategy(setup.strategy).leader_only else r
         for s, seqs in enumerate(sched.timed(src)):
-            b = flops.forward_hbm_bytes(cfg, seq_shapes(seqs), elem, touched[r][s], tp=tp)
+            b = flops.forward_hbm_bytes(cfg, seq_shapes(seqs), elem, touched[r][s], tp=tp, weight_bytes=weight_bytes)
             for k, v in b.items():
                 hbm_by[k] = hbm_by.get(k, 0.0) + v
         t_layers = [_mean([touched[r][s][m] for s in range(steps)]) for m in range(len(cfg.moe_layers))]

@@ -148,13 +148,19 @@ def expert_elems(cfg: ModelConfig, intermediate: int | None = None) -> int:
     return 3 * cfg.hidden_size * (cfg.moe_intermediate_size if intermediate is None else intermediate)
 
 
+FP8_BLOCK_BYTES = 1.0 + 4.0 / (128 * 128)   # an e4m3 element plus its share of the fp32 scale of a 128x128 block
+
+
 def forward_hbm_bytes(cfg: ModelConfig, seqs: Sequence[tuple[int, int]], elem_bytes: int,
                       touched_experts: Sequence[float] | None = None, logits_rows: int | None = None,
-                      tp: int = 1) -> dict[str, float]:
+                      tp: int = 1, weight_bytes: float | None = None) -> dict[str, float]:
     """HBM bytes one rank reads/writes in one forward (see the module docstring), by component + "total".
 
     touched_experts: routed experts whose weights this rank read, one count per MoE layer (DEP: of its
-    own shard; TP: whole experts, of which it reads 1/tp); None = all n_routed_experts (prefill)."""
+    own shard; TP: whole experts, of which it reads 1/tp); None = all n_routed_experts (prefill).
+    weight_bytes: bytes per element of FP8-resident weights (`model/fp8_weights.py`: the routed, shared and
+    dense-MLP experts and the attention projections but kv_b; `FP8_BLOCK_BYTES` with their block scales);
+    None = elem_bytes. Embeddings, lm_head, kv_b and the KV cache stay at elem_bytes, the router fp32."""
     _check_seqs(seqs)
     tokens = sum(q for q, _ in seqs)
     if logits_rows is None:
@@ -166,15 +172,18 @@ def forward_hbm_bytes(cfg: ModelConfig, seqs: Sequence[tuple[int, int]], elem_by
     if len(touched_experts) != moe:
         raise UserError(f"touched_experts has {len(touched_experts)} entries; the model has {moe} MoE layers")
     H, b = cfg.hidden_size, elem_bytes
+    wb = b if weight_bytes is None else weight_bytes
     kv_elems = cfg.kv_cache_dim * cfg.num_hidden_layers
     has_work = tokens > 0
+    kv_b = cfg.kv_lora_rank * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) / tp
+    attn = (attention_weight_elems(cfg, tp) - kv_b) * wb + kv_b * b
     out = {
-        "attn_weights": cfg.num_hidden_layers * attention_weight_elems(cfg, tp) * b if has_work else 0.0,
-        "dense_mlp_weights": dense * expert_elems(cfg, cfg.intermediate_size) * b / tp if has_work else 0.0,
-        "shared_expert_weights": (moe * expert_elems(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts) * b / tp
+        "attn_weights": cfg.num_hidden_layers * attn if has_work else 0.0,
+        "dense_mlp_weights": dense * expert_elems(cfg, cfg.intermediate_size) * wb / tp if has_work else 0.0,
+        "shared_expert_weights": (moe * expert_elems(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts) * wb / tp
                                   if has_work else 0.0),
         "router_weights": moe * cfg.n_routed_experts * H * ROUTER_BYTES if has_work else 0.0,
-        "routed_expert_weights": float(sum(touched_experts)) * expert_elems(cfg) * b / tp,
+        "routed_expert_weights": float(sum(touched_experts)) * expert_elems(cfg) * wb / tp,
         "lm_head": float(cfg.vocab_size * H * b) if logits_rows else 0.0,
         "embeddings": float(tokens * H * b),
         "kv_read": float(sum(c for _, c in seqs) * kv_elems * b),

@@ -278,6 +278,13 @@ def test_hbm_weight_bytes_match_model_parameters(runner):
     assert b["kv_read"] == 5 * runner.kv_pool[0, :, 0].numel() * 4
     half = work.forward_hbm_bytes(cfg, [(5, 5)], 4, touched_experts=[8] * 4)
     assert half["routed_expert_weights"] == routed * 4 / 2
+    # FP8-resident weights (model/fp8_weights.py): the quantized matrices at one byte, kv_b / lm_head / router kept
+    kv_b = sum(p.numel() for name, p in model.named_parameters() if "kv_b_proj" in name)
+    f8 = work.forward_hbm_bytes(cfg, [(5, 5)], 4, weight_bytes=1)
+    assert f8["attn_weights"] == (numel["attn"] - kv_b) + kv_b * 4
+    assert f8["dense_mlp_weights"] == numel["dense"] and f8["shared_expert_weights"] == numel["shared"]
+    assert f8["routed_expert_weights"] == routed
+    assert (f8["router_weights"], f8["lm_head"], f8["kv_read"]) == (b["router_weights"], b["lm_head"], b["kv_read"])
 
 
 # ------------------------------------------------------------------------------------------- table
