@@ -17,8 +17,6 @@ benchmark knob added to the selection scores of every method; it is zero for rea
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,7 +124,14 @@ def fused_decode_path(x: torch.Tensor) -> bool:
 # folded vs routed call + DenseMLP, us: 1 token 47.0 vs 55.2, 2: 69.4 vs 77.8, 4: 107.7 vs 117.8, 8: 163.7 vs
 # 173.0, 16: 213.0 vs 223.8; at 64 tokens it tied or lost (246 vs 243, 2026-12-02 sweep). The batch-1 decode
 # step (bench engine, 27 layers): 3.026 -> 2.797 ms. 0 switches it off.
-FOLD_SHARED_MAX_TOKENS = int(os.environ.get("DWDP_FOLD_SHARED_MAX_TOKENS", "16"))
+FOLD_SHARED_MAX_TOKENS: int | None = None        # None: $DWDP_FOLD_SHARED_MAX_TOKENS, default 16 (`fold_max_tokens`)
+
+
+def fold_max_tokens() -> int:
+    """FOLD_SHARED_MAX_TOKENS, or the environment's value when it is None (checked: a whole number >= 0)."""
+    if FOLD_SHARED_MAX_TOKENS is not None:
+        return FOLD_SHARED_MAX_TOKENS
+    return fused_kernels.env_count("DWDP_FOLD_SHARED_MAX_TOKENS", 16)
 
 
 class MoEBlock(nn.Module):
@@ -139,14 +144,17 @@ class MoEBlock(nn.Module):
         self.shared_experts = (DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, tp)
                                if cfg.n_shared_experts else None)
         self.executor = executor
+        # the decode switches, read (and checked) once when the model is built, not on a request's path
+        self.fold_max_tokens = fold_max_tokens()
+        fused_router.fused_select_max_rows()
 
     def folded_shared(self, x: torch.Tensor) -> SharedExperts | None:
         """The shared experts as always-selected experts of the routed call for this batch, or None (the
-        separate DenseMLP): up to FOLD_SHARED_MAX_TOKENS tokens on the fused decode path, when the executor
+        separate DenseMLP): up to `fold_max_tokens()` tokens on the fused decode path, when the executor
         takes them (`MoEExecutor.folds_shared`) and the shared MLP is bf16, unsharded, with fused [gate; up]
         rows of the routed experts' intermediate size."""
         mlp = self.shared_experts
-        if (mlp is None or not 0 < x.shape[0] <= FOLD_SHARED_MAX_TOKENS or not getattr(self.executor, "folds_shared",
+        if (mlp is None or not 0 < x.shape[0] <= self.fold_max_tokens or not getattr(self.executor, "folds_shared",
                                                                                          False)
                 or mlp.gate_up is None or mlp.gate_up.dtype != torch.bfloat16 or x.dtype != torch.bfloat16
                 or not fused_decode_path(x)):

@@ -29,7 +29,9 @@ from dynamo_dwdp.model.moe import Router  # noqa: E402
 from dynamo_dwdp.model.rope import RotaryEmbedding  # noqa: E402
 from dynamo_dwdp.model.experts import ExpertBank, routed_experts  # noqa: E402
 
-GEN = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))   # fresh inputs every run
+SEED = int(os.environ.get("DWDP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))   # fresh inputs every run
+print(f"seed {SEED} (DWDP_TEST_SEED={SEED} repeats this run)", flush=True)
+GEN = torch.Generator().manual_seed(SEED)
 
 
 def rel(a, b) -> float:

@@ -22,12 +22,13 @@ from dynamo_dwdp.model import moe  # noqa: E402
 from dynamo_dwdp.model.experts import ExpertBank  # noqa: E402
 from dynamo_dwdp.model.kernels import moe_gemm, router  # noqa: E402
 from dynamo_dwdp.model.kernels.moe_gemm import SharedExperts, routed_experts_fused  # noqa: E402
-from dynamo_dwdp.model.layers import DenseMLP  # noqa: E402
 from dynamo_dwdp.model.moe import MoEBlock, Router  # noqa: E402
 from dynamo_dwdp.model.moe_executor import LocalExecutor  # noqa: E402
 from dynamo_dwdp.model.tensor_parallel import TensorParallel  # noqa: E402
 
-GEN = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))   # fresh inputs every run
+SEED = int(os.environ.get("DWDP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))   # fresh inputs every run
+print(f"seed {SEED} (DWDP_TEST_SEED={SEED} repeats this run)", flush=True)
+GEN = torch.Generator().manual_seed(SEED)
 BF = torch.bfloat16
 
 
@@ -120,7 +121,7 @@ def fold_kernels_match_fp64() -> None:
 
 
 def moe_block_folded_equals_separate() -> None:
-    """MoEBlock on the fused decode path (forced on the CPU): folded up to FOLD_SHARED_MAX_TOKENS tokens, the
+    """MoEBlock on the fused decode path (forced on the CPU): folded up to its fold_max_tokens, the
     separate DenseMLP above it, and both within bf16 rounding of each other and of fp64; the pair form gives
     (sum, None) when folded."""
     E, K, S, H, I = 16, 4, 2, 64, 32
@@ -138,16 +139,16 @@ def moe_block_folded_equals_separate() -> None:
     assert block.shared_experts.fuse_gate_up()
     saved = moe.fused_decode_path
     moe.fused_decode_path = lambda x: True
-    moe.FOLD_SHARED_MAX_TOKENS = 4
+    block.fold_max_tokens = 4
     try:
         for T in (1, 4, 5):
             x = torch.randn(T, H, generator=GEN).to(BF)
             assert (block.folded_shared(x) is not None) == (T <= 4)
             got = block(x)
             pair = block(x, separate=True)
-            moe.FOLD_SHARED_MAX_TOKENS = 0
+            block.fold_max_tokens = 0
             sep = block(x)
-            moe.FOLD_SHARED_MAX_TOKENS = 4
+            block.fold_max_tokens = 4
             ids, wts = block.gate(x)
             bank = ex.banks[0]
             ref = _fp64_moe(x, ids, wts, bank.w13, bank.w2, block.shared_experts.gate_up,
@@ -157,7 +158,6 @@ def moe_block_folded_equals_separate() -> None:
                 assert pair[1] is None and torch.equal(pair[0], got)
     finally:
         moe.fused_decode_path = saved
-        moe.FOLD_SHARED_MAX_TOKENS = 0
 
 
 if __name__ == "__main__":

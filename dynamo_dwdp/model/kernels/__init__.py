@@ -34,6 +34,19 @@ def available() -> bool:
     return True
 
 
+def env_count(name: str, default: int) -> int:
+    """A whole number >= 0 from the environment variable `name` (unset or empty: `default`); anything else
+    is refused with a one-line error naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        from dynamo_dwdp.errors import UserError      # local import: keeps this module free of the package at import
+
+        raise UserError(f"{name}={raw!r}: expected a whole number >= 0 (0 turns it off)")
+    return int(raw)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -35,11 +35,10 @@ on FMA units: 1.6 ms of an 8K prefill's 100 ms in the same profile).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from dynamo_dwdp.model.kernels import next_pow2, sm_count
+from dynamo_dwdp.model.kernels import env_count, next_pow2, sm_count
 
 
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()      # torch >= 2.8: bf16 mm with an fp32 result (CUDA)
@@ -68,8 +67,15 @@ LOGITS_KERNEL_MAX_ROWS = 512      # decode's CUDA-graph batches (<= 256 rows) st
 # H 2048: 1 row 6.99 vs 7.81 us, 8 rows 7.01 vs 8.09, 64 rows 10.67 vs 8.76 (slower); 256 experts, H 7168: 41.1
 # vs 25.5 us at 1 row, 45.9 vs 28.2 at 8 (slower: the last program's selection over 256 experts is serial
 # work on one SM after the logits). The batch-1 decode step: 3.058 -> 3.026 ms (docs/performance.md).
-FUSED_SELECT_MAX_ROWS = int(os.environ.get("DWDP_ROUTER_FUSED_SELECT_ROWS", "8"))
+FUSED_SELECT_MAX_ROWS: int | None = None   # None: $DWDP_ROUTER_FUSED_SELECT_ROWS, default 8 (`fused_select_max_rows`)
 FUSED_SELECT_MAX_EXPERTS = 64
+
+
+def fused_select_max_rows() -> int:
+    """FUSED_SELECT_MAX_ROWS, or the environment's value when it is None (checked: a whole number >= 0)."""
+    if FUSED_SELECT_MAX_ROWS is not None:
+        return FUSED_SELECT_MAX_ROWS
+    return env_count("DWDP_ROUTER_FUSED_SELECT_ROWS", 8)
 FUSED_SELECT_ROWS_TESTED = 64
 SPLITS_OVERRIDE: int | None = None   # benchmark hook (scripts/gpu_decode_kernels.py): the logits kernel's K splits
 
@@ -269,7 +275,7 @@ def noaux_tc_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sk
         splits = -(-H // k_per)
         partial = torch.empty(splits, T, E, dtype=torch.float32, device=x.device)
         tiles_t = -(-T // block_t)
-        one_launch = T <= FUSED_SELECT_MAX_ROWS and E <= FUSED_SELECT_MAX_EXPERTS and block_t * next_pow2(E) <= 4096
+        one_launch = T <= fused_select_max_rows() and E <= FUSED_SELECT_MAX_EXPERTS and block_t * next_pow2(E) <= 4096
         counters = _counters(weight) if one_launch else None
         logits_kernel[(tiles_t, -(-E // block_e), splits)](
             x, weight, partial, T, E, H, k_per, x.stride(0), weight.stride(0), partial.stride(0), partial.stride(1),
@@ -301,6 +307,6 @@ def _counters(weight: torch.Tensor) -> torch.Tensor | None:
     if c is None:
         if weight.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
-        c = _COUNTERS[key] = torch.zeros(-(-max(FUSED_SELECT_MAX_ROWS, FUSED_SELECT_ROWS_TESTED) // 16),
+        c = _COUNTERS[key] = torch.zeros(-(-max(fused_select_max_rows(), FUSED_SELECT_ROWS_TESTED) // 16),
                                          dtype=torch.int32, device=weight.device)
     return c
