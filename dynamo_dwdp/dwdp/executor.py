@@ -43,6 +43,7 @@ from dynamo_dwdp.dwdp.weight_buffer import PrefetchSlot
 from dynamo_dwdp.errors import PeerError
 from dynamo_dwdp.model.moe_executor import MoEExecutor
 from dynamo_dwdp.model.experts import ExpertBank, routed_experts
+from dynamo_dwdp.model.kernels.moe_gemm import SharedExperts, routed_experts_fused
 
 log = logging.getLogger(__name__)
 
@@ -284,9 +285,29 @@ class DWDPExecutor(MoEExecutor):
                 if slot.pending is None and any(r != self.moe_layers[s] for r in slot.row_layer):
                     self._issue(slot, self.moe_layers[s])
 
+    @property
+    def folds_shared(self) -> bool:
+        """bf16 banks (DWDP holds no FP8-resident banks): the shared experts join the launches of the bank that
+        ends at the last expert (`moe_gemm.routed_experts_fused(shared=)`), as in the single-GPU engine."""
+        return self.dtype == torch.bfloat16
+
     def forward(self, layer, x, topk_ids, topk_weights):
+        return self._forward(layer, x, topk_ids, topk_weights, None)
+
+    def forward_folded(self, layer, x, topk_ids, topk_weights, shared: SharedExperts):
+        return self._forward(layer, x, topk_ids, topk_weights, shared)
+
+    def _experts(self, x, topk_ids, topk_weights, banks: list[ExpertBank], shared: SharedExperts | None):
+        if shared is None:
+            return routed_experts(x, topk_ids, topk_weights, banks)
+        return routed_experts_fused(x, topk_ids, topk_weights, banks, shared=shared)
+
+    def _forward(self, layer, x, topk_ids, topk_weights, shared: SharedExperts | None):
+        """One MoE layer's routed experts (and, with `shared`, the folded shared experts, whose always-on ids
+        follow the routed ones in topk_ids and are never pulled)."""
         if not self.slots:                                   # group of one: everything is local
-            return routed_experts(x, topk_ids, topk_weights, [self.local_banks[layer]])
+            return self._experts(x, topk_ids, topk_weights, [self.local_banks[layer]], shared)
+        routed_ids = topk_ids if shared is None else topk_ids[:, :topk_ids.shape[1] - shared.count]
         m = self.moe_index[layer]
         slot = self.slots[m % 2]
         wrapped = self.capturing and self._wrapping()
@@ -295,8 +316,8 @@ class DWDPExecutor(MoEExecutor):
         if wrapped and m in waits:                           # pulled between the steps (graph_prefetch)
             self.wrap.wait_pulled(waits[m], torch.cuda.current_stream(self.device))
         else:
-            self._ensure(slot, layer, torch.unique(topk_ids).tolist() if self.settings.routed_only else None)
-        out = routed_experts(x, topk_ids, topk_weights, [self.local_banks[layer], *slot.banks])
+            self._ensure(slot, layer, torch.unique(routed_ids).tolist() if self.settings.routed_only else None)
+        out = self._experts(x, topk_ids, topk_weights, [self.local_banks[layer], *slot.banks], shared)
         if not self.settings.routed_only:
             nxt = m + 2 if m + 2 < len(self.moe_layers) else m % 2   # wrap: next step's first layer of this parity
             if wrapped and m in releases:

@@ -86,7 +86,8 @@ def _fp64_moe(x, ids, wts, w13, w2, gate_up, down, S) -> torch.Tensor:
 def fold_kernels_match_fp64() -> None:
     """routed_experts_fused(shared=) (the shared experts' gate_up / down read in place as experts E, E+1 of the
     same launches) vs fp64 and vs the unfolded routed call + the dense MLP in torch, bf16, 1-8 tokens, with the
-    per-expert loop and the work list; a second bank of another intermediate size is refused."""
+    per-expert loop and the work list, one bank and three (DWDP's); a second bank of another intermediate size
+    is refused."""
     E, K, S, H, I = 16, 4, 2, 64, 32
     w13 = (torch.randn(E, 2 * I, H, generator=GEN) * 0.1).to(BF)
     w2 = (torch.randn(E, H, I, generator=GEN) * 0.1).to(BF)
@@ -105,12 +106,17 @@ def fold_kernels_match_fp64() -> None:
             ids2 = torch.cat([ids, torch.tensor([[E, E + 1]]).expand(T, 2)], 1)
             wts2 = torch.cat([wts, torch.ones(T, 2)], 1)
             folded = routed_experts_fused(x, ids2, wts2, [bank], shared=shared)
+            # DWDP's layout: a local shard between two banks of pulled peers' experts, the shared experts
+            # joining the last one (the other banks launch unchanged)
+            split = [ExpertBank(lo, w13[lo:hi], w2[lo:hi]) for lo, hi in ((5, 11), (0, 5), (11, E))]
+            folded3 = routed_experts_fused(x, ids2, wts2, split, shared=shared)
             ref = _fp64_moe(x, ids, wts, w13, w2, gate_up, down, S)
             routed = routed_experts_fused(x, ids, wts, [bank])
             sep = routed.float() + F.linear(F.silu(F.linear(x, gate_up[:S * I])) * F.linear(x, gate_up[S * I:]),
                                             down).float()
-            e_fold, e_sep = rel(folded, ref), rel(sep, ref)
+            e_fold, e_sep, e_fold3 = rel(folded, ref), rel(sep, ref), rel(folded3, ref)
             assert e_fold < 1e-2 and e_fold < 2 * e_sep + 1e-3, (T, override, e_fold, e_sep)
+            assert e_fold3 < 1e-2 and e_fold3 < 2 * e_sep + 1e-3, (T, override, e_fold3, e_sep)
     moe_gemm.TILE_OVERRIDE.clear()
     try:
         routed_experts_fused(x, ids2, wts2, [bank], shared=SharedExperts(gate_up[:, :], down[:, :S * 16], S))

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -469,10 +470,11 @@ def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
                          out: torch.Tensor | None = None, shared: SharedExperts | None = None) -> torch.Tensor:
     """See the module docstring. banks: `model.experts.ExpertBank`s (bf16, or FP8 with scales).
 
-    `shared` (one bf16 bank, bf16 shared experts of the bank's intermediate size): the shared experts run as
-    always-selected experts bank.first + bank.count + j in the same two launches as the routed ones (their
-    programs fill the GPU beside the few routed experts of a small batch); topk_ids / topk_weights must then
-    hold those ids with weight 1 (`kernels/router.noaux_tc_route(always_on=)`)."""
+    `shared` (bf16 banks, bf16 shared experts of the banks' intermediate size): the shared experts run as
+    always-selected experts E + j (E = the last bank's end: one expert past every routed id) in the same two
+    launches as the last bank's experts (their programs fill the GPU beside the few routed experts of a small
+    batch; the other banks, e.g. DWDP's local shard and prefetched peers, launch as before); topk_ids /
+    topk_weights must then hold those ids with weight 1 (`kernels/router.noaux_tc_route(always_on=)`)."""
     T, k = topk_ids.shape
     if T == 0 or not banks:
         return torch.zeros_like(x) if out is None else out
@@ -482,31 +484,33 @@ def routed_experts_fused(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     rows = T * k
     E = max(b.first + b.count for b in banks)
     I = banks[0].w13.shape[1] // 2
+    last = max(banks, key=lambda bk: bk.first + bk.count)  # the bank the shared experts join
     second_up = second_down = None
+    ranges = bank_ranges(banks)
     if shared is not None:
-        (b,) = banks
-        if b.w13_scale is not None or shared.gate_up.dtype != b.w13.dtype or shared.intermediate != I \
-                or b.first + b.count != E or shared.gate_up.stride(1) != 1 or shared.down.stride(1) != 1:
-            raise ValueError("shared experts fold: needs one bf16 bank ending at the last expert id and shared "
-                             f"experts of the same intermediate size {I} (got {shared.intermediate})")
+        if any(bk.w13_scale is not None for bk in banks) or shared.gate_up.dtype != last.w13.dtype \
+                or shared.intermediate != I or shared.gate_up.stride(1) != 1 or shared.down.stride(1) != 1:
+            raise ValueError("shared experts fold: needs bf16 banks and shared experts of their intermediate "
+                             f"size {I} (got {shared.intermediate}, {shared.gate_up.dtype})")
         S, g = shared.count, shared.gate_up
-        second_up = (b.count, g, I * g.stride(0), g.stride(0), I * b.w13.stride(1), S * I * g.stride(0))
-        second_down = (b.count, shared.down, I, shared.down.stride(0), 0, 0)
+        second_up = (last.count, g, I * g.stride(0), g.stride(0), I * last.w13.stride(1), S * I * g.stride(0))
+        second_down = (last.count, shared.down, I, shared.down.stride(0), 0, 0)
         E += S
+        ranges = bank_ranges(banks + [SimpleNamespace(first=E - S, count=S)])    # E - S = the last bank's end
     order, offs = align(topk_ids.reshape(-1), E)
     h = torch.empty(rows, I, dtype=x.dtype, device=x.device)
-    ranges = bank_ranges(banks) if shared is None else [(banks[0].first, E)]
     # rows of pairs outside every bank are never written: pair_sum skips them by id (<= 4 id ranges), else zeros
     y = (torch.empty if len(ranges) <= 4 else torch.zeros)(rows, Hd, dtype=x.dtype, device=x.device)
     per_group = rows / max(1, E)
     active = min(rows, E)                                   # experts that can have rows
-    extra = shared.count if shared is not None else 0
     for b in banks:
+        extra = shared.count if shared is not None and b is last else 0
         _launch("swiglu", x, order, offs, b.w13, b.w13_scale, h, b.first, b.count + extra, 0, I, Hd, k, True, True,
-                False, per_group, min(active, b.count + extra), second_up)
+                False, per_group, min(active, b.count + extra), second_up if extra else None)
     for b in banks:
+        extra = shared.count if shared is not None and b is last else 0
         _launch("down", h, order, offs, b.w2, b.w2_scale, y, b.first, b.count + extra, 0, Hd, I, k, False, False,
-                True, per_group, min(active, b.count + extra), second_down)
+                True, per_group, min(active, b.count + extra), second_down if extra else None)
     return pair_sum(y, topk_weights, topk_ids, ranges, out)
 
 
