@@ -21,7 +21,8 @@ Every record is a microbenchmark or a per-kernel time, never a step time the mod
 - small_kernel: the profile's kernels that no named term covers, at decode batch 64 and prefill 8192
   (kernels past the profile's top 25 as one "other" entry);
 - host_step: the profile's step wall time minus its GPU kernel time (decode batch 1 / 64 / 256,
-  prefill 8192).
+  prefill 8192);
+- kernel routed_shared_folded at 1-16 tokens: scripts/gpu_b1.py's timing of the folded call (--fold).
 The v2-lite shape (H 2048, 64 experts top-6, I 1408, 16 heads, 27 layers) is what all of them ran.
 """
 from __future__ import annotations
@@ -202,8 +203,18 @@ def small_kernels(p: dict, phase: str, tokens: int, table, src: str) -> list[dic
     return out
 
 
+def fold_records(path: str, src: str) -> list[dict]:
+    """The shared experts folded into the routed call, one MoE layer, from scripts/gpu_b1.py's JSON (its
+    kernel timing rows: 4 layers' weights in one CUDA graph, random routing)."""
+    d = json.load(open(path))
+    return [rec(measure="kernel", op="routed_shared_folded", dtype="bf16", tokens=r["T"],
+                seconds=r["folded_us_per_layer"] * 1e-6, source=f"{src} fold T={r['T']}: folded_us_per_layer")
+            for r in d["fold"] if r.get("ok")]
+
+
 def build(results: str, prefill_attention: str = "cudnn", profile: str = f"profile_h200_graphs_{DAY}.json",
-          prefill_profile: str | None = None, routed_routing: str | None = None) -> list[dict]:
+          prefill_profile: str | None = None, routed_routing: str | None = None,
+          fold: str | None = None) -> list[dict]:
     """The records; the defaults rebuild calibration_h200_2026-12-01.jsonl exactly (the command's
     defaults follow the engine as it is now: Triton prefill attention, the real-routing expert tiles)."""
     def at(name: str) -> tuple[str, str]:
@@ -221,6 +232,8 @@ def build(results: str, prefill_attention: str = "cudnn", profile: str = f"profi
         recs += profile_records(*at(prefill_profile), decode=False)
     else:
         recs += profile_records(*at(profile))
+    if fold:
+        recs += fold_records(*at(fold))
     return recs
 
 
@@ -273,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "host records come from")
     ap.add_argument("--prefill-profile", default=None,
                     help="a second gpu_profile.py JSON for the 8192-token prefill records (default: --profile)")
+    ap.add_argument("--fold", default="decode_b1_h200_2026-12-02.json",
+                    help="scripts/gpu_b1.py's JSON: the folded routed + shared call per MoE layer at 1-16 tokens "
+                         "(the engine's small decode batches; '' to price them as separate calls)")
     ap.add_argument("--bench", default=",".join(BENCH_FILES),
                     help="comma list of bench JSONL files (in --results, or absolute paths) that --compare predicts")
     return ap
@@ -281,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     out = a.out or os.path.join(a.results, f"calibration_h200_{DAY}.jsonl")
-    recs = build(a.results, a.prefill_attention, a.profile, a.prefill_profile, a.routed_routing or None)
+    recs = build(a.results, a.prefill_attention, a.profile, a.prefill_profile, a.routed_routing or None,
+                 a.fold or None)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         for r in recs:

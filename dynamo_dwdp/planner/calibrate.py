@@ -19,7 +19,9 @@ Kernel records, for the single-GPU step model (`planner/step_model.py`; one name
       routed_experts (bytes: weights of the experts touched), grouped_gemm (flops), mla_decode
       (bytes: latent cache read), dense_linear (bytes: the weight matrix), prefill_attention (flops
       over the causal pairs of one sequence), router and mla_prep (neither: time per MoE / decoder
-      layer). "dtype" defaults to bf16.
+      layer), routed_shared_folded (neither: one MoE layer's routed and shared experts in one call, the
+      engine's small-batch decode path; its records' largest `tokens` is the largest batch it prices).
+      "dtype" defaults to bf16.
   {"measure": "small_kernel", "phase": "decode", "name": "rms_norm", "calls_per_layer": 2.04,
    "seconds": 3.5e-6, "tokens": 64}
       a kernel the named terms do not cover: calls per decoder layer x time per call. Decode: a fixed
@@ -50,7 +52,7 @@ MEASURES = ("hbm_copy", "gemm", "peer_pull", "collective", "layer_fixed", "kerne
 COLLECTIVE_OPS = ("all_reduce", "dispatch_combine")
 # kernel op -> the size field it needs besides tokens and seconds (None: time alone)
 KERNEL_OPS = {"routed_experts": "bytes", "grouped_gemm": "flops", "mla_decode": "bytes", "dense_linear": "bytes",
-              "prefill_attention": "flops", "router": None, "mla_prep": None}
+              "prefill_attention": "flops", "router": None, "mla_prep": None, "routed_shared_folded": None}
 STEP_PHASES = ("prefill", "decode")
 
 

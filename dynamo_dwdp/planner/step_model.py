@@ -240,6 +240,14 @@ def predict_step(model: ModelShape, hw: Hardware, cal: Calibration | None = None
         s = c.roofline_s(flops_routed, nbytes, wd)
         how, src = f"{M} x max({flops_routed / 1e9:,.1f} GFLOP, {nbytes / 1e6:,.0f} MB) at the ceilings", \
             "roofline (no record)"
+    # the engine's small decode batches run the shared experts inside the routed call (model/moe.py): priced
+    # from the folded call's own records, up to the largest batch they cover
+    folded = c.records("routed_shared_folded", wd) if phase == "decode" and m.n_shared_experts else []
+    fold = bool(folded) and T <= max(p.tokens for p in folded)
+    if fold:
+        s = interpolate([(p.tokens, p.seconds) for p in folded], T)
+        how = f"{M} x routed + shared experts in one call at {T:g} tokens (folded: {s * 1e6:.1f} us)"
+        src = _where(folded)
     add(Term("routed_experts", M * s * 1e3, how, src))
 
     # dense matrices: shared experts, dense MLP, attention projections, lm_head
@@ -258,6 +266,9 @@ def predict_step(model: ModelShape, hw: Hardware, cal: Calibration | None = None
     mats["attn_proj"] = (L, proj, T, dd)   # prefill: kv_b expands every (fresh) context token
     mats["lm_head"] = (1, [(m.vocab_size, h)], seqs, "bf16")
     for name, (count, ms_, rows, dt) in mats.items():
+        if name == "shared_experts" and fold:
+            add(Term(name, 0.0, "folded into the routed call (routed_experts)", _where(folded)))
+            continue
         s, how, used = c.linears(ms_, rows, dt, blk, phase)
         src = _where(used) if used else ("gemm ceiling" if phase == "prefill" else "roofline (no record)")
         shapes = " + ".join(f"{o}x{kk}" for o, kk in ms_)

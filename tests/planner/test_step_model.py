@@ -181,6 +181,25 @@ def test_tiny_decode_terms_follow_their_formulas(tiny_cal):
     assert p.as_dict()["step_ms"] == pytest.approx(round(p.total_ms, 4))
 
 
+def test_folded_shared_experts_priced_from_their_records_up_to_the_largest_batch(tiny_cal, tmp_path):
+    """routed_shared_folded records: at decode batches up to their largest `tokens` the routed term is the
+    folded call (interpolated) and the shared-experts term 0; above it, and in prefill, the separate terms."""
+    hw, _ = tiny_cal
+    recs = [{"measure": "kernel", "op": "routed_shared_folded", "tokens": 1, "seconds": 2e-6},
+            {"measure": "kernel", "op": "routed_shared_folded", "tokens": 8, "seconds": 9e-6},
+            {"measure": "kernel", "op": "routed_experts", "tokens": 1, "bytes": 100, "seconds": 1e-6},
+            {"measure": "kernel", "op": "dense_linear", "tokens": 1, "bytes": 1000, "seconds": 2e-6}]
+    _, cal = calibrate(TINY_HW, read_records(write(tmp_path, recs, "fold.jsonl")))
+    _, plain = calibrate(TINY_HW, read_records(write(tmp_path, recs[2:], "plain.jsonl")))
+    for T, want in ((1, 2e-6), (4, 5e-6), (8, 9e-6)):
+        ms = {t.name: t.ms / 1e3 for t in predict_step(TINY, hw, cal, phase="decode", tokens=T, context=9).terms}
+        assert ms["routed_experts"] == pytest.approx(want) and ms["shared_experts"] == 0.0   # one MoE layer
+    for kw in (dict(phase="decode", tokens=9, context=9), dict(phase="prefill", tokens=64, batch=1)):
+        got = {t.name: t.ms for t in predict_step(TINY, hw, cal, **kw).terms}
+        sep = {t.name: t.ms for t in predict_step(TINY, hw, plain, **kw).terms}
+        assert got == sep and got["shared_experts"] > 0
+
+
 def test_tiny_prefill_terms_follow_their_formulas(tiny_cal):
     hw, cal = tiny_cal
     T, seqs = 8192, 2
