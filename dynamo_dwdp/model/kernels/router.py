@@ -75,7 +75,12 @@ def fused_select_max_rows() -> int:
     """FUSED_SELECT_MAX_ROWS, or the environment's value when it is None (checked: a whole number >= 0)."""
     if FUSED_SELECT_MAX_ROWS is not None:
         return FUSED_SELECT_MAX_ROWS
-    return env_count("DWDP_ROUTER_FUSED_SELECT_ROWS", 8)
+    return _select_rows_from_env()
+
+
+@functools.cache
+def _select_rows_from_env() -> int:
+    return env_count("DWDP_ROUTER_FUSED_SELECT_ROWS", 8)     # read once per process (every router call asks)
 FUSED_SELECT_ROWS_TESTED = 64
 SPLITS_OVERRIDE: int | None = None   # benchmark hook (scripts/gpu_decode_kernels.py): the logits kernel's K splits
 
