@@ -69,6 +69,18 @@ def add_rmsnorm_matches_torch() -> None:
     assert torch.equal(h, r + d) and torch.equal(y, m(r + d))
 
 
+def _near_ties(x, r, picked, ref_picked, rows, tol: float = 1e-6) -> bool:
+    """Rows whose expert sets differ from the reference's are ties within fp32 summation order: the two sets'
+    selection scores (sigmoid of the float64 logits + bias), sorted, agree to `tol`. Both sets are then a
+    correct top-k (the kernel's logits are the fp32 product up to summation order; inputs are fresh every run,
+    so a near-tie turns up now and then at prefill sizes)."""
+    if not picked.numel():
+        return True
+    score = torch.sigmoid(x[rows].double() @ r.weight.double().T) + r.e_score_correction_bias.double()
+    mine, theirs = score.gather(1, picked).sort(1).values, score.gather(1, ref_picked).sort(1).values
+    return bool(((mine - theirs).abs() <= tol).all()) and picked.shape[0] <= 2
+
+
 def router_bf16_logits_pick_the_reference_experts() -> None:
     router.FUSED_SELECT_MAX_ROWS = router.FUSED_SELECT_ROWS_TESTED          # the one-launch form under test
     router.FUSED_SELECT_MAX_EXPERTS = 1 << 20                               # at 256 experts too
@@ -91,8 +103,10 @@ def router_bf16_logits_pick_the_reference_experts() -> None:
                                            2.5)
             ref_ids, ref_w = r(x)
             a, b = ids.sort(1), ref_ids.sort(1)
-            assert torch.equal(a.values, b.values), (E, T)
-            assert torch.allclose(w.gather(1, a.indices), ref_w.gather(1, b.indices), rtol=1e-5, atol=1e-6), (E, T)
+            same = (a.values == b.values).all(1)
+            assert _near_ties(x, r, a.values[~same], b.values[~same], ~same), (E, T)
+            assert torch.allclose(w.gather(1, a.indices)[same], ref_w.gather(1, b.indices)[same], rtol=1e-5,
+                                  atol=1e-6), (E, T)
             for xx in (x, x.float()):                   # the last-program selection vs the select kernel: bitwise
                 fused = router.noaux_tc_route(xx, r.weight, r.e_score_correction_bias, r.selection_skew, K, G, TG,
                                               norm_p, 2.5)

@@ -18,13 +18,14 @@ def test_routed_expert_tiles_under_the_interpreter():
     assert out.strip().endswith("ok routed schedule"), out
 
 
-POINTERS = ("A", "ORDER", "OFFS", "W", "WS", "OUT", "PART")
+POINTERS = ("A", "ORDER", "OFFS", "W", "WS", "OUT", "PART", "WB")
 ALIGNED = POINTERS + ("N", "K", "stride_am", "stride_we", "stride_wn", "stride_om")   # as launches specialize them
 
 
-def _compile_for_hopper(cfg, swiglu: bool, groups: int = 64):
+def _compile_for_hopper(cfg, swiglu: bool, groups: int = 64, two_banks: bool = False):
     """moe_gemm's grouped kernel compiled (no GPU needed: Triton's bundled ptxas) for sm_90 as
-    routed_experts_fused launches it for bf16 experts at the v2-lite shapes with TileConfig `cfg`."""
+    routed_experts_fused launches it for bf16 experts at the v2-lite shapes with TileConfig `cfg`
+    (`two_banks`: with the folded shared experts' second weight tensor)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -34,7 +35,7 @@ def _compile_for_hopper(cfg, swiglu: bool, groups: int = 64):
     kernel = moe_gemm._kernels()[1]
     const = dict(SWIGLU=swiglu, GATHER=swiglu, SCATTER=not swiglu, DENSE=False, FP8=False, BLOCK_M=cfg.block_m,
                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP=cfg.swap, FAST_CVT=False, CVT_ASM="", SPLIT_K=1,
-                 IEEE=False, WORK_LIST=max(2, next_pow2(groups)) if cfg.work_list else 0)
+                 IEEE=False, WORK_LIST=max(2, next_pow2(groups)) if cfg.work_list else 0, TWO_BANKS=two_banks)
     sig = {n: ("constexpr" if n in const else "*i32" if n in ("ORDER", "OFFS") else "*fp32" if n == "PART"
                else "*bf16" if n in POINTERS else "i32") for n in kernel.arg_names}
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED}
@@ -60,3 +61,6 @@ def test_routed_expert_tiles_compile_to_hopper_pipelines():
             assert "wgmma.mma_async" in ptx, (cfg, swiglu)
             assert "cp.async.cg.shared.global" in ptx, (cfg, swiglu)
             assert compiled.metadata.shared <= 227 * 1024, (cfg, swiglu, compiled.metadata.shared)
+    for swiglu in (True, False):                # the shared-experts fold (small batches: the 1-token tile)
+        compiled = _compile_for_hopper(cfgs[0], swiglu, groups=66, two_banks=True)
+        assert "wgmma.mma_async" in compiled.asm["ptx"], swiglu
