@@ -230,7 +230,7 @@ def test_planner_step_on_a_sessions_files_reproduces_the_committed_comparison(tm
     shutil.copy(results / "profile_h200_merged_2026-12-01.json", tmp_path / "out" / "profile" / "profile.json")
     shutil.copy(results / "bench-h200-merged-2026-12-01.jsonl", tmp_path / "out" / "decode" / "bench.jsonl")
     a = _settings(tmp_path)
-    argv = gpu_session.planner_argv(a) + ["--prefill-attention", "cudnn", "--routed-routing", ""]   # that day's
+    argv = gpu_session.planner_argv(a) + ["--prefill-attention", "cudnn", "--routed-routing", "", "--fold", ""]   # that day's
     p = subprocess.run(argv, cwd=str(REPO), env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     got = {int(m[0]): (float(m[1]), float(m[2])) for m in

@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import os
 
+from dynamo_dwdp.errors import UserError
+
 
 @functools.cache
 def available() -> bool:
@@ -41,8 +43,6 @@ def env_count(name: str, default: int) -> int:
     if not raw:
         return default
     if not raw.isdigit():
-        from dynamo_dwdp.errors import UserError      # local import: keeps this module free of the package at import
-
         raise UserError(f"{name}={raw!r}: expected a whole number >= 0 (0 turns it off)")
     return int(raw)
 
