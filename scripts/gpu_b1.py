@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -44,30 +43,11 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def graph_us(fn, calls: int = 8, reps: int = 15) -> float:
-    import torch
+def graph_us(fn) -> float:
+    """Microseconds per call of fn: a CUDA graph of 8 calls, median of 15 replays (gpu_common.graph_us)."""
+    from gpu_common import graph_us as graph_call_us      # imports torch, as every function here does, lazily
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(times)
+    return graph_call_us(fn, reps=15, calls=8)
 
 
 def checks_and_kernels(out: dict) -> None:

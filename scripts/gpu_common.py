@@ -44,8 +44,9 @@ def median_ms(fn, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def graph_us(fn, reps: int = 50) -> float:
-    """Median microseconds of one call of `fn`, replayed from a CUDA graph (launch gaps excluded)."""
+def graph_us(fn, reps: int = 50, calls: int = 10) -> float:
+    """Median microseconds of one call of `fn`, replayed from a CUDA graph of `calls` calls (launch gaps
+    excluded)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -54,9 +55,9 @@ def graph_us(fn, reps: int = 50) -> float:
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(10):
+        for _ in range(calls):
             fn()
-    return median_ms(g.replay, reps) * 1e3 / 10
+    return median_ms(g.replay, reps) * 1e3 / calls
 
 
 def rotating(fn, x, ids, wt, sets: list, which: int):

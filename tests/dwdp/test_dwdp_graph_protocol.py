@@ -19,20 +19,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("private_shm_dir")]
 
 
 def capture_mode_rank(rank_engine, payload):
-    from dynamo_dwdp.model.batch import ForwardBatch
+    from tests.dwdp.decode_step import prefilled_decode
 
     runner = rank_engine.runner
     ex = runner.executor
-    prompts = payload
-    bs = runner.config.block_size
-    tables = [[2 * i, 2 * i + 1, 40 + i] for i in range(len(prompts))]
-    runner.execute(prompts, [0] * len(prompts), tables, [True] * len(prompts))
-    saved = runner.kv_pool.clone()
-    step = ([[7], [9]], [len(p) for p in prompts], tables, [True, True])
-
-    def decode():
-        runner.kv_pool.copy_(saved)
-        return runner.model(ForwardBatch.build(*step[:3], bs, step[3]), runner.kv_pool).clone()
+    decode = prefilled_decode(runner, payload)
 
     eager = decode()
     ex.prepare_capture()

@@ -20,7 +20,7 @@ def fold_rank(rank_engine, prompts):
     import torch.nn.functional as F
 
     from dynamo_dwdp.model import moe
-    from dynamo_dwdp.model.batch import ForwardBatch
+    from tests.dwdp.decode_step import prefilled_decode
     from tests.model import interpreter_numerics
 
     interpreter_numerics.install()                 # the interpreter's bf16 arithmetic as the GPU's
@@ -30,15 +30,10 @@ def fold_rank(rank_engine, prompts):
     blocks = [m for m in runner.model.modules() if isinstance(m, moe.MoEBlock)]
     for b in blocks:
         b.shared_experts.fuse_gate_up()            # done at load on CUDA
-    tables = [[2 * i, 2 * i + 1, 40 + i] for i in range(len(prompts))]
-    runner.execute(prompts, [0] * len(prompts), tables, [True] * len(prompts))
-    saved = runner.kv_pool.clone()
-    step = ([[7], [9]], [len(p) for p in prompts], tables, [True, True])
+    step = prefilled_decode(runner, prompts)
 
     def decode():
-        runner.kv_pool.copy_(saved)
-        batch = ForwardBatch.build(*step[:3], runner.config.block_size, step[3])
-        return runner.model(batch, runner.kv_pool).float().clone()
+        return step().float()
 
     for b in blocks:
         b.fold_max_tokens = 0

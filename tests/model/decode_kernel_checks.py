@@ -18,15 +18,14 @@ from tests.model import interpreter_numerics  # noqa: E402
 
 interpreter_numerics.install()
 
+from tests.model.check_inputs import fresh_generator  # noqa: E402
 from dynamo_dwdp.model import mla_decode  # noqa: E402
 from dynamo_dwdp.model.experts import ExpertBank, routed_experts  # noqa: E402
 from dynamo_dwdp.model.kernels import moe_gemm, norm, router  # noqa: E402
 from dynamo_dwdp.model.layers import RMSNorm  # noqa: E402
 from dynamo_dwdp.model.moe import Router  # noqa: E402
 
-SEED = int(os.environ.get("DWDP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))   # fresh inputs every run
-print(f"seed {SEED} (DWDP_TEST_SEED={SEED} repeats this run)", flush=True)
-GEN = torch.Generator().manual_seed(SEED)
+GEN = fresh_generator()   # fresh inputs every run, the seed printed
 BF = torch.bfloat16
 
 

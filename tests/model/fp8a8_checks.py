@@ -17,6 +17,7 @@ from tests.model import interpreter_numerics  # noqa: E402
 
 interpreter_numerics.install()
 
+from tests.model.check_inputs import fresh_generator  # noqa: E402
 from dynamo_dwdp.model import experts  # noqa: E402
 from dynamo_dwdp.model.experts import ExpertBank  # noqa: E402
 from dynamo_dwdp.model.fp8 import (dequantize_act_fp8, dequantize_block_fp8, quantize_act_fp8,  # noqa: E402
@@ -25,9 +26,7 @@ from dynamo_dwdp.model.kernels import moe_fp8a8, moe_gemm  # noqa: E402
 from dynamo_dwdp.model.kernels.moe_fp8a8 import A8Tiles  # noqa: E402
 from tests.model.fp8a8_reference import dequantized_experts, emulated_experts  # noqa: E402
 
-SEED = int(os.environ.get("DWDP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))   # fresh inputs every run
-print(f"seed {SEED} (DWDP_TEST_SEED={SEED} repeats this run)", flush=True)
-GEN = torch.Generator().manual_seed(SEED)
+GEN = fresh_generator()   # fresh inputs every run, the seed printed
 TIGHT = 1e-5       # fp32, one stage fed the kernel's own FP8 input vs float64
 FLIPS = 0.002      # h elements allowed one e4m3 step off the emulation (fp32 vs float64 near a rounding midpoint;
                    # 0 of ~34,000 in three runs)

@@ -20,6 +20,7 @@ from tests.model import interpreter_numerics  # noqa: E402
 
 interpreter_numerics.install()
 
+from tests.model.check_inputs import fresh_generator  # noqa: E402
 from dynamo_dwdp.collectives.cuda_ipc import triton_reduce  # noqa: E402
 from dynamo_dwdp.collectives.protocol import reduce_reference  # noqa: E402
 from dynamo_dwdp.model import mla_decode  # noqa: E402
@@ -29,9 +30,7 @@ from dynamo_dwdp.model.moe import Router  # noqa: E402
 from dynamo_dwdp.model.rope import RotaryEmbedding  # noqa: E402
 from dynamo_dwdp.model.experts import ExpertBank, routed_experts  # noqa: E402
 
-SEED = int(os.environ.get("DWDP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))   # fresh inputs every run
-print(f"seed {SEED} (DWDP_TEST_SEED={SEED} repeats this run)", flush=True)
-GEN = torch.Generator().manual_seed(SEED)
+GEN = fresh_generator()   # fresh inputs every run, the seed printed
 
 
 def rel(a, b) -> float:

@@ -11,14 +11,13 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
+from tests.model.check_inputs import fresh_generator  # noqa: E402
 from dynamo_dwdp.model.attention import paged_latent_attention, sdpa_prefill_attention  # noqa: E402
 from dynamo_dwdp.model.batch import ForwardBatch  # noqa: E402
 from dynamo_dwdp.model.kernels import mla_prefill  # noqa: E402
 from dynamo_dwdp.model.prefill_attention import expanded_prefill_attention  # noqa: E402
 
-SEED = int(os.environ.get("DWDP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))   # fresh inputs every run
-print(f"seed {SEED} (DWDP_TEST_SEED={SEED} repeats this run)", flush=True)
-GEN = torch.Generator().manual_seed(SEED)
+GEN = fresh_generator()   # fresh inputs every run, the seed printed
 
 
 def rel(a, b) -> float:

@@ -19,6 +19,7 @@ from tests.model import interpreter_numerics  # noqa: E402
 
 interpreter_numerics.install()
 
+from tests.model.check_inputs import fresh_generator  # noqa: E402
 from dynamo_dwdp.model import experts  # noqa: E402
 from dynamo_dwdp.model.experts import ExpertBank, routed_experts, routed_experts_grouped  # noqa: E402
 from dynamo_dwdp.model.kernels import mla_prep, moe_prefill  # noqa: E402
@@ -26,9 +27,7 @@ from dynamo_dwdp.model.layers import DenseMLP  # noqa: E402
 from dynamo_dwdp.model.rope import RotaryEmbedding  # noqa: E402
 from dynamo_dwdp.model.tensor_parallel import TensorParallel  # noqa: E402
 
-SEED = int(os.environ.get("DWDP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))   # fresh inputs every run
-print(f"seed {SEED} (DWDP_TEST_SEED={SEED} repeats this run)", flush=True)
-GEN = torch.Generator().manual_seed(SEED)
+GEN = fresh_generator()   # fresh inputs every run, the seed printed
 BF = torch.bfloat16
 
 

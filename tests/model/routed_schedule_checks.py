@@ -16,13 +16,12 @@ from tests.model import interpreter_numerics  # noqa: E402
 
 interpreter_numerics.install()
 
+from tests.model.check_inputs import fresh_generator  # noqa: E402
 from dynamo_dwdp.model.experts import ExpertBank, routed_experts  # noqa: E402
 from dynamo_dwdp.model.kernels import moe_gemm  # noqa: E402
 from tests.model.fused_kernel_checks import _loop_reference, rel  # noqa: E402
 
-SEED = int(os.environ.get("DWDP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))   # fresh inputs every run
-print(f"seed {SEED} (DWDP_TEST_SEED={SEED} repeats this run)", flush=True)
-GEN = torch.Generator().manual_seed(SEED)
+GEN = fresh_generator()   # fresh inputs every run, the seed printed
 TC = moe_gemm.TileConfig
 
 

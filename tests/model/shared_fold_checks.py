@@ -18,6 +18,7 @@ from tests.model import interpreter_numerics  # noqa: E402
 
 interpreter_numerics.install()
 
+from tests.model.check_inputs import fresh_generator, rel  # noqa: E402
 from dynamo_dwdp.model import moe  # noqa: E402
 from dynamo_dwdp.model.experts import ExpertBank  # noqa: E402
 from dynamo_dwdp.model.kernels import moe_gemm, router  # noqa: E402
@@ -26,14 +27,8 @@ from dynamo_dwdp.model.moe import MoEBlock, Router  # noqa: E402
 from dynamo_dwdp.model.moe_executor import LocalExecutor  # noqa: E402
 from dynamo_dwdp.model.tensor_parallel import TensorParallel  # noqa: E402
 
-SEED = int(os.environ.get("DWDP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))   # fresh inputs every run
-print(f"seed {SEED} (DWDP_TEST_SEED={SEED} repeats this run)", flush=True)
-GEN = torch.Generator().manual_seed(SEED)
+GEN = fresh_generator()   # fresh inputs every run, the seed printed
 BF = torch.bfloat16
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def router_always_on_columns() -> None:
