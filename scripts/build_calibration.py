@@ -258,14 +258,14 @@ def compare(results: str, calibration: str, bench_files: tuple[str, ...] = BENCH
         for line in open(os.path.join(results, name)):
             r = json.loads(line)
             s, rank = r["setup"], r["per_rank"][0]
-            kw = (dict(phase="decode", tokens=s["batch"], context=s["context"],
-                       overlap_host=bool(s.get("async_scheduling"))) if s["phase"] == "decode"
+            kw = (dict(phase="decode", tokens=s["batch"], context=s["context"]) if s["phase"] == "decode"
                   else dict(phase="prefill", tokens=s["tokens_per_iter"], batch=s["batch"]))
+            kw["overlap_host"] = bool(s.get("async_scheduling"))
             touched = rank["experts_touched_per_moe_layer"] if s["phase"] == "decode" else None
             p = predict_step(model, hw, cal, experts_touched=touched, **kw).total_ms
             u = predict_step(model, hw, cal, **kw).total_ms
             meas = r["step_ms"]["mean"]
-            rows.append(f"| {s['phase']} | {s['tokens_per_iter']:,} | {meas:.2f} | {p:.2f} | {meas / p:.3f} | "
+            rows.append(f"| {s['phase']}{' async' * kw['overlap_host']} | {s['tokens_per_iter']:,} | {meas:.2f} | {p:.2f} | {meas / p:.3f} | "
                         f"{u:.2f}, {meas / u:.3f} | {'yes' if abs(meas / p - 1) <= 0.15 else 'no'} |")
     return rows
 

@@ -654,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-prefill", default="4096", help="prefill lengths also run with reference attention")
     p.add_argument("--hw", default="h100-measured")
     p.add_argument("--async-scheduling", action="store_true",
-                   help="bench_decode with engine.async_scheduling (host work overlapped with the GPU step); where "
+                   help="bench_decode with engine.async_scheduling (host work overlapped with the GPU step), and "
+                        "bench_prefill's points once more with it after the plain ones; where "
                         "this tree's bench has no such setting a line says so and the bench runs without it (the "
                         "mode column ends in 'async' only when it ran with it)")
     p.add_argument("--skip-checks", action="store_true")
@@ -695,7 +696,11 @@ def bench_setups(a, only: set, graph_kw: dict) -> list[tuple[dict, list, dict]]:
     setups = [(graph_kw, decode if "bench_decode" in only else [], {})]        # fused kernels, bf16
     setups += [({**graph_kw, "weights": w}, fp8_decode if "bench_fp8" in only else [], {})   # as bf16 decode
                for w in a.fp8_weights.split(",") if w]
-    setups += [({}, eager, {}),
+    # bench_prefill with --async-scheduling: the same prompts again as the engine serves them (the next step's
+    # host work under this step's GPU work); 5 steps, so that the pipeline's first launch weighs less
+    prefill_async = ([Point("prefill", n, 1, 0, 0.0, 5, 1) for n in _ints(a.prefill)]
+                     if graph_kw.get("async_scheduling") and "bench_prefill" in only else [])
+    setups += [({}, eager, {}), ({"async_scheduling": True}, prefill_async, {}),
                ({"cuda_graphs": True}, before if "bench_unfused" in only else [], {"DWDP_FUSED_KERNELS": "0"})]
     if a.more:
         setups += [({"cuda_graphs": True}, [pt for pt in decode if pt.batch == 64], {"DWDP_EXPERT_GEMM": "grouped_mm"}),

@@ -15,7 +15,8 @@ What it runs, in this priority order (each step a subprocess of the GPU scripts,
               tolerance (--full-checks adds expert GEMM timings, operation counts with the fused kernels
               off/on and an eager kernel profile: figures, not checks)
   fp8         decode at batch 64 with `fp8-block` and `fp8-block-a8` weights, against the bf16 step
-  prefill     prefill 2K, 8K and 16K tokens, % of the bf16 GEMM peak
+  prefill     prefill 2K, 8K and 16K tokens, % of the bf16 GEMM peak; then the same prompts with
+              engine.async_scheduling, as serving runs them (where the decode step has it)
   profile     where a decode step's time goes (graph replay, kernels, host) at batch 1/64/256, prefill 8K
   decode_sync the decode bench without async scheduling (batch 1/64; only when `decode` ran with it)
   serve       serving through Dynamo (agg, largest concurrency) against the engine alone: `bench engine` and the
@@ -126,9 +127,11 @@ def plan(a, async_ok: bool) -> list[Step]:
                       cap_s=120, min_s=40, script="gpu_perf", needs_model=True,
                       note=f"one engine per format, graphs captured up to batch {a.fp8_batch} only"
                            + (", async scheduling as the bf16 decode step" if async_ok else "")))
-    steps.append(Step("prefill", f"prefill {a.prefill} tokens, eager", perf + [
-        "--out", os.path.join(out, "prefill"), "--only", "bench_prefill", "--prefill", a.prefill] + common,
-        cap_s=90, min_s=30, script="gpu_perf", needs_model=True))
+    steps.append(Step("prefill", f"prefill {a.prefill} tokens, eager" + (", then again with async scheduling"
+                                                                          if async_ok else ""), perf + [
+        "--out", os.path.join(out, "prefill"), "--only", "bench_prefill", "--prefill", a.prefill] + common
+        + (["--async-scheduling"] if async_ok else []),
+        cap_s=120 if async_ok else 90, min_s=30, script="gpu_perf", needs_model=True))
     steps.append(Step("profile", "where a step's time goes (graph replay, kernels, host)", _py(a) + [
         os.path.join("scripts", "gpu_profile.py"), "--out", os.path.join(out, "profile"), "--model", model,
         "--context", str(a.context), "--batches", a.profile_batches, "--fp8-batches", "", "--fp8a8-batches", "",
@@ -492,9 +495,12 @@ def _prefill_section(out: str, a) -> list[str]:
     pre = [b for b in _bench_rows(out, "prefill") if b["phase"] == "prefill"]
     if not pre:
         return ["no prefill results"]
-    return (["| tokens | step ms | tok/s | % GEMM peak | % HBM roofline |", "|---|---|---|---|---|"]
-            + [f"| {b['tokens']:,} | {b['step_ms']:.2f} | {b['tok_s']:,.0f} | {100 * b['flop_frac']:.1f} | "
-               f"{100 * b['hbm_frac']:.1f} |" for b in pre])
+    return (["| tokens | mode | step ms | tok/s | % GEMM peak | % HBM roofline |", "|---|---|---|---|---|---|"]
+            + [f"| {b['tokens']:,} | {b['mode']} | {b['step_ms']:.2f} | {b['tok_s']:,.0f} | {100 * b['flop_frac']:.1f} | "
+               f"{100 * b['hbm_frac']:.1f} |" for b in pre]
+            + ["", "mode 'async': steps launched one ahead as the engine serves them (engine.async_scheduling): the "
+               "next prompt's batch build and launches run under this step's GPU work"] * any("async" in b["mode"]
+                                                                                              for b in pre))
 
 
 def _profile_section(out: str, a) -> list[str]:

@@ -95,7 +95,7 @@ def register(subparsers) -> None:
                    help="with --explain: routed experts read per MoE layer in a decode step (e.g. measured; "
                         "default: the uniform-routing expectation)")
     p.add_argument("--async-scheduling", action="store_true",
-                   help="with --explain: the decode step's host work overlaps its GPU work (engine.async_scheduling): "
+                   help="with --explain: each step's host work overlaps its GPU work (engine.async_scheduling): "
                         "only the host time beyond the GPU terms counts")
     r = p.add_argument_group("deployment recommendation (dynamo_dwdp/planner/recommend.py)")
     r.add_argument("--recommend", action="store_true",
@@ -159,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
             if phase == "prefill":
                 steps[phase] = predict_step(model, hw, cal, phase="prefill", tokens=args.tokens_per_iter,
                                             batch=args.batch, weight_dtype=args.weight_dtype,
-                                            dense_dtype=args.dense_dtype, kv_dtype=args.kv_dtype)
+                                            dense_dtype=args.dense_dtype, kv_dtype=args.kv_dtype,
+                                            overlap_host=args.async_scheduling)
             else:
                 ctx = args.context if args.context is not None else args.tokens_per_iter / args.batch
                 steps[phase] = predict_step(model, hw, cal, phase="decode", tokens=args.decode_batch, context=ctx,

@@ -98,11 +98,12 @@ def warm_up(heads: int, nope: int, rope: int, v_dim: int, latent_dim: int, dtype
 
 
 def attend(impl: str, q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
-           v: torch.Tensor, scale: float) -> torch.Tensor:
+           v: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """One sequence: q_nope [T, h, N], q_pe [T, h, R], k_nope [S, h, N], k_pe [S, R], v [S, h, V]
-    -> [T, h, V]; the T queries are the last T of S positions (bottom-right causal)."""
+    -> [T, h, V]; the T queries are the last T of S positions (bottom-right causal). `out` [T, h, V]:
+    the result is written there (the Triton kernel writes it directly, no copy) and returned."""
     if impl == "triton":
-        return mla_prefill.mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v, scale)
+        return mla_prefill.mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v, scale, out=out)
     if impl not in IMPLS:
         raise UserError(f"prefill attention {impl!r} is not one of {', '.join(IMPLS)}")
     T, h, _ = q_nope.shape
@@ -122,7 +123,8 @@ def attend(impl: str, q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Te
         o = F.scaled_dot_product_attention(q, k, vv, is_causal=True, scale=scale)
     else:
         o = F.scaled_dot_product_attention(q, k, vv, attn_mask=causal_lower_right(T, S), scale=scale)
-    return o[0].transpose(0, 1)
+    o = o[0].transpose(0, 1)
+    return o if out is None else out.copy_(o)
 
 
 def cached_sequences(batch: ForwardBatch, kv_layer: torch.Tensor, latent_dim: int, dtype: torch.dtype):
@@ -154,5 +156,5 @@ def expanded_prefill_attention(impl: str, q_nope: torch.Tensor, q_pe: torch.Tens
     out = q_nope.new_empty(T, h, v_dim)
     for rows, latent, k_pe in cached_sequences(batch, kv_layer, C, q_nope.dtype):
         kv = (latent @ w.t()).view(latent.shape[0], h, N + v_dim)
-        out[rows] = attend(impl, q_nope[rows], q_pe[rows], kv[..., :N], k_pe, kv[..., N:], scale)
+        attend(impl, q_nope[rows], q_pe[rows], kv[..., :N], k_pe, kv[..., N:], scale, out=out[rows])
     return out

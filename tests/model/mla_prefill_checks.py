@@ -77,7 +77,7 @@ def paged_path_matches_absorbed_reference() -> None:
     q_nope = torch.randn(T, h, N, generator=GEN)
     q_pe = torch.randn(T, h, R, generator=GEN)
     scale = (N + R) ** -0.5
-    out = expanded_prefill_attention("triton", q_nope, q_pe, batch, kv_layer, w_kv_b, scale)
+    out = expanded_prefill_attention("triton", q_nope, q_pe, batch, kv_layer, w_kv_b, scale)  # rows written in place
     w_uk, w_uv = w_kv_b[:, :N], w_kv_b[:, N:]
     q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
     lat = paged_latent_attention(torch.cat([q_latent, q_pe], -1), batch, kv_layer, C, scale)
@@ -105,6 +105,13 @@ def bad_shapes_are_refused() -> None:
             assert msg in str(exc), (msg, exc)
         else:
             raise AssertionError(f"accepted: {msg}")
+    try:                                                    # an `out` of the wrong shape
+        mla_prefill.mla_prefill_attention(q, torch.randn(4, 2, 16), torch.randn(5, 2, 32), torch.randn(5, 16),
+                                          torch.randn(5, 2, 32), 1.0, out=torch.empty(4, 2, 16))
+    except ValueError as exc:
+        assert "out must be" in str(exc), exc
+    else:
+        raise AssertionError("accepted an out of the wrong shape")
 
 
 if __name__ == "__main__":

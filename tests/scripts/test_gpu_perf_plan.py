@@ -42,12 +42,16 @@ def test_the_sessions_bench_steps_load_the_model_once_per_format(tmp_path):
                                                        "fp8_engine", "fp8a8_engine"}
 
 
-def test_async_scheduling_goes_to_the_decode_bench_only(tmp_path):
+def test_async_scheduling_goes_to_the_decode_bench_and_to_a_second_prefill_pass(tmp_path):
     a = gpu_session.settings(["--out", str(tmp_path), "--async-scheduling", "on"])
     steps = {st.name: st for st in gpu_session.plan(a, async_ok=True)}
     argv = steps["decode"].argv
     _, setups = _setups(argv[argv.index("scripts/gpu_perf.py") + 1:])
     assert setups[0][0] == {"cuda_graphs": True, "async_scheduling": True}
+    argv = steps["prefill"].argv                       # plain first, then as serving runs them (no decode graphs)
+    _, setups = _setups(argv[argv.index("scripts/gpu_perf.py") + 1:])
+    prompts = [("prefill", 1, n, 0) for n in (2048, 8192, 16000)]
+    assert setups == [({}, prompts, {}), ({"async_scheduling": True}, prompts, {})]
     argv = steps["decode_sync"].argv
     _, setups = _setups(argv[argv.index("scripts/gpu_perf.py") + 1:])
     assert setups == [({"cuda_graphs": True}, [("decode", 1, 1, 1000), ("decode", 64, 64, 1000)], {})]

@@ -172,18 +172,24 @@ def _check(q_nope, q_pe, k_nope, k_pe, v) -> None:
 
 
 def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
-                          v: torch.Tensor, scale: float, tile: Tile | str | None = None) -> torch.Tensor:
+                          v: torch.Tensor, scale: float, tile: Tile | str | None = None,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """out [T, h, V] (see the module docstring). tile: a Tile or a name of GPU_TILES; None takes
     `gpu_tile()` on CUDA for 16-bit inputs, FP32_TILE for fp32 and INTERPRETER_TILE under the
     interpreter. The lengths T and S are not specialized on: every length runs the kernel compiled
-    once per tile, dtype and head dims (`warm_up`)."""
+    once per tile, dtype and head dims (`warm_up`). `out`: where to write (e.g. a batch's rows of one
+    sequence, any strides with a unit last one), instead of a new tensor."""
     _check(q_nope, q_pe, k_nope, k_pe, v)
     if not scale > 0:
         raise ValueError(f"mla_prefill: scale {scale} must be > 0 (the row max is taken before scaling)")
     T, h, N = q_nope.shape
     S = k_nope.shape[0]
     R, DV = q_pe.shape[-1], v.shape[-1]
-    out = torch.empty(T, h, DV, device=q_nope.device, dtype=q_nope.dtype)
+    if out is None:
+        out = torch.empty(T, h, DV, device=q_nope.device, dtype=q_nope.dtype)
+    elif tuple(out.shape) != (T, h, DV) or out.dtype != q_nope.dtype or out.stride(-1) != 1:
+        raise ValueError(f"mla_prefill: out must be {(T, h, DV)} {q_nope.dtype} with a unit last stride, got "
+                         f"{tuple(out.shape)} {out.dtype}")
     if T == 0:
         return out
     ieee = q_nope.dtype == torch.float32
