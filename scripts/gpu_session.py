@@ -17,7 +17,8 @@ What it runs, in this priority order (each step a subprocess of the GPU scripts,
   fp8         decode at batch 64 with `fp8-block` and `fp8-block-a8` weights, against the bf16 step
   prefill     prefill 2K, 8K and 16K tokens, % of the bf16 GEMM peak; then the same prompts with
               engine.async_scheduling, as serving runs them (where the decode step has it)
-  profile     where a decode step's time goes (graph replay, kernels, host) at batch 1/64/256, prefill 8K
+  profile     where a decode step's time goes (graph replay, kernels, host) at batch 1/64/256, the W8A8
+              (fp8-block-a8) step at the FP8 batch, prefill 8K
   decode_sync the decode bench without async scheduling (batch 1/64; only when `decode` ran with it)
   serve       serving through Dynamo (agg, largest concurrency) against the engine alone: `bench engine` and the
               same workload through the engine without Dynamo (scripts/gpu_engine_mix.py) (needs --pack)
@@ -134,8 +135,9 @@ def plan(a, async_ok: bool) -> list[Step]:
         cap_s=120 if async_ok else 90, min_s=30, script="gpu_perf", needs_model=True))
     steps.append(Step("profile", "where a step's time goes (graph replay, kernels, host)", _py(a) + [
         os.path.join("scripts", "gpu_profile.py"), "--out", os.path.join(out, "profile"), "--model", model,
-        "--context", str(a.context), "--batches", a.profile_batches, "--fp8-batches", "", "--fp8a8-batches", "",
-        "--prefill", a.profile_prefill], cap_s=120, min_s=40, script="gpu_profile", needs_model=True))
+        "--context", str(a.context), "--batches", a.profile_batches, "--fp8-batches", "",
+        "--fp8a8-batches", str(a.fp8_batch), "--prefill", a.profile_prefill], cap_s=150, min_s=40, script="gpu_profile",
+        needs_model=True))
     steps.append(Step("decode_sync", "decode, bf16, CUDA graphs, without async scheduling", perf + [
         "--out", os.path.join(out, "decode_sync"), "--only", "bench_decode", "--decode-batches",
         a.sync_batches] + common, cap_s=100, min_s=40, script="gpu_perf", needs_model=True,
@@ -506,6 +508,8 @@ def _prefill_section(out: str, a) -> list[str]:
 def _profile_section(out: str, a) -> list[str]:
     prof = _load(os.path.join(out, "profile", "profile.json")) or {}
     prow = [(f"decode b{k}", v) for k, v in sorted((prof.get("decode") or {}).items(), key=lambda kv: int(kv[0]))]
+    prow += [(f"decode b{k} fp8-block-a8", v) for k, v in sorted((prof.get("fp8a8") or {}).items(),
+                                                                 key=lambda kv: int(kv[0]))]
     prow += [(f"prefill {k}", v) for k, v in sorted((prof.get("prefill") or {}).items(), key=lambda kv: int(kv[0]))]
     md = []
     if prow:
