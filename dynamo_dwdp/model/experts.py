@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dynamo_dwdp.errors import UserError
 from dynamo_dwdp.model import kernels
-from dynamo_dwdp.model.kernels import moe_prefill
+from dynamo_dwdp.model.kernels import moe_prefill, moe_sort
 from dynamo_dwdp.model.kernels.moe_fp8a8 import routed_experts_fp8a8
-from dynamo_dwdp.model.kernels.moe_gemm import routed_experts_fused
+from dynamo_dwdp.model.kernels.moe_gemm import bank_ranges, routed_experts_fused
 
 
 @dataclass
@@ -132,6 +133,9 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     fused = use_prefill_kernels(x)
     flat = topk_ids.reshape(-1).to(torch.int32)
     rows = flat.numel()
+    if fused and rows > SYNC_FREE_MAX_ROWS and PREFILL_SORT == "counting" \
+            and len(bank_ranges(banks)) <= moe_sort.MAX_RANGES:
+        return _grouped_counting_sort(x, flat, topk_weights, banks, out)
     sorted_ids, order = torch.sort(flat, stable=True)
     xs = x[order // k]
     E = max(b.first + b.count for b in banks)
@@ -168,6 +172,35 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     y_pairs = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)          # back to (token, k) order
     combined = torch.bmm(topk_weights.to(x.dtype).view(T, 1, k), y_pairs.view(T, k, -1)).view(T, -1)
     return combined if out is None else out.add_(combined)
+
+
+# prefill sizes (> SYNC_FREE_MAX_ROWS pairs) with the Triton kernels: "counting" (kernels/moe_sort.py, default)
+# or "torch" (torch.sort and index ops, the previous form; scripts/gpu_moe_prefill.py times both)
+PREFILL_SORT = os.environ.get("DWDP_PREFILL_SORT", "counting")
+if PREFILL_SORT not in ("counting", "torch"):
+    raise UserError(f"DWDP_PREFILL_SORT={PREFILL_SORT!r}: expected 'counting' or 'torch'")
+
+
+def _grouped_counting_sort(x: torch.Tensor, flat: torch.Tensor, topk_weights: torch.Tensor,
+                           banks: list[ExpertBank], out: torch.Tensor | None) -> torch.Tensor:
+    """`routed_experts_grouped` at prefill sizes on CUDA: the sort, group ends, x gather and each pair's
+    sorted row from `moe_sort.sort_pairs` (three kernels; the same stable order as torch.sort, so the same
+    result bit for bit), then the same grouped GEMMs and combine."""
+    T, k = topk_weights.shape
+    E = max(b.first + b.count for b in banks)
+    starts, _, pos, xs = moe_sort.sort_pairs(flat, E, x, k, bank_ranges(banks))
+    ends = starts[1:E + 1]                              # ends[e] = pairs with expert id <= e
+    if len(banks) == 1 and banks[0].first == 0:         # no host sync (see routed_experts_grouped)
+        y_sorted = _expert_ffn_grouped(xs, banks[0], ends, True)
+    else:
+        y_sorted = torch.empty_like(xs)                 # rows of no bank are never read
+        bounds = [0] + ends.tolist()                    # the one host sync (several banks)
+        for bank in banks:
+            lo, hi = bounds[bank.first], bounds[bank.first + bank.count]
+            if hi > lo:
+                y_sorted[lo:hi] = _expert_ffn_grouped(xs[lo:hi], bank, ends[bank.first:bank.first + bank.count] - lo,
+                                                      True)
+    return moe_prefill.combine(y_sorted, pos.view(T, k), topk_weights, out)
 
 
 def use_prefill_kernels(x: torch.Tensor) -> bool:
