@@ -175,7 +175,7 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
 
 
 # prefill sizes (> SYNC_FREE_MAX_ROWS pairs) with the Triton kernels: "counting" (kernels/moe_sort.py, default)
-# or "torch" (torch.sort and index ops, the previous form; scripts/gpu_moe_prefill.py times both)
+# or "torch" (torch.sort and index ops, the previous form; scripts/gpu_routed_prefill.py times both)
 PREFILL_SORT = os.environ.get("DWDP_PREFILL_SORT", "counting")
 if PREFILL_SORT not in ("counting", "torch"):
     raise UserError(f"DWDP_PREFILL_SORT={PREFILL_SORT!r}: expected 'counting' or 'torch'")
