@@ -122,6 +122,11 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     sorted pairs with no host sync (rows past the bank are left as they are and never read); with
     several banks they sync the host once for the per-bank row ranges and compute only their own rows.
 
+    On CUDA with Triton above SYNC_FREE_MAX_ROWS pairs (prefill) the sort, the gather of x, the group
+    ends and each pair's sorted row come from one three-kernel counting sort (`kernels/moe_sort.py`,
+    `_grouped_counting_sort`): the same stable order, so the same result bit for bit, in 3 kernels
+    instead of ~13 (measured on one H200: docs/performance.md, "Prefill routed experts (2026-12-02)").
+
     Combine: out[t] = sum_k w[t,k] * y_sorted[pos[t,k]], pos the pair's sorted row, -1 for a pair
     whose expert is in no bank (contributes 0). On CUDA with Triton that is one kernel
     (`kernels/moe_prefill.combine`: fp32 accumulation in k order, deterministic) and the SwiGLU
@@ -174,8 +179,9 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     return combined if out is None else out.add_(combined)
 
 
-# prefill sizes (> SYNC_FREE_MAX_ROWS pairs) with the Triton kernels: "counting" (kernels/moe_sort.py, default)
-# or "torch" (torch.sort and index ops, the previous form; scripts/gpu_routed_prefill.py times both)
+# prefill sizes (> SYNC_FREE_MAX_ROWS pairs) with the Triton kernels: "counting" (kernels/moe_sort.py, default;
+# more than moe_sort.MAX_RANGES separate bank ranges fall back to "torch") or "torch" (torch.sort and index ops,
+# the previous form); scripts/gpu_routed_prefill.py times both
 PREFILL_SORT = os.environ.get("DWDP_PREFILL_SORT", "counting")
 if PREFILL_SORT not in ("counting", "torch"):
     raise UserError(f"DWDP_PREFILL_SORT={PREFILL_SORT!r}: expected 'counting' or 'torch'")
