@@ -210,7 +210,7 @@ def bench(a, model: str, sort: str, res) -> None:
 
 def engine(a, model: str, res) -> None:
     from gpu_common import prefill_runner
-    from gpu_prefill_parts import gaps, profile_step  # noqa: F401
+    from gpu_prefill_parts import profile_step
 
     from dynamo_dwdp.model import experts
 

@@ -138,9 +138,10 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     fused = use_prefill_kernels(x)
     flat = topk_ids.reshape(-1).to(torch.int32)
     rows = flat.numel()
-    if fused and rows > SYNC_FREE_MAX_ROWS and PREFILL_SORT == "counting" \
-            and len(bank_ranges(banks)) <= moe_sort.MAX_RANGES:
-        return _grouped_counting_sort(x, flat, topk_weights, banks, out)
+    if fused and rows > SYNC_FREE_MAX_ROWS and PREFILL_SORT == "counting":
+        ranges = bank_ranges(banks)
+        if len(ranges) <= moe_sort.MAX_RANGES:
+            return _grouped_counting_sort(x, flat, topk_weights, banks, ranges, out)
     sorted_ids, order = torch.sort(flat, stable=True)
     xs = x[order // k]
     E = max(b.first + b.count for b in banks)
@@ -188,13 +189,14 @@ if PREFILL_SORT not in ("counting", "torch"):
 
 
 def _grouped_counting_sort(x: torch.Tensor, flat: torch.Tensor, topk_weights: torch.Tensor,
-                           banks: list[ExpertBank], out: torch.Tensor | None) -> torch.Tensor:
+                           banks: list[ExpertBank], ranges: list[tuple[int, int]],
+                           out: torch.Tensor | None) -> torch.Tensor:
     """`routed_experts_grouped` at prefill sizes on CUDA: the sort, group ends, x gather and each pair's
     sorted row from `moe_sort.sort_pairs` (three kernels; the same stable order as torch.sort, so the same
-    result bit for bit), then the same grouped GEMMs and combine."""
+    result bit for bit), then the same grouped GEMMs and combine. `ranges`: the banks' merged id ranges."""
     T, k = topk_weights.shape
     E = max(b.first + b.count for b in banks)
-    starts, _, pos, xs = moe_sort.sort_pairs(flat, E, x, k, bank_ranges(banks))
+    starts, _, pos, xs = moe_sort.sort_pairs(flat, E, x, k, ranges)
     ends = starts[1:E + 1]                              # ends[e] = pairs with expert id <= e
     if len(banks) == 1 and banks[0].first == 0:         # no host sync (see routed_experts_grouped)
         y_sorted = _expert_ffn_grouped(xs, banks[0], ends, True)
