@@ -202,7 +202,8 @@ def bench(a, model: str, sort: str, res) -> None:
         f.write(p.stdout + p.stderr)
     path = os.path.join(out, "gpu_perf.json")
     doc = json.load(open(path)) if os.path.isfile(path) else {}
-    res["bench"][sort] = {"rc": p.returncode, "ceiling_tflops": (doc.get("ceilings") or {}).get("bf16_gemm_flops", 0) / 1e12,
+    ceiling = (doc.get("ceilings") or {}).get("bf16_gemm_flops", 0) / 1e12
+    res["bench"][sort] = {"rc": p.returncode, "ceiling_tflops": ceiling,
                           "prefill": [{k: r.get(k) for k in ("tokens", "step_ms", "p50_ms", "flop_frac", "tok_s")}
                                       for r in doc.get("bench", []) if r.get("phase") == "prefill"]}
     say(f"bench {sort}: {res['bench'][sort]}")
@@ -247,12 +248,14 @@ def report(res) -> str:
                   "| variant | ms | TFLOP/s |", "|---|---|---|"]
         lines += [f"| {n} | {r['ms']:.3f} | {r['tflops']} |" for n, r in row.items()]
     for sort, b in res["bench"].items():
-        lines += ["", f"## bench prefill, DWDP_PREFILL_SORT={sort} (rc {b['rc']}, ceiling {b['ceiling_tflops']:.0f} TFLOP/s)"]
-        lines += [f"- {p['tokens']}: {p['step_ms']:.2f} ms (p50 {p['p50_ms']:.2f}), {100 * p['flop_frac']:.1f}% of GEMM peak"
-                  for p in b["prefill"]]
+        lines += ["", f"## bench prefill, DWDP_PREFILL_SORT={sort} (rc {b['rc']}, "
+                      f"ceiling {b['ceiling_tflops']:.0f} TFLOP/s)"]
+        lines += [f"- {p['tokens']}: {p['step_ms']:.2f} ms (p50 {p['p50_ms']:.2f}), "
+                  f"{100 * p['flop_frac']:.1f}% of GEMM peak" for p in b["prefill"]]
     for sort, p in res["profile"].items():
-        lines += ["", f"## profile, {sort}", "", f"kernels {p['kernels_per_step']:.0f}; kernel sum {p['kernel_sum_ms']:.3f} ms; "
-                  f"busy {p['busy_ms']:.3f} ms; first to last {p['first_to_last_kernel_us'] / 1e3:.3f} ms; idle "
+        lines += ["", f"## profile, {sort}", "",
+                  f"kernels {p['kernels_per_step']:.0f}; kernel sum {p['kernel_sum_ms']:.3f} ms; busy "
+                  f"{p['busy_ms']:.3f} ms; first to last {p['first_to_last_kernel_us'] / 1e3:.3f} ms; idle "
                   f"{p['idle_between_kernels_us'] / 1e3:.3f} ms", "", "| us | calls | kernel |", "|---|---|---|"]
         lines += [f"| {k['us_per_step']} | {k['calls_per_step']} | `{k['name']}` |" for k in p["top"]]
     if res.get("skipped"):
