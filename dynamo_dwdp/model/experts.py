@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dynamo_dwdp.errors import UserError
 from dynamo_dwdp.model import kernels
-from dynamo_dwdp.model.kernels import moe_prefill
+from dynamo_dwdp.model.kernels import moe_prefill, moe_sort
 from dynamo_dwdp.model.kernels.moe_fp8a8 import routed_experts_fp8a8
-from dynamo_dwdp.model.kernels.moe_gemm import routed_experts_fused
+from dynamo_dwdp.model.kernels.moe_gemm import bank_ranges, routed_experts_fused
 
 
 @dataclass
@@ -121,6 +122,11 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     sorted pairs with no host sync (rows past the bank are left as they are and never read); with
     several banks they sync the host once for the per-bank row ranges and compute only their own rows.
 
+    On CUDA with Triton above SYNC_FREE_MAX_ROWS pairs (prefill) the sort, the gather of x, the group
+    ends and each pair's sorted row come from one three-kernel counting sort (`kernels/moe_sort.py`,
+    `_grouped_counting_sort`): the same stable order, so the same result bit for bit, in 3 kernels
+    instead of ~13 (measured on one H200: docs/performance.md, "Prefill routed experts (2026-12-02)").
+
     Combine: out[t] = sum_k w[t,k] * y_sorted[pos[t,k]], pos the pair's sorted row, -1 for a pair
     whose expert is in no bank (contributes 0). On CUDA with Triton that is one kernel
     (`kernels/moe_prefill.combine`: fp32 accumulation in k order, deterministic) and the SwiGLU
@@ -132,6 +138,10 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     fused = use_prefill_kernels(x)
     flat = topk_ids.reshape(-1).to(torch.int32)
     rows = flat.numel()
+    if fused and rows > SYNC_FREE_MAX_ROWS and PREFILL_SORT == "counting":
+        ranges = bank_ranges(banks)
+        if len(ranges) <= moe_sort.MAX_RANGES:
+            return _grouped_counting_sort(x, flat, topk_weights, banks, ranges, out)
     sorted_ids, order = torch.sort(flat, stable=True)
     xs = x[order // k]
     E = max(b.first + b.count for b in banks)
@@ -168,6 +178,37 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     y_pairs = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)          # back to (token, k) order
     combined = torch.bmm(topk_weights.to(x.dtype).view(T, 1, k), y_pairs.view(T, k, -1)).view(T, -1)
     return combined if out is None else out.add_(combined)
+
+
+# prefill sizes (> SYNC_FREE_MAX_ROWS pairs) with the Triton kernels: "counting" (kernels/moe_sort.py, default;
+# more than moe_sort.MAX_RANGES separate bank ranges fall back to "torch") or "torch" (torch.sort and index ops,
+# the previous form); scripts/gpu_routed_prefill.py times both
+PREFILL_SORT = os.environ.get("DWDP_PREFILL_SORT", "counting")
+if PREFILL_SORT not in ("counting", "torch"):
+    raise UserError(f"DWDP_PREFILL_SORT={PREFILL_SORT!r}: expected 'counting' or 'torch'")
+
+
+def _grouped_counting_sort(x: torch.Tensor, flat: torch.Tensor, topk_weights: torch.Tensor,
+                           banks: list[ExpertBank], ranges: list[tuple[int, int]],
+                           out: torch.Tensor | None) -> torch.Tensor:
+    """`routed_experts_grouped` at prefill sizes on CUDA: the sort, group ends, x gather and each pair's
+    sorted row from `moe_sort.sort_pairs` (three kernels; the same stable order as torch.sort, so the same
+    result bit for bit), then the same grouped GEMMs and combine. `ranges`: the banks' merged id ranges."""
+    T, k = topk_weights.shape
+    E = max(b.first + b.count for b in banks)
+    starts, _, pos, xs = moe_sort.sort_pairs(flat, E, x, k, ranges)
+    ends = starts[1:E + 1]                              # ends[e] = pairs with expert id <= e
+    if len(banks) == 1 and banks[0].first == 0:         # no host sync (see routed_experts_grouped)
+        y_sorted = _expert_ffn_grouped(xs, banks[0], ends, True)
+    else:
+        y_sorted = torch.empty_like(xs)                 # rows of no bank are never read
+        bounds = [0] + ends.tolist()                    # the one host sync (several banks)
+        for bank in banks:
+            lo, hi = bounds[bank.first], bounds[bank.first + bank.count]
+            if hi > lo:
+                y_sorted[lo:hi] = _expert_ffn_grouped(xs[lo:hi], bank, ends[bank.first:bank.first + bank.count] - lo,
+                                                      True)
+    return moe_prefill.combine(y_sorted, pos.view(T, k), topk_weights, out)
 
 
 def use_prefill_kernels(x: torch.Tensor) -> bool:

@@ -9,7 +9,8 @@
   (split-K for small dense launches). Its tilings live in `moe_gemm.choose_tiles`, the MLA decode
   kernel's in `mla_decode.decode_config`, both chosen with `scripts/gpu_kernels.py` on an H200.
 - `moe_prefill` (prefill sizes): the SwiGLU pass after a [gate; up] GEMM and the routed experts'
-  weighted combine around `torch._grouped_mm` (its docstring says why Triton rather than Inductor).
+  weighted combine around `torch._grouped_mm` (its docstring says why Triton rather than Inductor);
+- `moe_sort` (prefill sizes): the routed pairs' stable counting sort, group ends and x gather in three kernels.
 
 Why Triton and not torch.compile here: the router's group/top-k selection and the expert sort are
 data-dependent selections that Inductor lowers to several kernels (and a radix sort); the rest are
