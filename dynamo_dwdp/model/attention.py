@@ -75,9 +75,10 @@ class MLAttention(nn.Module):
     def fuse_input_projections(self) -> bool:
         """The query's first projection (q_proj, or q_a_proj with a q LoRA) and kv_a_proj_with_mqa both
         read x: store their weights as one [Nq + C + R, H] tensor (the two Linears keep views of it, no
-        copy), so a decode step runs one GEMM instead of two: one launch less per layer, where a
-        batch-1 step's GEMMs are launch-bound. Prefill chunks keep the two GEMMs (contiguous outputs for
-        SDPA). Not under TP (q is split across ranks, kv_a is not); FP8 weights only when Nq is a
+        copy), so a step runs one GEMM instead of two: one launch less per layer, where a batch-1 step's
+        GEMMs are launch-bound, and at prefill one N = Nq + C + R GEMM instead of a narrow kv_a one (576
+        columns on DeepSeek: a partial wave of tiles). Prefill chunks on the CPU keep the two GEMMs (their
+        results stay those of the separate projections there). Not under TP (q is split across ranks, kv_a is not); FP8 weights only when Nq is a
         multiple of the 128-row scale block (the scales then concatenate too). Call again after the
         weights change. Returns whether it fused."""
         if self.tp.size > 1:
@@ -90,7 +91,7 @@ class MLAttention(nn.Module):
 
     def _input_projections(self, x: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(q, or q_a with a q LoRA; kv_a or None = compute it when needed)."""
-        if self.in_proj is None or batch.max_q != 1:
+        if self.in_proj is None or (batch.max_q != 1 and not x.is_cuda):
             first = self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
             return first(x), None
         if self.in_proj_scale is not None:
