@@ -81,8 +81,10 @@ def grouped_path_bitwise_equal() -> None:
     experts.use_prefill_kernels = lambda x: True
     experts.SYNC_FREE_MAX_ROWS = 0
     H, inter = 32, 48
-    for n_ids, k, T, cuts in ((64, 6, 150, [(0, 64)]), (256, 8, 70, [(0, 256)]), (64, 6, 90, [(0, 40)]),
-                              (64, 6, 90, [(32, 32), (0, 32)]), (256, 8, 50, [(16, 64), (200, 40)])):
+    # every case spans >= 2 blocks of moe_sort.BLOCK pairs (the multi-block sort itself: sort_matches_torch)
+    for n_ids, k, T, cuts in ((64, 6, 44, [(0, 64)]), (256, 8, 33, [(0, 256)]), (64, 6, 30, [(0, 40)]),
+                              (64, 6, 30, [(32, 32), (0, 32)]), (256, 8, 24, [(16, 64), (200, 40)])):
+        assert T * k > moe_sort.BLOCK
         banks = _banks(H, inter, cuts)
         x = torch.randn(T, H, generator=GEN).to(BF)
         ids = _ids(T, k, n_ids, skew=T % 2 == 0)
