@@ -42,8 +42,9 @@ def install() -> None:
         ids = lang_ids(fn)
         caller = inspect.currentframe().f_back.f_code
         if caller is interpreter.GridExecutor.__call__.__code__:           # a kernel launch
+            scope = triton_patch_lang(fn)
             patched.append(ids)
-            return LaunchScope(triton_patch_lang(fn), ids)
+            return LaunchScope(scope, ids)
         if patched and ids <= patched[-1]:                                 # nested helper: already patched
             return interpreter._LangPatchScope()
         if patched:
