@@ -6,12 +6,14 @@ Thin wrapper: the work lives in `dynamo_dwdp.bench.engine_bench` (measurement, J
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
+import importlib.util
 import json
 import logging
 import sys
 
-from dynamo_dwdp.bench import host_bench, matrix
+from dynamo_dwdp.bench import matrix
 from dynamo_dwdp.bench.engine_bench import (DTYPES, PHASES, BenchSetup, Point, append_jsonl, parse_expert_skew,
                                             render_text, run_engine_bench)
 from dynamo_dwdp.config.dwdp import DwdpSettings
@@ -127,7 +129,7 @@ def register(subparsers) -> None:
     e.set_defaults(func=run_engine)
 
     h = sub.add_parser("host", help="host ms per decode step at batch B (everything real but the forward)",
-                       description=host_bench.__doc__, epilog=HOST_EPILOG,
+                       description=_module_doc("dynamo_dwdp.bench.host_bench"), epilog=HOST_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     h.add_argument("--batch", default="1,8,64,256", help="running sequences, comma list (default 1,8,64,256)")
     h.add_argument("--levels", default="core,async,worker,dynamo",
@@ -252,7 +254,16 @@ def run_engine(args) -> int:
     return 0
 
 
+def _module_doc(name: str) -> str | None:
+    """A module's docstring read from its source, without importing it (bench host's module imports torch and
+    the engine; every other bench command, its errors included, answers without them)."""
+    with open(importlib.util.find_spec(name).origin, encoding="utf-8") as f:
+        return ast.get_docstring(ast.parse(f.read()), clean=False)
+
+
 def run_host(args) -> int:
+    from dynamo_dwdp.bench import host_bench  # local import: torch and the engine, for `bench host` only
+
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     levels = [x.strip() for x in args.levels.split(",") if x.strip()]
     bad = [x for x in levels if x not in host_bench.LEVELS]

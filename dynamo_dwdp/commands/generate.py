@@ -66,10 +66,6 @@ def _tokenizer(model_dir: str):
 
 
 def run(args) -> int:
-    # local import: both load torch; keeps `dynamo-dwdp generate --help` free of it
-    from dynamo_dwdp.engine.sampling import SamplingParams
-    from dynamo_dwdp.rank.local_group import generate_rank, run_local_group
-
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     load_model_config(args.model)                      # fail fast with a clear message
     tok = None
@@ -86,6 +82,10 @@ def run(args) -> int:
         groups = [n for n, s in STRATEGIES.items() if s.max_ranks is None]
         groups = ", ".join(groups[:-1]) + " or " + groups[-1]
         raise UserError(f"--strategy {args.strategy} runs one rank; pick {groups} for --ranks > 1")
+    # local import: both load torch; `generate --help` and the checks above answer without it
+    from dynamo_dwdp.engine.sampling import SamplingParams
+    from dynamo_dwdp.rank.local_group import generate_rank, run_local_group
+
     params = SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     params.validate()

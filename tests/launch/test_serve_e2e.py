@@ -357,8 +357,11 @@ def chat_body(model: str, **kw) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return make_model(tmp_path_factory.mktemp("serve-model") / "tiny")
+def model_dir(tiny_served_model, tmp_path_factory) -> str:
+    """This module's copy of the session's tiny model (eos_at changes its generation_config.json)."""
+    out = tmp_path_factory.mktemp("e2e-model") / "tiny"
+    shutil.copytree(tiny_served_model, out)
+    return str(out)
 
 
 @pytest.fixture(scope="module")

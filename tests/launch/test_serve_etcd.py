@@ -23,7 +23,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import REPO
-from tests.launch.test_serve_e2e import (CONFIG, TEST_WORKER_ENV, References, Served, assert_nothing_left, make_model,
+from tests.launch.test_serve_e2e import (CONFIG, TEST_WORKER_ENV, References, Served, assert_nothing_left,
                             metric_total, post, served_pids, wait_for)
 from tests.launch.test_serve_e2e import (  # noqa: F401  (collected here, with this module's fixtures)
     test_chat_matches_generate_on_templated_ids, test_chat_streaming_equals_non_streaming,
@@ -50,8 +50,8 @@ def _flag(argv: list[str], flag: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return make_model(tmp_path_factory.mktemp("etcd-model") / "tiny")
+def model_dir(tiny_served_model) -> str:
+    return tiny_served_model
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, rank_pid
-from tests.launch.test_serve_e2e import (CONFIG, TEST_WORKER_ENV, Served, assert_nothing_left, make_model, metric_samples,
+from tests.launch.test_serve_e2e import (CONFIG, TEST_WORKER_ENV, Served, assert_nothing_left, metric_samples,
                             metric_total, post, served_pids, stream, stream_finish, stream_worker_ids, wait_for)
 
 GRAPH = str(REPO / "tests" / "fixtures" / "graphs" / "disagg_dwdp_decode_2groups.yaml")
@@ -33,10 +33,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tiny_served_model, tmp_path_factory):
     from dynamo_dwdp.launch.launcher import serve_graph
 
-    model_dir = make_model(tmp_path_factory.mktemp("fail-model") / "tiny")
+    model_dir = tiny_served_model
     run_dir = tmp_path_factory.mktemp("run-2groups")
     env = dict(TEST_WORKER_ENV, DWDP_KV_HOLD_TIMEOUT=str(HOLD_TIMEOUT))
     pids: set[int] = set()

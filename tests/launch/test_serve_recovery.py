@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, rank_pid
-from tests.launch.test_serve_e2e import (CONFIG, TEST_WORKER_ENV, Served, assert_nothing_left, make_model, metric_samples,
+from tests.launch.test_serve_e2e import (CONFIG, TEST_WORKER_ENV, Served, assert_nothing_left, metric_samples,
                             metric_total, post, served_pids, stream, wait_for, worker_map)
 
 GRAPH = str(REPO / "graphs" / "disagg_dwdp_decode.yaml")
@@ -38,10 +38,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tiny_served_model, tmp_path_factory):
     from dynamo_dwdp.launch.launcher import serve_graph
 
-    model_dir = make_model(tmp_path_factory.mktemp("heal-model") / "tiny")
+    model_dir = tiny_served_model
     run_dir = tmp_path_factory.mktemp("run-heal")
     pids: set[int] = set()
     stop_s = None

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests.conftest import PY, REPO
-from tests.launch.test_serve_e2e import assert_nothing_left, make_model, stream, stream_finish, wait_for
+from tests.launch.test_serve_e2e import assert_nothing_left, stream, stream_finish, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -25,8 +25,8 @@ CONFIG = str(REPO / "configs" / "tiny-cpu.yaml")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return make_model(tmp_path_factory.mktemp("shutdown-model") / "tiny")
+def model_dir(tiny_served_model) -> str:
+    return tiny_served_model
 
 
 class Serve:

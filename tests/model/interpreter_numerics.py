@@ -40,6 +40,9 @@ def install() -> None:
     from triton._C.libtriton import ir
     from triton.runtime import interpreter
 
+    from tests.model import interpreter_patch_once
+
+    interpreter_patch_once.install()          # speed only: see that module
     builder = interpreter.InterpreterBuilder
     if getattr(builder, "_gpu_numerics", False):
         return
