@@ -533,6 +533,9 @@ def bench(model: str, out_jsonl: str, setups: list, hw: str, on_done=None, faile
     return results
 
 
+PREFILL_ENV = "DWDP_PREFILL_ATTENTION"      # the engine's prefill attention override (model/prefill_attention.py)
+
+
 def roofline_rows(results: list[dict], ceil: dict) -> list[dict]:
     rows = []
     for r in results:
@@ -543,8 +546,8 @@ def roofline_rows(results: list[dict], ceil: dict) -> list[dict]:
         pred = r["prediction"].get("step_ms_moe_layers")
         mode = ((("graphs" if st.get("cuda_graphs") else "eager") + (" torch-attn" if st["attention"] == "reference"
                                                                        else "")) if st["phase"] == "decode"
-                else ("attn " + (r.get("env", {}).get("DWDP_PREFILL_ATTENTION") or os.environ.get("DWDP_PREFILL_ATTENTION")
-                                 or "auto") if st["attention"] == "auto" else st["attention"]))
+                else ("attn " + (r.get("env", {}).get(PREFILL_ENV) or os.environ.get(PREFILL_ENV) or "auto")
+                      if st["attention"] == "auto" else st["attention"]))
         if st.get("weights", "native") != "native":
             mode += " " + st["weights"]
         if st.get("async_scheduling") or r.get("bench_setup", {}).get("async_scheduling"):

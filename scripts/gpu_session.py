@@ -498,8 +498,8 @@ def _prefill_section(out: str, a) -> list[str]:
     if not pre:
         return ["no prefill results"]
     return (["| tokens | mode | step ms | tok/s | % GEMM peak | % HBM roofline |", "|---|---|---|---|---|---|"]
-            + [f"| {b['tokens']:,} | {b['mode']} | {b['step_ms']:.2f} | {b['tok_s']:,.0f} | {100 * b['flop_frac']:.1f} | "
-               f"{100 * b['hbm_frac']:.1f} |" for b in pre]
+            + [f"| {b['tokens']:,} | {b['mode']} | {b['step_ms']:.2f} | {b['tok_s']:,.0f} | "
+               f"{100 * b['flop_frac']:.1f} | {100 * b['hbm_frac']:.1f} |" for b in pre]
             + ["", "mode 'attn auto': the engine's own prefill attention (model/prefill_attention.py: the Triton "
                "kernel for 16-bit models on CUDA); 'async': steps launched one ahead as the engine serves them "
                "(engine.async_scheduling): the next prompt's batch build and launches run under this step's GPU work"])

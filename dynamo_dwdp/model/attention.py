@@ -78,9 +78,9 @@ class MLAttention(nn.Module):
         copy), so a step runs one GEMM instead of two: one launch less per layer, where a batch-1 step's
         GEMMs are launch-bound, and at prefill one N = Nq + C + R GEMM instead of a narrow kv_a one (576
         columns on DeepSeek: a partial wave of tiles). Prefill chunks on the CPU keep the two GEMMs (their
-        results stay those of the separate projections there). Not under TP (q is split across ranks, kv_a is not); FP8 weights only when Nq is a
-        multiple of the 128-row scale block (the scales then concatenate too). Call again after the
-        weights change. Returns whether it fused."""
+        results stay those of the separate projections there). Not under TP (q is split across ranks,
+        kv_a is not); FP8 weights only when Nq is a multiple of the 128-row scale block (the scales then
+        concatenate too). Call again after the weights change. Returns whether it fused."""
         if self.tp.size > 1:
             return False
         fused = fuse_rows(self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa)
