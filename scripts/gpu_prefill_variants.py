@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 
 import torch
 
 import gpu_profile
-from gpu_common import BLOCK, prefill_runner, say, write_v2lite
+from gpu_common import BLOCK, prefill_runner, say, wall_ms, write_v2lite
 from dynamo_dwdp.model import attention, experts
 
 VARIANTS = ("now", "sep_inproj", "torch_sort", "old")
@@ -41,19 +39,6 @@ def set_variant(name: str) -> None:
     experts.PREFILL_SORT = "torch" if name in ("torch_sort", "old") else "counting"
 
 
-def walls(runner, step, reps: int = 7, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        runner.execute(*step)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        runner.execute(*step)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
@@ -68,14 +53,14 @@ def main() -> int:
             for v in VARIANTS:
                 set_variant(v)
                 for n, step in ((2048, step2), (8192, step8)):
-                    w = walls(runner, step)
+                    w = wall_ms(runner, step, reps=7, warmup=2)
                     res["walls_ms"].setdefault(f"{v} {n}", []).append(round(w, 2))
                     say(f"round {rnd} {v} {n}: wall {w:.2f} ms")
         from torch.profiler import ProfilerActivity, profile    # local import: only for the profiles
 
         for v in ("now", "old"):
             set_variant(v)
-            walls(runner, step2, reps=1)
+            wall_ms(runner, step2, reps=1, warmup=2)
             with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
                 runner.execute(*step2)
                 torch.cuda.synchronize()

@@ -148,12 +148,7 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     # ends[e] = number of pairs with expert id <= e (searchsorted, unlike bincount, never syncs)
     ends = torch.searchsorted(sorted_ids, torch.arange(E, device=x.device, dtype=sorted_ids.dtype),
                               right=True).to(torch.int32)
-    if rows > SYNC_FREE_MAX_ROWS and len(banks) == 1 and banks[0].first == 0:
-        # one bank from expert 0 (single rank, DP, DEP's first rank): its groups are the sorted pairs
-        # as they are; the rows past its last expert (none unless it holds a subset) are left out by
-        # the grouped GEMM and by the combine. No host sync, so the host keeps launching ahead
-        y_sorted = _expert_ffn_grouped(xs, banks[0], ends, fused)
-    elif rows <= SYNC_FREE_MAX_ROWS:
+    if rows <= SYNC_FREE_MAX_ROWS:
         y_sorted = torch.zeros_like(xs)
         for bank in banks:
             lo_id, hi_id = bank.first, bank.first + bank.count
@@ -162,13 +157,7 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
             mine = ((sorted_ids >= lo_id) & (sorted_ids < hi_id)).unsqueeze(1)
             y_sorted = torch.where(mine, y, y_sorted)
     else:
-        y_sorted = torch.empty_like(xs)                # rows of no bank are never read
-        bounds = [0] + ends.tolist()                   # the one host sync (prefill sizes, several banks)
-        for bank in banks:
-            lo, hi = bounds[bank.first], bounds[bank.first + bank.count]
-            if hi > lo:
-                y_sorted[lo:hi] = _expert_ffn_grouped(xs[lo:hi], bank, ends[bank.first:bank.first + bank.count] - lo,
-                                                      fused)
+        y_sorted = _banks_over_sorted_rows(xs, banks, ends, fused)
     held = _held(sorted_ids, banks)
     if fused:
         pos = torch.where(held, torch.arange(rows, device=x.device, dtype=torch.int32), -1)
@@ -198,17 +187,27 @@ def _grouped_counting_sort(x: torch.Tensor, flat: torch.Tensor, topk_weights: to
     E = max(b.first + b.count for b in banks)
     starts, _, pos, xs = moe_sort.sort_pairs(flat, E, x, k, ranges)
     ends = starts[1:E + 1]                              # ends[e] = pairs with expert id <= e
-    if len(banks) == 1 and banks[0].first == 0:         # no host sync (see routed_experts_grouped)
-        y_sorted = _expert_ffn_grouped(xs, banks[0], ends, True)
-    else:
-        y_sorted = torch.empty_like(xs)                 # rows of no bank are never read
-        bounds = [0] + ends.tolist()                    # the one host sync (several banks)
-        for bank in banks:
-            lo, hi = bounds[bank.first], bounds[bank.first + bank.count]
-            if hi > lo:
-                y_sorted[lo:hi] = _expert_ffn_grouped(xs[lo:hi], bank, ends[bank.first:bank.first + bank.count] - lo,
-                                                      True)
+    y_sorted = _banks_over_sorted_rows(xs, banks, ends, True)
     return moe_prefill.combine(y_sorted, pos.view(T, k), topk_weights, out)
+
+
+def _banks_over_sorted_rows(xs: torch.Tensor, banks: list[ExpertBank], ends: torch.Tensor,
+                            fused: bool) -> torch.Tensor:
+    """Prefill sizes: the expert-sorted rows xs through their banks; ends[e] = rows with expert id <= e.
+    One bank from expert 0 (single rank, DP, DEP's first rank): its groups are the sorted rows as they
+    are, the rows past its last expert (none unless it holds a subset) left out by the grouped GEMM and
+    by the combine, and no host sync, so the host keeps launching ahead. Several banks: one host sync
+    for their row ranges, each bank computes only its own rows (rows of no bank are never read)."""
+    if len(banks) == 1 and banks[0].first == 0:
+        return _expert_ffn_grouped(xs, banks[0], ends, fused)
+    y_sorted = torch.empty_like(xs)
+    bounds = [0] + ends.tolist()                        # the one host sync
+    for bank in banks:
+        lo, hi = bounds[bank.first], bounds[bank.first + bank.count]
+        if hi > lo:
+            y_sorted[lo:hi] = _expert_ffn_grouped(xs[lo:hi], bank, ends[bank.first:bank.first + bank.count] - lo,
+                                                  fused)
+    return y_sorted
 
 
 def use_prefill_kernels(x: torch.Tensor) -> bool:
