@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dynamo_dwdp.errors import UserError
 from dynamo_dwdp.model import kernels
 from dynamo_dwdp.model.kernels import moe_prefill, moe_sort
 from dynamo_dwdp.model.kernels.moe_fp8a8 import routed_experts_fp8a8
@@ -138,7 +137,7 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     fused = use_prefill_kernels(x)
     flat = topk_ids.reshape(-1).to(torch.int32)
     rows = flat.numel()
-    if fused and rows > SYNC_FREE_MAX_ROWS and PREFILL_SORT == "counting":
+    if fused and rows > SYNC_FREE_MAX_ROWS and prefill_sort() == "counting":
         ranges = bank_ranges(banks)
         if len(ranges) <= moe_sort.MAX_RANGES:
             return _grouped_counting_sort(x, flat, topk_weights, banks, ranges, out)
@@ -172,9 +171,16 @@ def routed_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
 # prefill sizes (> SYNC_FREE_MAX_ROWS pairs) with the Triton kernels: "counting" (kernels/moe_sort.py, default;
 # more than moe_sort.MAX_RANGES separate bank ranges fall back to "torch") or "torch" (torch.sort and index ops,
 # the previous form); scripts/gpu_routed_prefill.py times both
-PREFILL_SORT = os.environ.get("DWDP_PREFILL_SORT", "counting")
-if PREFILL_SORT not in ("counting", "torch"):
-    raise UserError(f"DWDP_PREFILL_SORT={PREFILL_SORT!r}: expected 'counting' or 'torch'")
+PREFILL_SORTS = ("counting", "torch")
+PREFILL_SORT: str | None = None          # None: $DWDP_PREFILL_SORT, default "counting" (`prefill_sort`)
+
+
+def prefill_sort() -> str:
+    """PREFILL_SORT, or the environment's value when it is None (checked: one of PREFILL_SORTS). The model
+    build calls it once (`MoEBlock`), so a bad value stops start-up with a one-line error."""
+    if PREFILL_SORT is not None:
+        return PREFILL_SORT
+    return kernels.env_choice("DWDP_PREFILL_SORT", PREFILL_SORTS)
 
 
 def _grouped_counting_sort(x: torch.Tensor, flat: torch.Tensor, topk_weights: torch.Tensor,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynamo_dwdp.model import experts
 from dynamo_dwdp.model import kernels as fused_kernels
 from dynamo_dwdp.model.config import ModelConfig
 from dynamo_dwdp.model.kernels import router as fused_router
@@ -144,9 +145,10 @@ class MoEBlock(nn.Module):
         self.shared_experts = (DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, tp)
                                if cfg.n_shared_experts else None)
         self.executor = executor
-        # the decode switches, read (and checked) once when the model is built, not on a request's path
+        # the kernel switches, checked once when the model is built, not on a request's path
         self.fold_max_tokens = fold_max_tokens()
         fused_router.fused_select_max_rows()
+        experts.prefill_sort()
 
     def folded_shared(self, x: torch.Tensor) -> SharedExperts | None:
         """The shared experts as always-selected experts of the routed call for this batch, or None (the

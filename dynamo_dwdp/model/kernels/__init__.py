@@ -48,6 +48,17 @@ def env_count(name: str, default: int) -> int:
     return int(raw)
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` from the environment variable `name` (unset or empty: the first); anything else is
+    refused with a one-line error naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return choices[0]
+    if raw not in choices:
+        raise UserError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+    return raw
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
